@@ -1,0 +1,120 @@
+//! The shared state of an auth layer and the decisions made with it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::Request;
+
+use crate::bypass::{Bypass, RequestHead};
+use crate::clock::Clock;
+use crate::extract::{ExtractError, Extractor};
+use crate::key::{KeyFormat, KeyHash};
+use crate::lookup::{BoxError, KeyLookup, LookupResult};
+use crate::record::Principal;
+use crate::reject::{is_grpc, Reason, Rejection, Responder, ResponseBody};
+use crate::validate::{self, ClientIp, Rules, SiteResolver};
+
+/// Everything every clone of an auth layer shares: one `Arc` of it.
+pub(crate) struct Gate<L> {
+    pub(crate) lookup: L,
+    pub(crate) extractor: Extractor,
+    pub(crate) format: KeyFormat,
+    pub(crate) responder: Responder,
+    pub(crate) bypass: Box<dyn Bypass>,
+    pub(crate) client_ip: ClientIp,
+    pub(crate) site: Option<SiteResolver>,
+    pub(crate) lookup_timeout: Option<Duration>,
+    pub(crate) clock: Arc<dyn Clock>,
+}
+
+impl<L> fmt::Debug for Gate<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gate")
+            .field("extractor", &self.extractor)
+            .field("format", &self.format)
+            .field("responder", &self.responder)
+            .field("client_ip", &self.client_ip)
+            .field("site", &self.site)
+            .field("lookup_timeout", &self.lookup_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L: KeyLookup> Gate<L> {
+    pub(crate) fn bypasses<B>(&self, req: &Request<B>) -> bool {
+        self.bypass.bypass(&RequestHead::of(req))
+    }
+
+    /// Extracts the key and checks its format: no I/O, no allocation for header schemes.
+    pub(crate) fn hash_of<B>(&self, req: &Request<B>) -> Result<KeyHash, Rejection> {
+        let credential = self.extractor.extract(req).map_err(|e| {
+            Rejection::new(match e {
+                ExtractError::Missing => Reason::MissingApiKey,
+                ExtractError::Ambiguous => Reason::AmbiguousCredentials,
+                ExtractError::Malformed => Reason::InvalidApiKey,
+            })
+        })?;
+        if self.format.check(credential.secret()).is_err() {
+            return Err(Rejection::new(Reason::InvalidApiKey));
+        }
+        Ok(KeyHash::of(credential.secret()))
+    }
+
+    /// Turns a lookup answer into an accepted request (the [`Principal`] in its extensions)
+    /// or a rejection.
+    pub(crate) fn admit<B, E: Into<BoxError>>(
+        &self,
+        answer: LookupResult<E>,
+        req: &mut Request<B>,
+        rules: &Rules,
+    ) -> Result<(), Rejection> {
+        let record = match answer {
+            Ok(Some(record)) => record,
+            Ok(None) => return Err(Rejection::new(Reason::InvalidApiKey)),
+            Err(error) => {
+                let error: BoxError = error.into();
+                tracing::warn!(target: "keygate", error = %error, "key lookup failed");
+                return Err(Rejection::new(Reason::AuthUnavailable));
+            }
+        };
+        let head = RequestHead::of(req);
+        let verdict = validate::check(
+            &record,
+            rules,
+            self.clock.now(),
+            || self.client_ip.resolve(&head),
+            || self.site.as_ref().and_then(|s| s.resolve(&head)),
+        );
+        match verdict {
+            Ok(()) => {
+                tracing::debug!(target: "keygate", key_id = %record.id, outcome = "accepted", "api key accepted");
+                req.extensions_mut().insert(Principal::new(record));
+                Ok(())
+            }
+            Err(reason) => Err(Rejection::new(reason).with_key_id(record.id.clone())),
+        }
+    }
+
+    /// The response for a rejection, logged once here.
+    pub(crate) fn reject<B, ResB>(
+        &self,
+        rejection: Rejection,
+        req: &Request<B>,
+    ) -> http::Response<ResponseBody<ResB>> {
+        match rejection.key_id() {
+            Some(key_id) => tracing::debug!(
+                target: "keygate",
+                key_id = %key_id,
+                outcome = rejection.reason().code(),
+                "api key rejected"
+            ),
+            None => tracing::debug!(
+                target: "keygate",
+                outcome = rejection.reason().code(),
+                "request rejected"
+            ),
+        }
+        self.responder.respond(rejection, is_grpc(req.headers()))
+    }
+}

@@ -1,0 +1,273 @@
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::gate::Gate;
+use super::service::AuthService;
+use crate::bypass::{Bypass, DefaultBypass};
+use crate::clock::{Clock, SystemClock};
+use crate::error::ConfigError;
+use crate::extract::{Extractor, Scheme};
+use crate::key::KeyFormat;
+use crate::lookup::KeyLookup;
+use crate::record::{Environment, Scopes};
+use crate::reject::{JsonEnvelope, Renderer, Responder};
+use crate::validate::{ClientIp, Rules, SiteResolver};
+
+/// Default time a lookup may take before the request is answered 503 `auth_unavailable`.
+pub const DEFAULT_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Authenticates API keys in front of a service. See the [module docs](crate::auth).
+///
+/// Clones share one state (lookup, cache, settings) behind an `Arc`;
+/// [`require_scopes`](Self::require_scopes) and
+/// [`require_environment`](Self::require_environment) make per-route variants that still
+/// share it.
+pub struct AuthLayer<L> {
+    gate: Arc<Gate<L>>,
+    rules: Arc<Rules>,
+}
+
+impl<L> Clone for AuthLayer<L> {
+    fn clone(&self) -> Self {
+        Self {
+            gate: Arc::clone(&self.gate),
+            rules: Arc::clone(&self.rules),
+        }
+    }
+}
+
+impl<L> fmt::Debug for AuthLayer<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthLayer")
+            .field("gate", &self.gate)
+            .field("rules", &self.rules)
+            .finish()
+    }
+}
+
+impl<L: KeyLookup> AuthLayer<L> {
+    /// A layer with every default: `X-API-KEY`, Bearer and Basic; the `kg_live_`/`kg_test_`
+    /// format; the JSON envelope; OPTIONS and `/swagger` bypassed; no trusted proxies.
+    pub fn new(lookup: L) -> Self {
+        let bearer = Extractor::default().uses_bearer();
+        Self::from_gate(Gate {
+            lookup,
+            extractor: Extractor::default(),
+            format: KeyFormat::default(),
+            responder: Responder::default_for(Arc::new(JsonEnvelope), bearer),
+            bypass: Box::new(DefaultBypass::default()),
+            client_ip: ClientIp::default(),
+            site: None,
+            lookup_timeout: Some(DEFAULT_LOOKUP_TIMEOUT),
+            clock: Arc::new(SystemClock),
+        })
+    }
+
+    /// A builder starting from the defaults of [`AuthLayer::new`].
+    pub fn builder(lookup: L) -> AuthBuilder<L> {
+        AuthBuilder {
+            lookup,
+            schemes: None,
+            max_len: None,
+            format: KeyFormat::default(),
+            renderer: Arc::new(JsonEnvelope),
+            bypass: Box::new(DefaultBypass::default()),
+            client_ip: ClientIp::default(),
+            site: None,
+            lookup_timeout: Some(DEFAULT_LOOKUP_TIMEOUT),
+            opaque: false,
+            realm: "api".to_owned(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    fn from_gate(gate: Gate<L>) -> Self {
+        Self {
+            gate: Arc::new(gate),
+            rules: Arc::new(Rules::default()),
+        }
+    }
+
+    /// The lookup this layer uses (for instance to invalidate a [`CachedLookup`](crate::lookup::CachedLookup)).
+    pub fn lookup(&self) -> &L {
+        &self.gate.lookup
+    }
+}
+
+impl<L> AuthLayer<L> {
+    /// A variant of this layer for routes that need these scopes (all of them). It shares
+    /// this layer's state.
+    #[must_use]
+    pub fn require_scopes(&self, scopes: impl Into<Scopes>) -> Self {
+        Self {
+            gate: Arc::clone(&self.gate),
+            rules: Arc::new((*self.rules).clone().scopes(scopes)),
+        }
+    }
+
+    /// A variant of this layer for routes that take keys of one environment only. It shares
+    /// this layer's state.
+    #[must_use]
+    pub fn require_environment(&self, environment: Environment) -> Self {
+        Self {
+            gate: Arc::clone(&self.gate),
+            rules: Arc::new((*self.rules).clone().environment(environment)),
+        }
+    }
+
+    /// What this layer's routes require.
+    pub fn rules(&self) -> &Rules {
+        &self.rules
+    }
+}
+
+impl<S, L> Layer<S> for AuthLayer<L> {
+    type Service = AuthService<S, L>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthService::new(inner, Arc::clone(&self.gate), Arc::clone(&self.rules))
+    }
+}
+
+/// Settings for an [`AuthLayer`]. Every setter consumes and returns the builder;
+/// [`build`](Self::build) checks the whole.
+#[must_use]
+pub struct AuthBuilder<L> {
+    lookup: L,
+    schemes: Option<Vec<Scheme>>,
+    max_len: Option<usize>,
+    format: KeyFormat,
+    renderer: Arc<dyn Renderer>,
+    bypass: Box<dyn Bypass>,
+    client_ip: ClientIp,
+    site: Option<SiteResolver>,
+    lookup_timeout: Option<Duration>,
+    opaque: bool,
+    realm: String,
+    clock: Arc<dyn Clock>,
+}
+
+impl<L> fmt::Debug for AuthBuilder<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthBuilder")
+            .field("schemes", &self.schemes)
+            .field("format", &self.format)
+            .field("client_ip", &self.client_ip)
+            .field("site", &self.site)
+            .field("lookup_timeout", &self.lookup_timeout)
+            .field("opaque", &self.opaque)
+            .field("realm", &self.realm)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L: KeyLookup> AuthBuilder<L> {
+    /// Reads the key from these schemes, in order (replacing the default `X-API-KEY`,
+    /// Bearer, Basic).
+    pub fn schemes(mut self, schemes: impl IntoIterator<Item = Scheme>) -> Self {
+        self.schemes = Some(schemes.into_iter().collect());
+        self
+    }
+
+    /// The longest key accepted, in bytes (default 256).
+    pub fn max_key_len(mut self, max_len: usize) -> Self {
+        self.max_len = Some(max_len);
+        self
+    }
+
+    /// The key format checked before any lookup (default `kg_live_`/`kg_test_` with
+    /// checksum; [`KeyFormat::any`] for keys from another system).
+    pub fn format(mut self, format: KeyFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// How rejections are rendered (default [`JsonEnvelope`]).
+    pub fn renderer(mut self, renderer: impl Renderer) -> Self {
+        self.renderer = Arc::new(renderer);
+        self
+    }
+
+    /// Which requests need no key (default OPTIONS and `/swagger`).
+    pub fn bypass(mut self, bypass: impl Bypass) -> Self {
+        self.bypass = Box::new(bypass);
+        self
+    }
+
+    /// How the client IP is found (default: the peer address, no proxy trusted).
+    pub fn client_ip(mut self, client_ip: ClientIp) -> Self {
+        self.client_ip = client_ip;
+        self
+    }
+
+    /// Where the site of a request comes from, for keys limited to sites.
+    pub fn site(mut self, site: SiteResolver) -> Self {
+        self.site = Some(site);
+        self
+    }
+
+    /// How long a lookup may take (default 2 s; `None` waits forever). Past it the request
+    /// gets 503 `auth_unavailable`. The timer needs a Tokio runtime with time enabled; with
+    /// no Tokio runtime at hand, lookups run without one.
+    pub fn lookup_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.lookup_timeout = timeout;
+        self
+    }
+
+    /// Folds `api_key_expired`, `api_key_disabled` and `owner_inactive` into
+    /// `invalid_api_key` in responses, for operators who want opaque errors.
+    pub fn opaque_errors(mut self, opaque: bool) -> Self {
+        self.opaque = opaque;
+        self
+    }
+
+    /// The realm of the `WWW-Authenticate` challenge (default `api`).
+    pub fn realm(mut self, realm: impl Into<String>) -> Self {
+        self.realm = realm.into();
+        self
+    }
+
+    /// The clock for expiry checks (a [`FakeClock`](crate::clock::FakeClock) in tests).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Checks the settings and builds the layer.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the first setting that cannot be used.
+    pub fn build(self) -> Result<AuthLayer<L>, ConfigError> {
+        let mut extractor = match self.schemes {
+            Some(schemes) => Extractor::new(schemes)?,
+            None => Extractor::default(),
+        };
+        if let Some(max_len) = self.max_len {
+            extractor = extractor.with_max_len(max_len)?;
+        }
+        if self.lookup_timeout.is_some_and(|t| t.is_zero()) {
+            return Err(ConfigError::Zero("lookup timeout"));
+        }
+        let responder = Responder::new(
+            self.renderer,
+            self.opaque,
+            extractor.uses_bearer(),
+            &self.realm,
+        )?;
+        Ok(AuthLayer::from_gate(Gate {
+            lookup: self.lookup,
+            extractor,
+            format: self.format,
+            responder,
+            bypass: self.bypass,
+            client_ip: self.client_ip,
+            site: self.site,
+            lookup_timeout: self.lookup_timeout,
+            clock: self.clock,
+        }))
+    }
+}

@@ -1,0 +1,103 @@
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use tower_service::Service;
+
+use super::future::ResponseFuture;
+use super::gate::Gate;
+use crate::lookup::KeyLookup;
+use crate::reject::ResponseBody;
+use crate::validate::Rules;
+
+/// The service made by [`AuthLayer`](super::AuthLayer).
+pub struct AuthService<S, L> {
+    inner: S,
+    gate: Arc<Gate<L>>,
+    rules: Arc<Rules>,
+}
+
+impl<S, L> AuthService<S, L> {
+    pub(crate) fn new(inner: S, gate: Arc<Gate<L>>, rules: Arc<Rules>) -> Self {
+        Self { inner, gate, rules }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, L> Clone for AuthService<S, L> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            gate: Arc::clone(&self.gate),
+            rules: Arc::clone(&self.rules),
+        }
+    }
+}
+
+impl<S: fmt::Debug, L> fmt::Debug for AuthService<S, L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthService")
+            .field("inner", &self.inner)
+            .field("gate", &self.gate)
+            .field("rules", &self.rules)
+            .finish()
+    }
+}
+
+impl<S, L, ReqBody, ResBody> Service<Request<ReqBody>> for AuthService<S, L>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
+    L: KeyLookup,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S, ReqBody, ResBody, L>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
+        let gate = &*self.gate;
+        if gate.bypasses(&req) {
+            return ResponseFuture::inner(self.inner.call(req));
+        }
+        let hash = match gate.hash_of(&req) {
+            Ok(hash) => hash,
+            Err(rejection) => return ResponseFuture::rejected(gate.reject(rejection, &req)),
+        };
+        if let Some(answer) = gate.lookup.lookup_ready(&hash) {
+            // Answered at once (cache hit, in-memory store): no state to carry.
+            return match gate.admit(answer, &mut req, &self.rules) {
+                Ok(()) => ResponseFuture::inner(self.inner.call(req)),
+                Err(rejection) => ResponseFuture::rejected(gate.reject(rejection, &req)),
+            };
+        }
+        // The lookup must be awaited: carry the ready service into the future and keep a
+        // fresh clone here (tower's rule for services that call later).
+        let clone = self.inner.clone();
+        let ready = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::lookup(
+            gate.lookup.lookup(&hash),
+            ready,
+            req,
+            Arc::clone(&self.gate),
+            Arc::clone(&self.rules),
+        )
+    }
+}

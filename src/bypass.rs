@@ -1,0 +1,304 @@
+//! Requests that need no key.
+//!
+//! The default, [`DefaultBypass`], lets through CORS preflights (`OPTIONS`, any path) and
+//! the API documentation under `/swagger`. Path matching is on whole segments (`/swaggerx`
+//! is not `/swagger`) and refuses to bypass any path a router or a proxy might read
+//! differently: `.` or `..` segments (plain or percent-encoded), an encoded `/` or `\`, a
+//! backslash, or an empty segment (`//`).
+//!
+//! Predicates compose with [`BypassExt::or`], [`BypassExt::and`] and [`BypassExt::not`],
+//! and any `Fn(&RequestHead<'_>) -> bool` is one:
+//!
+//! ```
+//! use keygate::bypass::{Bypass, BypassExt, DefaultBypass, PathPrefix, RequestHead};
+//!
+//! let bypass = DefaultBypass::default()
+//!     .or(PathPrefix::new("/metrics").unwrap())
+//!     .or(|head: &RequestHead<'_>| head.uri.path() == "/healthz");
+//!
+//! let req = http::Request::get("/metrics/process").body(()).unwrap();
+//! assert!(bypass.bypass(&RequestHead::of(&req)));
+//! let req = http::Request::get("/swagger/../v1/users").body(()).unwrap();
+//! assert!(!bypass.bypass(&RequestHead::of(&req)));
+//! ```
+
+use http::{Extensions, HeaderMap, Method, Request, Uri};
+
+use crate::error::ConfigError;
+
+/// The parts of a request a predicate may look at.
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct RequestHead<'a> {
+    /// The method.
+    pub method: &'a Method,
+    /// The URI.
+    pub uri: &'a Uri,
+    /// The headers.
+    pub headers: &'a HeaderMap,
+    /// The extensions.
+    pub extensions: &'a Extensions,
+}
+
+impl<'a> RequestHead<'a> {
+    /// Borrows the head of a request.
+    pub fn of<B>(req: &'a Request<B>) -> Self {
+        Self {
+            method: req.method(),
+            uri: req.uri(),
+            headers: req.headers(),
+            extensions: req.extensions(),
+        }
+    }
+}
+
+/// Decides whether a request skips authentication.
+pub trait Bypass: Send + Sync + 'static {
+    /// `true` to pass the request to the inner service without a key.
+    fn bypass(&self, head: &RequestHead<'_>) -> bool;
+}
+
+impl<F> Bypass for F
+where
+    F: Fn(&RequestHead<'_>) -> bool + Send + Sync + 'static,
+{
+    fn bypass(&self, head: &RequestHead<'_>) -> bool {
+        self(head)
+    }
+}
+
+/// Combinators for [`Bypass`] predicates.
+pub trait BypassExt: Bypass + Sized {
+    /// Bypass when either predicate says so.
+    fn or<O: Bypass>(self, other: O) -> Or<Self, O> {
+        Or(self, other)
+    }
+
+    /// Bypass only when both predicates say so.
+    fn and<O: Bypass>(self, other: O) -> And<Self, O> {
+        And(self, other)
+    }
+
+    /// Bypass exactly when this predicate says not to.
+    fn not(self) -> Not<Self> {
+        Not(self)
+    }
+}
+
+impl<T: Bypass> BypassExt for T {}
+
+/// See [`BypassExt::or`].
+#[derive(Debug, Clone, Copy)]
+pub struct Or<A, B>(A, B);
+
+impl<A: Bypass, B: Bypass> Bypass for Or<A, B> {
+    fn bypass(&self, head: &RequestHead<'_>) -> bool {
+        self.0.bypass(head) || self.1.bypass(head)
+    }
+}
+
+/// See [`BypassExt::and`].
+#[derive(Debug, Clone, Copy)]
+pub struct And<A, B>(A, B);
+
+impl<A: Bypass, B: Bypass> Bypass for And<A, B> {
+    fn bypass(&self, head: &RequestHead<'_>) -> bool {
+        self.0.bypass(head) && self.1.bypass(head)
+    }
+}
+
+/// See [`BypassExt::not`].
+#[derive(Debug, Clone, Copy)]
+pub struct Not<A>(A);
+
+impl<A: Bypass> Bypass for Not<A> {
+    fn bypass(&self, head: &RequestHead<'_>) -> bool {
+        !self.0.bypass(head)
+    }
+}
+
+/// Never bypass: every request needs a key, preflights included.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Never;
+
+impl Bypass for Never {
+    fn bypass(&self, _: &RequestHead<'_>) -> bool {
+        false
+    }
+}
+
+/// Bypass `OPTIONS` requests (CORS preflights), on any path.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options;
+
+impl Bypass for Options {
+    fn bypass(&self, head: &RequestHead<'_>) -> bool {
+        head.method == Method::OPTIONS
+    }
+}
+
+/// Bypass a path and everything below it, on whole segments: `PathPrefix::new("/swagger")`
+/// matches `/swagger`, `/swagger/` and `/swagger/openapi.json`, never `/swaggerx`, and
+/// never a path that [`is_unambiguous_path`] refuses.
+#[derive(Debug, Clone)]
+pub struct PathPrefix {
+    prefix: Box<str>,
+}
+
+impl PathPrefix {
+    /// A prefix such as `/swagger` or `/docs/api`.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::InvalidPathPrefix`] when `prefix` does not start with `/` or is not
+    /// itself an unambiguous path.
+    pub fn new(prefix: &str) -> Result<Self, ConfigError> {
+        let trimmed = prefix.trim_end_matches('/');
+        if !prefix.starts_with('/') || (!trimmed.is_empty() && !is_unambiguous_path(trimmed)) {
+            return Err(ConfigError::InvalidPathPrefix(prefix.to_owned()));
+        }
+        Ok(Self {
+            prefix: trimmed.into(),
+        })
+    }
+
+    /// Whether `path` is the prefix or below it.
+    pub fn matches(&self, path: &str) -> bool {
+        let Some(rest) = path.strip_prefix(&*self.prefix) else {
+            return false;
+        };
+        (rest.is_empty() || rest.starts_with('/')) && is_unambiguous_path(path)
+    }
+}
+
+impl Bypass for PathPrefix {
+    fn bypass(&self, head: &RequestHead<'_>) -> bool {
+        self.matches(head.uri.path())
+    }
+}
+
+/// Whether a path reads the same to every router and proxy: it starts with `/`, and no
+/// segment is empty (except a trailing one), `.` or `..` (also percent-encoded), and there is
+/// no `\`, encoded `/`, encoded `\`, or encoded `%`.
+pub fn is_unambiguous_path(path: &str) -> bool {
+    let Some(rest) = path.strip_prefix('/') else {
+        return false;
+    };
+    if path.contains('\\') {
+        return false;
+    }
+    let mut segments = rest.split('/').peekable();
+    while let Some(segment) = segments.next() {
+        if segment.is_empty() {
+            if segments.peek().is_some() {
+                return false;
+            }
+            continue;
+        }
+        // Decode just enough to see what a decoding router would see.
+        let mut len = 0usize;
+        let mut dots = 0usize;
+        for byte in percent_encoding::percent_decode_str(segment) {
+            if matches!(byte, b'/' | b'\\' | b'%') {
+                return false;
+            }
+            len += 1;
+            dots += usize::from(byte == b'.');
+        }
+        if dots == len && len <= 2 {
+            return false;
+        }
+    }
+    true
+}
+
+/// The default: [`Options`] or [`PathPrefix`] `/swagger`.
+#[derive(Debug, Clone)]
+pub struct DefaultBypass {
+    swagger: PathPrefix,
+}
+
+impl Default for DefaultBypass {
+    fn default() -> Self {
+        Self {
+            swagger: PathPrefix {
+                prefix: "/swagger".into(),
+            },
+        }
+    }
+}
+
+impl Bypass for DefaultBypass {
+    fn bypass(&self, head: &RequestHead<'_>) -> bool {
+        Options.bypass(head) || self.swagger.bypass(head)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(bypass: &impl Bypass, method: Method, uri: &str) -> bool {
+        let req = Request::builder().method(method).uri(uri).body(()).unwrap();
+        bypass.bypass(&RequestHead::of(&req))
+    }
+
+    #[test]
+    fn default_bypass_table() {
+        let cases = [
+            ("preflight", Method::OPTIONS, "/v1/messages", true),
+            ("preflight root", Method::OPTIONS, "*", true),
+            ("swagger", Method::GET, "/swagger", true),
+            ("swagger slash", Method::GET, "/swagger/", true),
+            ("swagger file", Method::GET, "/swagger/openapi.json", true),
+            ("swagger with query", Method::GET, "/swagger?x=1", true),
+            ("swagger deep", Method::GET, "/swagger/a/b/c.css", true),
+            ("not a whole segment", Method::GET, "/swaggerx", false),
+            ("suffix glued", Method::GET, "/swagger.json", false),
+            ("other path", Method::GET, "/v1/health", false),
+            ("dotdot", Method::GET, "/swagger/../v1/users", false),
+            ("dot", Method::GET, "/swagger/./x", false),
+            ("encoded dotdot", Method::GET, "/swagger/%2e%2e/v1/users", false),
+            ("mixed encoded dotdot", Method::GET, "/swagger/.%2E/v1", false),
+            ("encoded slash", Method::GET, "/swagger%2f..%2fv1", false),
+            ("encoded slash lower", Method::GET, "/swagger/a%2Fb", false),
+            ("encoded backslash", Method::GET, "/swagger/%5c..%5cv1", false),
+            ("double encoding", Method::GET, "/swagger/%252e%252e/v1", false),
+            ("backslash", Method::GET, "/swagger\\..\\v1", false),
+            ("double slash", Method::GET, "/swagger//v1", false),
+            ("leading double slash", Method::GET, "//swagger", false),
+            ("case differs", Method::GET, "/Swagger", false),
+            ("prefix in the middle", Method::GET, "/v1/swagger", false),
+            ("harmless encoding", Method::GET, "/swagger/a%20b", true),
+            ("post to swagger", Method::POST, "/swagger", true),
+        ];
+        let bypass = DefaultBypass::default();
+        for (name, method, uri, expected) in cases {
+            assert_eq!(check(&bypass, method, uri), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn combinators() {
+        let metrics = PathPrefix::new("/metrics/").unwrap();
+        let get_only = |h: &RequestHead<'_>| h.method == Method::GET;
+        let p = DefaultBypass::default().or(metrics.clone().and(get_only));
+        assert!(check(&p, Method::GET, "/metrics"));
+        assert!(!check(&p, Method::POST, "/metrics"));
+        assert!(check(&p, Method::OPTIONS, "/anything"));
+        let no_preflight = Options.not().and(DefaultBypass::default());
+        assert!(!check(&no_preflight, Method::OPTIONS, "/v1"));
+        assert!(check(&no_preflight, Method::GET, "/swagger"));
+        assert!(!check(&Never, Method::OPTIONS, "/swagger"));
+    }
+
+    #[test]
+    fn prefix_validation() {
+        for bad in ["swagger", "/a/../b", "/a//b", "/a/%2e%2e", ""] {
+            assert!(PathPrefix::new(bad).is_err(), "{bad}");
+        }
+        let root = PathPrefix::new("/").unwrap();
+        assert!(root.matches("/anything"));
+        assert!(!root.matches("/a/../b"));
+    }
+}

@@ -1,0 +1,516 @@
+//! Finding the key in a request: an ordered list of [`Scheme`]s.
+//!
+//! Every configured scheme is read. The same key in two places is fine (a client that
+//! sends both `X-API-KEY` and `Authorization: Bearer` with one key); two different keys,
+//! or one header repeated with different values, is [`ExtractError::Ambiguous`]
+//! (400 `ambiguous_credentials`): guessing which one the client meant is how
+//! authentication bypasses are born. A value that is not visible ASCII or is longer than
+//! [`Extractor::max_len`] is [`ExtractError::Malformed`] (401 `invalid_api_key`) and never
+//! reaches a lookup.
+//!
+//! ```
+//! use http::Request;
+//! use keygate::extract::{Extractor, Scheme, ExtractError};
+//!
+//! let extractor = Extractor::new([Scheme::header("X-Mobid-Key")?, Scheme::Bearer])?;
+//! let req = Request::get("/v1/health")
+//!     .header("x-mobid-key", "qk_abc")
+//!     .header("authorization", "Bearer qk_abc")
+//!     .body(())?;
+//! assert_eq!(extractor.extract(&req).unwrap().secret(), "qk_abc");
+//!
+//! let req = Request::get("/").header("authorization", "Bearer other").header("x-mobid-key", "qk_abc").body(())?;
+//! assert_eq!(extractor.extract(&req).unwrap_err(), ExtractError::Ambiguous);
+//! # Ok::<_, Box<dyn std::error::Error>>(())
+//! ```
+
+use std::borrow::Cow;
+
+use base64::Engine as _;
+use http::header::{HeaderName, AUTHORIZATION};
+use http::{HeaderMap, Request, Uri};
+
+use crate::error::ConfigError;
+
+/// Default bound on a presented key's length, in bytes.
+pub const DEFAULT_MAX_LEN: usize = 256;
+
+/// One place a key can be found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Scheme {
+    /// A header carrying the bare key, such as `X-API-KEY` or `X-Mobid-Key`.
+    Header(HeaderName),
+    /// `Authorization: Bearer <key>` (the scheme name is case-insensitive).
+    Bearer,
+    /// `Authorization: Basic base64(<key>:)`: the key as username and an empty password, as
+    /// `curl -u KEY:` sends it.
+    Basic,
+    /// A query parameter such as `?api_key=…`.
+    ///
+    /// **Risky, and off unless you add it**: URLs end up in access logs, proxy logs,
+    /// browser history and `Referer` headers, so a key sent this way should be treated as
+    /// leaked. Offer it only where clients cannot set headers.
+    Query(String),
+}
+
+impl Scheme {
+    /// `X-API-KEY`, the default.
+    pub fn x_api_key() -> Self {
+        Self::Header(HeaderName::from_static("x-api-key"))
+    }
+
+    /// A header by name.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::InvalidHeaderName`] when `name` is not a valid header name.
+    pub fn header(name: &str) -> Result<Self, ConfigError> {
+        HeaderName::from_bytes(name.as_bytes())
+            .map(Self::Header)
+            .map_err(|_| ConfigError::InvalidHeaderName(name.to_owned()))
+    }
+
+    /// A query parameter by name (see the warning on [`Scheme::Query`]).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::EmptyQueryName`] when `name` is empty.
+    pub fn query(name: &str) -> Result<Self, ConfigError> {
+        if name.is_empty() {
+            return Err(ConfigError::EmptyQueryName);
+        }
+        Ok(Self::Query(name.to_owned()))
+    }
+
+    fn kind(&self) -> SchemeKind {
+        match self {
+            Self::Header(_) => SchemeKind::Header,
+            Self::Bearer => SchemeKind::Bearer,
+            Self::Basic => SchemeKind::Basic,
+            Self::Query(_) => SchemeKind::Query,
+        }
+    }
+}
+
+/// Which kind of scheme a key came from (for logs and metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SchemeKind {
+    /// A named header.
+    Header,
+    /// `Authorization: Bearer`.
+    Bearer,
+    /// `Authorization: Basic`.
+    Basic,
+    /// A query parameter.
+    Query,
+}
+
+/// Why no usable key came out of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ExtractError {
+    /// No configured scheme carried a key.
+    #[error("no API key in any configured scheme")]
+    Missing,
+    /// Two different keys in one request.
+    #[error("more than one different API key in the request")]
+    Ambiguous,
+    /// A key was sent but cannot be one: too long, not visible ASCII, bad Basic encoding,
+    /// an empty bearer token.
+    #[error("the API key is malformed")]
+    Malformed,
+}
+
+/// A key found in a request. Borrowed from the request where possible.
+pub struct Credential<'a> {
+    secret: Cow<'a, str>,
+    scheme: SchemeKind,
+}
+
+impl Credential<'_> {
+    /// The presented secret. Never log it.
+    pub fn secret(&self) -> &str {
+        &self.secret
+    }
+
+    /// Where it was found (the first scheme that carried it).
+    pub fn scheme(&self) -> SchemeKind {
+        self.scheme
+    }
+}
+
+impl std::fmt::Debug for Credential<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credential")
+            .field("secret", &"<redacted>")
+            .field("scheme", &self.scheme)
+            .finish()
+    }
+}
+
+/// Ordered key-extraction schemes. The default reads `X-API-KEY`, then
+/// `Authorization: Bearer`, then Basic.
+#[derive(Debug, Clone)]
+pub struct Extractor {
+    schemes: Vec<Scheme>,
+    max_len: usize,
+}
+
+impl Default for Extractor {
+    fn default() -> Self {
+        Self {
+            schemes: vec![Scheme::x_api_key(), Scheme::Bearer, Scheme::Basic],
+            max_len: DEFAULT_MAX_LEN,
+        }
+    }
+}
+
+impl Extractor {
+    /// An extractor over `schemes`, read in order.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::NoSchemes`] when `schemes` is empty.
+    pub fn new(schemes: impl IntoIterator<Item = Scheme>) -> Result<Self, ConfigError> {
+        let mut list: Vec<Scheme> = Vec::new();
+        for scheme in schemes {
+            if !list.contains(&scheme) {
+                list.push(scheme);
+            }
+        }
+        if list.is_empty() {
+            return Err(ConfigError::NoSchemes);
+        }
+        Ok(Self {
+            schemes: list,
+            max_len: DEFAULT_MAX_LEN,
+        })
+    }
+
+    /// Sets the longest key accepted, in bytes (default [`DEFAULT_MAX_LEN`]).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] when `max_len` is 0.
+    pub fn with_max_len(mut self, max_len: usize) -> Result<Self, ConfigError> {
+        if max_len == 0 {
+            return Err(ConfigError::Zero("max_len"));
+        }
+        self.max_len = max_len;
+        Ok(self)
+    }
+
+    /// The longest key accepted, in bytes.
+    pub fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// The configured schemes, in order.
+    pub fn schemes(&self) -> &[Scheme] {
+        &self.schemes
+    }
+
+    /// Whether `Authorization: Bearer` is one of the schemes (it decides the
+    /// `WWW-Authenticate` challenge).
+    pub fn uses_bearer(&self) -> bool {
+        self.schemes.contains(&Scheme::Bearer)
+    }
+
+    /// Finds the key in a request.
+    ///
+    /// # Errors
+    ///
+    /// See [`ExtractError`].
+    pub fn extract<'r, B>(&self, req: &'r Request<B>) -> Result<Credential<'r>, ExtractError> {
+        self.extract_parts(req.headers(), req.uri())
+    }
+
+    /// Finds the key given the headers and URI of a request.
+    ///
+    /// # Errors
+    ///
+    /// See [`ExtractError`].
+    pub fn extract_parts<'r>(
+        &self,
+        headers: &'r HeaderMap,
+        uri: &'r Uri,
+    ) -> Result<Credential<'r>, ExtractError> {
+        let mut found: Option<Credential<'r>> = None;
+        let mut offer = |secret: Cow<'r, str>, scheme: SchemeKind| -> Result<(), ExtractError> {
+            if secret.is_empty()
+                || secret.len() > self.max_len
+                || !secret.bytes().all(|b| b.is_ascii_graphic())
+            {
+                return Err(ExtractError::Malformed);
+            }
+            match &found {
+                None => {
+                    found = Some(Credential { secret, scheme });
+                    Ok(())
+                }
+                Some(first) if first.secret == secret => Ok(()),
+                Some(_) => Err(ExtractError::Ambiguous),
+            }
+        };
+        for scheme in &self.schemes {
+            match scheme {
+                Scheme::Header(name) => {
+                    for value in headers.get_all(name) {
+                        let text = value.to_str().map_err(|_| ExtractError::Malformed)?;
+                        offer(Cow::Borrowed(text), scheme.kind())?;
+                    }
+                }
+                Scheme::Bearer | Scheme::Basic => {
+                    for value in headers.get_all(AUTHORIZATION) {
+                        // A non-ASCII Authorization header cannot be one of ours; if it
+                        // claims our scheme it is malformed, otherwise it is not ours.
+                        let Ok(text) = value.to_str() else {
+                            if starts_with_scheme(value.as_bytes(), scheme) {
+                                return Err(ExtractError::Malformed);
+                            }
+                            continue;
+                        };
+                        if let Some(secret) = self.authorization(text, scheme)? {
+                            offer(secret, scheme.kind())?;
+                        }
+                    }
+                }
+                Scheme::Query(name) => {
+                    for (key, value) in query_pairs(uri.query().unwrap_or("")) {
+                        if decode(key).as_deref() == Some(name.as_str()) {
+                            let value = decode(value).ok_or(ExtractError::Malformed)?;
+                            offer(value, SchemeKind::Query)?;
+                        }
+                    }
+                }
+            }
+        }
+        found.ok_or(ExtractError::Missing)
+    }
+
+    /// Reads one `Authorization` value for the Bearer or Basic scheme. `Ok(None)` when the
+    /// value uses another scheme.
+    fn authorization<'r>(
+        &self,
+        value: &'r str,
+        scheme: &Scheme,
+    ) -> Result<Option<Cow<'r, str>>, ExtractError> {
+        let value = value.trim_matches(|c| c == ' ' || c == '\t');
+        let (name, rest) = match value.find([' ', '\t']) {
+            Some(at) => (&value[..at], value[at..].trim_start_matches([' ', '\t'])),
+            None => (value, ""),
+        };
+        match scheme {
+            Scheme::Bearer if name.eq_ignore_ascii_case("bearer") => {
+                if rest.is_empty() || rest.contains([' ', '\t']) {
+                    return Err(ExtractError::Malformed);
+                }
+                Ok(Some(Cow::Borrowed(rest)))
+            }
+            Scheme::Basic if name.eq_ignore_ascii_case("basic") => {
+                // base64 of max_len + 1 bytes, plus padding: anything longer is refused
+                // before decoding.
+                if rest.is_empty() || rest.len() > (self.max_len + 1).div_ceil(3) * 4 {
+                    return Err(ExtractError::Malformed);
+                }
+                let decoded = base64::engine::general_purpose::STANDARD
+                    .decode(rest)
+                    .map_err(|_| ExtractError::Malformed)?;
+                let text = String::from_utf8(decoded).map_err(|_| ExtractError::Malformed)?;
+                match text.split_once(':') {
+                    // The key is the username; the password must be empty.
+                    Some((user, "")) => Ok(Some(Cow::Owned(user.to_owned()))),
+                    _ => Err(ExtractError::Malformed),
+                }
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+fn starts_with_scheme(value: &[u8], scheme: &Scheme) -> bool {
+    let name: &[u8] = match scheme {
+        Scheme::Bearer => b"bearer",
+        Scheme::Basic => b"basic",
+        _ => return false,
+    };
+    value.len() > name.len()
+        && value[..name.len()].eq_ignore_ascii_case(name)
+        && matches!(value[name.len()], b' ' | b'\t')
+}
+
+fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
+    query
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+}
+
+/// Percent-decodes a query component (`+` is a space); `None` for invalid UTF-8.
+fn decode(component: &str) -> Option<Cow<'_, str>> {
+    if !component.contains(['%', '+']) {
+        return Some(Cow::Borrowed(component));
+    }
+    let replaced = component.replace('+', " ");
+    percent_encoding::percent_decode_str(&replaced)
+        .decode_utf8()
+        .ok()
+        .map(|s| Cow::Owned(s.into_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn basic(user_pass: &str) -> String {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(user_pass)
+        )
+    }
+
+    fn all_schemes() -> Extractor {
+        Extractor::new([
+            Scheme::x_api_key(),
+            Scheme::header("X-Mobid-Key").unwrap(),
+            Scheme::Bearer,
+            Scheme::Basic,
+            Scheme::query("api_key").unwrap(),
+        ])
+        .unwrap()
+    }
+
+    #[test]
+    fn extraction_table() {
+        type Case = (&'static str, Vec<(&'static str, String)>, &'static str, Result<&'static str, ExtractError>);
+        let long = "k".repeat(DEFAULT_MAX_LEN + 1);
+        let max = "k".repeat(DEFAULT_MAX_LEN);
+        let cases: Vec<Case> = vec![
+            ("nothing", vec![], "/", Err(ExtractError::Missing)),
+            ("x-api-key", vec![("x-api-key", "k1".into())], "/", Ok("k1")),
+            ("custom header", vec![("x-mobid-key", "qk_1".into())], "/", Ok("qk_1")),
+            ("bearer", vec![("authorization", "Bearer k1".into())], "/", Ok("k1")),
+            ("bearer lower case", vec![("authorization", "bearer k1".into())], "/", Ok("k1")),
+            ("bearer upper case", vec![("authorization", "BEARER k1".into())], "/", Ok("k1")),
+            ("bearer extra spaces", vec![("authorization", "Bearer   k1 ".into())], "/", Ok("k1")),
+            ("bearer empty", vec![("authorization", "Bearer ".into())], "/", Err(ExtractError::Malformed)),
+            ("bearer alone", vec![("authorization", "Bearer".into())], "/", Err(ExtractError::Malformed)),
+            ("bearer two tokens", vec![("authorization", "Bearer a b".into())], "/", Err(ExtractError::Malformed)),
+            ("other auth scheme", vec![("authorization", "Digest abc".into())], "/", Err(ExtractError::Missing)),
+            ("basic key as user", vec![("authorization", basic("k1:"))], "/", Ok("k1")),
+            ("basic lower case", vec![("authorization", basic("k1:").replace("Basic", "basic"))], "/", Ok("k1")),
+            ("basic with password", vec![("authorization", basic("k1:pw"))], "/", Err(ExtractError::Malformed)),
+            ("basic without colon", vec![("authorization", basic("k1"))], "/", Err(ExtractError::Malformed)),
+            ("basic bad base64", vec![("authorization", "Basic %%%".into())], "/", Err(ExtractError::Malformed)),
+            ("basic too long", vec![("authorization", basic(&format!("{long}:")))], "/", Err(ExtractError::Malformed)),
+            ("basic invalid utf8", vec![("authorization", format!("Basic {}", base64::engine::general_purpose::STANDARD.encode([0xff, 0xfe, b':'])))], "/", Err(ExtractError::Malformed)),
+            ("same key twice", vec![("x-api-key", "k1".into()), ("authorization", "Bearer k1".into())], "/", Ok("k1")),
+            ("same key three schemes", vec![("x-api-key", "k1".into()), ("authorization", basic("k1:"))], "/", Ok("k1")),
+            ("two different keys", vec![("x-api-key", "k1".into()), ("authorization", "Bearer k2".into())], "/", Err(ExtractError::Ambiguous)),
+            ("header repeated, same", vec![("x-api-key", "k1".into()), ("x-api-key", "k1".into())], "/", Ok("k1")),
+            ("header repeated, different", vec![("x-api-key", "k1".into()), ("x-api-key", "k2".into())], "/", Err(ExtractError::Ambiguous)),
+            ("two authorization headers", vec![("authorization", "Bearer k1".into()), ("authorization", "Bearer k2".into())], "/", Err(ExtractError::Ambiguous)),
+            ("space inside key", vec![("x-api-key", "k 1".into())], "/", Err(ExtractError::Malformed)),
+            ("empty header", vec![("x-api-key", String::new())], "/", Err(ExtractError::Malformed)),
+            ("too long", vec![("x-api-key", long.clone())], "/", Err(ExtractError::Malformed)),
+            ("exactly max", vec![("x-api-key", max.clone())], "/", Ok("max")),
+        ];
+        let extractor = all_schemes();
+        for (name, headers, uri, expected) in cases {
+            let mut builder = Request::get(uri);
+            for (h, v) in &headers {
+                builder = builder.header(*h, v.as_str());
+            }
+            let req = builder.body(()).unwrap();
+            let got = extractor.extract(&req).map(|c| c.secret().to_owned());
+            let expected = expected.map(|s| if s == "max" { max.clone() } else { s.to_owned() });
+            assert_eq!(got, expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn defaults_are_x_api_key_bearer_basic_and_no_query() {
+        let extractor = Extractor::default();
+        let req = Request::get("/?api_key=k1").body(()).unwrap();
+        assert_eq!(extractor.extract(&req).unwrap_err(), ExtractError::Missing);
+        let req = Request::get("/").header("x-mobid-key", "k1").body(()).unwrap();
+        assert_eq!(extractor.extract(&req).unwrap_err(), ExtractError::Missing);
+        assert_eq!(
+            extractor.schemes(),
+            [Scheme::x_api_key(), Scheme::Bearer, Scheme::Basic]
+        );
+    }
+
+    #[test]
+    fn non_ascii_header_values_are_malformed() {
+        let extractor = Extractor::default();
+        let mut req = Request::get("/").body(()).unwrap();
+        req.headers_mut().insert(
+            "x-api-key",
+            http::HeaderValue::from_bytes(b"k\xe91").unwrap(),
+        );
+        assert_eq!(extractor.extract(&req).unwrap_err(), ExtractError::Malformed);
+
+        let mut req = Request::get("/").body(()).unwrap();
+        req.headers_mut().insert(
+            "authorization",
+            http::HeaderValue::from_bytes(b"Bearer k\xe91").unwrap(),
+        );
+        assert_eq!(extractor.extract(&req).unwrap_err(), ExtractError::Malformed);
+
+        // Not our scheme at all: ignored.
+        let mut req = Request::get("/").body(()).unwrap();
+        req.headers_mut().insert(
+            "authorization",
+            http::HeaderValue::from_bytes(b"Digest \xe9").unwrap(),
+        );
+        assert_eq!(extractor.extract(&req).unwrap_err(), ExtractError::Missing);
+    }
+
+    #[test]
+    fn query_scheme_when_enabled() {
+        let extractor = all_schemes();
+        let cases = [
+            ("plain", "/v1?api_key=k1", Ok("k1".to_owned())),
+            ("encoded", "/v1?a=1&api%5Fkey=k%31", Ok("k1".to_owned())),
+            ("encoded space", "/v1?api_key=k+1", Err(ExtractError::Malformed)),
+            ("repeated different", "/v1?api_key=k1&api_key=k2", Err(ExtractError::Ambiguous)),
+            ("bad utf8", "/v1?api_key=%ff", Err(ExtractError::Malformed)),
+            ("other param", "/v1?key=k1", Err(ExtractError::Missing)),
+        ];
+        for (name, uri, expected) in cases {
+            let req = Request::get(uri).body(()).unwrap();
+            assert_eq!(
+                extractor.extract(&req).map(|c| c.secret().to_owned()),
+                expected,
+                "{name}"
+            );
+        }
+        let req = Request::get("/?api_key=k1")
+            .header("x-mobid-key", "k2")
+            .body(())
+            .unwrap();
+        assert_eq!(extractor.extract(&req).unwrap_err(), ExtractError::Ambiguous);
+    }
+
+    #[test]
+    fn reports_the_first_scheme() {
+        let req = Request::get("/")
+            .header("authorization", "Bearer k1")
+            .body(())
+            .unwrap();
+        let extractor = Extractor::default();
+        assert_eq!(extractor.extract(&req).unwrap().scheme(), SchemeKind::Bearer);
+        assert!(!format!("{:?}", extractor.extract(&req).unwrap()).contains("k1"));
+    }
+
+    #[test]
+    fn config_errors() {
+        assert_eq!(Extractor::new([]).unwrap_err(), ConfigError::NoSchemes);
+        assert!(Scheme::header("bad header").is_err());
+        assert!(Scheme::query("").is_err());
+        assert!(Extractor::default().with_max_len(0).is_err());
+    }
+}

@@ -1,0 +1,82 @@
+//! API-key authentication and per-key rate limiting for axum, tonic and hyper services, as
+//! composable tower layers.
+//!
+//! ```text
+//! request ─▶ Bypass? ─yes────────────────────────────────────▶ inner service
+//!              │no
+//!              ▼
+//!         Extract key (ordered schemes) ─▶ format + checksum check (no I/O)
+//!              ▼
+//!         Lookup by SHA-256 hash (async trait, behind a cache) ─▶ KeyRecord
+//!              ▼
+//!         Validate (status, owner, expiry, IP, site, scopes, environment) ─▶ Principal
+//!              ▼
+//!         inner service
+//! Any rejection ─▶ Renderer (JSON envelope | problem+json | gRPC status | custom)
+//! ```
+//!
+//! # Quick look
+//!
+//! ```
+//! use axum::{routing::{get, post}, Router};
+//! use keygate::{AuthLayer, Principal};
+//! use keygate::lookup::CachedLookup;
+//! use keygate::store::MemoryStore;
+//!
+//! let auth = AuthLayer::new(CachedLookup::new(MemoryStore::new()));
+//! let app: Router = Router::new()
+//!     .route("/v1/messages", post(|| async { "sent" })
+//!         .route_layer(auth.require_scopes(["messages:write"])))
+//!     .route("/v1/users/me", get(|p: Principal| async move { p.key_id().to_string() }))
+//!     .layer(auth);
+//! ```
+//!
+//! A request to `/v1/messages` passes the outer layer (any valid key) and then the
+//! route's (scope `messages:write`); both share one cache.
+//!
+//! # Modules
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`key`] | the secret, its hash, the key format |
+//! | [`extract`] | where keys are read from |
+//! | [`lookup`] | the async lookup trait and its cache |
+//! | [`record`] | key records and the principal |
+//! | [`validate`] | the validity rules, client IP and site |
+//! | [`reject`] | the rejection table and renderers |
+//! | [`bypass`] | requests that need no key |
+//! | [`auth`] | the layer |
+//! | [`store`] | where keys live |
+//!
+//! # Feature flags
+//!
+//! | feature | default | enables |
+//! | --- | --- | --- |
+//! | `axum` | yes | [`Principal`] as an axum extractor; the client IP from axum's `ConnectInfo` |
+//!
+//! # Security notes
+//!
+//! Secrets are never stored (only [`key::KeyHash`]), never logged (tracing fields carry the
+//! public [`key::KeyId`]), and never printed by `Debug`. Hashes are compared in constant
+//! time. `X-Forwarded-For` and `Forwarded` are read only from configured trusted proxies.
+
+#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+
+pub mod auth;
+pub mod bypass;
+pub mod clock;
+pub mod error;
+pub mod extract;
+pub mod key;
+pub mod lookup;
+pub mod record;
+pub mod reject;
+pub mod store;
+pub mod validate;
+
+#[cfg(feature = "axum")]
+pub mod axum;
+
+pub use auth::{AuthLayer, AuthService};
+pub use error::ConfigError;
+pub use record::Principal;

@@ -1,0 +1,308 @@
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use quick_cache::sync::Cache;
+
+use super::{BoxError, KeyLookup, LookupResult};
+use crate::clock::{Clock, SystemClock};
+use crate::error::ConfigError;
+use crate::key::KeyHash;
+
+/// A bounded cache in front of a [`KeyLookup`].
+///
+/// - Found keys are kept for [`ttl`](CachedLookup::ttl) (default 30 s), unknown keys for the
+///   shorter [`negative_ttl`](CachedLookup::negative_ttl) (default 5 s): a key created a
+///   moment ago starts working within that time even in another process.
+/// - At most [`capacity`](CachedLookup::capacity) entries (default 100 000). Eviction is
+///   S3-FIFO ([quick_cache]), which keeps hot keys when a flood of never-repeated keys
+///   passes through.
+/// - Many concurrent requests for one uncached key make one backend call; the others wait
+///   for its answer.
+/// - [`invalidate`](CachedLookup::invalidate) drops one key at once (the stores call it on
+///   every change).
+/// - Backend errors are not cached.
+///
+/// Clones share one cache.
+///
+/// Why quick_cache and not moka: a hit here must cost tens of nanoseconds, and
+/// `benches/cache.rs` measured moka's `get` at several times quick_cache's (see
+/// BENCHMARKS.md). Time-to-live is kept per entry and checked on read, against the
+/// [`Clock`], so tests can move time by hand.
+pub struct CachedLookup<L> {
+    inner: Arc<Inner<L>>,
+}
+
+struct Inner<L> {
+    backend: L,
+    cache: Cache<KeyHash, Entry>,
+    ttl: u64,
+    negative_ttl: u64,
+    clock: Arc<dyn Clock>,
+}
+
+#[derive(Clone)]
+struct Entry {
+    record: Option<Arc<crate::record::KeyRecord>>,
+    /// Nanoseconds since the epoch; an entry is fresh in `inserted..expires`, so a clock
+    /// stepping backwards cannot keep it alive.
+    inserted: u64,
+    expires: u64,
+}
+
+impl<L> Clone for CachedLookup<L> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<L> fmt::Debug for CachedLookup<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachedLookup")
+            .field("entries", &self.inner.cache.len())
+            .field("capacity", &self.inner.cache.capacity())
+            .field("ttl_ns", &self.inner.ttl)
+            .field("negative_ttl_ns", &self.inner.negative_ttl)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings for a [`CachedLookup`].
+#[derive(Debug, Clone)]
+struct Settings {
+    capacity: usize,
+    ttl: Duration,
+    negative_ttl: Duration,
+}
+
+impl<L: KeyLookup> CachedLookup<L> {
+    /// A cache with the default settings.
+    pub fn new(backend: L) -> Self {
+        Self::build(backend, Settings::default(), Arc::new(SystemClock))
+    }
+
+    /// A cache with the given settings.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] when the capacity or a TTL is zero.
+    pub fn with_settings(
+        backend: L,
+        capacity: usize,
+        ttl: Duration,
+        negative_ttl: Duration,
+    ) -> Result<Self, ConfigError> {
+        if capacity == 0 {
+            return Err(ConfigError::Zero("cache capacity"));
+        }
+        if ttl.is_zero() {
+            return Err(ConfigError::Zero("cache ttl"));
+        }
+        if negative_ttl.is_zero() {
+            return Err(ConfigError::Zero("cache negative ttl"));
+        }
+        Ok(Self::build(
+            backend,
+            Settings {
+                capacity,
+                ttl,
+                negative_ttl,
+            },
+            Arc::new(SystemClock),
+        ))
+    }
+
+    /// Reads time from `clock` (a [`FakeClock`](crate::clock::FakeClock) in tests). Entries
+    /// cached so far are dropped.
+    #[must_use]
+    pub fn with_clock(self, clock: impl Clock) -> Self {
+        let settings = Settings {
+            capacity: self.inner.cache.capacity() as usize,
+            ttl: Duration::from_nanos(self.inner.ttl),
+            negative_ttl: Duration::from_nanos(self.inner.negative_ttl),
+        };
+        match Arc::try_unwrap(self.inner) {
+            Ok(inner) => Self::build(inner.backend, settings, Arc::new(clock)),
+            Err(shared) => {
+                // Already shared: keep sharing rather than split the cache.
+                Self { inner: shared }
+            }
+        }
+    }
+
+    fn build(backend: L, settings: Settings, clock: Arc<dyn Clock>) -> Self {
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        Self {
+            inner: Arc::new(Inner {
+                backend,
+                cache: Cache::new(settings.capacity),
+                ttl: nanos(settings.ttl),
+                negative_ttl: nanos(settings.negative_ttl),
+                clock,
+            }),
+        }
+    }
+
+    /// How long a found key is cached.
+    pub fn ttl(&self) -> Duration {
+        Duration::from_nanos(self.inner.ttl)
+    }
+
+    /// How long an unknown key is cached.
+    pub fn negative_ttl(&self) -> Duration {
+        Duration::from_nanos(self.inner.negative_ttl)
+    }
+
+    /// The most entries kept.
+    pub fn capacity(&self) -> u64 {
+        self.inner.cache.capacity()
+    }
+
+    /// Entries cached now (fresh or not yet swept).
+    pub fn len(&self) -> usize {
+        self.inner.cache.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.inner.cache.is_empty()
+    }
+
+    /// Drops one key, so that the next request reads the backend.
+    pub fn invalidate(&self, hash: &KeyHash) {
+        self.inner.cache.remove(hash);
+    }
+
+    /// Drops every key.
+    pub fn invalidate_all(&self) {
+        self.inner.cache.clear();
+    }
+
+    /// The backend behind the cache.
+    pub fn backend(&self) -> &L {
+        &self.inner.backend
+    }
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            capacity: 100_000,
+            ttl: Duration::from_secs(30),
+            negative_ttl: Duration::from_secs(5),
+        }
+    }
+}
+
+impl<L: KeyLookup> Inner<L> {
+    fn fresh(&self, hash: &KeyHash) -> Option<Option<Arc<crate::record::KeyRecord>>> {
+        let entry = self.cache.get(hash)?;
+        let now = self.clock.now_nanos();
+        (entry.inserted..entry.expires)
+            .contains(&now)
+            .then_some(entry.record)
+    }
+
+    fn entry(&self, record: Option<Arc<crate::record::KeyRecord>>) -> Entry {
+        let now = self.clock.now_nanos();
+        let ttl = if record.is_some() {
+            self.ttl
+        } else {
+            self.negative_ttl
+        };
+        Entry {
+            record,
+            inserted: now,
+            expires: now.saturating_add(ttl),
+        }
+    }
+
+    async fn miss(self: Arc<Self>, hash: KeyHash) -> LookupResult<BoxError> {
+        // A stale entry is removed and the guard taken again; after a few rounds of racing
+        // other removers, ask the backend directly rather than spin.
+        for _ in 0..3 {
+            match self.cache.get_value_or_guard_async(&hash).await {
+                Ok(entry) => {
+                    let now = self.clock.now_nanos();
+                    if (entry.inserted..entry.expires).contains(&now) {
+                        return Ok(entry.record);
+                    }
+                    self.cache.remove(&hash);
+                }
+                Err(guard) => {
+                    let record = self.backend.lookup(&hash).await.map_err(Into::into)?;
+                    let _ = guard.insert(self.entry(record.clone()));
+                    return Ok(record);
+                }
+            }
+        }
+        let record = self.backend.lookup(&hash).await.map_err(Into::into)?;
+        self.cache.insert(hash, self.entry(record.clone()));
+        Ok(record)
+    }
+}
+
+impl<L: KeyLookup> KeyLookup for CachedLookup<L> {
+    type Error = BoxError;
+    type Future = CachedFuture;
+
+    fn lookup(&self, hash: &KeyHash) -> CachedFuture {
+        if let Some(hit) = self.inner.fresh(hash) {
+            return CachedFuture(Kind::Ready(Some(Ok(hit))));
+        }
+        CachedFuture(Kind::Miss(Box::pin(Arc::clone(&self.inner).miss(*hash))))
+    }
+
+    fn lookup_ready(&self, hash: &KeyHash) -> Option<LookupResult<BoxError>> {
+        if let Some(hit) = self.inner.fresh(hash) {
+            return Some(Ok(hit));
+        }
+        // The backend may answer at once too (an in-memory store); cache what it says.
+        let answer = self.inner.backend.lookup_ready(hash)?;
+        Some(match answer {
+            Ok(record) => {
+                self.inner.cache.insert(*hash, self.inner.entry(record.clone()));
+                Ok(record)
+            }
+            Err(e) => Err(e.into()),
+        })
+    }
+}
+
+/// The future of a [`CachedLookup`]: ready on a hit, boxed on a miss.
+pub struct CachedFuture(Kind);
+
+enum Kind {
+    Ready(Option<LookupResult<BoxError>>),
+    Miss(Pin<Box<dyn Future<Output = LookupResult<BoxError>> + Send>>),
+}
+
+impl fmt::Debug for CachedFuture {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self.0 {
+            Kind::Ready(_) => "CachedFuture::Ready",
+            Kind::Miss(_) => "CachedFuture::Miss",
+        })
+    }
+}
+
+impl Future for CachedFuture {
+    type Output = LookupResult<BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match &mut self.0 {
+            Kind::Ready(answer) => Poll::Ready(
+                answer
+                    .take()
+                    .unwrap_or_else(|| Err("CachedFuture polled after completion".into())),
+            ),
+            Kind::Miss(future) => future.as_mut().poll(cx),
+        }
+    }
+}
+

@@ -1,0 +1,430 @@
+//! What a store knows about a key ([`KeyRecord`]) and what a handler learns about the
+//! caller once the key is accepted ([`Principal`]).
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use ipnet::IpNet;
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+use crate::key::KeyId;
+
+/// The environment a key belongs to: live keys touch real data, test keys do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    /// Production traffic.
+    Live,
+    /// Sandbox traffic.
+    Test,
+}
+
+impl Environment {
+    /// `"live"` or `"test"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Live => "live",
+            Self::Test => "test",
+        }
+    }
+}
+
+impl fmt::Display for Environment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Environment {
+    type Err = UnknownEnvironment;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "live" => Ok(Self::Live),
+            "test" => Ok(Self::Test),
+            _ => Err(UnknownEnvironment(s.to_owned())),
+        }
+    }
+}
+
+/// An environment name other than `live` or `test`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown environment {0:?}: expected \"live\" or \"test\"")]
+pub struct UnknownEnvironment(pub String);
+
+/// The lifecycle state of a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    /// Usable.
+    Active,
+    /// Switched off by its owner or an operator; can be switched back on.
+    Disabled,
+    /// Revoked for good (for instance by a new key replacing all of an owner's keys).
+    Revoked,
+    /// Soft-deleted: the record stays for audit, the key reads as unknown.
+    Deleted,
+}
+
+impl Status {
+    /// `"active"`, `"disabled"`, `"revoked"` or `"deleted"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::Disabled => "disabled",
+            Self::Revoked => "revoked",
+            Self::Deleted => "deleted",
+        }
+    }
+}
+
+/// The account a key belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    /// Stable identifier.
+    pub id: String,
+    /// Display name (a username, an organisation).
+    pub name: String,
+    /// An inactive owner's keys are all refused with `owner_inactive`.
+    pub active: bool,
+}
+
+impl Owner {
+    /// An active owner.
+    pub fn new(id: impl Into<String>, name: impl Into<String>) -> Self {
+        Self {
+            id: id.into(),
+            name: name.into(),
+            active: true,
+        }
+    }
+}
+
+/// A set of scope names such as `read` or `messages:write`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Scopes(Vec<String>);
+
+impl Scopes {
+    /// No scopes.
+    pub const fn none() -> Self {
+        Self(Vec::new())
+    }
+
+    /// Whether `scope` is in the set.
+    pub fn contains(&self, scope: &str) -> bool {
+        self.0.iter().any(|s| s == scope)
+    }
+
+    /// The first scope of `required` that this set lacks, if any.
+    pub fn first_missing<'a>(&self, required: &'a Scopes) -> Option<&'a str> {
+        required
+            .0
+            .iter()
+            .find(|s| !self.contains(s))
+            .map(String::as_str)
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The scopes, in insertion order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(String::as_str)
+    }
+
+    /// Parses a comma- or space-separated list, ignoring blanks and duplicates.
+    pub fn parse(list: &str) -> Self {
+        list.split([',', ' '])
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+}
+
+impl<S: Into<String>> FromIterator<S> for Scopes {
+    fn from_iter<I: IntoIterator<Item = S>>(iter: I) -> Self {
+        let mut out: Vec<String> = Vec::new();
+        for scope in iter {
+            let scope = scope.into();
+            if !out.contains(&scope) {
+                out.push(scope);
+            }
+        }
+        Self(out)
+    }
+}
+
+impl<S: Into<String>, const N: usize> From<[S; N]> for Scopes {
+    fn from(scopes: [S; N]) -> Self {
+        scopes.into_iter().collect()
+    }
+}
+
+/// Where a key may be used from. Empty lists mean "anywhere".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Restrictions {
+    /// Client networks allowed to use the key (IPv4 and IPv6 CIDR blocks).
+    pub ips: Vec<IpNet>,
+    /// Sites the key may be used for, matched exactly (see `validate::SiteResolver`).
+    pub sites: Vec<String>,
+}
+
+impl Restrictions {
+    /// Whether `ip` is inside one of the allowed networks (always true without any).
+    /// IPv4-mapped IPv6 addresses (`::ffff:a.b.c.d`) match IPv4 networks.
+    pub fn allows_ip(&self, ip: IpAddr) -> bool {
+        if self.ips.is_empty() {
+            return true;
+        }
+        let ip = canonical_ip(ip);
+        self.ips.iter().any(|net| net.contains(&ip))
+    }
+
+    /// Whether `site` is one of the allowed sites (always true without any).
+    pub fn allows_site(&self, site: &str) -> bool {
+        self.sites.is_empty() || self.sites.iter().any(|s| s == site)
+    }
+
+    /// Parses an address or CIDR block; a bare address becomes a /32 or /128.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::InvalidNetwork`] naming the input.
+    pub fn parse_network(text: &str) -> Result<IpNet, ConfigError> {
+        let text = text.trim();
+        if let Ok(net) = text.parse::<IpNet>() {
+            return Ok(net.trunc());
+        }
+        text.parse::<IpAddr>()
+            .map(IpNet::from)
+            .map_err(|_| ConfigError::InvalidNetwork(text.to_owned()))
+    }
+}
+
+/// `::ffff:a.b.c.d` as `a.b.c.d`; every other address unchanged.
+pub(crate) fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Everything the layers need to know about a key, as a [`KeyLookup`](crate::lookup::KeyLookup)
+/// returns it. The secret is not here: stores find records by
+/// [`KeyHash`](crate::key::KeyHash).
+///
+/// Build one with [`KeyRecord::new`] and set the public fields.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct KeyRecord {
+    /// Public identifier.
+    pub id: KeyId,
+    /// The owning account; `None` when the owner no longer exists.
+    pub owner: Option<Owner>,
+    /// Human name of the key.
+    pub name: String,
+    /// Live or test.
+    pub environment: Environment,
+    /// Lifecycle state.
+    pub status: Status,
+    /// When the key stops working, if ever.
+    pub expires_at: Option<SystemTime>,
+    /// What the key may do.
+    pub scopes: Scopes,
+    /// Where the key may be used from.
+    pub restrictions: Restrictions,
+    /// Free-form data for the application (plan, tenant, labels…).
+    pub metadata: serde_json::Value,
+}
+
+impl KeyRecord {
+    /// An active record with no scopes, restrictions, expiry or metadata.
+    pub fn new(id: KeyId, owner: Owner, environment: Environment) -> Self {
+        Self {
+            id,
+            owner: Some(owner),
+            name: String::new(),
+            environment,
+            status: Status::Active,
+            expires_at: None,
+            scopes: Scopes::none(),
+            restrictions: Restrictions::default(),
+            metadata: serde_json::Value::Null,
+        }
+    }
+
+    /// Sets the name.
+    #[must_use]
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Sets the scopes.
+    #[must_use]
+    pub fn with_scopes(mut self, scopes: impl Into<Scopes>) -> Self {
+        self.scopes = scopes.into();
+        self
+    }
+
+    /// Sets the status.
+    #[must_use]
+    pub fn with_status(mut self, status: Status) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// Sets the expiry.
+    #[must_use]
+    pub fn with_expiry(mut self, expires_at: SystemTime) -> Self {
+        self.expires_at = Some(expires_at);
+        self
+    }
+
+    /// Sets the restrictions.
+    #[must_use]
+    pub fn with_restrictions(mut self, restrictions: Restrictions) -> Self {
+        self.restrictions = restrictions;
+        self
+    }
+
+    /// Sets the metadata.
+    #[must_use]
+    pub fn with_metadata(mut self, metadata: serde_json::Value) -> Self {
+        self.metadata = metadata;
+        self
+    }
+}
+
+/// The authenticated caller: put into the request extensions by the auth layer.
+///
+/// Cheap to clone (one `Arc`). With the `axum` feature it is also an extractor:
+///
+/// ```
+/// # #[cfg(feature = "axum")] {
+/// use keygate::Principal;
+///
+/// async fn me(principal: Principal) -> String {
+///     format!("hello {}", principal.key_id())
+/// }
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Principal(Arc<KeyRecord>);
+
+impl Principal {
+    /// Wraps an accepted record.
+    pub fn new(record: Arc<KeyRecord>) -> Self {
+        Self(record)
+    }
+
+    /// The key's public identifier.
+    pub fn key_id(&self) -> &KeyId {
+        &self.0.id
+    }
+
+    /// The owning account. Always present on an accepted key.
+    pub fn owner(&self) -> Option<&Owner> {
+        self.0.owner.as_ref()
+    }
+
+    /// The key's environment.
+    pub fn environment(&self) -> Environment {
+        self.0.environment
+    }
+
+    /// The key's scopes.
+    pub fn scopes(&self) -> &Scopes {
+        &self.0.scopes
+    }
+
+    /// The key's metadata.
+    pub fn metadata(&self) -> &serde_json::Value {
+        &self.0.metadata
+    }
+
+    /// The whole record.
+    pub fn record(&self) -> &KeyRecord {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Principal")
+            .field("key_id", &self.0.id)
+            .field("owner", &self.0.owner.as_ref().map(|o| &o.id))
+            .field("environment", &self.0.environment)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Serialize for Principal {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let mut s = serializer.serialize_struct("Principal", 6)?;
+        s.serialize_field("key_id", &self.0.id)?;
+        s.serialize_field("key_name", &self.0.name)?;
+        s.serialize_field("owner", &self.0.owner)?;
+        s.serialize_field("environment", &self.0.environment)?;
+        s.serialize_field("scopes", &self.0.scopes)?;
+        s.serialize_field("metadata", &self.0.metadata)?;
+        s.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn networks_v4_v6_and_mapped() {
+        let r = Restrictions {
+            ips: vec![
+                Restrictions::parse_network("10.0.0.0/8").unwrap(),
+                Restrictions::parse_network("2001:db8::/32").unwrap(),
+                Restrictions::parse_network("192.0.2.7").unwrap(),
+            ],
+            sites: vec![],
+        };
+        let cases = [
+            ("v4 inside", "10.1.2.3", true),
+            ("v4 outside", "11.0.0.1", false),
+            ("v4 host", "192.0.2.7", true),
+            ("v4 host neighbour", "192.0.2.8", false),
+            ("v6 inside", "2001:db8::1", true),
+            ("v6 outside", "2001:db9::1", false),
+            ("v4-mapped v6", "::ffff:10.9.9.9", true),
+        ];
+        for (name, ip, expected) in cases {
+            assert_eq!(r.allows_ip(ip.parse().unwrap()), expected, "{name}");
+        }
+        assert!(Restrictions::default().allows_ip("8.8.8.8".parse().unwrap()));
+    }
+
+    #[test]
+    fn bad_networks_name_the_input() {
+        for bad in ["10.0.0.0/33", "not-an-ip", "", "10.0.0"] {
+            let err = Restrictions::parse_network(bad).unwrap_err();
+            assert!(err.to_string().contains(bad), "{err}");
+        }
+    }
+
+    #[test]
+    fn scopes_parse_and_missing() {
+        let have = Scopes::parse("read, messages:write read");
+        assert_eq!(have.iter().collect::<Vec<_>>(), ["read", "messages:write"]);
+        assert_eq!(have.first_missing(&Scopes::from(["read"])), None);
+        assert_eq!(
+            have.first_missing(&Scopes::from(["read", "admin"])),
+            Some("admin")
+        );
+    }
+}
