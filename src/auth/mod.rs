@@ -48,3 +48,6 @@ mod service;
 pub use future::ResponseFuture;
 pub use layer::{AuthBuilder, AuthLayer, DEFAULT_LOOKUP_TIMEOUT};
 pub use service::AuthService;
+
+#[cfg(test)]
+mod tests;

@@ -306,3 +306,174 @@ impl Future for CachedFuture {
     }
 }
 
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::UNIX_EPOCH;
+
+    use super::*;
+    use crate::clock::FakeClock;
+    use crate::key::KeyId;
+    use crate::record::{Environment, KeyRecord, Owner};
+
+    fn record() -> Arc<KeyRecord> {
+        Arc::new(KeyRecord::new(
+            KeyId::new("key_1"),
+            Owner::new("o", "o"),
+            Environment::Live,
+        ))
+    }
+
+    /// A backend that knows one hash, counts its calls, and fails while `fail` is set.
+    #[derive(Clone)]
+    struct Counting {
+        known: KeyHash,
+        calls: Arc<AtomicUsize>,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl KeyLookup for Counting {
+        type Error = BoxError;
+        type Future = Pin<Box<dyn Future<Output = LookupResult<BoxError>> + Send>>;
+
+        fn lookup(&self, hash: &KeyHash) -> Self::Future {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let found = (*hash == self.known).then(record);
+            let fail = self.fail.load(Ordering::SeqCst);
+            Box::pin(async move {
+                tokio::task::yield_now().await;
+                if fail {
+                    Err("backend down".into())
+                } else {
+                    Ok(found)
+                }
+            })
+        }
+    }
+
+    fn setup() -> (CachedLookup<Counting>, Counting, FakeClock) {
+        let backend = Counting {
+            known: KeyHash::of("known"),
+            calls: Arc::default(),
+            fail: Arc::default(),
+        };
+        let clock = FakeClock::new(UNIX_EPOCH + Duration::from_secs(1_000_000));
+        let cache = CachedLookup::with_settings(
+            backend.clone(),
+            1_000,
+            Duration::from_secs(30),
+            Duration::from_secs(5),
+        )
+        .unwrap()
+        .with_clock(clock.clone());
+        (cache, backend, clock)
+    }
+
+    #[tokio::test]
+    async fn hits_skip_the_backend_until_the_ttl_ends() {
+        let (cache, backend, clock) = setup();
+        let known = KeyHash::of("known");
+        assert!(cache.lookup_ready(&known).is_none(), "cold cache must not answer");
+        assert!(cache.lookup(&known).await.unwrap().is_some());
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
+        clock.advance(Duration::from_secs(29));
+        assert!(cache.lookup_ready(&known).unwrap().unwrap().is_some());
+        assert!(cache.lookup(&known).await.unwrap().is_some());
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
+        clock.advance(Duration::from_secs(1));
+        assert!(cache.lookup_ready(&known).is_none(), "expired at exactly the TTL");
+        assert!(cache.lookup(&known).await.unwrap().is_some());
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn unknown_keys_are_cached_for_the_shorter_ttl() {
+        let (cache, backend, clock) = setup();
+        let unknown = KeyHash::of("unknown");
+        assert!(cache.lookup(&unknown).await.unwrap().is_none());
+        clock.advance(Duration::from_secs(4));
+        assert!(matches!(cache.lookup_ready(&unknown), Some(Ok(None))));
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
+        clock.advance(Duration::from_secs(1));
+        assert!(cache.lookup_ready(&unknown).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_clock_stepping_back_does_not_extend_an_entry() {
+        let (cache, _backend, clock) = setup();
+        let known = KeyHash::of("known");
+        cache.lookup(&known).await.unwrap();
+        clock.rewind(Duration::from_secs(3600));
+        assert!(cache.lookup_ready(&known).is_none());
+    }
+
+    #[tokio::test]
+    async fn invalidate_drops_one_key() {
+        let (cache, backend, _clock) = setup();
+        let known = KeyHash::of("known");
+        let unknown = KeyHash::of("unknown");
+        cache.lookup(&known).await.unwrap();
+        cache.lookup(&unknown).await.unwrap();
+        cache.invalidate(&known);
+        assert!(cache.lookup_ready(&known).is_none());
+        assert!(cache.lookup_ready(&unknown).is_some());
+        cache.lookup(&known).await.unwrap();
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 3);
+        cache.invalidate_all();
+        assert!(cache.is_empty());
+    }
+
+    #[tokio::test]
+    async fn errors_are_not_cached() {
+        let (cache, backend, _clock) = setup();
+        let known = KeyHash::of("known");
+        backend.fail.store(true, Ordering::SeqCst);
+        assert!(cache.lookup(&known).await.is_err());
+        assert!(cache.lookup_ready(&known).is_none());
+        backend.fail.store(false, Ordering::SeqCst);
+        assert!(cache.lookup(&known).await.unwrap().is_some());
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_misses_make_one_backend_call() {
+        let (cache, backend, _clock) = setup();
+        let known = KeyHash::of("known");
+        let tasks: Vec<_> = (0..64)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.lookup(&known).await.map(|r| r.is_some()) })
+            })
+            .collect();
+        for task in tasks {
+            assert!(task.await.unwrap().unwrap());
+        }
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn size_stays_bounded() {
+        let backend = |_: KeyHash| async { Ok::<_, BoxError>(None) };
+        let cache = CachedLookup::with_settings(
+            backend,
+            100,
+            Duration::from_secs(30),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        for i in 0..10_000 {
+            cache.lookup(&KeyHash::of(&i.to_string())).await.unwrap();
+        }
+        assert!(cache.len() <= 110, "{} entries", cache.len());
+    }
+
+    #[test]
+    fn zero_settings_are_refused() {
+        let backend = |_: KeyHash| async { Ok::<_, BoxError>(None) };
+        let d = Duration::from_secs(1);
+        assert!(CachedLookup::with_settings(backend, 0, d, d).is_err());
+        assert!(CachedLookup::with_settings(backend, 1, Duration::ZERO, d).is_err());
+        assert!(CachedLookup::with_settings(backend, 1, d, Duration::ZERO).is_err());
+    }
+}

@@ -52,6 +52,14 @@ impl<B> ResponseBody<B> {
     }
 }
 
+/// An empty body, so that layers outside keygate that need `Default` bodies (tower-http's
+/// `ValidateRequestHeader`, `Timeout`…) can wrap it.
+impl<B> Default for ResponseBody<B> {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
 impl<B> Body for ResponseBody<B>
 where
     B: Body<Data = Bytes>,
