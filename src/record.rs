@@ -167,6 +167,18 @@ impl<S: Into<String>, const N: usize> From<[S; N]> for Scopes {
     }
 }
 
+impl<S: Into<String>> From<Vec<S>> for Scopes {
+    fn from(scopes: Vec<S>) -> Self {
+        scopes.into_iter().collect()
+    }
+}
+
+impl From<&[&str]> for Scopes {
+    fn from(scopes: &[&str]) -> Self {
+        scopes.iter().copied().collect()
+    }
+}
+
 /// Where a key may be used from. Empty lists mean "anywhere".
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Restrictions {
@@ -317,12 +329,22 @@ impl KeyRecord {
 /// # }
 /// ```
 #[derive(Clone)]
-pub struct Principal(Arc<KeyRecord>);
+pub struct Principal(Arc<KeyRecord>, usize);
 
 impl Principal {
     /// Wraps an accepted record.
     pub fn new(record: Arc<KeyRecord>) -> Self {
-        Self(record)
+        Self(record, 0)
+    }
+
+    /// A principal accepted by the layer state at address `origin`, so that inner route
+    /// layers sharing that state need not check the key again.
+    pub(crate) fn accepted_by(record: Arc<KeyRecord>, origin: usize) -> Self {
+        Self(record, origin)
+    }
+
+    pub(crate) fn origin(&self) -> usize {
+        self.1
     }
 
     /// The key's public identifier.

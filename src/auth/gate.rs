@@ -42,6 +42,29 @@ impl<L> fmt::Debug for Gate<L> {
 }
 
 impl<L: KeyLookup> Gate<L> {
+    /// This state's address: tells its own principals from others'.
+    fn origin(&self) -> usize {
+        std::ptr::from_ref(self).cast::<()>() as usize
+    }
+
+    /// When an outer layer sharing this state has accepted the request already (a
+    /// `route_layer` inside a `Router::layer`), only the route's rules are left to check.
+    pub(crate) fn already_accepted<B>(
+        &self,
+        req: &Request<B>,
+        rules: &Rules,
+    ) -> Option<Result<(), Rejection>> {
+        let principal = req.extensions().get::<Principal>()?;
+        if principal.origin() != self.origin() {
+            return None;
+        }
+        let record = principal.record();
+        Some(
+            validate::check_route(record, rules)
+                .map_err(|reason| Rejection::new(reason).with_key_id(record.id.clone())),
+        )
+    }
+
     pub(crate) fn bypasses<B>(&self, req: &Request<B>) -> bool {
         self.bypass.bypass(&RequestHead::of(req))
     }
@@ -89,7 +112,8 @@ impl<L: KeyLookup> Gate<L> {
         match verdict {
             Ok(()) => {
                 tracing::debug!(target: "keygate", key_id = %record.id, outcome = "accepted", "api key accepted");
-                req.extensions_mut().insert(Principal::new(record));
+                req.extensions_mut()
+                    .insert(Principal::accepted_by(record, self.origin()));
                 Ok(())
             }
             Err(reason) => Err(Rejection::new(reason).with_key_id(record.id.clone())),

@@ -77,6 +77,12 @@ where
         if gate.bypasses(&req) {
             return ResponseFuture::inner(self.inner.call(req));
         }
+        if let Some(verdict) = gate.already_accepted(&req, &self.rules) {
+            return match verdict {
+                Ok(()) => ResponseFuture::inner(self.inner.call(req)),
+                Err(rejection) => ResponseFuture::rejected(gate.reject(rejection, &req)),
+            };
+        }
         let hash = match gate.hash_of(&req) {
             Ok(hash) => hash,
             Err(rejection) => return ResponseFuture::rejected(gate.reject(rejection, &req)),

@@ -96,6 +96,16 @@ pub fn check<'a>(
     if !restrictions.sites.is_empty() && !site().is_some_and(|s| restrictions.allows_site(&s)) {
         return Err(Reason::SiteNotAllowed);
     }
+    check_route(record, rules)
+}
+
+/// The route's part of [`check`] alone: environment and scopes. For a request that an
+/// outer layer sharing the same state has already accepted.
+///
+/// # Errors
+///
+/// [`Reason::EnvironmentMismatch`] or [`Reason::InsufficientScope`].
+pub fn check_route(record: &KeyRecord, rules: &Rules) -> Result<(), Reason> {
     if rules.environment.is_some_and(|env| env != record.environment) {
         return Err(Reason::EnvironmentMismatch);
     }
