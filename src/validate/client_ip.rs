@@ -98,7 +98,7 @@ impl ClientIp {
         let mut any = false;
         match self.header {
             ForwardedHeader::XForwardedFor => {
-                for hop in hops_from_right(head, &X_FORWARDED_FOR, |s| Some(s)) {
+                for hop in hops_from_right(head, &X_FORWARDED_FOR, Some) {
                     any = true;
                     let ip = parse_hop(hop?)?;
                     if !self.is_trusted(ip) {

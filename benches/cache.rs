@@ -1,0 +1,62 @@
+#![allow(missing_docs)] // criterion_group! generates undocumented items
+//! Why `CachedLookup` sits on quick_cache: a hit on 10 000 cached keys with moka's and
+//! quick_cache's synchronous caches, and through `CachedLookup`, in one run:
+//! `cargo bench --bench cache`.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use keygate::key::{KeyHash, KeyId};
+use keygate::lookup::{CachedLookup, KeyLookup};
+use keygate::record::{Environment, KeyRecord, Owner};
+use keygate::store::MemoryStore;
+
+const KEYS: usize = 10_000;
+
+fn caches(c: &mut Criterion) {
+    let record = Arc::new(KeyRecord::new(KeyId::new("key_1"), Owner::new("o", "o"), Environment::Live));
+    let hashes: Vec<KeyHash> = (0..KEYS).map(|i| KeyHash::of(&format!("key-{i}"))).collect();
+
+    let moka: moka::sync::Cache<KeyHash, Option<Arc<KeyRecord>>> = moka::sync::Cache::builder()
+        .max_capacity(100_000)
+        .time_to_live(Duration::from_secs(30))
+        .build();
+    let quick: quick_cache::sync::Cache<KeyHash, Option<Arc<KeyRecord>>> =
+        quick_cache::sync::Cache::new(100_000);
+    let store = MemoryStore::new();
+    for hash in &hashes {
+        moka.insert(*hash, Some(Arc::clone(&record)));
+        quick.insert(*hash, Some(Arc::clone(&record)));
+        store.insert(*hash, (*record).clone()).expect("insert");
+    }
+    let cached = CachedLookup::new(store.clone());
+    for hash in &hashes {
+        let _ = cached.lookup_ready(hash);
+    }
+    moka.run_pending_tasks();
+
+    let mut group = c.benchmark_group("cache hit, 10k keys");
+    let mut i = 0usize;
+    let mut next = || {
+        i = (i + 7919) % KEYS;
+        hashes[i]
+    };
+    group.bench_function("moka::sync::Cache::get", |b| {
+        b.iter(|| black_box(moka.get(&next())))
+    });
+    group.bench_function("quick_cache::sync::Cache::get", |b| {
+        b.iter(|| black_box(quick.get(&next())))
+    });
+    group.bench_function("CachedLookup::lookup_ready", |b| {
+        b.iter(|| black_box(cached.lookup_ready(&next()).map(|r| r.is_ok())))
+    });
+    group.bench_function("MemoryStore (RwLock<HashMap>)", |b| {
+        b.iter(|| black_box(store.lookup_ready(&next()).map(|r| r.is_ok())))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, caches);
+criterion_main!(benches);
