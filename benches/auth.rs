@@ -68,7 +68,10 @@ fn stacks(c: &mut Criterion) {
     let bearer = format!("Bearer {secret}");
     let cached = CachedLookup::new(store.clone());
     // Warm the cache.
-    assert!(matches!(cached.lookup_ready(&key.hash()), Some(Ok(Some(_)))));
+    assert!(matches!(
+        cached.lookup_ready(&key.hash()),
+        Some(Ok(Some(_)))
+    ));
 
     let mut group = c.benchmark_group("auth");
     let mut svc = tower::service_fn(bare);

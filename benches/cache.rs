@@ -16,8 +16,14 @@ use keygate::store::MemoryStore;
 const KEYS: usize = 10_000;
 
 fn caches(c: &mut Criterion) {
-    let record = Arc::new(KeyRecord::new(KeyId::new("key_1"), Owner::new("o", "o"), Environment::Live));
-    let hashes: Vec<KeyHash> = (0..KEYS).map(|i| KeyHash::of(&format!("key-{i}"))).collect();
+    let record = Arc::new(KeyRecord::new(
+        KeyId::new("key_1"),
+        Owner::new("o", "o"),
+        Environment::Live,
+    ));
+    let hashes: Vec<KeyHash> = (0..KEYS)
+        .map(|i| KeyHash::of(&format!("key-{i}")))
+        .collect();
 
     let moka: moka::sync::Cache<KeyHash, Option<Arc<KeyRecord>>> = moka::sync::Cache::builder()
         .max_capacity(100_000)

@@ -41,7 +41,8 @@ async fn main() -> ExitCode {
     let demo = Owner::new("owner_demo", "demo");
     let keys = store
         .issue(demo.clone(), Environment::Live, |r| {
-            r.with_name("full access").with_scopes(["read", "messages:write"])
+            r.with_name("full access")
+                .with_scopes(["read", "messages:write"])
         })
         .and_then(|full| {
             let readonly = store.issue(demo, Environment::Test, |r| {
@@ -59,7 +60,10 @@ async fn main() -> ExitCode {
 
     let auth = AuthLayer::new(store);
     let app = Router::new()
-        .route("/v1/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route(
+            "/v1/health",
+            get(|| async { Json(json!({"status": "ok"})) }),
+        )
         .route("/v1/users/me", get(me))
         .route(
             "/v1/messages",
@@ -98,7 +102,10 @@ async fn me(principal: Principal) -> Json<Principal> {
     Json(principal)
 }
 
-async fn send_message(principal: Principal, body: Option<Json<Value>>) -> (StatusCode, Json<Value>) {
+async fn send_message(
+    principal: Principal,
+    body: Option<Json<Value>>,
+) -> (StatusCode, Json<Value>) {
     let text = body
         .and_then(|Json(v)| v.get("text").and_then(Value::as_str).map(str::to_owned))
         .unwrap_or_default();

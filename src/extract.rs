@@ -156,6 +156,8 @@ impl std::fmt::Debug for Credential<'_> {
 pub struct Extractor {
     schemes: Vec<Scheme>,
     max_len: usize,
+    bearer: bool,
+    basic: bool,
 }
 
 impl Default for Extractor {
@@ -163,6 +165,8 @@ impl Default for Extractor {
         Self {
             schemes: vec![Scheme::x_api_key(), Scheme::Bearer, Scheme::Basic],
             max_len: DEFAULT_MAX_LEN,
+            bearer: true,
+            basic: true,
         }
     }
 }
@@ -184,6 +188,8 @@ impl Extractor {
             return Err(ConfigError::NoSchemes);
         }
         Ok(Self {
+            bearer: list.contains(&Scheme::Bearer),
+            basic: list.contains(&Scheme::Basic),
             schemes: list,
             max_len: DEFAULT_MAX_LEN,
         })
@@ -215,7 +221,7 @@ impl Extractor {
     /// Whether `Authorization: Bearer` is one of the schemes (it decides the
     /// `WWW-Authenticate` challenge).
     pub fn uses_bearer(&self) -> bool {
-        self.schemes.contains(&Scheme::Bearer)
+        self.bearer
     }
 
     /// Finds the key in a request.
@@ -238,6 +244,7 @@ impl Extractor {
         uri: &'r Uri,
     ) -> Result<Credential<'r>, ExtractError> {
         let mut found: Option<Credential<'r>> = None;
+        let mut authorization_read = false;
         let mut offer = |secret: Cow<'r, str>, scheme: SchemeKind| -> Result<(), ExtractError> {
             if secret.is_empty()
                 || secret.len() > self.max_len
@@ -263,17 +270,22 @@ impl Extractor {
                     }
                 }
                 Scheme::Bearer | Scheme::Basic => {
+                    // One pass over `Authorization` serves both schemes.
+                    if authorization_read {
+                        continue;
+                    }
+                    authorization_read = true;
                     for value in headers.get_all(AUTHORIZATION) {
                         // A non-ASCII Authorization header cannot be one of ours; if it
-                        // claims our scheme it is malformed, otherwise it is not ours.
+                        // claims one of our schemes it is malformed, otherwise not ours.
                         let Ok(text) = value.to_str() else {
-                            if starts_with_scheme(value.as_bytes(), scheme) {
+                            if self.claims_our_scheme(value.as_bytes()) {
                                 return Err(ExtractError::Malformed);
                             }
                             continue;
                         };
-                        if let Some(secret) = self.authorization(text, scheme)? {
-                            offer(secret, scheme.kind())?;
+                        if let Some((secret, kind)) = self.authorization(text)? {
+                            offer(secret, kind)?;
                         }
                     }
                 }
@@ -290,55 +302,49 @@ impl Extractor {
         found.ok_or(ExtractError::Missing)
     }
 
-    /// Reads one `Authorization` value for the Bearer or Basic scheme. `Ok(None)` when the
-    /// value uses another scheme.
+    /// Reads one `Authorization` value. `Ok(None)` when it uses a scheme not configured.
     fn authorization<'r>(
         &self,
         value: &'r str,
-        scheme: &Scheme,
-    ) -> Result<Option<Cow<'r, str>>, ExtractError> {
+    ) -> Result<Option<(Cow<'r, str>, SchemeKind)>, ExtractError> {
         let value = value.trim_matches(|c| c == ' ' || c == '\t');
         let (name, rest) = match value.find([' ', '\t']) {
             Some(at) => (&value[..at], value[at..].trim_start_matches([' ', '\t'])),
             None => (value, ""),
         };
-        match scheme {
-            Scheme::Bearer if name.eq_ignore_ascii_case("bearer") => {
-                if rest.is_empty() || rest.contains([' ', '\t']) {
-                    return Err(ExtractError::Malformed);
-                }
-                Ok(Some(Cow::Borrowed(rest)))
+        if self.bearer && name.eq_ignore_ascii_case("bearer") {
+            if rest.is_empty() || rest.contains([' ', '\t']) {
+                return Err(ExtractError::Malformed);
             }
-            Scheme::Basic if name.eq_ignore_ascii_case("basic") => {
-                // base64 of max_len + 1 bytes, plus padding: anything longer is refused
-                // before decoding.
-                if rest.is_empty() || rest.len() > (self.max_len + 1).div_ceil(3) * 4 {
-                    return Err(ExtractError::Malformed);
-                }
-                let decoded = base64::engine::general_purpose::STANDARD
-                    .decode(rest)
-                    .map_err(|_| ExtractError::Malformed)?;
-                let text = String::from_utf8(decoded).map_err(|_| ExtractError::Malformed)?;
-                match text.split_once(':') {
-                    // The key is the username; the password must be empty.
-                    Some((user, "")) => Ok(Some(Cow::Owned(user.to_owned()))),
-                    _ => Err(ExtractError::Malformed),
-                }
-            }
-            _ => Ok(None),
+            return Ok(Some((Cow::Borrowed(rest), SchemeKind::Bearer)));
         }
+        if self.basic && name.eq_ignore_ascii_case("basic") {
+            // base64 of max_len + 1 bytes, plus padding: anything longer is refused
+            // before decoding.
+            if rest.is_empty() || rest.len() > (self.max_len + 1).div_ceil(3) * 4 {
+                return Err(ExtractError::Malformed);
+            }
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(rest)
+                .map_err(|_| ExtractError::Malformed)?;
+            let text = String::from_utf8(decoded).map_err(|_| ExtractError::Malformed)?;
+            return match text.split_once(':') {
+                // The key is the username; the password must be empty.
+                Some((user, "")) => Ok(Some((Cow::Owned(user.to_owned()), SchemeKind::Basic))),
+                _ => Err(ExtractError::Malformed),
+            };
+        }
+        Ok(None)
     }
-}
 
-fn starts_with_scheme(value: &[u8], scheme: &Scheme) -> bool {
-    let name: &[u8] = match scheme {
-        Scheme::Bearer => b"bearer",
-        Scheme::Basic => b"basic",
-        _ => return false,
-    };
-    value.len() > name.len()
-        && value[..name.len()].eq_ignore_ascii_case(name)
-        && matches!(value[name.len()], b' ' | b'\t')
+    fn claims_our_scheme(&self, value: &[u8]) -> bool {
+        let claims = |name: &[u8]| {
+            value.len() > name.len()
+                && value[..name.len()].eq_ignore_ascii_case(name)
+                && matches!(value[name.len()], b' ' | b'\t')
+        };
+        (self.bearer && claims(b"bearer")) || (self.basic && claims(b"basic"))
+    }
 }
 
 fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
@@ -384,38 +390,188 @@ mod tests {
 
     #[test]
     fn extraction_table() {
-        type Case = (&'static str, Vec<(&'static str, String)>, &'static str, Result<&'static str, ExtractError>);
+        type Case = (
+            &'static str,
+            Vec<(&'static str, String)>,
+            &'static str,
+            Result<&'static str, ExtractError>,
+        );
         let long = "k".repeat(DEFAULT_MAX_LEN + 1);
         let max = "k".repeat(DEFAULT_MAX_LEN);
         let cases: Vec<Case> = vec![
             ("nothing", vec![], "/", Err(ExtractError::Missing)),
             ("x-api-key", vec![("x-api-key", "k1".into())], "/", Ok("k1")),
-            ("custom header", vec![("x-mobid-key", "qk_1".into())], "/", Ok("qk_1")),
-            ("bearer", vec![("authorization", "Bearer k1".into())], "/", Ok("k1")),
-            ("bearer lower case", vec![("authorization", "bearer k1".into())], "/", Ok("k1")),
-            ("bearer upper case", vec![("authorization", "BEARER k1".into())], "/", Ok("k1")),
-            ("bearer extra spaces", vec![("authorization", "Bearer   k1 ".into())], "/", Ok("k1")),
-            ("bearer empty", vec![("authorization", "Bearer ".into())], "/", Err(ExtractError::Malformed)),
-            ("bearer alone", vec![("authorization", "Bearer".into())], "/", Err(ExtractError::Malformed)),
-            ("bearer two tokens", vec![("authorization", "Bearer a b".into())], "/", Err(ExtractError::Malformed)),
-            ("other auth scheme", vec![("authorization", "Digest abc".into())], "/", Err(ExtractError::Missing)),
-            ("basic key as user", vec![("authorization", basic("k1:"))], "/", Ok("k1")),
-            ("basic lower case", vec![("authorization", basic("k1:").replace("Basic", "basic"))], "/", Ok("k1")),
-            ("basic with password", vec![("authorization", basic("k1:pw"))], "/", Err(ExtractError::Malformed)),
-            ("basic without colon", vec![("authorization", basic("k1"))], "/", Err(ExtractError::Malformed)),
-            ("basic bad base64", vec![("authorization", "Basic %%%".into())], "/", Err(ExtractError::Malformed)),
-            ("basic too long", vec![("authorization", basic(&format!("{long}:")))], "/", Err(ExtractError::Malformed)),
-            ("basic invalid utf8", vec![("authorization", format!("Basic {}", base64::engine::general_purpose::STANDARD.encode([0xff, 0xfe, b':'])))], "/", Err(ExtractError::Malformed)),
-            ("same key twice", vec![("x-api-key", "k1".into()), ("authorization", "Bearer k1".into())], "/", Ok("k1")),
-            ("same key three schemes", vec![("x-api-key", "k1".into()), ("authorization", basic("k1:"))], "/", Ok("k1")),
-            ("two different keys", vec![("x-api-key", "k1".into()), ("authorization", "Bearer k2".into())], "/", Err(ExtractError::Ambiguous)),
-            ("header repeated, same", vec![("x-api-key", "k1".into()), ("x-api-key", "k1".into())], "/", Ok("k1")),
-            ("header repeated, different", vec![("x-api-key", "k1".into()), ("x-api-key", "k2".into())], "/", Err(ExtractError::Ambiguous)),
-            ("two authorization headers", vec![("authorization", "Bearer k1".into()), ("authorization", "Bearer k2".into())], "/", Err(ExtractError::Ambiguous)),
-            ("space inside key", vec![("x-api-key", "k 1".into())], "/", Err(ExtractError::Malformed)),
-            ("empty header", vec![("x-api-key", String::new())], "/", Err(ExtractError::Malformed)),
-            ("too long", vec![("x-api-key", long.clone())], "/", Err(ExtractError::Malformed)),
-            ("exactly max", vec![("x-api-key", max.clone())], "/", Ok("max")),
+            (
+                "custom header",
+                vec![("x-mobid-key", "qk_1".into())],
+                "/",
+                Ok("qk_1"),
+            ),
+            (
+                "bearer",
+                vec![("authorization", "Bearer k1".into())],
+                "/",
+                Ok("k1"),
+            ),
+            (
+                "bearer lower case",
+                vec![("authorization", "bearer k1".into())],
+                "/",
+                Ok("k1"),
+            ),
+            (
+                "bearer upper case",
+                vec![("authorization", "BEARER k1".into())],
+                "/",
+                Ok("k1"),
+            ),
+            (
+                "bearer extra spaces",
+                vec![("authorization", "Bearer   k1 ".into())],
+                "/",
+                Ok("k1"),
+            ),
+            (
+                "bearer empty",
+                vec![("authorization", "Bearer ".into())],
+                "/",
+                Err(ExtractError::Malformed),
+            ),
+            (
+                "bearer alone",
+                vec![("authorization", "Bearer".into())],
+                "/",
+                Err(ExtractError::Malformed),
+            ),
+            (
+                "bearer two tokens",
+                vec![("authorization", "Bearer a b".into())],
+                "/",
+                Err(ExtractError::Malformed),
+            ),
+            (
+                "other auth scheme",
+                vec![("authorization", "Digest abc".into())],
+                "/",
+                Err(ExtractError::Missing),
+            ),
+            (
+                "basic key as user",
+                vec![("authorization", basic("k1:"))],
+                "/",
+                Ok("k1"),
+            ),
+            (
+                "basic lower case",
+                vec![("authorization", basic("k1:").replace("Basic", "basic"))],
+                "/",
+                Ok("k1"),
+            ),
+            (
+                "basic with password",
+                vec![("authorization", basic("k1:pw"))],
+                "/",
+                Err(ExtractError::Malformed),
+            ),
+            (
+                "basic without colon",
+                vec![("authorization", basic("k1"))],
+                "/",
+                Err(ExtractError::Malformed),
+            ),
+            (
+                "basic bad base64",
+                vec![("authorization", "Basic %%%".into())],
+                "/",
+                Err(ExtractError::Malformed),
+            ),
+            (
+                "basic too long",
+                vec![("authorization", basic(&format!("{long}:")))],
+                "/",
+                Err(ExtractError::Malformed),
+            ),
+            (
+                "basic invalid utf8",
+                vec![(
+                    "authorization",
+                    format!(
+                        "Basic {}",
+                        base64::engine::general_purpose::STANDARD.encode([0xff, 0xfe, b':'])
+                    ),
+                )],
+                "/",
+                Err(ExtractError::Malformed),
+            ),
+            (
+                "same key twice",
+                vec![
+                    ("x-api-key", "k1".into()),
+                    ("authorization", "Bearer k1".into()),
+                ],
+                "/",
+                Ok("k1"),
+            ),
+            (
+                "same key three schemes",
+                vec![("x-api-key", "k1".into()), ("authorization", basic("k1:"))],
+                "/",
+                Ok("k1"),
+            ),
+            (
+                "two different keys",
+                vec![
+                    ("x-api-key", "k1".into()),
+                    ("authorization", "Bearer k2".into()),
+                ],
+                "/",
+                Err(ExtractError::Ambiguous),
+            ),
+            (
+                "header repeated, same",
+                vec![("x-api-key", "k1".into()), ("x-api-key", "k1".into())],
+                "/",
+                Ok("k1"),
+            ),
+            (
+                "header repeated, different",
+                vec![("x-api-key", "k1".into()), ("x-api-key", "k2".into())],
+                "/",
+                Err(ExtractError::Ambiguous),
+            ),
+            (
+                "two authorization headers",
+                vec![
+                    ("authorization", "Bearer k1".into()),
+                    ("authorization", "Bearer k2".into()),
+                ],
+                "/",
+                Err(ExtractError::Ambiguous),
+            ),
+            (
+                "space inside key",
+                vec![("x-api-key", "k 1".into())],
+                "/",
+                Err(ExtractError::Malformed),
+            ),
+            (
+                "empty header",
+                vec![("x-api-key", String::new())],
+                "/",
+                Err(ExtractError::Malformed),
+            ),
+            (
+                "too long",
+                vec![("x-api-key", long.clone())],
+                "/",
+                Err(ExtractError::Malformed),
+            ),
+            (
+                "exactly max",
+                vec![("x-api-key", max.clone())],
+                "/",
+                Ok("max"),
+            ),
         ];
         let extractor = all_schemes();
         for (name, headers, uri, expected) in cases {
@@ -425,7 +581,13 @@ mod tests {
             }
             let req = builder.body(()).unwrap();
             let got = extractor.extract(&req).map(|c| c.secret().to_owned());
-            let expected = expected.map(|s| if s == "max" { max.clone() } else { s.to_owned() });
+            let expected = expected.map(|s| {
+                if s == "max" {
+                    max.clone()
+                } else {
+                    s.to_owned()
+                }
+            });
             assert_eq!(got, expected, "{name}");
         }
     }
@@ -435,7 +597,10 @@ mod tests {
         let extractor = Extractor::default();
         let req = Request::get("/?api_key=k1").body(()).unwrap();
         assert_eq!(extractor.extract(&req).unwrap_err(), ExtractError::Missing);
-        let req = Request::get("/").header("x-mobid-key", "k1").body(()).unwrap();
+        let req = Request::get("/")
+            .header("x-mobid-key", "k1")
+            .body(())
+            .unwrap();
         assert_eq!(extractor.extract(&req).unwrap_err(), ExtractError::Missing);
         assert_eq!(
             extractor.schemes(),
@@ -451,14 +616,20 @@ mod tests {
             "x-api-key",
             http::HeaderValue::from_bytes(b"k\xe91").unwrap(),
         );
-        assert_eq!(extractor.extract(&req).unwrap_err(), ExtractError::Malformed);
+        assert_eq!(
+            extractor.extract(&req).unwrap_err(),
+            ExtractError::Malformed
+        );
 
         let mut req = Request::get("/").body(()).unwrap();
         req.headers_mut().insert(
             "authorization",
             http::HeaderValue::from_bytes(b"Bearer k\xe91").unwrap(),
         );
-        assert_eq!(extractor.extract(&req).unwrap_err(), ExtractError::Malformed);
+        assert_eq!(
+            extractor.extract(&req).unwrap_err(),
+            ExtractError::Malformed
+        );
 
         // Not our scheme at all: ignored.
         let mut req = Request::get("/").body(()).unwrap();
@@ -475,8 +646,16 @@ mod tests {
         let cases = [
             ("plain", "/v1?api_key=k1", Ok("k1".to_owned())),
             ("encoded", "/v1?a=1&api%5Fkey=k%31", Ok("k1".to_owned())),
-            ("encoded space", "/v1?api_key=k+1", Err(ExtractError::Malformed)),
-            ("repeated different", "/v1?api_key=k1&api_key=k2", Err(ExtractError::Ambiguous)),
+            (
+                "encoded space",
+                "/v1?api_key=k+1",
+                Err(ExtractError::Malformed),
+            ),
+            (
+                "repeated different",
+                "/v1?api_key=k1&api_key=k2",
+                Err(ExtractError::Ambiguous),
+            ),
             ("bad utf8", "/v1?api_key=%ff", Err(ExtractError::Malformed)),
             ("other param", "/v1?key=k1", Err(ExtractError::Missing)),
         ];
@@ -492,7 +671,10 @@ mod tests {
             .header("x-mobid-key", "k2")
             .body(())
             .unwrap();
-        assert_eq!(extractor.extract(&req).unwrap_err(), ExtractError::Ambiguous);
+        assert_eq!(
+            extractor.extract(&req).unwrap_err(),
+            ExtractError::Ambiguous
+        );
     }
 
     #[test]
@@ -502,7 +684,10 @@ mod tests {
             .body(())
             .unwrap();
         let extractor = Extractor::default();
-        assert_eq!(extractor.extract(&req).unwrap().scheme(), SchemeKind::Bearer);
+        assert_eq!(
+            extractor.extract(&req).unwrap().scheme(),
+            SchemeKind::Bearer
+        );
         assert!(!format!("{:?}", extractor.extract(&req).unwrap()).contains("k1"));
     }
 

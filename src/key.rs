@@ -343,13 +343,20 @@ impl KeyFormat {
     }
 }
 
-fn base62_value(byte: u8) -> Option<u8> {
-    match byte {
-        b'0'..=b'9' => Some(byte - b'0'),
-        b'A'..=b'Z' => Some(byte - b'A' + 10),
-        b'a'..=b'z' => Some(byte - b'a' + 36),
-        _ => None,
+/// Base62 digit values by byte; 0xff for bytes outside the alphabet.
+const BASE62: [u8; 256] = {
+    let mut table = [0xffu8; 256];
+    let mut i = 0;
+    while i < 62 {
+        table[ALPHABET[i] as usize] = i as u8;
+        i += 1;
     }
+    table
+};
+
+fn base62_value(byte: u8) -> Option<u8> {
+    let value = BASE62[usize::from(byte)];
+    (value != 0xff).then_some(value)
 }
 
 /// Appends `n` uniformly random base62 characters (rejection sampling, no modulo bias).
@@ -404,7 +411,10 @@ mod tests {
         let format = KeyFormat::new("mid_live_", "qk_").unwrap();
         let key = format.generate(Environment::Test).unwrap();
         assert!(key.expose_secret().starts_with("qk_"));
-        assert_eq!(format.check(key.expose_secret()), Ok(Some(Environment::Test)));
+        assert_eq!(
+            format.check(key.expose_secret()),
+            Ok(Some(Environment::Test))
+        );
         // The MID sample key is not in our format: refused before any lookup.
         assert_eq!(
             format.check("qk_63ccde4e11274c33b9255224"),
@@ -441,13 +451,21 @@ mod tests {
             ("prefix only", "kg_live_".into(), FormatError::Shape),
             ("truncated", s[..s.len() - 1].into(), FormatError::Shape),
             ("extended", format!("{s}0"), FormatError::Shape),
-            ("unknown prefix", s.replacen("kg_live_", "kg_prod_", 1), FormatError::Shape),
+            (
+                "unknown prefix",
+                s.replacen("kg_live_", "kg_prod_", 1),
+                FormatError::Shape,
+            ),
             (
                 "punctuation in body",
                 format!("{}-{}", &s[..9], &s[10..]),
                 FormatError::Alphabet,
             ),
-            ("swapped env", s.replacen("kg_live_", "kg_test_", 1), FormatError::Checksum),
+            (
+                "swapped env",
+                s.replacen("kg_live_", "kg_test_", 1),
+                FormatError::Checksum,
+            ),
         ];
         for (name, input, expected) in cases {
             assert_eq!(format.check(input), Err(*expected), "{name}");

@@ -61,6 +61,8 @@
 //! time. `X-Forwarded-For` and `Forwarded` are read only from configured trusted proxies.
 
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
+// Library code never unwraps what a request or a caller controls; tests may.
+#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
 pub mod auth;
 pub mod bypass;

@@ -56,7 +56,10 @@ async fn serve() -> App {
     };
     let auth = AuthLayer::new(CachedLookup::new(counting));
     let app = Router::new()
-        .route("/v1/health", get(|| async { Json(serde_json::json!({"status": "ok"})) }))
+        .route(
+            "/v1/health",
+            get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+        )
         .route("/v1/users/me", get(|p: Principal| async move { Json(p) }))
         .route(
             "/v1/messages",
@@ -74,9 +77,12 @@ async fn serve() -> App {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
-        axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .await
-            .unwrap();
+        axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .await
+        .unwrap();
     });
     App {
         addr,
@@ -95,24 +101,124 @@ async fn routes_layers_and_route_layers() {
     let readonly = app.readonly.expose_secret();
     let basic = format!(
         "Basic {}",
-        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("{full}:"))
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            format!("{full}:")
+        )
     );
     let bearer_ro = format!("Bearer {readonly}");
-    type Case<'a> = (&'a str, Method, &'a str, Vec<(&'a str, &'a str)>, u16, &'a str);
+    type Case<'a> = (
+        &'a str,
+        Method,
+        &'a str,
+        Vec<(&'a str, &'a str)>,
+        u16,
+        &'a str,
+    );
     let cases: Vec<Case> = vec![
-        ("health, x-api-key", Method::GET, "/v1/health", vec![("x-api-key", full)], 200, ""),
-        ("health, basic", Method::GET, "/v1/health", vec![("authorization", &basic)], 200, ""),
-        ("health, no key", Method::GET, "/v1/health", vec![], 401, "missing_api_key"),
-        ("messages, full", Method::POST, "/v1/messages", vec![("x-api-key", full)], 202, ""),
-        ("messages, readonly", Method::POST, "/v1/messages", vec![("authorization", &bearer_ro)], 403, "insufficient_scope"),
-        ("messages, no key", Method::POST, "/v1/messages", vec![], 401, "missing_api_key"),
-        ("live-only, live key", Method::GET, "/v1/live-only", vec![("x-api-key", full)], 200, ""),
-        ("live-only, test key", Method::GET, "/v1/live-only", vec![("x-api-key", readonly)], 403, "environment_mismatch"),
+        (
+            "health, x-api-key",
+            Method::GET,
+            "/v1/health",
+            vec![("x-api-key", full)],
+            200,
+            "",
+        ),
+        (
+            "health, basic",
+            Method::GET,
+            "/v1/health",
+            vec![("authorization", &basic)],
+            200,
+            "",
+        ),
+        (
+            "health, no key",
+            Method::GET,
+            "/v1/health",
+            vec![],
+            401,
+            "missing_api_key",
+        ),
+        (
+            "messages, full",
+            Method::POST,
+            "/v1/messages",
+            vec![("x-api-key", full)],
+            202,
+            "",
+        ),
+        (
+            "messages, readonly",
+            Method::POST,
+            "/v1/messages",
+            vec![("authorization", &bearer_ro)],
+            403,
+            "insufficient_scope",
+        ),
+        (
+            "messages, no key",
+            Method::POST,
+            "/v1/messages",
+            vec![],
+            401,
+            "missing_api_key",
+        ),
+        (
+            "live-only, live key",
+            Method::GET,
+            "/v1/live-only",
+            vec![("x-api-key", full)],
+            200,
+            "",
+        ),
+        (
+            "live-only, test key",
+            Method::GET,
+            "/v1/live-only",
+            vec![("x-api-key", readonly)],
+            403,
+            "environment_mismatch",
+        ),
         ("swagger", Method::GET, "/swagger", vec![], 200, ""),
-        ("preflight", Method::OPTIONS, "/v1/messages", vec![("origin", "https://a.example"), ("access-control-request-method", "POST")], 200, ""),
-        ("ip allowed", Method::GET, "/v1/health", vec![("x-api-key", app.local_only.expose_secret())], 200, ""),
-        ("ip refused", Method::GET, "/v1/health", vec![("x-api-key", app.elsewhere_only.expose_secret())], 403, "ip_not_allowed"),
-        ("forged xff ignored", Method::GET, "/v1/health", vec![("x-api-key", app.elsewhere_only.expose_secret()), ("x-forwarded-for", "10.0.0.1")], 403, "ip_not_allowed"),
+        (
+            "preflight",
+            Method::OPTIONS,
+            "/v1/messages",
+            vec![
+                ("origin", "https://a.example"),
+                ("access-control-request-method", "POST"),
+            ],
+            200,
+            "",
+        ),
+        (
+            "ip allowed",
+            Method::GET,
+            "/v1/health",
+            vec![("x-api-key", app.local_only.expose_secret())],
+            200,
+            "",
+        ),
+        (
+            "ip refused",
+            Method::GET,
+            "/v1/health",
+            vec![("x-api-key", app.elsewhere_only.expose_secret())],
+            403,
+            "ip_not_allowed",
+        ),
+        (
+            "forged xff ignored",
+            Method::GET,
+            "/v1/health",
+            vec![
+                ("x-api-key", app.elsewhere_only.expose_secret()),
+                ("x-forwarded-for", "10.0.0.1"),
+            ],
+            403,
+            "ip_not_allowed",
+        ),
     ];
     for (name, method, path, headers, status, code) in cases {
         let reply = send(app.addr, method.clone(), path, &headers, "").await;
@@ -130,18 +236,35 @@ async fn routes_layers_and_route_layers() {
 async fn principal_extractor_and_one_lookup_for_nested_layers() {
     let app = serve().await;
     let full = app.full.expose_secret();
-    let me = send(app.addr, Method::GET, "/v1/users/me", &[("x-api-key", full)], "").await;
+    let me = send(
+        app.addr,
+        Method::GET,
+        "/v1/users/me",
+        &[("x-api-key", full)],
+        "",
+    )
+    .await;
     assert_eq!(me.status, 200);
     let json = me.json();
     assert_eq!(json["environment"], "live");
-    assert_eq!(json["scopes"], serde_json::json!(["read", "messages:write"]));
+    assert_eq!(
+        json["scopes"],
+        serde_json::json!(["read", "messages:write"])
+    );
     assert!(json["key_id"].as_str().unwrap().starts_with("key_"));
     assert!(!me.body.contains(full));
 
     // The outer layer and the route layer share one state: the route layer trusts the
     // outer one's verdict and the cache is asked once.
     let before = app.lookups.load(Ordering::SeqCst);
-    let reply = send(app.addr, Method::POST, "/v1/messages", &[("x-api-key", app.readonly.expose_secret())], "").await;
+    let reply = send(
+        app.addr,
+        Method::POST,
+        "/v1/messages",
+        &[("x-api-key", app.readonly.expose_secret())],
+        "",
+    )
+    .await;
     assert_eq!(reply.status, 403);
     assert_eq!(app.lookups.load(Ordering::SeqCst), before + 1);
 }

@@ -22,9 +22,18 @@ struct Quickstart {
 
 async fn start() -> Quickstart {
     let exe = std::env::current_exe().expect("test path");
-    let dir = exe.parent().and_then(|deps| deps.parent()).expect("target dir");
-    let bin = dir.join("examples").join(format!("quickstart{}", std::env::consts::EXE_SUFFIX));
-    assert!(bin.exists(), "{} not built: run `cargo test`, which builds examples", bin.display());
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target dir");
+    let bin = dir
+        .join("examples")
+        .join(format!("quickstart{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} not built: run `cargo test`, which builds examples",
+        bin.display()
+    );
     let mut child = Command::new(&bin)
         .env("KEYGATE_ADDR", "127.0.0.1:0")
         .stdout(Stdio::piped())
@@ -46,7 +55,9 @@ async fn start() -> Quickstart {
         }
     };
     // A guard against a hung child, not a sleep: it returns as soon as the lines arrive.
-    tokio::time::timeout(Duration::from_secs(30), read).await.expect("quickstart did not start");
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("quickstart did not start");
     Quickstart {
         child,
         addr: addr.expect("listening line"),
@@ -65,45 +76,112 @@ async fn the_quickstart_contract() {
     let bearer_ro = format!("Bearer {}", q.readonly);
     let basic_full = format!(
         "Basic {}",
-        base64::Engine::encode(&base64::engine::general_purpose::STANDARD, format!("{}:", q.full))
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            format!("{}:", q.full)
+        )
     );
 
     let r = send(a, Method::GET, "/v1/health", &[("x-api-key", &q.full)], "").await;
-    assert_eq!((r.status.as_u16(), r.json()), (200, serde_json::json!({"status": "ok"})));
+    assert_eq!(
+        (r.status.as_u16(), r.json()),
+        (200, serde_json::json!({"status": "ok"}))
+    );
     for auth in [&bearer_full, &basic_full] {
         let r = send(a, Method::GET, "/v1/health", &[("authorization", auth)], "").await;
         assert_eq!(r.status, 200, "{auth}");
     }
 
-    let r = send(a, Method::GET, "/v1/users/me", &[("authorization", &bearer_ro)], "").await;
+    let r = send(
+        a,
+        Method::GET,
+        "/v1/users/me",
+        &[("authorization", &bearer_ro)],
+        "",
+    )
+    .await;
     assert_eq!(r.status, 200);
     let me = r.json();
     assert_eq!(me["environment"], "test");
     assert_eq!(me["scopes"], serde_json::json!(["read"]));
     assert!(me["key_id"].is_string() && me["owner"]["id"].is_string());
 
-    let r = send(a, Method::POST, "/v1/messages", &[("x-api-key", &q.full), ("content-type", "application/json")], r#"{"text":"hi"}"#).await;
+    let r = send(
+        a,
+        Method::POST,
+        "/v1/messages",
+        &[("x-api-key", &q.full), ("content-type", "application/json")],
+        r#"{"text":"hi"}"#,
+    )
+    .await;
     assert_eq!(r.status, 202);
-    let r = send(a, Method::POST, "/v1/messages", &[("x-api-key", &q.readonly)], "").await;
-    assert_eq!((r.status.as_u16(), r.code()), (403, "insufficient_scope".into()));
+    let r = send(
+        a,
+        Method::POST,
+        "/v1/messages",
+        &[("x-api-key", &q.readonly)],
+        "",
+    )
+    .await;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (403, "insufficient_scope".into())
+    );
 
     for path in ["/swagger", "/swagger/openapi.json"] {
-        assert_eq!(send(a, Method::GET, path, &[], "").await.status, 200, "{path}");
+        assert_eq!(
+            send(a, Method::GET, path, &[], "").await.status,
+            200,
+            "{path}"
+        );
     }
-    let r = send(a, Method::OPTIONS, "/v1/messages", &[("origin", "https://app.example"), ("access-control-request-method", "POST")], "").await;
+    let r = send(
+        a,
+        Method::OPTIONS,
+        "/v1/messages",
+        &[
+            ("origin", "https://app.example"),
+            ("access-control-request-method", "POST"),
+        ],
+        "",
+    )
+    .await;
     assert!(r.status.is_success(), "{}", r.status);
     assert!(r.headers.contains_key("access-control-allow-origin"));
     assert!(r.headers.contains_key("access-control-allow-methods"));
 
     let r = send(a, Method::GET, "/v1/health", &[], "").await;
-    assert_eq!((r.status.as_u16(), r.code()), (401, "missing_api_key".into()));
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (401, "missing_api_key".into())
+    );
     assert_eq!(r.headers["www-authenticate"], "Bearer realm=\"api\"");
     assert_eq!(r.headers["cache-control"], "no-store");
     assert_eq!(r.json()["data"], serde_json::Value::Null);
-    let r = send(a, Method::GET, "/v1/health", &[("x-api-key", "kg_live_nope")], "").await;
-    assert_eq!((r.status.as_u16(), r.code()), (401, "invalid_api_key".into()));
-    let r = send(a, Method::GET, "/v1/health", &[("x-api-key", &q.full), ("authorization", &bearer_ro)], "").await;
-    assert_eq!((r.status.as_u16(), r.code()), (400, "ambiguous_credentials".into()));
+    let r = send(
+        a,
+        Method::GET,
+        "/v1/health",
+        &[("x-api-key", "kg_live_nope")],
+        "",
+    )
+    .await;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (401, "invalid_api_key".into())
+    );
+    let r = send(
+        a,
+        Method::GET,
+        "/v1/health",
+        &[("x-api-key", &q.full), ("authorization", &bearer_ro)],
+        "",
+    )
+    .await;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (400, "ambiguous_credentials".into())
+    );
     let r = send(a, Method::GET, "/swaggerx", &[], "").await;
     assert_eq!(r.status, 401);
     drop(q.child);

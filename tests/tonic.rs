@@ -201,3 +201,34 @@ fn the_tonic_stack_is_send_and_sync() {
     assert_sync::<Stack<CachedLookup<MemoryStore>>>();
     assert_send::<StackFuture<CachedLookup<MemoryStore>>>();
 }
+
+/// With the `tonic` feature the client IP comes from tonic's own `TcpConnectInfo`, so
+/// IP-restricted keys work with no extra layer.
+#[cfg(feature = "tonic")]
+#[tokio::test]
+async fn the_client_ip_comes_from_tcp_connect_info() -> Result<(), BoxError> {
+    use keygate::record::Restrictions;
+
+    let store = MemoryStore::new();
+    let restricted = |network: &str| -> Result<ApiKey, BoxError> {
+        let restrictions = Restrictions {
+            ips: vec![Restrictions::parse_network(network)?],
+            sites: vec![],
+        };
+        Ok(store.issue(Owner::new("o1", "ada"), Environment::Live, |r| {
+            r.with_restrictions(restrictions)
+        })?)
+    };
+    let local = restricted("127.0.0.0/8")?;
+    let remote = restricted("10.0.0.0/8")?;
+    let client = serve(AuthLayer::new(store.clone())).await?;
+    assert_eq!(
+        code(&client, &[("x-api-key", local.expose_secret())]).await?,
+        Code::Ok
+    );
+    assert_eq!(
+        code(&client, &[("x-api-key", remote.expose_secret())]).await?,
+        Code::PermissionDenied
+    );
+    Ok(())
+}

@@ -33,14 +33,10 @@ pin_project! {
         S: Service<Request<ReqBody>, Response = Response<ResBody>>,
         L: KeyLookup,
     {
+        // Boxed: only an awaited lookup (a cache miss) needs this state, and keeping it out
+        // of line keeps the future small on the paths that answer at once.
         Lookup {
-            #[pin]
-            lookup: L::Future,
-            #[pin]
-            timer: Option<Sleep>,
-            pending: Option<(S, Request<ReqBody>)>,
-            gate: Arc<Gate<L>>,
-            rules: Arc<Rules>,
+            state: Pin<Box<Pending<S, ReqBody, L>>>,
         },
         Inner {
             #[pin]
@@ -49,6 +45,22 @@ pin_project! {
         Rejected {
             response: Option<Response<ResponseBody<ResBody>>>,
         },
+    }
+}
+
+pin_project! {
+    #[project = PendingProj]
+    struct Pending<S, ReqBody, L>
+    where
+        L: KeyLookup,
+    {
+        #[pin]
+        lookup: L::Future,
+        #[pin]
+        timer: Option<Sleep>,
+        call: Option<(S, Request<ReqBody>)>,
+        gate: Arc<Gate<L>>,
+        rules: Arc<Rules>,
     }
 }
 
@@ -94,11 +106,13 @@ where
     ) -> Self {
         Self {
             kind: Kind::Lookup {
-                lookup,
-                timer: None,
-                pending: Some((service, request)),
-                gate,
-                rules,
+                state: Box::pin(Pending {
+                    lookup,
+                    timer: None,
+                    call: Some((service, request)),
+                    gate,
+                    rules,
+                }),
             },
         }
     }
@@ -126,19 +140,22 @@ where
                         None => Poll::Ready(Ok(Response::new(ResponseBody::empty()))),
                     };
                 }
-                KindProj::Lookup {
-                    lookup,
-                    mut timer,
-                    pending,
-                    gate,
-                    rules,
-                } => {
+                KindProj::Lookup { state } => {
+                    let PendingProj {
+                        lookup,
+                        mut timer,
+                        call,
+                        gate,
+                        rules,
+                    } = state.as_mut().project();
                     let answer: LookupResult<BoxError> = match lookup.poll(cx) {
                         Poll::Ready(answer) => answer.map_err(Into::into),
                         Poll::Pending => {
                             if timer.is_none() {
                                 match gate.lookup_timeout {
-                                    Some(limit) if tokio::runtime::Handle::try_current().is_ok() => {
+                                    Some(limit)
+                                        if tokio::runtime::Handle::try_current().is_ok() =>
+                                    {
                                         timer.set(Some(tokio::time::sleep(limit)));
                                     }
                                     _ => return Poll::Pending,
@@ -150,7 +167,7 @@ where
                             Err(Box::new(LookupTimeout))
                         }
                     };
-                    let Some((mut service, mut request)) = pending.take() else {
+                    let Some((mut service, mut request)) = call.take() else {
                         return Poll::Ready(Ok(Response::new(ResponseBody::empty())));
                     };
                     match gate.admit(answer, &mut request, rules) {
@@ -167,4 +184,3 @@ where
         }
     }
 }
-

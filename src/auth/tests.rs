@@ -46,15 +46,29 @@ fn fixture() -> Fixture {
     inactive.active = false;
     let mut keys = std::collections::HashMap::new();
     let mut add = |name, env, owner: Owner, edit: &dyn Fn(KeyRecord) -> KeyRecord| {
-        let key = store.issue(owner, env, |r| edit(r.with_name(name))).unwrap();
+        let key = store
+            .issue(owner, env, |r| edit(r.with_name(name)))
+            .unwrap();
         keys.insert(name, key);
     };
-    add("full", Environment::Live, owner.clone(), &|r| r.with_scopes(["read", "messages:write"]));
-    add("test_env", Environment::Test, owner.clone(), &|r| r.with_scopes(["read"]));
-    add("disabled", Environment::Live, owner.clone(), &|r| r.with_status(Status::Disabled));
-    add("deleted", Environment::Live, owner.clone(), &|r| r.with_status(Status::Deleted));
-    add("revoked", Environment::Live, owner.clone(), &|r| r.with_status(Status::Revoked));
-    add("expired", Environment::Live, owner.clone(), &|r| r.with_expiry(now - Duration::from_secs(1)));
+    add("full", Environment::Live, owner.clone(), &|r| {
+        r.with_scopes(["read", "messages:write"])
+    });
+    add("test_env", Environment::Test, owner.clone(), &|r| {
+        r.with_scopes(["read"])
+    });
+    add("disabled", Environment::Live, owner.clone(), &|r| {
+        r.with_status(Status::Disabled)
+    });
+    add("deleted", Environment::Live, owner.clone(), &|r| {
+        r.with_status(Status::Deleted)
+    });
+    add("revoked", Environment::Live, owner.clone(), &|r| {
+        r.with_status(Status::Revoked)
+    });
+    add("expired", Environment::Live, owner.clone(), &|r| {
+        r.with_expiry(now - Duration::from_secs(1))
+    });
     add("inactive_owner", Environment::Live, inactive, &|r| r);
     add("ip_restricted", Environment::Live, owner.clone(), &|r| {
         r.with_restrictions(Restrictions {
@@ -85,9 +99,16 @@ fn layer(f: &Fixture) -> AuthLayer<MemoryStore> {
         .unwrap()
 }
 
-async fn send<S>(svc: S, req: Request<Body>) -> (StatusCode, http::HeaderMap, String, Option<Rejection>)
+async fn send<S>(
+    svc: S,
+    req: Request<Body>,
+) -> (StatusCode, http::HeaderMap, String, Option<Rejection>)
 where
-    S: Service<Request<Body>, Response = Response<crate::reject::ResponseBody<Body>>, Error = Infallible>,
+    S: Service<
+        Request<Body>,
+        Response = Response<crate::reject::ResponseBody<Body>>,
+        Error = Infallible,
+    >,
 {
     let res = svc.oneshot(req).await.unwrap();
     let (parts, body) = res.into_parts();
@@ -117,29 +138,230 @@ async fn every_rejection_row_through_the_layer() {
     };
     let unknown = KeyFormat::default().generate(Environment::Live).unwrap();
     // (name, path, headers, peer, route layer, status, code)
-    type Case = (&'static str, &'static str, Vec<(&'static str, String)>, Option<&'static str>, Option<&'static str>, Option<Environment>, u16, &'static str);
+    type Case = (
+        &'static str,
+        &'static str,
+        Vec<(&'static str, String)>,
+        Option<&'static str>,
+        Option<&'static str>,
+        Option<Environment>,
+        u16,
+        &'static str,
+    );
     let cases: Vec<Case> = vec![
-        ("valid", "/v1/health", vec![("x-api-key", k("full"))], None, None, None, 200, ""),
-        ("valid bearer", "/v1/health", vec![("authorization", format!("Bearer {}", k("full")))], None, None, None, 200, ""),
-        ("missing", "/v1/health", vec![], None, None, None, 401, "missing_api_key"),
-        ("malformed", "/v1/health", vec![("x-api-key", "not a key".into())], None, None, None, 401, "invalid_api_key"),
-        ("bad checksum", "/v1/health", vec![("x-api-key", wrong_checksum)], None, None, None, 401, "invalid_api_key"),
-        ("unknown", "/v1/health", vec![("x-api-key", unknown.expose_secret().into())], None, None, None, 401, "invalid_api_key"),
-        ("deleted", "/v1/health", vec![("x-api-key", k("deleted"))], None, None, None, 401, "invalid_api_key"),
-        ("revoked", "/v1/health", vec![("x-api-key", k("revoked"))], None, None, None, 401, "invalid_api_key"),
-        ("expired", "/v1/health", vec![("x-api-key", k("expired"))], None, None, None, 401, "api_key_expired"),
-        ("disabled", "/v1/health", vec![("x-api-key", k("disabled"))], None, None, None, 401, "api_key_disabled"),
-        ("owner inactive", "/v1/health", vec![("x-api-key", k("inactive_owner"))], None, None, None, 401, "owner_inactive"),
-        ("ambiguous", "/v1/health", vec![("x-api-key", k("full")), ("authorization", format!("Bearer {}", k("test_env")))], None, None, None, 400, "ambiguous_credentials"),
-        ("ip allowed", "/v1/health", vec![("x-api-key", k("ip_restricted"))], Some("10.2.3.4:999"), None, None, 200, ""),
-        ("ip not allowed", "/v1/health", vec![("x-api-key", k("ip_restricted"))], Some("192.0.2.1:999"), None, None, 403, "ip_not_allowed"),
-        ("ip unknown", "/v1/health", vec![("x-api-key", k("ip_restricted"))], None, None, None, 403, "ip_not_allowed"),
-        ("site allowed", "/api/123/resource", vec![("x-api-key", k("site_restricted"))], None, None, None, 200, ""),
-        ("site not allowed", "/api/999/resource", vec![("x-api-key", k("site_restricted"))], None, None, None, 403, "site_not_allowed"),
-        ("scope held", "/v1/messages", vec![("x-api-key", k("full"))], None, Some("messages:write"), None, 200, ""),
-        ("scope missing", "/v1/messages", vec![("x-api-key", k("test_env"))], None, Some("messages:write"), None, 403, "insufficient_scope"),
-        ("environment matches", "/v1/live", vec![("x-api-key", k("full"))], None, None, Some(Environment::Live), 200, ""),
-        ("environment mismatch", "/v1/live", vec![("x-api-key", k("test_env"))], None, None, Some(Environment::Live), 403, "environment_mismatch"),
+        (
+            "valid",
+            "/v1/health",
+            vec![("x-api-key", k("full"))],
+            None,
+            None,
+            None,
+            200,
+            "",
+        ),
+        (
+            "valid bearer",
+            "/v1/health",
+            vec![("authorization", format!("Bearer {}", k("full")))],
+            None,
+            None,
+            None,
+            200,
+            "",
+        ),
+        (
+            "missing",
+            "/v1/health",
+            vec![],
+            None,
+            None,
+            None,
+            401,
+            "missing_api_key",
+        ),
+        (
+            "malformed",
+            "/v1/health",
+            vec![("x-api-key", "not a key".into())],
+            None,
+            None,
+            None,
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "bad checksum",
+            "/v1/health",
+            vec![("x-api-key", wrong_checksum)],
+            None,
+            None,
+            None,
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "unknown",
+            "/v1/health",
+            vec![("x-api-key", unknown.expose_secret().into())],
+            None,
+            None,
+            None,
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "deleted",
+            "/v1/health",
+            vec![("x-api-key", k("deleted"))],
+            None,
+            None,
+            None,
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "revoked",
+            "/v1/health",
+            vec![("x-api-key", k("revoked"))],
+            None,
+            None,
+            None,
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "expired",
+            "/v1/health",
+            vec![("x-api-key", k("expired"))],
+            None,
+            None,
+            None,
+            401,
+            "api_key_expired",
+        ),
+        (
+            "disabled",
+            "/v1/health",
+            vec![("x-api-key", k("disabled"))],
+            None,
+            None,
+            None,
+            401,
+            "api_key_disabled",
+        ),
+        (
+            "owner inactive",
+            "/v1/health",
+            vec![("x-api-key", k("inactive_owner"))],
+            None,
+            None,
+            None,
+            401,
+            "owner_inactive",
+        ),
+        (
+            "ambiguous",
+            "/v1/health",
+            vec![
+                ("x-api-key", k("full")),
+                ("authorization", format!("Bearer {}", k("test_env"))),
+            ],
+            None,
+            None,
+            None,
+            400,
+            "ambiguous_credentials",
+        ),
+        (
+            "ip allowed",
+            "/v1/health",
+            vec![("x-api-key", k("ip_restricted"))],
+            Some("10.2.3.4:999"),
+            None,
+            None,
+            200,
+            "",
+        ),
+        (
+            "ip not allowed",
+            "/v1/health",
+            vec![("x-api-key", k("ip_restricted"))],
+            Some("192.0.2.1:999"),
+            None,
+            None,
+            403,
+            "ip_not_allowed",
+        ),
+        (
+            "ip unknown",
+            "/v1/health",
+            vec![("x-api-key", k("ip_restricted"))],
+            None,
+            None,
+            None,
+            403,
+            "ip_not_allowed",
+        ),
+        (
+            "site allowed",
+            "/api/123/resource",
+            vec![("x-api-key", k("site_restricted"))],
+            None,
+            None,
+            None,
+            200,
+            "",
+        ),
+        (
+            "site not allowed",
+            "/api/999/resource",
+            vec![("x-api-key", k("site_restricted"))],
+            None,
+            None,
+            None,
+            403,
+            "site_not_allowed",
+        ),
+        (
+            "scope held",
+            "/v1/messages",
+            vec![("x-api-key", k("full"))],
+            None,
+            Some("messages:write"),
+            None,
+            200,
+            "",
+        ),
+        (
+            "scope missing",
+            "/v1/messages",
+            vec![("x-api-key", k("test_env"))],
+            None,
+            Some("messages:write"),
+            None,
+            403,
+            "insufficient_scope",
+        ),
+        (
+            "environment matches",
+            "/v1/live",
+            vec![("x-api-key", k("full"))],
+            None,
+            None,
+            Some(Environment::Live),
+            200,
+            "",
+        ),
+        (
+            "environment mismatch",
+            "/v1/live",
+            vec![("x-api-key", k("test_env"))],
+            None,
+            None,
+            Some(Environment::Live),
+            403,
+            "environment_mismatch",
+        ),
     ];
     let base = layer(&f);
     for (name, path, headers, peer, scope, env, status, code) in cases {
@@ -162,14 +384,21 @@ async fn every_rejection_row_through_the_layer() {
         let (got_status, headers, body, rejection) = send(svc, req).await;
         assert_eq!(got_status.as_u16(), status, "{name}: {body}");
         if status == 200 {
-            assert!(body.starts_with("key_"), "{name}: principal not passed on: {body}");
+            assert!(
+                body.starts_with("key_"),
+                "{name}: principal not passed on: {body}"
+            );
             assert!(rejection.is_none());
         } else {
             assert_eq!(code_of(&body), code, "{name}");
             assert_eq!(headers["cache-control"], "no-store", "{name}");
             assert_eq!(headers["content-type"], "application/json", "{name}");
             assert_eq!(rejection.unwrap().reason().code(), code, "{name}");
-            assert_eq!(headers.contains_key("www-authenticate"), status == 401 || code == "insufficient_scope", "{name}");
+            assert_eq!(
+                headers.contains_key("www-authenticate"),
+                status == 401 || code == "insufficient_scope",
+                "{name}"
+            );
         }
     }
 }
@@ -188,7 +417,11 @@ async fn bypass_preflight_and_swagger_but_not_lookalikes() {
         (Method::GET, "/swagger%2F..%2Fv1", 401),
     ];
     for (method, path, status) in cases {
-        let req = Request::builder().method(method.clone()).uri(path).body(Body::default()).unwrap();
+        let req = Request::builder()
+            .method(method.clone())
+            .uri(path)
+            .body(Body::default())
+            .unwrap();
         let (got, _, body, _) = send(svc.clone(), req).await;
         assert_eq!(got.as_u16(), status, "{method} {path}");
         if status == 200 {
@@ -201,11 +434,21 @@ async fn bypass_preflight_and_swagger_but_not_lookalikes() {
 async fn www_authenticate_follows_rfc_6750() {
     let f = fixture();
     let svc = layer(&f).layer(service_fn(echo));
-    let (_, h, _, _) = send(svc.clone(), Request::get("/").body(Body::default()).unwrap()).await;
+    let (_, h, _, _) = send(
+        svc.clone(),
+        Request::get("/").body(Body::default()).unwrap(),
+    )
+    .await;
     assert_eq!(h["www-authenticate"], "Bearer realm=\"api\"");
-    let req = Request::get("/").header("authorization", "Bearer nope").body(Body::default()).unwrap();
+    let req = Request::get("/")
+        .header("authorization", "Bearer nope")
+        .body(Body::default())
+        .unwrap();
     let (_, h, _, _) = send(svc.clone(), req).await;
-    assert_eq!(h["www-authenticate"], "Bearer realm=\"api\", error=\"invalid_token\"");
+    assert_eq!(
+        h["www-authenticate"],
+        "Bearer realm=\"api\", error=\"invalid_token\""
+    );
 
     let only_header = AuthLayer::builder(f.store.clone())
         .schemes([Scheme::header("X-Mobid-Key").unwrap()])
@@ -213,7 +456,11 @@ async fn www_authenticate_follows_rfc_6750() {
         .build()
         .unwrap()
         .layer(service_fn(echo));
-    let (_, h, _, _) = send(only_header, Request::get("/").body(Body::default()).unwrap()).await;
+    let (_, h, _, _) = send(
+        only_header,
+        Request::get("/").body(Body::default()).unwrap(),
+    )
+    .await;
     assert_eq!(h["www-authenticate"], "ApiKey realm=\"mid\"");
 }
 
@@ -231,7 +478,8 @@ async fn grpc_requests_get_a_grpc_status_whatever_the_renderer() {
         (Some(f.keys["disabled"].expose_secret()), "16"),
     ];
     for (key, grpc_status) in cases {
-        let mut b = Request::post("/grpc.health.v1.Health/Check").header("content-type", "application/grpc+proto");
+        let mut b = Request::post("/grpc.health.v1.Health/Check")
+            .header("content-type", "application/grpc+proto");
         if let Some(key) = key {
             b = b.header("x-api-key", key);
         }
@@ -257,18 +505,26 @@ async fn opaque_errors_fold_the_401_details() {
         .unwrap()
         .layer(service_fn(echo));
     for name in ["expired", "disabled", "inactive_owner", "deleted"] {
-        let req = Request::get("/").header("x-api-key", f.keys[name].expose_secret()).body(Body::default()).unwrap();
+        let req = Request::get("/")
+            .header("x-api-key", f.keys[name].expose_secret())
+            .body(Body::default())
+            .unwrap();
         let (status, _, body, rejection) = send(svc.clone(), req).await;
         assert_eq!(status, 401);
         assert_eq!(code_of(&body), "invalid_api_key", "{name}");
-        assert_ne!(rejection.unwrap().reason(), crate::reject::Reason::MissingApiKey);
+        assert_ne!(
+            rejection.unwrap().reason(),
+            crate::reject::Reason::MissingApiKey
+        );
     }
 }
 
 #[tokio::test]
 async fn custom_header_and_prefix_as_in_the_mid_docs() {
     let store = MemoryStore::with_format(KeyFormat::new("mid_live_", "qk_").unwrap());
-    let key = store.issue(Owner::new("o", "o"), Environment::Test, |r| r).unwrap();
+    let key = store
+        .issue(Owner::new("o", "o"), Environment::Test, |r| r)
+        .unwrap();
     assert!(key.expose_secret().starts_with("qk_"));
     let svc = AuthLayer::builder(store)
         .schemes([Scheme::header("X-Mobid-Key").unwrap()])
@@ -276,9 +532,15 @@ async fn custom_header_and_prefix_as_in_the_mid_docs() {
         .build()
         .unwrap()
         .layer(service_fn(echo));
-    let req = Request::get("/v1/health").header("X-Mobid-Key", key.expose_secret()).body(Body::default()).unwrap();
+    let req = Request::get("/v1/health")
+        .header("X-Mobid-Key", key.expose_secret())
+        .body(Body::default())
+        .unwrap();
     assert_eq!(send(svc.clone(), req).await.0, 200);
-    let req = Request::get("/v1/health").header("X-API-KEY", key.expose_secret()).body(Body::default()).unwrap();
+    let req = Request::get("/v1/health")
+        .header("X-API-KEY", key.expose_secret())
+        .body(Body::default())
+        .unwrap();
     assert_eq!(send(svc, req).await.0, 401);
 }
 
@@ -310,7 +572,10 @@ async fn backend_errors_and_timeouts_are_503_never_401() {
             .build()
             .unwrap()
             .layer(service_fn(echo));
-        let req = Request::get("/").header("x-api-key", key.expose_secret()).body(Body::default()).unwrap();
+        let req = Request::get("/")
+            .header("x-api-key", key.expose_secret())
+            .body(Body::default())
+            .unwrap();
         let (status, _, body, _) = send(svc, req).await;
         assert_eq!(status, 503, "hang={hang}");
         assert_eq!(code_of(&body), "auth_unavailable");
@@ -321,7 +586,11 @@ async fn backend_errors_and_timeouts_are_503_never_401() {
 async fn route_variants_share_one_cache() {
     let calls = Arc::new(AtomicUsize::new(0));
     let store = MemoryStore::new();
-    let key = store.issue(Owner::new("o", "o"), Environment::Live, |r| r.with_scopes(["read"])).unwrap();
+    let key = store
+        .issue(Owner::new("o", "o"), Environment::Live, |r| {
+            r.with_scopes(["read"])
+        })
+        .unwrap();
     let counting = {
         let calls = Arc::clone(&calls);
         let store = store.clone();
@@ -335,7 +604,12 @@ async fn route_variants_share_one_cache() {
     let read = base.require_scopes(["read"]).layer(service_fn(echo));
     let write = base.require_scopes(["write"]).layer(service_fn(echo));
     let plain = base.layer(service_fn(echo));
-    let req = || Request::get("/").header("x-api-key", key.expose_secret()).body(Body::default()).unwrap();
+    let req = || {
+        Request::get("/")
+            .header("x-api-key", key.expose_secret())
+            .body(Body::default())
+            .unwrap()
+    };
     assert_eq!(send(plain, req()).await.0, 200);
     assert_eq!(send(read, req()).await.0, 200);
     assert_eq!(send(write, req()).await.0, 403);
@@ -351,7 +625,10 @@ struct ReadyOnce {
 impl Clone for ReadyOnce {
     fn clone(&self) -> Self {
         self.clones.fetch_add(1, Ordering::SeqCst);
-        Self { ready: false, clones: Arc::clone(&self.clones) }
+        Self {
+            ready: false,
+            clones: Arc::clone(&self.clones),
+        }
     }
 }
 
@@ -360,7 +637,10 @@ impl Service<Request<Body>> for ReadyOnce {
     type Error = Infallible;
     type Future = std::future::Ready<Result<Response<Body>, Infallible>>;
 
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Infallible>> {
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Infallible>> {
         self.ready = true;
         std::task::Poll::Ready(Ok(()))
     }
@@ -375,7 +655,11 @@ impl Service<Request<Body>> for ReadyOnce {
 #[tokio::test]
 async fn the_ready_service_is_the_one_called() {
     let key = KeyFormat::default().generate(Environment::Live).unwrap();
-    let record = KeyRecord::new(crate::key::KeyId::new("key_x"), Owner::new("o", "o"), Environment::Live);
+    let record = KeyRecord::new(
+        crate::key::KeyId::new("key_x"),
+        Owner::new("o", "o"),
+        Environment::Live,
+    );
     let record = Arc::new(record);
     let hash = key.hash();
     // An asynchronous lookup, so the service must travel into the future.
@@ -387,20 +671,35 @@ async fn the_ready_service_is_the_one_called() {
         }
     };
     let clones = Arc::new(AtomicUsize::new(0));
-    let mut svc = AuthLayer::new(lookup).layer(ReadyOnce { ready: false, clones: Arc::clone(&clones) });
+    let mut svc = AuthLayer::new(lookup).layer(ReadyOnce {
+        ready: false,
+        clones: Arc::clone(&clones),
+    });
     for _ in 0..3 {
-        let req = Request::get("/").header("x-api-key", key.expose_secret()).body(Body::default()).unwrap();
+        let req = Request::get("/")
+            .header("x-api-key", key.expose_secret())
+            .body(Body::default())
+            .unwrap();
         let res = svc.ready().await.unwrap().call(req).await.unwrap();
         assert_eq!(res.status(), 200);
     }
-    assert_eq!(clones.load(Ordering::SeqCst), 3, "one clone per awaited lookup");
+    assert_eq!(
+        clones.load(Ordering::SeqCst),
+        3,
+        "one clone per awaited lookup"
+    );
 }
 
 #[test]
 fn layers_services_and_futures_are_send_and_sync() {
     fn send_sync<T: Send + Sync>() {}
     fn send<T: Send>() {}
-    type Svc = AuthService<tower::util::ServiceFn<fn(Request<Body>) -> std::future::Ready<Result<Response<Body>, Infallible>>>, CachedLookup<MemoryStore>>;
+    type Svc = AuthService<
+        tower::util::ServiceFn<
+            fn(Request<Body>) -> std::future::Ready<Result<Response<Body>, Infallible>>,
+        >,
+        CachedLookup<MemoryStore>,
+    >;
     send_sync::<AuthLayer<CachedLookup<MemoryStore>>>();
     send_sync::<AuthLayer<MemoryStore>>();
     send_sync::<Svc>();
@@ -417,6 +716,9 @@ async fn works_inside_service_builder_with_other_layers() {
         .layer(tower_http::validate_request::ValidateRequestHeaderLayer::accept("*/*"))
         .layer(layer(&f))
         .service_fn(echo);
-    let req = Request::get("/").header("x-api-key", f.keys["full"].expose_secret()).body(Body::default()).unwrap();
+    let req = Request::get("/")
+        .header("x-api-key", f.keys["full"].expose_secret())
+        .body(Body::default())
+        .unwrap();
     assert_eq!(svc.oneshot(req).await.unwrap().status(), 200);
 }

@@ -266,7 +266,9 @@ impl<L: KeyLookup> KeyLookup for CachedLookup<L> {
         let answer = self.inner.backend.lookup_ready(hash)?;
         Some(match answer {
             Ok(record) => {
-                self.inner.cache.insert(*hash, self.inner.entry(record.clone()));
+                self.inner
+                    .cache
+                    .insert(*hash, self.inner.entry(record.clone()));
                 Ok(record)
             }
             Err(e) => Err(e.into()),
@@ -305,7 +307,6 @@ impl Future for CachedFuture {
         }
     }
 }
-
 
 #[cfg(test)]
 mod tests {
@@ -374,7 +375,10 @@ mod tests {
     async fn hits_skip_the_backend_until_the_ttl_ends() {
         let (cache, backend, clock) = setup();
         let known = KeyHash::of("known");
-        assert!(cache.lookup_ready(&known).is_none(), "cold cache must not answer");
+        assert!(
+            cache.lookup_ready(&known).is_none(),
+            "cold cache must not answer"
+        );
         assert!(cache.lookup(&known).await.unwrap().is_some());
         assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
         clock.advance(Duration::from_secs(29));
@@ -382,7 +386,10 @@ mod tests {
         assert!(cache.lookup(&known).await.unwrap().is_some());
         assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
         clock.advance(Duration::from_secs(1));
-        assert!(cache.lookup_ready(&known).is_none(), "expired at exactly the TTL");
+        assert!(
+            cache.lookup_ready(&known).is_none(),
+            "expired at exactly the TTL"
+        );
         assert!(cache.lookup(&known).await.unwrap().is_some());
         assert_eq!(backend.calls.load(Ordering::SeqCst), 2);
     }

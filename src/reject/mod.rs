@@ -136,9 +136,7 @@ impl Reason {
     /// The reason a client sees when 401s are folded into `invalid_api_key`.
     pub const fn opaque(self) -> Self {
         match self {
-            Self::ApiKeyExpired | Self::ApiKeyDisabled | Self::OwnerInactive => {
-                Self::InvalidApiKey
-            }
+            Self::ApiKeyExpired | Self::ApiKeyDisabled | Self::OwnerInactive => Self::InvalidApiKey,
             other => other,
         }
     }
@@ -310,19 +308,79 @@ mod tests {
     fn the_table() {
         use grpc_code::*;
         let table: [(Reason, u16, &str, u8); 13] = [
-            (Reason::MissingApiKey, 401, "missing_api_key", UNAUTHENTICATED),
-            (Reason::InvalidApiKey, 401, "invalid_api_key", UNAUTHENTICATED),
-            (Reason::ApiKeyExpired, 401, "api_key_expired", UNAUTHENTICATED),
-            (Reason::ApiKeyDisabled, 401, "api_key_disabled", UNAUTHENTICATED),
-            (Reason::OwnerInactive, 401, "owner_inactive", UNAUTHENTICATED),
-            (Reason::AmbiguousCredentials, 400, "ambiguous_credentials", INVALID_ARGUMENT),
-            (Reason::IpNotAllowed, 403, "ip_not_allowed", PERMISSION_DENIED),
-            (Reason::SiteNotAllowed, 403, "site_not_allowed", PERMISSION_DENIED),
-            (Reason::InsufficientScope, 403, "insufficient_scope", PERMISSION_DENIED),
-            (Reason::EnvironmentMismatch, 403, "environment_mismatch", PERMISSION_DENIED),
+            (
+                Reason::MissingApiKey,
+                401,
+                "missing_api_key",
+                UNAUTHENTICATED,
+            ),
+            (
+                Reason::InvalidApiKey,
+                401,
+                "invalid_api_key",
+                UNAUTHENTICATED,
+            ),
+            (
+                Reason::ApiKeyExpired,
+                401,
+                "api_key_expired",
+                UNAUTHENTICATED,
+            ),
+            (
+                Reason::ApiKeyDisabled,
+                401,
+                "api_key_disabled",
+                UNAUTHENTICATED,
+            ),
+            (
+                Reason::OwnerInactive,
+                401,
+                "owner_inactive",
+                UNAUTHENTICATED,
+            ),
+            (
+                Reason::AmbiguousCredentials,
+                400,
+                "ambiguous_credentials",
+                INVALID_ARGUMENT,
+            ),
+            (
+                Reason::IpNotAllowed,
+                403,
+                "ip_not_allowed",
+                PERMISSION_DENIED,
+            ),
+            (
+                Reason::SiteNotAllowed,
+                403,
+                "site_not_allowed",
+                PERMISSION_DENIED,
+            ),
+            (
+                Reason::InsufficientScope,
+                403,
+                "insufficient_scope",
+                PERMISSION_DENIED,
+            ),
+            (
+                Reason::EnvironmentMismatch,
+                403,
+                "environment_mismatch",
+                PERMISSION_DENIED,
+            ),
             (Reason::RateLimited, 429, "rate_limited", RESOURCE_EXHAUSTED),
-            (Reason::TooManyFailedAttempts, 429, "too_many_failed_attempts", RESOURCE_EXHAUSTED),
-            (Reason::AuthUnavailable, 503, "auth_unavailable", UNAVAILABLE),
+            (
+                Reason::TooManyFailedAttempts,
+                429,
+                "too_many_failed_attempts",
+                RESOURCE_EXHAUSTED,
+            ),
+            (
+                Reason::AuthUnavailable,
+                503,
+                "auth_unavailable",
+                UNAVAILABLE,
+            ),
         ];
         assert_eq!(table.map(|row| row.0), Reason::ALL);
         for (reason, status, code, grpc) in table {

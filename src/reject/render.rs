@@ -2,9 +2,9 @@ use bytes::Bytes;
 use http::header::CONTENT_TYPE;
 use http::{HeaderValue, Response};
 
-use super::Rejection;
 #[cfg(test)]
 use super::Reason;
+use super::Rejection;
 
 /// Turns a [`Rejection`] into a response body and headers.
 ///
@@ -187,7 +187,10 @@ mod tests {
         assert_eq!(res.status(), 403);
         assert_eq!(res.headers()[CONTENT_TYPE], "application/problem+json");
         let body: serde_json::Value = serde_json::from_slice(res.body()).unwrap();
-        assert_eq!(body["type"], "https://api.example.com/errors/insufficient_scope");
+        assert_eq!(
+            body["type"],
+            "https://api.example.com/errors/insufficient_scope"
+        );
         assert_eq!(body["title"], "Forbidden");
         assert_eq!(body["status"], 403);
         assert_eq!(body["code"], "insufficient_scope");

@@ -45,7 +45,10 @@ impl Responder {
         bearer: bool,
         realm: &str,
     ) -> Result<Self, ConfigError> {
-        if realm.is_empty() || !realm.bytes().all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
+        if realm.is_empty()
+            || !realm
+                .bytes()
+                .all(|b| (b' '..=b'~').contains(&b) && b != b'"' && b != b'\\')
         {
             return Err(ConfigError::InvalidValue("realm"));
         }
@@ -107,11 +110,13 @@ impl Responder {
                 } else {
                     &self.challenge_missing
                 };
-                res.headers_mut().insert(WWW_AUTHENTICATE, challenge.clone());
+                res.headers_mut()
+                    .insert(WWW_AUTHENTICATE, challenge.clone());
             } else if let (Reason::InsufficientScope, Some(challenge)) =
                 (rejection.public_reason(), &self.challenge_scope)
             {
-                res.headers_mut().insert(WWW_AUTHENTICATE, challenge.clone());
+                res.headers_mut()
+                    .insert(WWW_AUTHENTICATE, challenge.clone());
             }
             res
         };
@@ -131,26 +136,35 @@ fn grpc_response<B>(rejection: &Rejection) -> Response<ResponseBody<B>> {
     let mut res = Response::new(ResponseBody::empty());
     let headers = res.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    headers.insert(GRPC_STATUS.clone(), grpc_status_value(rejection.grpc_code()));
-    headers.insert(GRPC_MESSAGE.clone(), grpc_message_value(rejection.message()));
+    headers.insert(
+        GRPC_STATUS.clone(),
+        grpc_status_value(rejection.grpc_code()),
+    );
+    headers.insert(
+        GRPC_MESSAGE.clone(),
+        grpc_message_value(rejection.message()),
+    );
     res
 }
 
 fn grpc_status_value(code: u8) -> HeaderValue {
     const DIGITS: [&str; 17] = [
-        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15",
-        "16",
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
     ];
-    DIGITS
-        .get(usize::from(code))
-        .map_or_else(|| HeaderValue::from(u16::from(code)), |d| HeaderValue::from_static(d))
+    DIGITS.get(usize::from(code)).map_or_else(
+        || HeaderValue::from(u16::from(code)),
+        |d| HeaderValue::from_static(d),
+    )
 }
 
 /// The gRPC spec's percent-encoding: every byte outside `0x20..=0x7E`, and `%`.
 const GRPC_MESSAGE_SET: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS.add(b'%');
 
 fn grpc_message_value(message: &'static str) -> HeaderValue {
-    match std::borrow::Cow::from(percent_encoding::utf8_percent_encode(message, GRPC_MESSAGE_SET)) {
+    match std::borrow::Cow::from(percent_encoding::utf8_percent_encode(
+        message,
+        GRPC_MESSAGE_SET,
+    )) {
         std::borrow::Cow::Borrowed(s) if s.len() == message.len() => {
             HeaderValue::from_static(message)
         }
@@ -175,7 +189,10 @@ mod tests {
                 responder(true).respond(Rejection::new(reason), false);
             assert_eq!(res.status(), reason.status(), "{reason:?}");
             assert_eq!(res.headers()[CACHE_CONTROL], "no-store");
-            assert_eq!(res.extensions().get::<Rejection>().unwrap().reason(), reason);
+            assert_eq!(
+                res.extensions().get::<Rejection>().unwrap().reason(),
+                reason
+            );
             let challenge = res.headers().get(WWW_AUTHENTICATE);
             match reason {
                 Reason::MissingApiKey => {
@@ -222,8 +239,10 @@ mod tests {
             reset: 10,
             retry_after: 7,
         };
-        let res: Response<ResponseBody<String>> = responder(true)
-            .respond(Rejection::new(Reason::RateLimited).with_rate_limit(info), false);
+        let res: Response<ResponseBody<String>> = responder(true).respond(
+            Rejection::new(Reason::RateLimited).with_rate_limit(info),
+            false,
+        );
         assert_eq!(res.headers()[RETRY_AFTER], "7");
     }
 

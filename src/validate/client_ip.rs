@@ -10,8 +10,10 @@ use crate::record::{canonical_ip, Restrictions};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
-/// The connection's peer address, for servers that do not use axum's `ConnectInfo`: put it
-/// into the request extensions (hyper: per connection; tonic: from `TcpConnectInfo`).
+/// The connection's peer address, for servers whose own connection info keygate does not
+/// read: put it into the request extensions (hyper: once per connection). axum's
+/// `ConnectInfo<SocketAddr>` (feature `axum`) and tonic's `TcpConnectInfo` (feature `tonic`)
+/// are read without it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
 
@@ -28,8 +30,9 @@ pub enum ForwardedHeader {
 
 /// Finds the client's IP address.
 ///
-/// The answer is the connection's peer address ([`PeerAddr`] or, with the `axum` feature,
-/// axum's `ConnectInfo<SocketAddr>`), unless that peer is a trusted proxy: then the
+/// The answer is the connection's peer address ([`PeerAddr`], axum's
+/// `ConnectInfo<SocketAddr>` with the `axum` feature, tonic's `TcpConnectInfo` with the
+/// `tonic` feature), unless that peer is a trusted proxy: then the
 /// forwarding header is read from right to left, skipping trusted proxies, and the first
 /// untrusted hop is the client. A header from an untrusted peer is ignored, so a client
 /// cannot claim any address it likes; a hop that does not parse ends the walk with no
@@ -72,7 +75,8 @@ impl ClientIp {
         S: AsRef<str>,
     {
         for net in networks {
-            self.trusted.push(Restrictions::parse_network(net.as_ref())?);
+            self.trusted
+                .push(Restrictions::parse_network(net.as_ref())?);
         }
         Ok(self)
     }
@@ -178,6 +182,14 @@ fn peer_addr(head: &RequestHead<'_>) -> Option<SocketAddr> {
     {
         return Some(info.0);
     }
+    #[cfg(feature = "tonic")]
+    if let Some(addr) = head
+        .extensions
+        .get::<tonic::transport::server::TcpConnectInfo>()
+        .and_then(tonic::transport::server::TcpConnectInfo::remote_addr)
+    {
+        return Some(addr);
+    }
     None
 }
 
@@ -185,7 +197,11 @@ fn peer_addr(head: &RequestHead<'_>) -> Option<SocketAddr> {
 mod tests {
     use super::*;
 
-    fn resolve(resolver: &ClientIp, peer: Option<&str>, headers: &[(&str, &str)]) -> Option<String> {
+    fn resolve(
+        resolver: &ClientIp,
+        peer: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Option<String> {
         let mut builder = http::Request::get("/");
         for (name, value) in headers {
             builder = builder.header(*name, *value);
@@ -200,28 +216,130 @@ mod tests {
     }
 
     #[test]
+    #[allow(clippy::type_complexity)]
     fn client_ip_table() {
         let none = ClientIp::new();
-        let proxies = ClientIp::new().trusted_proxies(["10.0.0.0/8", "fd00::/8"]).unwrap();
+        let proxies = ClientIp::new()
+            .trusted_proxies(["10.0.0.0/8", "fd00::/8"])
+            .unwrap();
         let fwd = proxies.clone().header(ForwardedHeader::Forwarded);
         let xff = "x-forwarded-for";
-        let cases: Vec<(&str, &ClientIp, Option<&str>, Vec<(&str, &str)>, Option<&str>)> = vec![
+        let cases: Vec<(
+            &str,
+            &ClientIp,
+            Option<&str>,
+            Vec<(&str, &str)>,
+            Option<&str>,
+        )> = vec![
             ("no peer", &none, None, vec![], None),
-            ("peer only", &none, Some("203.0.113.1:5000"), vec![], Some("203.0.113.1")),
-            ("xff ignored without trust", &none, Some("203.0.113.1:5000"), vec![(xff, "1.1.1.1")], Some("203.0.113.1")),
-            ("xff from untrusted peer ignored", &proxies, Some("203.0.113.1:5000"), vec![(xff, "1.1.1.1")], Some("203.0.113.1")),
-            ("trusted peer, one hop", &proxies, Some("10.0.0.1:5000"), vec![(xff, "198.51.100.2")], Some("198.51.100.2")),
-            ("rightmost untrusted wins", &proxies, Some("10.0.0.1:5000"), vec![(xff, "6.6.6.6, 198.51.100.2, 10.0.0.9")], Some("198.51.100.2")),
-            ("split over two headers", &proxies, Some("10.0.0.1:5000"), vec![(xff, "6.6.6.6"), (xff, "198.51.100.2, 10.0.0.9")], Some("198.51.100.2")),
-            ("all trusted: leftmost", &proxies, Some("10.0.0.1:5000"), vec![(xff, "10.0.0.7, 10.0.0.9")], Some("10.0.0.7")),
-            ("trusted, no header", &proxies, Some("10.0.0.1:5000"), vec![], Some("10.0.0.1")),
-            ("garbage hop fails closed", &proxies, Some("10.0.0.1:5000"), vec![(xff, "1.1.1.1, nonsense")], None),
-            ("hop with port", &proxies, Some("10.0.0.1:5000"), vec![(xff, "198.51.100.2:443")], Some("198.51.100.2")),
-            ("v6 hop", &proxies, Some("[fd00::1]:5000"), vec![(xff, "2001:db8::7")], Some("2001:db8::7")),
-            ("mapped v4 peer trusted", &proxies, Some("[::ffff:10.0.0.1]:5000"), vec![(xff, "198.51.100.2")], Some("198.51.100.2")),
-            ("forwarded header", &fwd, Some("10.0.0.1:5000"), vec![("forwarded", "for=6.6.6.6, for=\"[2001:db8:cafe::17]:4711\";proto=https, for=10.0.0.4")], Some("2001:db8:cafe::17")),
-            ("forwarded obfuscated", &fwd, Some("10.0.0.1:5000"), vec![("forwarded", "for=_hidden")], None),
-            ("forwarded ignores xff", &fwd, Some("10.0.0.1:5000"), vec![(xff, "1.1.1.1")], Some("10.0.0.1")),
+            (
+                "peer only",
+                &none,
+                Some("203.0.113.1:5000"),
+                vec![],
+                Some("203.0.113.1"),
+            ),
+            (
+                "xff ignored without trust",
+                &none,
+                Some("203.0.113.1:5000"),
+                vec![(xff, "1.1.1.1")],
+                Some("203.0.113.1"),
+            ),
+            (
+                "xff from untrusted peer ignored",
+                &proxies,
+                Some("203.0.113.1:5000"),
+                vec![(xff, "1.1.1.1")],
+                Some("203.0.113.1"),
+            ),
+            (
+                "trusted peer, one hop",
+                &proxies,
+                Some("10.0.0.1:5000"),
+                vec![(xff, "198.51.100.2")],
+                Some("198.51.100.2"),
+            ),
+            (
+                "rightmost untrusted wins",
+                &proxies,
+                Some("10.0.0.1:5000"),
+                vec![(xff, "6.6.6.6, 198.51.100.2, 10.0.0.9")],
+                Some("198.51.100.2"),
+            ),
+            (
+                "split over two headers",
+                &proxies,
+                Some("10.0.0.1:5000"),
+                vec![(xff, "6.6.6.6"), (xff, "198.51.100.2, 10.0.0.9")],
+                Some("198.51.100.2"),
+            ),
+            (
+                "all trusted: leftmost",
+                &proxies,
+                Some("10.0.0.1:5000"),
+                vec![(xff, "10.0.0.7, 10.0.0.9")],
+                Some("10.0.0.7"),
+            ),
+            (
+                "trusted, no header",
+                &proxies,
+                Some("10.0.0.1:5000"),
+                vec![],
+                Some("10.0.0.1"),
+            ),
+            (
+                "garbage hop fails closed",
+                &proxies,
+                Some("10.0.0.1:5000"),
+                vec![(xff, "1.1.1.1, nonsense")],
+                None,
+            ),
+            (
+                "hop with port",
+                &proxies,
+                Some("10.0.0.1:5000"),
+                vec![(xff, "198.51.100.2:443")],
+                Some("198.51.100.2"),
+            ),
+            (
+                "v6 hop",
+                &proxies,
+                Some("[fd00::1]:5000"),
+                vec![(xff, "2001:db8::7")],
+                Some("2001:db8::7"),
+            ),
+            (
+                "mapped v4 peer trusted",
+                &proxies,
+                Some("[::ffff:10.0.0.1]:5000"),
+                vec![(xff, "198.51.100.2")],
+                Some("198.51.100.2"),
+            ),
+            (
+                "forwarded header",
+                &fwd,
+                Some("10.0.0.1:5000"),
+                vec![(
+                    "forwarded",
+                    "for=6.6.6.6, for=\"[2001:db8:cafe::17]:4711\";proto=https, for=10.0.0.4",
+                )],
+                Some("2001:db8:cafe::17"),
+            ),
+            (
+                "forwarded obfuscated",
+                &fwd,
+                Some("10.0.0.1:5000"),
+                vec![("forwarded", "for=_hidden")],
+                None,
+            ),
+            (
+                "forwarded ignores xff",
+                &fwd,
+                Some("10.0.0.1:5000"),
+                vec![(xff, "1.1.1.1")],
+                Some("10.0.0.1"),
+            ),
         ];
         for (name, resolver, peer, headers, expected) in cases {
             assert_eq!(
@@ -234,7 +352,9 @@ mod tests {
 
     #[test]
     fn bad_proxy_networks() {
-        let err = ClientIp::new().trusted_proxies(["10.0.0.0/8", "nope"]).unwrap_err();
+        let err = ClientIp::new()
+            .trusted_proxies(["10.0.0.0/8", "nope"])
+            .unwrap_err();
         assert_eq!(err, ConfigError::InvalidNetwork("nope".into()));
     }
 }

@@ -106,7 +106,10 @@ pub fn check<'a>(
 ///
 /// [`Reason::EnvironmentMismatch`] or [`Reason::InsufficientScope`].
 pub fn check_route(record: &KeyRecord, rules: &Rules) -> Result<(), Reason> {
-    if rules.environment.is_some_and(|env| env != record.environment) {
+    if rules
+        .environment
+        .is_some_and(|env| env != record.environment)
+    {
         return Err(Reason::EnvironmentMismatch);
     }
     if record.scopes.first_missing(&rules.scopes).is_some() {
@@ -124,15 +127,22 @@ mod tests {
     use crate::record::{Owner, Restrictions};
 
     fn base() -> KeyRecord {
-        KeyRecord::new(KeyId::new("key_1"), Owner::new("o1", "ada"), Environment::Live)
-            .with_scopes(["read", "messages:write"])
+        KeyRecord::new(
+            KeyId::new("key_1"),
+            Owner::new("o1", "ada"),
+            Environment::Live,
+        )
+        .with_scopes(["read", "messages:write"])
     }
 
     #[test]
     fn rules_table() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let restricted = base().with_restrictions(Restrictions {
-            ips: vec!["10.0.0.0/8".parse().unwrap(), "2001:db8::/32".parse().unwrap()],
+            ips: vec![
+                "10.0.0.0/8".parse().unwrap(),
+                "2001:db8::/32".parse().unwrap(),
+            ],
             sites: vec!["123".into()],
         });
         let inactive_owner = {
@@ -145,28 +155,170 @@ mod tests {
             r.owner = None;
             r
         };
-        type Case = (&'static str, KeyRecord, Rules, Option<&'static str>, Option<&'static str>, Result<(), Reason>);
+        type Case = (
+            &'static str,
+            KeyRecord,
+            Rules,
+            Option<&'static str>,
+            Option<&'static str>,
+            Result<(), Reason>,
+        );
         let cases: Vec<Case> = vec![
             ("valid", base(), Rules::default(), None, None, Ok(())),
-            ("deleted", base().with_status(Status::Deleted), Rules::default(), None, None, Err(Reason::InvalidApiKey)),
-            ("revoked", base().with_status(Status::Revoked), Rules::default(), None, None, Err(Reason::InvalidApiKey)),
-            ("deleted beats expired", base().with_status(Status::Deleted).with_expiry(now - Duration::from_secs(1)), Rules::default(), None, None, Err(Reason::InvalidApiKey)),
-            ("disabled", base().with_status(Status::Disabled), Rules::default(), None, None, Err(Reason::ApiKeyDisabled)),
-            ("expired a second ago", base().with_expiry(now - Duration::from_secs(1)), Rules::default(), None, None, Err(Reason::ApiKeyExpired)),
-            ("expires exactly now", base().with_expiry(now), Rules::default(), None, None, Err(Reason::ApiKeyExpired)),
-            ("expires later", base().with_expiry(now + Duration::from_secs(1)), Rules::default(), None, None, Ok(())),
-            ("owner inactive", inactive_owner, Rules::default(), None, None, Err(Reason::OwnerInactive)),
-            ("owner missing", no_owner, Rules::default(), None, None, Err(Reason::OwnerInactive)),
-            ("ip and site allowed", restricted.clone(), Rules::default(), Some("10.1.1.1"), Some("123"), Ok(())),
-            ("ipv6 allowed", restricted.clone(), Rules::default(), Some("2001:db8::5"), Some("123"), Ok(())),
-            ("ip outside", restricted.clone(), Rules::default(), Some("192.168.1.1"), Some("123"), Err(Reason::IpNotAllowed)),
-            ("ip unknown", restricted.clone(), Rules::default(), None, Some("123"), Err(Reason::IpNotAllowed)),
-            ("site outside", restricted.clone(), Rules::default(), Some("10.1.1.1"), Some("999"), Err(Reason::SiteNotAllowed)),
-            ("site unknown", restricted, Rules::default(), Some("10.1.1.1"), None, Err(Reason::SiteNotAllowed)),
-            ("scope held", base(), Rules::default().scopes(["messages:write"]), None, None, Ok(())),
-            ("scope missing", base(), Rules::default().scopes(["admin"]), None, None, Err(Reason::InsufficientScope)),
-            ("environment matches", base(), Rules::default().environment(Environment::Live), None, None, Ok(())),
-            ("environment differs", base(), Rules::default().environment(Environment::Test), None, None, Err(Reason::EnvironmentMismatch)),
+            (
+                "deleted",
+                base().with_status(Status::Deleted),
+                Rules::default(),
+                None,
+                None,
+                Err(Reason::InvalidApiKey),
+            ),
+            (
+                "revoked",
+                base().with_status(Status::Revoked),
+                Rules::default(),
+                None,
+                None,
+                Err(Reason::InvalidApiKey),
+            ),
+            (
+                "deleted beats expired",
+                base()
+                    .with_status(Status::Deleted)
+                    .with_expiry(now - Duration::from_secs(1)),
+                Rules::default(),
+                None,
+                None,
+                Err(Reason::InvalidApiKey),
+            ),
+            (
+                "disabled",
+                base().with_status(Status::Disabled),
+                Rules::default(),
+                None,
+                None,
+                Err(Reason::ApiKeyDisabled),
+            ),
+            (
+                "expired a second ago",
+                base().with_expiry(now - Duration::from_secs(1)),
+                Rules::default(),
+                None,
+                None,
+                Err(Reason::ApiKeyExpired),
+            ),
+            (
+                "expires exactly now",
+                base().with_expiry(now),
+                Rules::default(),
+                None,
+                None,
+                Err(Reason::ApiKeyExpired),
+            ),
+            (
+                "expires later",
+                base().with_expiry(now + Duration::from_secs(1)),
+                Rules::default(),
+                None,
+                None,
+                Ok(()),
+            ),
+            (
+                "owner inactive",
+                inactive_owner,
+                Rules::default(),
+                None,
+                None,
+                Err(Reason::OwnerInactive),
+            ),
+            (
+                "owner missing",
+                no_owner,
+                Rules::default(),
+                None,
+                None,
+                Err(Reason::OwnerInactive),
+            ),
+            (
+                "ip and site allowed",
+                restricted.clone(),
+                Rules::default(),
+                Some("10.1.1.1"),
+                Some("123"),
+                Ok(()),
+            ),
+            (
+                "ipv6 allowed",
+                restricted.clone(),
+                Rules::default(),
+                Some("2001:db8::5"),
+                Some("123"),
+                Ok(()),
+            ),
+            (
+                "ip outside",
+                restricted.clone(),
+                Rules::default(),
+                Some("192.168.1.1"),
+                Some("123"),
+                Err(Reason::IpNotAllowed),
+            ),
+            (
+                "ip unknown",
+                restricted.clone(),
+                Rules::default(),
+                None,
+                Some("123"),
+                Err(Reason::IpNotAllowed),
+            ),
+            (
+                "site outside",
+                restricted.clone(),
+                Rules::default(),
+                Some("10.1.1.1"),
+                Some("999"),
+                Err(Reason::SiteNotAllowed),
+            ),
+            (
+                "site unknown",
+                restricted,
+                Rules::default(),
+                Some("10.1.1.1"),
+                None,
+                Err(Reason::SiteNotAllowed),
+            ),
+            (
+                "scope held",
+                base(),
+                Rules::default().scopes(["messages:write"]),
+                None,
+                None,
+                Ok(()),
+            ),
+            (
+                "scope missing",
+                base(),
+                Rules::default().scopes(["admin"]),
+                None,
+                None,
+                Err(Reason::InsufficientScope),
+            ),
+            (
+                "environment matches",
+                base(),
+                Rules::default().environment(Environment::Live),
+                None,
+                None,
+                Ok(()),
+            ),
+            (
+                "environment differs",
+                base(),
+                Rules::default().environment(Environment::Test),
+                None,
+                None,
+                Err(Reason::EnvironmentMismatch),
+            ),
         ];
         for (name, record, rules, ip, site, expected) in cases {
             let got = check(

@@ -82,18 +82,79 @@ mod tests {
     use super::*;
 
     #[test]
+    #[allow(clippy::type_complexity)]
     fn site_table() {
         let cases: Vec<(&str, SiteResolver, &str, Vec<(&str, &str)>, Option<&str>)> = vec![
-            ("segment", SiteResolver::PathSegment(1), "/api/123/resource", vec![], Some("123")),
-            ("segment encoded", SiteResolver::PathSegment(1), "/api/a%20b/x", vec![], Some("a b")),
-            ("segment encoded slash", SiteResolver::PathSegment(1), "/api/a%2Fb/x", vec![], None),
-            ("segment missing", SiteResolver::PathSegment(3), "/api/123", vec![], None),
-            ("segment empty", SiteResolver::PathSegment(1), "/api//x", vec![], None),
-            ("header", SiteResolver::header("x-site").unwrap(), "/", vec![("x-site", "shop-1")], Some("shop-1")),
-            ("header missing", SiteResolver::header("x-site").unwrap(), "/", vec![], None),
-            ("host header", SiteResolver::Host, "/", vec![("host", "Shop.Example.com:8080")], Some("shop.example.com")),
-            ("absolute uri", SiteResolver::Host, "http://api.example.com/x", vec![], Some("api.example.com")),
-            ("bad host header", SiteResolver::Host, "/", vec![("host", "a b")], None),
+            (
+                "segment",
+                SiteResolver::PathSegment(1),
+                "/api/123/resource",
+                vec![],
+                Some("123"),
+            ),
+            (
+                "segment encoded",
+                SiteResolver::PathSegment(1),
+                "/api/a%20b/x",
+                vec![],
+                Some("a b"),
+            ),
+            (
+                "segment encoded slash",
+                SiteResolver::PathSegment(1),
+                "/api/a%2Fb/x",
+                vec![],
+                None,
+            ),
+            (
+                "segment missing",
+                SiteResolver::PathSegment(3),
+                "/api/123",
+                vec![],
+                None,
+            ),
+            (
+                "segment empty",
+                SiteResolver::PathSegment(1),
+                "/api//x",
+                vec![],
+                None,
+            ),
+            (
+                "header",
+                SiteResolver::header("x-site").unwrap(),
+                "/",
+                vec![("x-site", "shop-1")],
+                Some("shop-1"),
+            ),
+            (
+                "header missing",
+                SiteResolver::header("x-site").unwrap(),
+                "/",
+                vec![],
+                None,
+            ),
+            (
+                "host header",
+                SiteResolver::Host,
+                "/",
+                vec![("host", "Shop.Example.com:8080")],
+                Some("shop.example.com"),
+            ),
+            (
+                "absolute uri",
+                SiteResolver::Host,
+                "http://api.example.com/x",
+                vec![],
+                Some("api.example.com"),
+            ),
+            (
+                "bad host header",
+                SiteResolver::Host,
+                "/",
+                vec![("host", "a b")],
+                None,
+            ),
         ];
         for (name, resolver, uri, headers, expected) in cases {
             let mut builder = http::Request::get(uri);

@@ -30,13 +30,23 @@ impl Reply {
 }
 
 /// Sends one request to `addr` and reads the whole reply.
-pub async fn send(addr: SocketAddr, method: Method, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+pub async fn send(
+    addr: SocketAddr,
+    method: Method,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Reply {
     let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let mut builder = Request::builder().method(method).uri(format!("http://{addr}{path}"));
+    let mut builder = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
     for (name, value) in headers {
         builder = builder.header(*name, *value);
     }
-    let req = builder.body(Full::new(Bytes::from(body.to_owned()))).expect("request");
+    let req = builder
+        .body(Full::new(Bytes::from(body.to_owned())))
+        .expect("request");
     let res = client.request(req).await.expect("send");
     let (parts, body) = res.into_parts();
     let bytes = body.collect().await.expect("body").to_bytes();
