@@ -316,16 +316,21 @@ impl KeyFormat {
         let Some(prefixes) = &self.inner else {
             return Ok(None);
         };
-        let (environment, rest) = if let Some(rest) = candidate.strip_prefix(&*prefixes.live) {
-            (Environment::Live, rest)
-        } else if let Some(rest) = candidate.strip_prefix(&*prefixes.test) {
-            (Environment::Test, rest)
-        } else {
-            return Err(FormatError::Shape);
-        };
-        if rest.len() != RANDOM_LEN + CHECKSUM_LEN {
-            return Err(FormatError::Shape);
-        }
+        // The length decides between prefixes where one starts the other (`sk_`, `sk_test_`):
+        // two distinct prefixes of one length cannot both match.
+        let body_len = RANDOM_LEN + CHECKSUM_LEN;
+        let (environment, rest) = [
+            (Environment::Live, &*prefixes.live),
+            (Environment::Test, &*prefixes.test),
+        ]
+        .into_iter()
+        .find_map(|(env, prefix)| {
+            candidate
+                .strip_prefix(prefix)
+                .filter(|rest| rest.len() == body_len)
+                .map(|rest| (env, rest))
+        })
+        .ok_or(FormatError::Shape)?;
         let mut checksum: u64 = 0;
         for (i, byte) in rest.bytes().enumerate() {
             let value = base62_value(byte).ok_or(FormatError::Alphabet)?;

@@ -62,7 +62,10 @@
 
 #![cfg_attr(docsrs, feature(doc_auto_cfg))]
 // Library code never unwraps what a request or a caller controls; tests may.
-#![cfg_attr(not(test), warn(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod auth;
 pub mod bypass;
@@ -71,6 +74,7 @@ pub mod error;
 pub mod extract;
 pub mod key;
 pub mod lookup;
+pub mod ratelimit;
 pub mod record;
 pub mod reject;
 pub mod store;

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
 use crate::key::KeyId;
+use crate::ratelimit::Quota;
 
 /// The environment a key belongs to: live keys touch real data, test keys do not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -252,6 +253,10 @@ pub struct KeyRecord {
     pub scopes: Scopes,
     /// Where the key may be used from.
     pub restrictions: Restrictions,
+    /// Rate-limit windows of this key (empty: the layer's default), e.g. 10 a second and
+    /// 1000 an hour. Every window must admit a request.
+    #[serde(default)]
+    pub quotas: Vec<Quota>,
     /// Free-form data for the application (plan, tenant, labels…).
     pub metadata: serde_json::Value,
 }
@@ -268,6 +273,7 @@ impl KeyRecord {
             expires_at: None,
             scopes: Scopes::none(),
             restrictions: Restrictions::default(),
+            quotas: Vec::new(),
             metadata: serde_json::Value::Null,
         }
     }
@@ -307,6 +313,13 @@ impl KeyRecord {
         self
     }
 
+    /// Sets the rate-limit windows.
+    #[must_use]
+    pub fn with_quotas(mut self, quotas: impl IntoIterator<Item = Quota>) -> Self {
+        self.quotas = quotas.into_iter().collect();
+        self
+    }
+
     /// Sets the metadata.
     #[must_use]
     pub fn with_metadata(mut self, metadata: serde_json::Value) -> Self {
@@ -329,61 +342,78 @@ impl KeyRecord {
 /// # }
 /// ```
 #[derive(Clone)]
-pub struct Principal(Arc<KeyRecord>, usize);
+pub struct Principal {
+    record: Arc<KeyRecord>,
+    /// The address of the layer state that accepted it (0: built by hand), so that inner
+    /// route layers sharing that state need not check the key again.
+    origin: usize,
+    /// Tokens charged to the key's main bucket for this request so far.
+    charged: u32,
+}
 
 impl Principal {
     /// Wraps an accepted record.
     pub fn new(record: Arc<KeyRecord>) -> Self {
-        Self(record, 0)
+        Self::accepted_by(record, 0)
     }
 
-    /// A principal accepted by the layer state at address `origin`, so that inner route
-    /// layers sharing that state need not check the key again.
     pub(crate) fn accepted_by(record: Arc<KeyRecord>, origin: usize) -> Self {
-        Self(record, origin)
+        Self {
+            record,
+            origin,
+            charged: 0,
+        }
     }
 
     pub(crate) fn origin(&self) -> usize {
-        self.1
+        self.origin
+    }
+
+    pub(crate) fn charged(&self) -> u32 {
+        self.charged
+    }
+
+    pub(crate) fn add_charge(&mut self, cost: u32) {
+        self.charged = self.charged.saturating_add(cost);
     }
 
     /// The key's public identifier.
     pub fn key_id(&self) -> &KeyId {
-        &self.0.id
+        &self.record.id
     }
 
     /// The owning account. Always present on an accepted key.
     pub fn owner(&self) -> Option<&Owner> {
-        self.0.owner.as_ref()
+        self.record.owner.as_ref()
     }
 
     /// The key's environment.
     pub fn environment(&self) -> Environment {
-        self.0.environment
+        self.record.environment
     }
 
     /// The key's scopes.
     pub fn scopes(&self) -> &Scopes {
-        &self.0.scopes
+        &self.record.scopes
     }
 
     /// The key's metadata.
     pub fn metadata(&self) -> &serde_json::Value {
-        &self.0.metadata
+        &self.record.metadata
     }
 
     /// The whole record.
     pub fn record(&self) -> &KeyRecord {
-        &self.0
+        &self.record
     }
 }
 
 impl fmt::Debug for Principal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Principal")
-            .field("key_id", &self.0.id)
-            .field("owner", &self.0.owner.as_ref().map(|o| &o.id))
-            .field("environment", &self.0.environment)
+            .field("key_id", &self.record.id)
+            .field("owner", &self.record.owner.as_ref().map(|o| &o.id))
+            .field("environment", &self.record.environment)
             .finish_non_exhaustive()
     }
 }
@@ -392,12 +422,12 @@ impl Serialize for Principal {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         use serde::ser::SerializeStruct;
         let mut s = serializer.serialize_struct("Principal", 6)?;
-        s.serialize_field("key_id", &self.0.id)?;
-        s.serialize_field("key_name", &self.0.name)?;
-        s.serialize_field("owner", &self.0.owner)?;
-        s.serialize_field("environment", &self.0.environment)?;
-        s.serialize_field("scopes", &self.0.scopes)?;
-        s.serialize_field("metadata", &self.0.metadata)?;
+        s.serialize_field("key_id", &self.record.id)?;
+        s.serialize_field("key_name", &self.record.name)?;
+        s.serialize_field("owner", &self.record.owner)?;
+        s.serialize_field("environment", &self.record.environment)?;
+        s.serialize_field("scopes", &self.record.scopes)?;
+        s.serialize_field("metadata", &self.record.metadata)?;
         s.end()
     }
 }

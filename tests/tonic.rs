@@ -215,9 +215,11 @@ async fn the_client_ip_comes_from_tcp_connect_info() -> Result<(), BoxError> {
             ips: vec![Restrictions::parse_network(network)?],
             sites: vec![],
         };
-        Ok(store.issue(Owner::new("o1", "ada"), Environment::Live, |r| {
-            r.with_restrictions(restrictions)
-        })?)
+        Ok(
+            store.issue(Owner::new("o1", "ada"), Environment::Live, |r| {
+                r.with_restrictions(restrictions)
+            })?,
+        )
     };
     let local = restricted("127.0.0.0/8")?;
     let remote = restricted("10.0.0.0/8")?;

@@ -96,6 +96,10 @@ impl Responder {
         }
     }
 
+    pub(crate) fn set_opaque(&mut self, opaque: bool) {
+        self.opaque = opaque;
+    }
+
     /// The full response for a rejection.
     pub(crate) fn respond<B>(&self, rejection: Rejection, grpc: bool) -> Response<ResponseBody<B>> {
         let rejection = rejection.opaque(self.opaque);

@@ -1,0 +1,319 @@
+use std::fmt;
+use std::future::{ready, Ready};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use super::decision::most_restrictive;
+use super::gcra::{is_full, step, Step};
+use super::store::{BucketKey, LimiterStore};
+use super::{Decision, Quota};
+use crate::clock::{Clock, SystemClock};
+use crate::error::ConfigError;
+
+/// The most windows one bucket may have.
+pub const MAX_WINDOWS: usize = 8;
+/// Buckets tracked at most by default.
+pub const DEFAULT_MAX_BUCKETS: usize = 1_000_000;
+
+const SHARDS: usize = 64;
+/// A shard is swept for full buckets every this many new buckets.
+const SWEEP_EVERY: usize = 1024;
+
+/// Token buckets in memory: one `AtomicU64` per (key, window), updated by a
+/// compare-and-swap loop, in a lock-free map ([papaya]) split in 64 shards.
+///
+/// - No lock and no allocation once a key's bucket exists.
+/// - A bucket is created only when a request is admitted; a refusal against a full bucket
+///   (a cost above the capacity) creates nothing.
+/// - **Eviction is built in.** A full bucket holds no information (it reads the same as no
+///   bucket), so every 1024 new buckets a shard drops its full ones; no task to spawn,
+///   no sweep to call.
+/// - **Hard cap** ([`with_max_buckets`](Self::with_max_buckets), default 1 000 000). When
+///   a shard reaches its share of the cap it is swept at once; if it is still full, the
+///   new key is refused with [`LimiterError::Full`] (the layers answer 503
+///   `auth_unavailable` and log a warning) rather than grow without bound or forget the
+///   state of keys being limited. Memory per tracked bucket is in BENCHMARKS.md.
+///
+/// Clones share one store.
+pub struct MemoryLimiter<K> {
+    inner: Arc<Inner<K>>,
+}
+
+struct Inner<K> {
+    shards: Box<[Shard<K>]>,
+    hasher: ahash::RandomState,
+    clock: Arc<dyn Clock>,
+    shard_cap: usize,
+}
+
+struct Shard<K> {
+    map: papaya::HashMap<K, Bucket, ahash::RandomState>,
+    created: AtomicUsize,
+}
+
+struct Bucket {
+    cells: Box<[AtomicU64]>,
+}
+
+impl Bucket {
+    fn new(windows: usize) -> Self {
+        Self {
+            cells: (0..windows).map(|_| AtomicU64::new(0)).collect(),
+        }
+    }
+
+    fn is_full(&self, now: u64) -> bool {
+        self.cells
+            .iter()
+            .all(|c| is_full(c.load(Ordering::Acquire), now))
+    }
+}
+
+/// Why the in-memory limiter could not decide.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum LimiterError {
+    /// The store tracks as many buckets as its cap allows, none of them full.
+    #[error("the rate limiter tracks its maximum number of buckets")]
+    Full,
+    /// No quota, or more than [`MAX_WINDOWS`].
+    #[error("a bucket needs between 1 and 8 quotas, got {0}")]
+    Windows(usize),
+}
+
+impl<K> Clone for MemoryLimiter<K> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<K: BucketKey> fmt::Debug for MemoryLimiter<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryLimiter")
+            .field("buckets", &self.len())
+            .field("max_buckets", &(self.inner.shard_cap * SHARDS))
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: BucketKey> Default for MemoryLimiter<K> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<K: BucketKey> MemoryLimiter<K> {
+    /// A store on the system clock, capped at [`DEFAULT_MAX_BUCKETS`].
+    pub fn new() -> Self {
+        Self::build(DEFAULT_MAX_BUCKETS, Arc::new(SystemClock))
+    }
+
+    /// Caps the number of tracked buckets (rounded up to a multiple of 64).
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] when `max` is 0.
+    pub fn with_max_buckets(self, max: usize) -> Result<Self, ConfigError> {
+        if max == 0 {
+            return Err(ConfigError::Zero("max buckets"));
+        }
+        Ok(Self::build(max, Arc::clone(&self.inner.clock)))
+    }
+
+    /// Reads time from `clock` (a [`FakeClock`](crate::clock::FakeClock) in tests).
+    #[must_use]
+    pub fn with_clock(self, clock: impl Clock) -> Self {
+        Self::build(self.inner.shard_cap * SHARDS, Arc::new(clock))
+    }
+
+    fn build(max: usize, clock: Arc<dyn Clock>) -> Self {
+        let hasher = ahash::RandomState::new();
+        let shards = (0..SHARDS)
+            .map(|_| Shard {
+                map: papaya::HashMap::builder().hasher(hasher.clone()).build(),
+                created: AtomicUsize::new(0),
+            })
+            .collect();
+        Self {
+            inner: Arc::new(Inner {
+                shards,
+                hasher,
+                clock,
+                shard_cap: max.div_ceil(SHARDS),
+            }),
+        }
+    }
+
+    /// Buckets tracked now.
+    pub fn len(&self) -> usize {
+        self.inner.shards.iter().map(|s| s.map.len()).sum()
+    }
+
+    /// Whether no bucket is tracked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops every full bucket now (the store also does this by itself).
+    pub fn sweep(&self) {
+        let now = self.inner.clock.now_nanos();
+        for shard in self.inner.shards.iter() {
+            shard.map.pin().retain(|_, b| !b.is_full(now));
+        }
+    }
+
+    fn shard(&self, key: &K) -> &Shard<K> {
+        let hash = self.inner.hasher.hash_one(key);
+        // The top bits: papaya indexes its table with the low ones.
+        &self.inner.shards[(hash >> 58) as usize % SHARDS]
+    }
+
+    /// Decides a request of `cost` against `key`'s bucket. See [`LimiterStore::check`].
+    ///
+    /// # Errors
+    ///
+    /// [`LimiterError`] when the store is at its cap or `quotas` has the wrong length.
+    pub fn decide(&self, key: &K, quotas: &[Quota], cost: u32) -> Result<Decision, LimiterError> {
+        if quotas.is_empty() || quotas.len() > MAX_WINDOWS {
+            return Err(LimiterError::Windows(quotas.len()));
+        }
+        let now = self.inner.clock.now_nanos();
+        let shard = self.shard(key);
+        let map = shard.map.pin();
+        let bucket = match map.get(key) {
+            Some(bucket) if bucket.cells.len() == quotas.len() => bucket,
+            existing => {
+                // A refusal against a full bucket needs no state: decide before allocating.
+                let fresh =
+                    most_restrictive(quotas.iter().map(|q| (q, step(0, now, q, cost))), now);
+                if let Some(decision) = fresh.filter(|d| !d.allowed) {
+                    return Ok(decision);
+                }
+                if existing.is_none() {
+                    self.make_room(shard, now)?;
+                    map.get_or_insert_with(key.clone(), || Bucket::new(quotas.len()))
+                } else {
+                    // The key's quotas changed shape: start it afresh.
+                    map.insert(key.clone(), Bucket::new(quotas.len()));
+                    map.get(key).ok_or(LimiterError::Full)?
+                }
+            }
+        };
+        let mut steps = [Step::NONE; MAX_WINDOWS];
+        for (i, quota) in quotas.iter().enumerate() {
+            let cell = &bucket.cells[i];
+            let mut tat = cell.load(Ordering::Acquire);
+            loop {
+                let s = step(tat, now, quota, cost);
+                if !s.allowed {
+                    if s.new_tat < tat {
+                        // The clock stepped back: keep the clamped TAT (best effort).
+                        let _ = cell.compare_exchange(
+                            tat,
+                            s.new_tat,
+                            Ordering::AcqRel,
+                            Ordering::Acquire,
+                        );
+                    }
+                    // Give back what earlier windows took, then report the refusal.
+                    give_back(&bucket.cells[..i], quotas, cost);
+                    let current = quotas
+                        .iter()
+                        .zip(bucket.cells.iter())
+                        .map(|(q, c)| (q, step(c.load(Ordering::Acquire), now, q, cost)));
+                    return most_restrictive(current, now).ok_or(LimiterError::Windows(0));
+                }
+                match cell.compare_exchange_weak(
+                    tat,
+                    s.new_tat,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => {
+                        steps[i] = s;
+                        break;
+                    }
+                    Err(actual) => tat = actual,
+                }
+            }
+        }
+        most_restrictive(quotas.iter().zip(steps), now).ok_or(LimiterError::Windows(0))
+    }
+
+    /// Gives `cost` tokens back to every window of `key`'s bucket.
+    pub fn refund(&self, key: &K, quotas: &[Quota], cost: u32) {
+        let map = self.shard(key).map.pin();
+        if let Some(bucket) = map.get(key) {
+            give_back(&bucket.cells, quotas, cost);
+        }
+    }
+
+    /// The state of `key`'s bucket without charging it: `None` when the key has no bucket
+    /// (it is full).
+    pub fn peek(&self, key: &K, quotas: &[Quota], cost: u32) -> Option<Decision> {
+        let now = self.inner.clock.now_nanos();
+        let map = self.shard(key).map.pin();
+        let bucket = map.get(key)?;
+        let steps = quotas
+            .iter()
+            .zip(bucket.cells.iter())
+            .map(|(q, c)| (q, step(c.load(Ordering::Acquire), now, q, cost)));
+        most_restrictive(steps, now)
+    }
+
+    fn make_room(&self, shard: &Shard<K>, now: u64) -> Result<(), LimiterError> {
+        let created = shard.created.fetch_add(1, Ordering::Relaxed) + 1;
+        let at_cap = shard.map.len() >= self.inner.shard_cap;
+        if at_cap || created % SWEEP_EVERY == 0 {
+            shard.map.pin().retain(|_, b| !b.is_full(now));
+        }
+        if at_cap && shard.map.len() >= self.inner.shard_cap {
+            tracing::warn!(target: "keygate", "rate limiter at its bucket cap; refusing a new key");
+            return Err(LimiterError::Full);
+        }
+        Ok(())
+    }
+}
+
+fn give_back(cells: &[AtomicU64], quotas: &[Quota], cost: u32) {
+    for (cell, quota) in cells.iter().zip(quotas) {
+        let charge = quota.interval_ns().saturating_mul(u64::from(cost));
+        let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+            Some(t.saturating_sub(charge))
+        });
+    }
+}
+
+impl Step {
+    const NONE: Step = Step {
+        allowed: true,
+        new_tat: 0,
+        remaining: 0,
+        full_at: 0,
+        retry_after: 0,
+    };
+}
+
+impl<K: BucketKey> LimiterStore<K> for MemoryLimiter<K> {
+    type Error = LimiterError;
+    type Future = Ready<Result<Decision, LimiterError>>;
+
+    fn check(&self, key: &K, quotas: &[Quota], cost: u32) -> Self::Future {
+        ready(self.decide(key, quotas, cost))
+    }
+
+    fn check_ready(
+        &self,
+        key: &K,
+        quotas: &[Quota],
+        cost: u32,
+    ) -> Option<Result<Decision, LimiterError>> {
+        Some(self.decide(key, quotas, cost))
+    }
+
+    fn refund(&self, key: &K, quotas: &[Quota], cost: u32) {
+        MemoryLimiter::refund(self, key, quotas, cost);
+    }
+}

@@ -1,0 +1,33 @@
+//! Per-key rate limiting: token buckets ([`Quota`]) in a [`LimiterStore`], reported in
+//! `X-RateLimit-*` (or IETF `RateLimit`) headers.
+//!
+//! - A key's windows come from its record ([`KeyRecord::quotas`](crate::record::KeyRecord::quotas)),
+//!   else from the layer's default; every window must admit a request, and a refused
+//!   request takes nothing from any window.
+//! - Buckets exist only for authenticated keys: unknown or invalid keys never reach the
+//!   limiter, so a flood of made-up keys allocates nothing here.
+//! - 429 `rate_limited` goes through the configured renderer with `data` holding `limit`,
+//!   `remaining`, `reset` and `retry_after`, and a `Retry-After` header; gRPC requests get
+//!   `RESOURCE_EXHAUSTED`.
+//!
+//! [`RateLimitLayer`] also works on its own, keyed by any function of the request (client
+//! IP, a header), for apps without keys.
+
+mod decision;
+mod gcra;
+mod headers;
+mod layer;
+mod memory;
+mod store;
+
+pub use decision::Decision;
+pub use headers::HeaderStyle;
+pub use layer::{KeyFn, PerKey, RateLimitFuture, RateLimitLayer, RateLimitService};
+pub use memory::{LimiterError, MemoryLimiter, DEFAULT_MAX_BUCKETS, MAX_WINDOWS};
+pub use quota::Quota;
+pub use store::{BucketKey, LimiterStore};
+
+#[cfg(test)]
+mod tests;
+
+mod quota;

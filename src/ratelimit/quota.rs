@@ -1,0 +1,254 @@
+use std::fmt;
+use std::num::NonZeroU32;
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::ConfigError;
+
+/// A token bucket: `capacity` requests at once (the burst), refilled at `capacity` per
+/// `period`, one token every `period / capacity`.
+///
+/// Constructors read the way people speak: `Quota::per_minute(n)` is *n requests a minute*
+/// (a burst of `n`, one more every `60 s / n`). Nothing can be zero.
+///
+/// ```
+/// use std::num::NonZeroU32;
+/// use std::time::Duration;
+/// use keygate::ratelimit::Quota;
+///
+/// let sixty = NonZeroU32::new(60).unwrap();
+/// let q = Quota::per_minute(sixty);
+/// assert_eq!(q.capacity().get(), 60);
+/// assert_eq!(q.period(), Duration::from_secs(60));
+/// assert_eq!(q.interval(), Duration::from_secs(1));
+/// assert_eq!("60/min".parse::<Quota>().unwrap(), q);
+/// // 10 at once, refilled at 60 a minute:
+/// assert_eq!(q.with_burst(NonZeroU32::new(10).unwrap()).capacity().get(), 10);
+/// ```
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Quota {
+    capacity: NonZeroU32,
+    /// Nanoseconds per token, at least 1.
+    interval_ns: u64,
+    /// The rate as spoken: `count` per `per`.
+    count: NonZeroU32,
+    per: Duration,
+}
+
+const fn nanos(d: Duration) -> u64 {
+    let n = d.as_nanos();
+    if n > u64::MAX as u128 {
+        u64::MAX
+    } else {
+        n as u64
+    }
+}
+
+impl Quota {
+    /// `n` requests per `period`, burst `n`.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] when `period` is zero.
+    pub fn new(n: NonZeroU32, period: Duration) -> Result<Self, ConfigError> {
+        if period.is_zero() {
+            return Err(ConfigError::Zero("quota period"));
+        }
+        Ok(Self::make(n, period))
+    }
+
+    const fn make(n: NonZeroU32, period: Duration) -> Self {
+        let interval = nanos(period) / n.get() as u64;
+        Self {
+            capacity: n,
+            interval_ns: if interval == 0 { 1 } else { interval },
+            count: n,
+            per: period,
+        }
+    }
+
+    /// `n` requests a second.
+    pub const fn per_second(n: NonZeroU32) -> Self {
+        Self::make(n, Duration::from_secs(1))
+    }
+
+    /// `n` requests a minute.
+    pub const fn per_minute(n: NonZeroU32) -> Self {
+        Self::make(n, Duration::from_secs(60))
+    }
+
+    /// `n` requests an hour.
+    pub const fn per_hour(n: NonZeroU32) -> Self {
+        Self::make(n, Duration::from_secs(3600))
+    }
+
+    /// `n` requests a day.
+    pub const fn per_day(n: NonZeroU32) -> Self {
+        Self::make(n, Duration::from_secs(86_400))
+    }
+
+    /// The same refill rate with a different burst.
+    #[must_use]
+    pub const fn with_burst(mut self, capacity: NonZeroU32) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// The most requests admitted at once: `X-RateLimit-Limit`.
+    pub const fn capacity(&self) -> NonZeroU32 {
+        self.capacity
+    }
+
+    /// Time to refill one token.
+    pub const fn interval(&self) -> Duration {
+        Duration::from_nanos(self.interval_ns)
+    }
+
+    /// Time to refill an empty bucket.
+    pub fn period(&self) -> Duration {
+        Duration::from_nanos(self.burst_ns())
+    }
+
+    pub(crate) const fn interval_ns(&self) -> u64 {
+        self.interval_ns
+    }
+
+    /// `capacity × interval`: how far ahead of now the bucket's clock may run.
+    pub(crate) const fn burst_ns(&self) -> u64 {
+        self.interval_ns.saturating_mul(self.capacity.get() as u64)
+    }
+
+    /// Parses `60/min`, `10/s`, `1000/hour`, `5000/day`, or a burst form `10/s;burst=20`.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::InvalidQuota`] naming the input.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let bad = || ConfigError::InvalidQuota(text.to_owned());
+        let (rate, burst) = match text.split_once(';') {
+            Some((rate, burst)) => (rate, Some(burst.trim())),
+            None => (text, None),
+        };
+        let (count, unit) = rate.trim().split_once('/').ok_or_else(bad)?;
+        let count: u32 = count.trim().parse().map_err(|_| bad())?;
+        let count = NonZeroU32::new(count).ok_or_else(bad)?;
+        let period = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            "d" | "day" => Duration::from_secs(86_400),
+            _ => return Err(bad()),
+        };
+        let mut quota = Self::make(count, period);
+        if let Some(burst) = burst {
+            let value = burst.strip_prefix("burst=").ok_or_else(bad)?;
+            let value: u32 = value.trim().parse().map_err(|_| bad())?;
+            quota = quota.with_burst(NonZeroU32::new(value).ok_or_else(bad)?);
+        }
+        Ok(quota)
+    }
+}
+
+impl fmt::Display for Quota {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.per.as_secs() {
+            1 => "s",
+            60 => "min",
+            3600 => "hour",
+            86_400 => "day",
+            _ => return write!(f, "{}/{}s", self.count, self.per.as_secs_f64()),
+        };
+        write!(f, "{}/{unit}", self.count)?;
+        if self.capacity != self.count {
+            write!(f, ";burst={}", self.capacity)?;
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Quota {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Quota({self})")
+    }
+}
+
+impl FromStr for Quota {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
+    }
+}
+
+impl TryFrom<String> for Quota {
+    type Error = ConfigError;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        Self::parse(&s)
+    }
+}
+
+impl From<Quota> for String {
+    fn from(q: Quota) -> Self {
+        q.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nz(n: u32) -> NonZeroU32 {
+        NonZeroU32::new(n).unwrap()
+    }
+
+    #[test]
+    fn parse_table() {
+        let cases = [
+            ("60/min", Some(Quota::per_minute(nz(60)))),
+            ("10/s", Some(Quota::per_second(nz(10)))),
+            ("1000/hour", Some(Quota::per_hour(nz(1000)))),
+            ("5000/day", Some(Quota::per_day(nz(5000)))),
+            (
+                "10/s;burst=20",
+                Some(Quota::per_second(nz(10)).with_burst(nz(20))),
+            ),
+            ("0/min", None),
+            ("60", None),
+            ("60/fortnight", None),
+            ("-1/s", None),
+            ("10/s;burst=0", None),
+            ("10/s;bust=2", None),
+            ("", None),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(Quota::parse(text).ok(), expected, "{text}");
+            if let Some(q) = expected {
+                assert_eq!(
+                    Quota::parse(&q.to_string()).unwrap(),
+                    q,
+                    "round trip {text}"
+                );
+            }
+        }
+        assert!(Quota::parse("0/min")
+            .unwrap_err()
+            .to_string()
+            .contains("0/min"));
+    }
+
+    #[test]
+    fn arithmetic() {
+        let q = Quota::per_minute(nz(60));
+        assert_eq!(q.interval(), Duration::from_secs(1));
+        assert_eq!(q.period(), Duration::from_secs(60));
+        let fast = Quota::new(nz(u32::MAX), Duration::from_nanos(1)).unwrap();
+        assert_eq!(fast.interval_ns(), 1);
+        assert!(Quota::new(nz(1), Duration::ZERO).is_err());
+        let json = serde_json::to_string(&Quota::per_hour(nz(1000))).unwrap();
+        assert_eq!(json, "\"1000/hour\"");
+    }
+}

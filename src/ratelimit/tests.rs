@@ -1,0 +1,310 @@
+use std::convert::Infallible;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use tower::{service_fn, Layer, ServiceExt};
+
+use super::*;
+use crate::bypass::RequestHead;
+use crate::clock::FakeClock;
+
+type Body = Full<Bytes>;
+
+fn nz(n: u32) -> NonZeroU32 {
+    NonZeroU32::new(n).unwrap()
+}
+
+fn clock() -> FakeClock {
+    FakeClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
+}
+
+#[test]
+fn keys_are_isolated_and_a_refusal_takes_nothing() {
+    let limiter: MemoryLimiter<&'static str> = MemoryLimiter::new().with_clock(clock());
+    let q = [Quota::per_minute(nz(3))];
+    for _ in 0..3 {
+        assert!(limiter.decide(&"a", &q, 1).unwrap().allowed);
+    }
+    let refused = limiter.decide(&"a", &q, 1).unwrap();
+    assert!(!refused.allowed);
+    assert_eq!((refused.remaining, refused.retry_after), (0, 20));
+    assert!(
+        limiter.decide(&"b", &q, 1).unwrap().allowed,
+        "b has its own bucket"
+    );
+    assert_eq!(limiter.decide(&"b", &q, 1).unwrap().remaining, 1);
+}
+
+#[test]
+fn every_window_must_admit_and_refusals_roll_back() {
+    let c = clock();
+    let limiter: MemoryLimiter<u32> = MemoryLimiter::new().with_clock(c.clone());
+    // 10 a second and 15 a minute.
+    let q = [Quota::per_second(nz(10)), Quota::per_minute(nz(15))];
+    let admitted = (0..20)
+        .filter(|_| limiter.decide(&1, &q, 1).unwrap().allowed)
+        .count();
+    assert_eq!(admitted, 10, "the second window is the tighter now");
+    c.advance(Duration::from_secs(1));
+    let admitted = (0..20)
+        .filter(|_| limiter.decide(&1, &q, 1).unwrap().allowed)
+        .count();
+    // 15 a minute refills one token every 4 s: 5 are left of the minute window.
+    assert_eq!(admitted, 5, "the minute window caps at 15");
+    // A refusal by the minute window gave back the second window's token: after a
+    // second the per-second bucket is full again, not short by the refused requests.
+    let d = limiter.peek(&1, &q, 1).unwrap();
+    assert!(!d.allowed);
+    assert_eq!(d.quota, q[1], "the refusing window is reported");
+}
+
+#[test]
+fn cost_above_capacity_creates_no_bucket() {
+    let limiter: MemoryLimiter<u32> = MemoryLimiter::new().with_clock(clock());
+    let d = limiter.decide(&1, &[Quota::per_second(nz(5))], 6).unwrap();
+    assert!(!d.allowed);
+    assert!(limiter.is_empty());
+}
+
+#[test]
+fn windows_out_of_range_are_errors() {
+    let limiter: MemoryLimiter<u32> = MemoryLimiter::new();
+    assert_eq!(limiter.decide(&1, &[], 1), Err(LimiterError::Windows(0)));
+    let nine = [Quota::per_second(nz(1)); 9];
+    assert_eq!(limiter.decide(&1, &nine, 1), Err(LimiterError::Windows(9)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_on_one_key_admit_exactly_the_capacity() {
+    // The clock is frozen: nothing refills while 8 tasks hammer one key.
+    let limiter: MemoryLimiter<&'static str> = MemoryLimiter::new().with_clock(clock());
+    let q = [Quota::per_minute(nz(1000))];
+    let tasks: Vec<_> = (0..8)
+        .map(|_| {
+            let limiter = limiter.clone();
+            tokio::spawn(async move {
+                let mut admitted = 0u32;
+                for _ in 0..500 {
+                    if limiter.decide(&"hot", &q, 1).unwrap().allowed {
+                        admitted += 1;
+                    }
+                    tokio::task::yield_now().await;
+                }
+                admitted
+            })
+        })
+        .collect();
+    let mut total = 0;
+    for task in tasks {
+        total += task.await.unwrap();
+    }
+    assert_eq!(total, 1000);
+}
+
+#[test]
+fn a_million_keys_stay_under_the_cap_and_idle_buckets_go() {
+    let c = clock();
+    let limiter: MemoryLimiter<u64> = MemoryLimiter::new()
+        .with_max_buckets(64 * 1024)
+        .unwrap()
+        .with_clock(c.clone());
+    let q = [Quota::per_second(nz(10))];
+    let mut max_seen = 0;
+    for i in 0..1_000_000u64 {
+        assert!(limiter.decide(&i, &q, 1).unwrap().allowed, "key {i}");
+        if i % 10_000 == 0 {
+            // 10 000 new keys every 100 ms of fake time: a bucket is full again after 0.1 s.
+            c.advance(Duration::from_millis(100));
+            max_seen = max_seen.max(limiter.len());
+        }
+    }
+    assert!(max_seen <= 64 * 1024, "{max_seen}");
+    c.advance(Duration::from_secs(1));
+    limiter.sweep();
+    assert!(limiter.is_empty(), "{} left", limiter.len());
+}
+
+#[test]
+fn at_the_cap_new_keys_are_refused_not_tracked() {
+    // A frozen clock: no bucket refills, none can be evicted.
+    let limiter: MemoryLimiter<u64> = MemoryLimiter::new()
+        .with_max_buckets(64 * 16)
+        .unwrap()
+        .with_clock(clock());
+    let q = [Quota::per_minute(nz(10))];
+    let mut full = 0;
+    for i in 0..10_000u64 {
+        if limiter.decide(&i, &q, 1) == Err(LimiterError::Full) {
+            full += 1;
+        }
+    }
+    assert!(limiter.len() <= 64 * 16);
+    assert_eq!(full, 10_000 - limiter.len());
+}
+
+async fn body_json(
+    res: Response<crate::reject::ResponseBody<Body>>,
+) -> (http::response::Parts, serde_json::Value) {
+    let (parts, body) = res.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes();
+    let json = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    (parts, json)
+}
+
+fn by_header() -> impl KeyFn<Key = String> + Clone {
+    |head: &RequestHead<'_>| {
+        head.headers
+            .get("x-client")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    }
+}
+
+#[tokio::test]
+async fn standalone_layer_headers_429_and_grpc() {
+    let c = clock();
+    let store = MemoryLimiter::new().with_clock(c.clone());
+    let layer = RateLimitLayer::new(by_header(), store, [Quota::per_minute(nz(2))]).unwrap();
+    let svc = layer.layer(service_fn(|_: Request<Body>| async {
+        Ok::<_, Infallible>(Response::new(Body::default()))
+    }));
+    let req = |client: &str, grpc: bool| {
+        let mut b = Request::get("/").header("x-client", client);
+        if grpc {
+            b = b.header("content-type", "application/grpc");
+        }
+        b.body(Body::default()).unwrap()
+    };
+    let now = 1_700_000_000u64;
+    let res = svc.clone().oneshot(req("a", false)).await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert_eq!(res.headers()["x-ratelimit-limit"], "2");
+    assert_eq!(res.headers()["x-ratelimit-remaining"], "1");
+    assert_eq!(
+        res.headers()["x-ratelimit-reset"],
+        (now + 30).to_string().as_str()
+    );
+    let res = svc.clone().oneshot(req("a", false)).await.unwrap();
+    assert_eq!(res.headers()["x-ratelimit-remaining"], "0");
+    assert_eq!(
+        res.headers()["x-ratelimit-reset"],
+        (now + 60).to_string().as_str()
+    );
+
+    let (parts, json) = body_json(svc.clone().oneshot(req("a", false)).await.unwrap()).await;
+    assert_eq!(parts.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(parts.headers["retry-after"], "30");
+    assert_eq!(parts.headers["x-ratelimit-remaining"], "0");
+    assert_eq!(parts.headers["cache-control"], "no-store");
+    assert_eq!(json["code"], "rate_limited");
+    assert_eq!(
+        json["data"],
+        serde_json::json!({"limit": 2, "remaining": 0, "reset": now + 60, "retry_after": 30})
+    );
+
+    let (parts, _) = body_json(svc.clone().oneshot(req("a", true)).await.unwrap()).await;
+    assert_eq!(parts.status, 200);
+    assert_eq!(parts.headers["grpc-status"], "8");
+
+    // Another client is untouched; a request without the header is not limited.
+    assert_eq!(
+        svc.clone().oneshot(req("b", false)).await.unwrap().status(),
+        200
+    );
+    let res = svc
+        .clone()
+        .oneshot(Request::get("/").body(Body::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(!res.headers().contains_key("x-ratelimit-limit"));
+
+    // Retry-After rounds up: 1 ns short of the wait still says 1 second.
+    c.advance(Duration::from_secs(30) - Duration::from_nanos(1));
+    let res = svc.clone().oneshot(req("a", false)).await.unwrap();
+    assert_eq!(res.status(), 429);
+    assert_eq!(res.headers()["retry-after"], "1");
+    c.advance(Duration::from_nanos(1));
+    assert_eq!(svc.oneshot(req("a", false)).await.unwrap().status(), 200);
+}
+
+#[tokio::test]
+async fn header_styles() {
+    let cases = [
+        (HeaderStyle::Legacy, true, false),
+        (HeaderStyle::Ietf, false, true),
+        (HeaderStyle::Both, true, true),
+        (HeaderStyle::None, false, false),
+    ];
+    for (style, legacy, ietf) in cases {
+        let layer = RateLimitLayer::new(
+            by_header(),
+            MemoryLimiter::new().with_clock(clock()),
+            [Quota::per_minute(nz(60))],
+        )
+        .unwrap()
+        .header_style(style);
+        let svc = layer.layer(service_fn(|_: Request<Body>| async {
+            Ok::<_, Infallible>(Response::new(Body::default()))
+        }));
+        let res = svc
+            .oneshot(
+                Request::get("/")
+                    .header("x-client", "a")
+                    .body(Body::default())
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            res.headers().contains_key("x-ratelimit-limit"),
+            legacy,
+            "{style:?}"
+        );
+        assert_eq!(res.headers().contains_key("ratelimit"), ietf, "{style:?}");
+        if ietf {
+            assert_eq!(res.headers()["ratelimit-policy"], "\"60/min\";q=60;w=60");
+            assert_eq!(res.headers()["ratelimit"], "\"60/min\";r=59;t=1");
+        }
+    }
+}
+
+#[tokio::test]
+async fn route_cost() {
+    let layer = RateLimitLayer::new(
+        by_header(),
+        MemoryLimiter::new().with_clock(clock()),
+        [Quota::per_minute(nz(10))],
+    )
+    .unwrap();
+    let expensive = layer
+        .cost(5)
+        .unwrap()
+        .layer(service_fn(|_: Request<Body>| async {
+            Ok::<_, Infallible>(Response::new(Body::default()))
+        }));
+    let req = || {
+        Request::get("/")
+            .header("x-client", "a")
+            .body(Body::default())
+            .unwrap()
+    };
+    let res = expensive.clone().oneshot(req()).await.unwrap();
+    assert_eq!(res.headers()["x-ratelimit-remaining"], "5");
+    assert_eq!(
+        expensive.clone().oneshot(req()).await.unwrap().status(),
+        200
+    );
+    assert_eq!(expensive.oneshot(req()).await.unwrap().status(), 429);
+    assert!(layer.cost(0).is_err());
+    assert!(RateLimitLayer::new(by_header(), MemoryLimiter::new(), []).is_err());
+    let _ = Arc::new(0);
+}
