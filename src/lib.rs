@@ -73,6 +73,7 @@ pub mod clock;
 pub mod error;
 pub mod extract;
 pub mod key;
+pub mod keygate;
 pub mod lookup;
 pub mod ratelimit;
 pub mod record;
@@ -85,4 +86,5 @@ pub mod axum;
 
 pub use auth::{AuthLayer, AuthService};
 pub use error::ConfigError;
+pub use keygate::{Keygate, KeygateLayer};
 pub use record::Principal;

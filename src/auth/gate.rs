@@ -11,9 +11,11 @@ use crate::clock::Clock;
 use crate::extract::{ExtractError, Extractor};
 use crate::key::{KeyFormat, KeyHash};
 use crate::lookup::{BoxError, KeyLookup, LookupResult};
+use crate::ratelimit::{MemoryLimiter, Quota};
 use crate::record::Principal;
 use crate::reject::{is_grpc, Reason, Rejection, Responder, ResponseBody};
 use crate::validate::{self, ClientIp, Rules, SiteResolver};
+use std::net::IpAddr;
 
 /// Everything every clone of an auth layer shares: one `Arc` of it.
 pub(crate) struct Gate<L> {
@@ -26,6 +28,23 @@ pub(crate) struct Gate<L> {
     pub(crate) site: Option<SiteResolver>,
     pub(crate) lookup_timeout: Option<Duration>,
     pub(crate) clock: Arc<dyn Clock>,
+    pub(crate) failed: Option<FailedAttempts>,
+}
+
+/// Counts invalid keys per client IP and turns a client away once it has sent too many.
+#[derive(Clone)]
+pub(crate) struct FailedAttempts {
+    pub(crate) limiter: MemoryLimiter<IpAddr>,
+    pub(crate) quota: [Quota; 1],
+}
+
+impl FailedAttempts {
+    pub(crate) fn new(quota: Quota, clock: Arc<dyn Clock>) -> Self {
+        Self {
+            limiter: MemoryLimiter::new().with_clock(clock),
+            quota: [quota],
+        }
+    }
 }
 
 impl<L> fmt::Debug for Gate<L> {
@@ -63,6 +82,25 @@ impl<L: KeyLookup> Gate<L> {
             validate::check_route(record, rules)
                 .map_err(|reason| Rejection::new(reason).with_key_id(record.id.clone())),
         )
+    }
+
+    /// A client that sent too many invalid keys is turned away before any lookup.
+    pub(crate) fn turned_away<B>(&self, req: &Request<B>) -> Option<Rejection> {
+        let failed = self.failed.as_ref()?;
+        let ip = self.client_ip.resolve(&RequestHead::of(req))?;
+        let decision = failed.limiter.peek(&ip, &failed.quota, 1)?;
+        (!decision.allowed)
+            .then(|| Rejection::new(Reason::TooManyFailedAttempts).with_rate_limit(decision.info()))
+    }
+
+    /// Counts an invalid key against its client.
+    fn count_failure<B>(&self, req: &Request<B>) {
+        let Some(failed) = &self.failed else { return };
+        if let Some(ip) = self.client_ip.resolve(&RequestHead::of(req)) {
+            if failed.limiter.decide(&ip, &failed.quota, 1).is_err() {
+                tracing::warn!(target: "keygate", "failed-attempt limiter at its cap");
+            }
+        }
     }
 
     pub(crate) fn bypasses<B>(&self, req: &Request<B>) -> bool {
@@ -138,6 +176,9 @@ impl<L: KeyLookup> Gate<L> {
                 outcome = rejection.reason().code(),
                 "request rejected"
             ),
+        }
+        if rejection.reason() == Reason::InvalidApiKey {
+            self.count_failure(req);
         }
         self.responder.respond(rejection, is_grpc(req.headers()))
     }

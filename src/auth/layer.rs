@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::gate::Gate;
+use super::gate::{FailedAttempts, Gate};
 use super::service::AuthService;
 use crate::bypass::{Bypass, DefaultBypass};
 use crate::clock::{Clock, SystemClock};
@@ -12,6 +12,7 @@ use crate::error::ConfigError;
 use crate::extract::{Extractor, Scheme};
 use crate::key::KeyFormat;
 use crate::lookup::KeyLookup;
+use crate::ratelimit::Quota;
 use crate::record::{Environment, Scopes};
 use crate::reject::{JsonEnvelope, Renderer, Responder};
 use crate::validate::{ClientIp, Rules, SiteResolver};
@@ -63,6 +64,7 @@ impl<L: KeyLookup> AuthLayer<L> {
             site: None,
             lookup_timeout: Some(DEFAULT_LOOKUP_TIMEOUT),
             clock: Arc::new(SystemClock),
+            failed: None,
         })
     }
 
@@ -81,6 +83,7 @@ impl<L: KeyLookup> AuthLayer<L> {
             opaque: false,
             realm: "api".to_owned(),
             clock: Arc::new(SystemClock),
+            failed: None,
         }
     }
 
@@ -148,6 +151,7 @@ pub struct AuthBuilder<L> {
     opaque: bool,
     realm: String,
     clock: Arc<dyn Clock>,
+    failed: Option<Quota>,
 }
 
 impl<L> fmt::Debug for AuthBuilder<L> {
@@ -230,6 +234,15 @@ impl<L: KeyLookup> AuthBuilder<L> {
         self
     }
 
+    /// Turns away, with 429 `too_many_failed_attempts` and before any lookup, a client IP
+    /// that sent more invalid keys than `quota` allows (e.g. 20 a minute), so that a
+    /// key-guessing flood never reaches the store. Off by default here; on in
+    /// [`Keygate`](crate::Keygate). Clients whose IP is unknown are not counted.
+    pub fn failed_attempts(mut self, quota: Option<Quota>) -> Self {
+        self.failed = quota;
+        self
+    }
+
     /// The clock for expiry checks (a [`FakeClock`](crate::clock::FakeClock) in tests).
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);
@@ -267,6 +280,9 @@ impl<L: KeyLookup> AuthBuilder<L> {
             client_ip: self.client_ip,
             site: self.site,
             lookup_timeout: self.lookup_timeout,
+            failed: self
+                .failed
+                .map(|quota| FailedAttempts::new(quota, Arc::clone(&self.clock))),
             clock: self.clock,
         }))
     }

@@ -83,6 +83,9 @@ where
                 Err(rejection) => ResponseFuture::rejected(gate.reject(rejection, &req)),
             };
         }
+        if let Some(rejection) = gate.turned_away(&req) {
+            return ResponseFuture::rejected(gate.reject(rejection, &req));
+        }
         let hash = match gate.hash_of(&req) {
             Ok(hash) => hash,
             Err(rejection) => return ResponseFuture::rejected(gate.reject(rejection, &req)),

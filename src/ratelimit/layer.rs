@@ -239,6 +239,10 @@ impl<F: KeyFn, St: LimiterStore<F::Key>> RateLimitLayer<F, St> {
         })
     }
 
+    pub(crate) fn style(&self) -> HeaderStyle {
+        self.shared.style
+    }
+
     /// The store.
     pub fn store(&self) -> &St {
         &self.shared.store
@@ -332,9 +336,8 @@ where
             return RateLimitFuture::inner(self.inner.call(req), None, shared.style);
         };
         let quotas: &[Quota] = if own.is_empty() { &shared.quotas } else { own };
-        let cost = self
-            .cost
-            .saturating_sub(shared.key_fn.charged(req.extensions()));
+        let prior = shared.key_fn.charged(req.extensions());
+        let cost = self.cost.saturating_sub(prior);
         if cost == 0 {
             // An outer layer of this store charged this request in full already.
             return RateLimitFuture::inner(self.inner.call(req), None, shared.style);
@@ -346,10 +349,17 @@ where
                     shared.key_fn.note_charge(req.extensions_mut(), cost);
                     RateLimitFuture::inner(self.inner.call(req), Some(decision), shared.style)
                 }
-                Err(response) => RateLimitFuture::rejected(response),
+                Err(response) => {
+                    // Refused here: what an outer layer took for this request goes back.
+                    if prior > 0 {
+                        shared.store.refund(&key, quotas, prior);
+                    }
+                    RateLimitFuture::rejected(response)
+                }
             },
             None => {
                 let check = shared.store.check(&key, quotas, cost);
+                let refund = (prior > 0).then(|| (key, quotas.to_vec(), prior));
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
                 RateLimitFuture {
@@ -358,6 +368,7 @@ where
                             check,
                             call: Some((ready, req)),
                             shared: Arc::clone(&self.shared),
+                            refund,
                             cost,
                             grpc,
                         }),
@@ -415,6 +426,7 @@ pin_project! {
         check: St::Future,
         call: Option<(S, Request<ReqBody>)>,
         shared: Arc<Shared<F, St>>,
+        refund: Option<(F::Key, Vec<Quota>, u32)>,
         cost: u32,
         grpc: bool,
     }
@@ -489,6 +501,7 @@ where
                         check,
                         call,
                         shared,
+                        refund,
                         cost,
                         grpc,
                     } = state.as_mut().project();
@@ -505,9 +518,14 @@ where
                                 style: shared.style,
                             }
                         }
-                        Err(response) => Kind::Rejected {
-                            response: Some(response),
-                        },
+                        Err(response) => {
+                            if let Some((key, quotas, prior)) = refund.take() {
+                                shared.store.refund(&key, &quotas, prior);
+                            }
+                            Kind::Rejected {
+                                response: Some(response),
+                            }
+                        }
                     }
                 }
             };

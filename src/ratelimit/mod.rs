@@ -24,6 +24,7 @@ pub use decision::Decision;
 pub use headers::HeaderStyle;
 pub use layer::{KeyFn, PerKey, RateLimitFuture, RateLimitLayer, RateLimitService};
 pub use memory::{LimiterError, MemoryLimiter, DEFAULT_MAX_BUCKETS, MAX_WINDOWS};
+pub(crate) use quota::nonzero;
 pub use quota::Quota;
 pub use store::{BucketKey, LimiterStore};
 

@@ -38,6 +38,14 @@ pub struct Quota {
     per: Duration,
 }
 
+/// `n`, or 1 for 0: for defaults written as literals.
+pub(crate) const fn nonzero(n: u32) -> NonZeroU32 {
+    match NonZeroU32::new(n) {
+        Some(n) => n,
+        None => NonZeroU32::MIN,
+    }
+}
+
 const fn nanos(d: Duration) -> u64 {
     let n = d.as_nanos();
     if n > u64::MAX as u128 {
