@@ -1,9 +1,10 @@
 //! The standard gRPC health service behind keygate: `cargo run --example grpc`.
 //!
-//! Prints the address and a demo key (`KEY_FULL`, scope `read`), then serves
+//! Prints the address and a demo key (`KEY_FULL`, scope `read`, 60 requests a minute),
+//! then serves
 //! `grpc.health.v1.Health`. The key is read from the `x-api-key` metadata entry or from
 //! `authorization: Bearer <key>`; without a valid one, any gRPC client sees
-//! `UNAUTHENTICATED`.
+//! `UNAUTHENTICATED`, and past 60 calls in a minute `RESOURCE_EXHAUSTED`.
 //!
 //! ```text
 //! grpcurl -plaintext -H "x-api-key: $KEY_FULL" 127.0.0.1:50051 grpc.health.v1.Health/Check
@@ -13,11 +14,13 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::process::ExitCode;
 
+use keygate::ratelimit::Quota;
 use keygate::record::{Environment, Owner};
 use keygate::store::MemoryStore;
-use keygate::AuthLayer;
+use keygate::Keygate;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::Server;
 
@@ -55,10 +58,20 @@ async fn main() -> ExitCode {
     println!("listening on {local}");
     let _ = std::io::stdout().flush();
 
+    // Authentication and 60 requests a minute per key; past it, RESOURCE_EXHAUSTED.
+    let keygate = match Keygate::builder(store)
+        .default_quota(Quota::per_minute(NonZeroU32::MIN.saturating_add(59)))
+        .build()
+    {
+        Ok(layer) => layer,
+        Err(e) => {
+            eprintln!("bad keygate configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let (_reporter, health) = tonic_health::server::health_reporter();
     let server = Server::builder()
-        .layer(AuthLayer::new(store))
-        // Later layers sit inside: the per-key rate limit (60 per minute) goes here.
+        .layer(keygate)
         .add_service(health)
         .serve_with_incoming(TcpIncoming::from(listener));
     if let Err(e) = server.await {

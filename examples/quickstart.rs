@@ -1,6 +1,7 @@
 //! A demo API behind keygate: `cargo run --example quickstart`.
 //!
-//! Prints two demo keys (`KEY_FULL`, `KEY_READONLY`) and the address, then serves:
+//! Prints two demo keys (`KEY_FULL`, `KEY_READONLY`, 60 requests a minute each) and the
+//! address, then serves:
 //!
 //! | route | needs |
 //! | --- | --- |
@@ -14,15 +15,17 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::process::ExitCode;
 
 use axum::http::StatusCode;
 use axum::response::Html;
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use keygate::ratelimit::Quota;
 use keygate::record::{Environment, Owner};
 use keygate::store::MemoryStore;
-use keygate::{AuthLayer, Principal};
+use keygate::{Keygate, Principal};
 use serde_json::{json, Value};
 use tower_http::cors::CorsLayer;
 
@@ -39,14 +42,18 @@ async fn main() -> ExitCode {
 
     let store = MemoryStore::new();
     let demo = Owner::new("owner_demo", "demo");
+    let sixty = Quota::per_minute(NonZeroU32::MIN.saturating_add(59));
     let keys = store
         .issue(demo.clone(), Environment::Live, |r| {
             r.with_name("full access")
                 .with_scopes(["read", "messages:write"])
+                .with_quotas([sixty])
         })
         .and_then(|full| {
             let readonly = store.issue(demo, Environment::Test, |r| {
-                r.with_name("read only").with_scopes(["read"])
+                r.with_name("read only")
+                    .with_scopes(["read"])
+                    .with_quotas([sixty])
             })?;
             Ok((full, readonly))
         });
@@ -58,20 +65,28 @@ async fn main() -> ExitCode {
         }
     };
 
-    let auth = AuthLayer::new(store);
+    // Authentication and per-key rate limiting (60 a minute unless a key says otherwise).
+    let keygate = Keygate::builder(store).default_quota(sixty).build();
+    let (keygate, messages) = match keygate.and_then(|k| {
+        let messages = k.route().scopes(["messages:write"]).build()?;
+        Ok((k, messages))
+    }) {
+        Ok(layers) => layers,
+        Err(e) => {
+            eprintln!("bad keygate configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let app = Router::new()
         .route(
             "/v1/health",
             get(|| async { Json(json!({"status": "ok"})) }),
         )
         .route("/v1/users/me", get(me))
-        .route(
-            "/v1/messages",
-            post(send_message).route_layer(auth.require_scopes(["messages:write"])),
-        )
+        .route("/v1/messages", post(send_message).route_layer(messages))
         .route("/swagger", get(swagger_ui))
         .route("/swagger/openapi.json", get(openapi))
-        .layer(auth)
+        .layer(keygate)
         // Outermost, so that rejections carry CORS headers too and browsers can read them.
         // Preflights are answered here; were CORS inside, keygate's default bypass would
         // let them through without a key all the same.

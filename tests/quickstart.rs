@@ -184,5 +184,54 @@ async fn the_quickstart_contract() {
     );
     let r = send(a, Method::GET, "/swaggerx", &[], "").await;
     assert_eq!(r.status, 401);
+
+    // 60 requests a minute per key, with the headers of the Mindbaz docs. KEY_READONLY has
+    // made 3 requests so far (me, messages, the ambiguous one did not count).
+    let r = send(
+        a,
+        Method::GET,
+        "/v1/health",
+        &[("x-api-key", &q.readonly)],
+        "",
+    )
+    .await;
+    assert_eq!(r.headers["x-ratelimit-limit"], "60");
+    let remaining: u64 = r.headers["x-ratelimit-remaining"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let reset: u64 = r.headers["x-ratelimit-reset"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        remaining < 60 && reset > 1_700_000_000,
+        "{remaining} {reset}"
+    );
+    let mut last = r;
+    for _ in 0..=remaining {
+        last = send(
+            a,
+            Method::GET,
+            "/v1/health",
+            &[("x-api-key", &q.readonly)],
+            "",
+        )
+        .await;
+        if last.status == 429 {
+            break;
+        }
+    }
+    assert_eq!(
+        (last.status.as_u16(), last.code()),
+        (429, "rate_limited".into())
+    );
+    assert!(last.headers.contains_key("retry-after"));
+    assert_eq!(last.json()["data"]["limit"], 60);
+    // The other key has its own bucket.
+    let r = send(a, Method::GET, "/v1/health", &[("x-api-key", &q.full)], "").await;
+    assert_eq!(r.status, 200);
     drop(q.child);
 }

@@ -234,3 +234,42 @@ async fn the_client_ip_comes_from_tcp_connect_info() -> Result<(), BoxError> {
     );
     Ok(())
 }
+
+/// The assembled stack in tonic: past the key's limit a stock client sees
+/// RESOURCE_EXHAUSTED, as the grpc example promises.
+#[tokio::test]
+async fn past_the_limit_is_resource_exhausted() -> Result<(), BoxError> {
+    use keygate::ratelimit::Quota;
+    use keygate::Keygate;
+
+    let store = MemoryStore::new();
+    let key = issue(&store, &["read"])?;
+    let two = std::num::NonZeroU32::new(2).ok_or("zero")?;
+    let keygate = Keygate::builder(store)
+        .default_quota(Quota::per_minute(two))
+        .build()?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr: SocketAddr = listener.local_addr()?;
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(
+        Server::builder()
+            .layer(keygate)
+            .add_service(health)
+            .serve_with_incoming(TcpIncoming::from(listener)),
+    );
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    let client = HealthClient::new(channel);
+    let metadata = [("x-api-key", key.expose_secret())];
+    assert_eq!(code(&client, &metadata).await?, Code::Ok);
+    assert_eq!(code(&client, &metadata).await?, Code::Ok);
+    let status = check(&client, &metadata)
+        .await?
+        .err()
+        .ok_or("third call passed")?;
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(status.message(), Reason::RateLimited.message());
+    assert_eq!(code(&client, &[]).await?, Code::Unauthenticated);
+    Ok(())
+}
