@@ -8,6 +8,7 @@
 use std::convert::Infallible;
 use std::future::{ready, Future, Ready};
 use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
 
@@ -20,6 +21,7 @@ use keygate::key::{KeyFormat, KeyHash};
 use keygate::lookup::{CachedLookup, KeyLookup};
 use keygate::record::{Environment, Owner};
 use keygate::store::MemoryStore;
+use keygate::validate::PeerAddr;
 use keygate::AuthLayer;
 use tower::{Layer, Service};
 use tower_http::validate_request::ValidateRequestHeaderLayer;
@@ -48,14 +50,20 @@ where
     }
 }
 
+/// A request as a server hands it over: headers, and the peer address in the extensions
+/// (axum's `ConnectInfo` and tonic's `TcpConnectInfo` are always there in a real server).
 fn request(header: &'static str, value: &str) -> Request<Body> {
-    Request::get("/v1/health")
+    let mut req = Request::get("/v1/health")
         .header(header, value)
         .header("user-agent", "bench/1.0")
         .header("accept", "application/json")
         .body(Body::default())
-        .expect("request")
+        .expect("request");
+    req.extensions_mut().insert(PeerAddr(PEER));
+    req
 }
+
+const PEER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)), 40_000);
 
 fn stacks(c: &mut Criterion) {
     let store = MemoryStore::new();
@@ -146,7 +154,14 @@ fn stacks(c: &mut Criterion) {
     group.bench_function("SystemTime::now", |b| {
         b.iter(|| black_box(std::time::SystemTime::now()))
     });
-    group.bench_function("extensions insert (fresh map)", |b| {
+    group.bench_function("CoarseClock::now_nanos", |b| {
+        b.iter(|| {
+            black_box(keygate::clock::Clock::now_nanos(
+                &keygate::clock::CoarseClock,
+            ))
+        })
+    });
+    group.bench_function("extensions insert (map holding the peer address)", |b| {
         b.iter_batched(
             || request("x-api-key", &secret),
             |mut req| {

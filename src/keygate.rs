@@ -36,7 +36,7 @@ use tower_layer::Layer;
 
 use crate::auth::{AuthBuilder, AuthLayer, AuthService};
 use crate::bypass::Bypass;
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, CoarseClock};
 use crate::error::ConfigError;
 use crate::extract::Scheme;
 use crate::key::{KeyFormat, KeyId};
@@ -68,7 +68,7 @@ impl Keygate {
             store: None,
             renderer: Arc::new(JsonEnvelope),
             opaque: false,
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(CoarseClock),
         }
     }
 }

@@ -7,7 +7,7 @@ use tower_layer::Layer;
 use super::gate::{FailedAttempts, Gate};
 use super::service::AuthService;
 use crate::bypass::{Bypass, DefaultBypass};
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, CoarseClock};
 use crate::error::ConfigError;
 use crate::extract::{Extractor, Scheme};
 use crate::key::KeyFormat;
@@ -63,7 +63,7 @@ impl<L: KeyLookup> AuthLayer<L> {
             client_ip: ClientIp::default(),
             site: None,
             lookup_timeout: Some(DEFAULT_LOOKUP_TIMEOUT),
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(CoarseClock),
             failed: None,
         })
     }
@@ -82,7 +82,7 @@ impl<L: KeyLookup> AuthLayer<L> {
             lookup_timeout: Some(DEFAULT_LOOKUP_TIMEOUT),
             opaque: false,
             realm: "api".to_owned(),
-            clock: Arc::new(SystemClock),
+            clock: Arc::new(CoarseClock),
             failed: None,
         }
     }

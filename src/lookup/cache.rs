@@ -8,7 +8,7 @@ use std::time::Duration;
 use quick_cache::sync::Cache;
 
 use super::{BoxError, KeyLookup, LookupResult};
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, CoarseClock};
 use crate::error::ConfigError;
 use crate::key::KeyHash;
 
@@ -83,7 +83,7 @@ struct Settings {
 impl<L: KeyLookup> CachedLookup<L> {
     /// A cache with the default settings.
     pub fn new(backend: L) -> Self {
-        Self::build(backend, Settings::default(), Arc::new(SystemClock))
+        Self::build(backend, Settings::default(), Arc::new(CoarseClock))
     }
 
     /// A cache with the given settings.
@@ -113,7 +113,7 @@ impl<L: KeyLookup> CachedLookup<L> {
                 ttl,
                 negative_ttl,
             },
-            Arc::new(SystemClock),
+            Arc::new(CoarseClock),
         ))
     }
 

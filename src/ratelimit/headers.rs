@@ -1,3 +1,5 @@
+use std::sync::OnceLock;
+
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::Decision;
@@ -7,6 +9,22 @@ static X_REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining"
 static X_RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
 static POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// Header values for small numbers, made once: most limits and remainders are below 1024,
+/// and a static value costs no allocation and no shared reference count per response.
+fn number(n: u64) -> HeaderValue {
+    static SMALL: OnceLock<Vec<HeaderValue>> = OnceLock::new();
+    let table = SMALL.get_or_init(|| {
+        (0..1024u32)
+            .map(|i| HeaderValue::from_static(Box::leak(i.to_string().into_boxed_str())))
+            .collect()
+    });
+    usize::try_from(n)
+        .ok()
+        .and_then(|i| table.get(i))
+        .cloned()
+        .unwrap_or_else(|| HeaderValue::from(n))
+}
 
 /// Which rate-limit headers go on responses of limited requests.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -32,9 +50,9 @@ impl HeaderStyle {
         if matches!(self, Self::Legacy | Self::Both) && !headers.contains_key(&X_LIMIT) {
             headers.insert(
                 X_LIMIT.clone(),
-                HeaderValue::from(decision.quota.capacity().get()),
+                number(u64::from(decision.quota.capacity().get())),
             );
-            headers.insert(X_REMAINING.clone(), HeaderValue::from(decision.remaining));
+            headers.insert(X_REMAINING.clone(), number(decision.remaining));
             headers.insert(X_RESET.clone(), HeaderValue::from(decision.reset));
         }
         if matches!(self, Self::Ietf | Self::Both) && !headers.contains_key(&RATELIMIT) {

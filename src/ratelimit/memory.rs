@@ -7,7 +7,7 @@ use super::decision::most_restrictive;
 use super::gcra::{is_full, step, Step};
 use super::store::{BucketKey, LimiterStore};
 use super::{Decision, Quota};
-use crate::clock::{Clock, SystemClock};
+use crate::clock::{Clock, CoarseClock};
 use crate::error::ConfigError;
 
 /// The most windows one bucket may have.
@@ -107,7 +107,7 @@ impl<K: BucketKey> Default for MemoryLimiter<K> {
 impl<K: BucketKey> MemoryLimiter<K> {
     /// A store on the system clock, capped at [`DEFAULT_MAX_BUCKETS`].
     pub fn new() -> Self {
-        Self::build(DEFAULT_MAX_BUCKETS, Arc::new(SystemClock))
+        Self::build(DEFAULT_MAX_BUCKETS, Arc::new(CoarseClock))
     }
 
     /// Caps the number of tracked buckets (rounded up to a multiple of 64).

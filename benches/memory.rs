@@ -1,0 +1,79 @@
+//! Memory per tracked bucket: keygate's `MemoryLimiter` beside governor's keyed limiter
+//! (what tower_governor uses), 1 000 000 keys each: `cargo bench --bench memory`.
+//!
+//! Resident memory is read from `/proc/self/statm` before and after the buckets are made;
+//! the keys themselves are made beforehand and not counted (keygate's bucket key shares the
+//! key id the record already holds).
+
+use std::hint::black_box;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use keygate::key::KeyId;
+use keygate::ratelimit::{MemoryLimiter, Quota};
+
+const N: usize = 1_000_000;
+
+fn rss_bytes() -> usize {
+    let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
+    let pages: usize = statm
+        .split_whitespace()
+        .nth(1)
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(0);
+    pages * 4096
+}
+
+fn per_key(before: usize, after: usize) -> f64 {
+    after.saturating_sub(before) as f64 / N as f64
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return; // `cargo test --benches` asks benches to list or run tests: nothing to do.
+    }
+    let nz = |n| NonZeroU32::new(n).expect("non-zero");
+    let one = [Quota::per_minute(nz(60))];
+    let two = [Quota::per_second(nz(10)), Quota::per_hour(nz(1000))];
+
+    let ids: Vec<(KeyId, Option<Arc<str>>)> = (0..N)
+        .map(|i| (KeyId::new(format!("key_{i:016}")), None))
+        .collect();
+    let strings: Vec<String> = (0..N).map(|i| format!("kg_live_{i:030}")).collect();
+
+    let before = rss_bytes();
+    let limiter = MemoryLimiter::new();
+    for id in &ids {
+        black_box(limiter.decide(id, &one, 1).expect("decide"));
+    }
+    let after = rss_bytes();
+    assert_eq!(limiter.len(), N);
+    println!(
+        "keygate MemoryLimiter, 1 window:   {:6.1} bytes per tracked bucket",
+        per_key(before, after)
+    );
+    drop(limiter);
+
+    let before = rss_bytes();
+    let limiter = MemoryLimiter::new();
+    for id in &ids {
+        black_box(limiter.decide(id, &two, 1).expect("decide"));
+    }
+    let after = rss_bytes();
+    println!(
+        "keygate MemoryLimiter, 2 windows:  {:6.1} bytes per tracked bucket",
+        per_key(before, after)
+    );
+    drop(limiter);
+
+    let before = rss_bytes();
+    let governor = governor::RateLimiter::keyed(governor::Quota::per_minute(nz(60)));
+    for key in &strings {
+        black_box(governor.check_key(key).is_ok());
+    }
+    let after = rss_bytes();
+    println!(
+        "governor keyed (String keys):      {:6.1} bytes per tracked key (key clones included)",
+        per_key(before, after)
+    );
+}

@@ -1,0 +1,304 @@
+#![allow(missing_docs)] // criterion_group! generates undocumented items
+//! The full keygate stack (auth on a cache hit, per-key rate limit, headers) beside
+//! tower_governor keyed by the same header with its headers on, in one run:
+//! `cargo bench --bench ratelimit`.
+//!
+//! - one key, 10 000 keys and 1 000 000 keys (requests cycle through the keys with a large
+//!   stride, so consecutive requests touch different buckets);
+//! - two threads on one key and on distinct keys, beside one thread.
+//!
+//! Both limiters get the same quota: a burst of 4 294 967 295, one token a second. Nothing
+//! is refused, so the admitted path is what is measured, and buckets stay tracked between
+//! visits as they do in production.
+//! Futures are polled with a no-op waker (every path here completes in one poll).
+
+use std::convert::Infallible;
+use std::future::{ready, Future, Ready};
+use std::hint::black_box;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::num::NonZeroU32;
+use std::pin::pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use axum::body::Body as AxumBody;
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use http::{Request, Response};
+use keygate::lookup::CachedLookup;
+use keygate::ratelimit::Quota;
+use keygate::record::{Environment, Owner};
+use keygate::store::MemoryStore;
+use keygate::validate::PeerAddr;
+use keygate::Keygate;
+use tower::{Layer, Service};
+use tower_governor::governor::GovernorConfigBuilder;
+use tower_governor::key_extractor::KeyExtractor;
+use tower_governor::{GovernorError, GovernorLayer};
+
+type ReqBody = String;
+
+fn bare(_: Request<ReqBody>) -> Ready<Result<Response<AxumBody>, Infallible>> {
+    ready(Ok(Response::new(AxumBody::empty())))
+}
+
+fn drive<S>(svc: &mut S, req: Request<ReqBody>) -> S::Response
+where
+    S: Service<Request<ReqBody>>,
+    S::Error: std::fmt::Debug,
+{
+    let mut cx = Context::from_waker(Waker::noop());
+    match svc.poll_ready(&mut cx) {
+        Poll::Ready(Ok(())) => {}
+        _ => panic!("service not ready"),
+    }
+    match pin!(svc.call(req)).poll(&mut cx) {
+        Poll::Ready(Ok(res)) => res,
+        _ => panic!("future did not complete in one poll"),
+    }
+}
+
+/// A request as a server hands it over: headers, and the peer address in the extensions
+/// (axum's `ConnectInfo` and tonic's `TcpConnectInfo` are always there in a real server).
+fn request(key: &str) -> Request<ReqBody> {
+    let mut req = Request::get("/v1/health")
+        .header("x-api-key", key)
+        .header("user-agent", "bench/1.0")
+        .header("accept", "application/json")
+        .body(String::new())
+        .expect("request");
+    req.extensions_mut().insert(PeerAddr(PEER));
+    req
+}
+
+const PEER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 7)), 40_000);
+
+/// tower_governor keyed by the `x-api-key` header.
+#[derive(Clone)]
+struct HeaderKey;
+
+impl KeyExtractor for HeaderKey {
+    type Key = String;
+
+    fn extract<T>(&self, req: &Request<T>) -> Result<String, GovernorError> {
+        req.headers()
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or(GovernorError::UnableToExtractKey)
+    }
+}
+
+struct Fixture {
+    keys: Vec<String>,
+    keygate: keygate::AuthService<
+        keygate::ratelimit::RateLimitService<
+            tower::util::ServiceFn<
+                fn(Request<ReqBody>) -> Ready<Result<Response<AxumBody>, Infallible>>,
+            >,
+            keygate::ratelimit::PerKey,
+            keygate::ratelimit::MemoryLimiter<keygate::keygate::KeyBucket>,
+        >,
+        CachedLookup<MemoryStore>,
+    >,
+}
+
+fn fixture(n: usize) -> Fixture {
+    let store = MemoryStore::new();
+    let keys: Vec<String> = (0..n)
+        .map(|_| {
+            store
+                .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+                .expect("key")
+                .expose_secret()
+                .to_owned()
+        })
+        .collect();
+    let lookup = CachedLookup::with_settings(
+        store,
+        n * 2,
+        Duration::from_secs(3600),
+        Duration::from_secs(5),
+    )
+    .expect("cache");
+    // 4 294 967 295 tokens, one more a second: never refuses here, and a bucket used once
+    // stays tracked (not full) for a second per request, as real buckets do.
+    let never_refuse =
+        Quota::new(NonZeroU32::MAX, Duration::from_secs(u64::from(u32::MAX))).expect("quota");
+    let layer = Keygate::builder(lookup)
+        .default_quota(never_refuse)
+        .build()
+        .expect("keygate");
+    let mut keygate = layer.layer(tower::service_fn(bare as fn(_) -> _));
+    // Warm the cache and create every bucket.
+    for key in &keys {
+        let res = drive(&mut keygate, request(key));
+        assert_eq!(res.status(), 200);
+    }
+    Fixture { keys, keygate }
+}
+
+fn governor(
+    keys: &[String],
+) -> impl Service<Request<ReqBody>, Response = Response<AxumBody>, Error = Infallible> + Clone + Send
+{
+    let config = GovernorConfigBuilder::default()
+        .per_second(1)
+        .burst_size(u32::MAX)
+        .key_extractor(HeaderKey)
+        .use_headers()
+        .finish()
+        .expect("governor config");
+    let mut svc = GovernorLayer::new(config).layer(tower::service_fn(bare));
+    for key in keys {
+        let res = drive(&mut svc, request(key));
+        assert_eq!(res.status(), 200);
+    }
+    svc
+}
+
+fn keys_scaling(c: &mut Criterion) {
+    // KEYGATE_BENCH_KEYS=1,10000 skips the slow 1 000 000-key set-up.
+    let sizes: Vec<usize> = std::env::var("KEYGATE_BENCH_KEYS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![1, 10_000, 1_000_000]);
+    for n in sizes {
+        let Fixture { keys, mut keygate } = fixture(n);
+        let mut gov = governor(&keys);
+        let mut bare_svc = tower::service_fn(bare);
+        let mut group = c.benchmark_group(format!("ratelimit/{n} keys"));
+        let mut i = 0usize;
+        let mut next = || {
+            i = (i + 7919) % keys.len();
+            request(&keys[i])
+        };
+        group.bench_function("bare service", |b| {
+            b.iter_batched(
+                &mut next,
+                |req| black_box(drive(&mut bare_svc, req)),
+                BatchSize::SmallInput,
+            )
+        });
+        group.bench_function("tower_governor (headers on)", |b| {
+            b.iter_batched(
+                &mut next,
+                |req| black_box(drive(&mut gov, req)),
+                BatchSize::SmallInput,
+            )
+        });
+        group.bench_function("keygate full stack", |b| {
+            b.iter_batched(
+                &mut next,
+                |req| black_box(drive(&mut keygate, req)),
+                BatchSize::SmallInput,
+            )
+        });
+        group.finish();
+    }
+}
+
+/// Per-request time with `threads` threads each sending `iters` requests at once
+/// (request construction included, for every variant alike).
+fn threaded<S>(svc: &S, keys: &[Vec<String>], iters: u64) -> Duration
+where
+    S: Service<Request<ReqBody>> + Clone + Send,
+    S::Error: std::fmt::Debug,
+{
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for thread_keys in keys {
+            let mut svc = svc.clone();
+            scope.spawn(move || {
+                for i in 0..iters as usize {
+                    black_box(drive(
+                        &mut svc,
+                        request(&thread_keys[i % thread_keys.len()]),
+                    ));
+                }
+            });
+        }
+    });
+    start.elapsed()
+}
+
+fn threads(c: &mut Criterion) {
+    let Fixture { keys, keygate } = fixture(64);
+    let gov = governor(&keys);
+    let one = vec![keys[..1].to_vec()];
+    let same = vec![keys[..1].to_vec(), keys[..1].to_vec()];
+    let distinct = vec![keys[..32].to_vec(), keys[32..].to_vec()];
+    let mut group = c.benchmark_group("ratelimit/threads");
+    for (name, split) in [
+        ("1 thread", &one),
+        ("2 threads, one key", &same),
+        ("2 threads, distinct keys", &distinct),
+    ] {
+        group.bench_function(format!("keygate full stack, {name}"), |b| {
+            b.iter_custom(|iters| threaded(&keygate, split, iters))
+        });
+        group.bench_function(format!("tower_governor, {name}"), |b| {
+            b.iter_custom(|iters| threaded(&gov, split, iters))
+        });
+    }
+    let bare_svc = tower::service_fn(bare);
+    group.bench_function("bare service, 1 thread", |b| {
+        b.iter_custom(|iters| threaded(&bare_svc, &one, iters))
+    });
+    group.bench_function("bare service, 2 threads", |b| {
+        b.iter_custom(|iters| threaded(&bare_svc, &same, iters))
+    });
+    group.finish();
+    let _ = Arc::new(());
+}
+
+fn breakdown(c: &mut Criterion) {
+    use keygate::key::KeyId;
+    use keygate::ratelimit::{HeaderStyle, MemoryLimiter};
+    let quota =
+        [Quota::new(NonZeroU32::MAX, Duration::from_secs(u64::from(u32::MAX))).expect("quota")];
+    let limiter = MemoryLimiter::new();
+    let key: keygate::keygate::KeyBucket = (KeyId::new("key_0123456789abcdef"), None);
+    let decision = limiter.decide(&key, &quota, 1).expect("decide");
+    let mut group = c.benchmark_group("ratelimit/breakdown");
+    group.bench_function("MemoryLimiter::decide, one key", |b| {
+        b.iter(|| black_box(limiter.decide(black_box(&key), &quota, 1)))
+    });
+    group.bench_function("legacy headers onto an empty response", |b| {
+        b.iter(|| {
+            let mut res = Response::new(());
+            HeaderStyle::Legacy.apply(black_box(&decision), res.headers_mut());
+            res
+        })
+    });
+    group.bench_function("empty response", |b| {
+        b.iter(|| black_box(Response::new(())))
+    });
+    group.bench_function("3 static headers onto an empty response", |b| {
+        b.iter(|| {
+            let mut res = Response::new(());
+            let h = res.headers_mut();
+            h.insert("x-ratelimit-limit", http::HeaderValue::from_static("60"));
+            h.insert(
+                "x-ratelimit-remaining",
+                http::HeaderValue::from_static("59"),
+            );
+            h.insert(
+                "x-ratelimit-reset",
+                http::HeaderValue::from_static("1700000000"),
+            );
+            black_box(res)
+        })
+    });
+    group.bench_function("HeaderValue::from(u64)", |b| {
+        b.iter(|| black_box(http::HeaderValue::from(black_box(1_700_000_000u64))))
+    });
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(30).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
+    targets = keys_scaling, threads, breakdown
+}
+criterion_main!(benches);

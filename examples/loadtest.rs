@@ -1,0 +1,79 @@
+//! The server of `scripts/e2e.sh`: `GET /v1/health` bare (`KEYGATE_MODE=bare`) or behind the
+//! full keygate stack (`KEYGATE_MODE=stack`: auth on a cached lookup, per-key rate limit
+//! set high enough never to refuse, `X-RateLimit-*` headers).
+//!
+//! Prints `KEY=<key>` and `listening on http://<addr>` (`KEYGATE_ADDR`, default
+//! `127.0.0.1:3001`). One runtime thread, so that CPU time per request is easy to read.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::process::ExitCode;
+
+use axum::routing::get;
+use axum::{Json, Router};
+use keygate::lookup::CachedLookup;
+use keygate::ratelimit::Quota;
+use keygate::record::{Environment, Owner};
+use keygate::store::MemoryStore;
+use keygate::Keygate;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let addr = std::env::var("KEYGATE_ADDR").unwrap_or_else(|_| "127.0.0.1:3001".to_owned());
+    let Ok(addr) = addr.parse::<SocketAddr>() else {
+        eprintln!("KEYGATE_ADDR={addr:?} is not a socket address");
+        return ExitCode::from(2);
+    };
+    let mode = std::env::var("KEYGATE_MODE").unwrap_or_else(|_| "stack".to_owned());
+    let store = MemoryStore::new();
+    let key = match store.issue(Owner::new("o", "load"), Environment::Live, |r| r) {
+        Ok(key) => key,
+        Err(e) => {
+            eprintln!("cannot create the key: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let app = Router::new().route(
+        "/v1/health",
+        get(|| async { Json(serde_json::json!({"status": "ok"})) }),
+    );
+    let app = match mode.as_str() {
+        "bare" => app,
+        "stack" => {
+            let layer = Keygate::builder(CachedLookup::new(store))
+                .default_quota(Quota::per_second(NonZeroU32::MAX))
+                .build();
+            match layer {
+                Ok(layer) => app.layer(layer),
+                Err(e) => {
+                    eprintln!("bad configuration: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+        other => {
+            eprintln!("KEYGATE_MODE={other:?}: expected bare or stack");
+            return ExitCode::from(2);
+        }
+    };
+    let listener = match tokio::net::TcpListener::bind(addr).await {
+        Ok(listener) => listener,
+        Err(e) => {
+            eprintln!("cannot listen on {addr}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!("KEY={}", key.expose_secret());
+    println!(
+        "listening on http://{}",
+        listener.local_addr().unwrap_or(addr)
+    );
+    let _ = std::io::stdout().flush();
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+    if let Err(e) = axum::serve(listener, app).await {
+        eprintln!("server error: {e}");
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
+}

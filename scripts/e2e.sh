@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# End-to-end load: a bare axum server against the same server behind the full keygate
+# stack, on loopback, with wrk. Release build; server pinned to core 0 and wrk to core 1
+# where taskset exists. Reports requests/s and, the steadier figure on a small machine,
+# the server's CPU time per request (utime + stime from /proc/PID/stat over the run).
+#
+#   bash scripts/e2e.sh            # DURATION=10 CONNECTIONS=32 ROUNDS=3 by default
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10}
+CONNECTIONS=${CONNECTIONS:-32}
+ROUNDS=${ROUNDS:-3}
+PORT=${PORT:-3901}
+
+if ! command -v wrk >/dev/null; then
+  echo "installing wrk (Debian package)" >&2
+  (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null
+fi
+cargo build --release --example loadtest >&2
+
+pin() { if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then taskset -c "$1" "${@:2}"; else "${@:2}"; fi; }
+ticks=$(getconf CLK_TCK)
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+
+run() { # mode -> prints "requests cpu_seconds"
+  local mode=$1 out key pid before after requests
+  out=$(mktemp)
+  KEYGATE_MODE=$mode KEYGATE_ADDR=127.0.0.1:$PORT pin 0 target/release/examples/loadtest >"$out" &
+  pid=$!
+  for _ in $(seq 100); do grep -q '^listening' "$out" && break; sleep 0.1; done
+  key=$(sed -n 's/^KEY=//p' "$out")
+  # Warm up, then measure.
+  pin 1 wrk -t1 -c"$CONNECTIONS" -d2s -H "X-API-KEY: $key" "http://127.0.0.1:$PORT/v1/health" >/dev/null
+  before=$(cpu_ticks "$pid")
+  requests=$(pin 1 wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" -H "X-API-KEY: $key" \
+    "http://127.0.0.1:$PORT/v1/health" | awk '/requests in/ {print $1}')
+  after=$(cpu_ticks "$pid")
+  kill "$pid"; wait "$pid" 2>/dev/null || true
+  rm -f "$out"
+  echo "$requests $(( after - before ))"
+}
+
+printf '%-6s %-6s %12s %10s %16s\n' round mode requests req/s "cpu µs/request"
+declare -A total_req total_cpu
+for round in $(seq "$ROUNDS"); do
+  for mode in bare stack; do
+    read -r requests cpu <<<"$(run "$mode")"
+    total_req[$mode]=$(( ${total_req[$mode]:-0} + requests ))
+    total_cpu[$mode]=$(( ${total_cpu[$mode]:-0} + cpu ))
+    awk -v r="$round" -v m="$mode" -v n="$requests" -v c="$cpu" -v t="$ticks" -v d="$DURATION" \
+      'BEGIN { printf "%-6s %-6s %12d %10.0f %16.2f\n", r, m, n, n / d, c / t / n * 1e6 }'
+  done
+done
+awk -v br="${total_req[bare]}" -v bc="${total_cpu[bare]}" -v sr="${total_req[stack]}" -v sc="${total_cpu[stack]}" \
+  -v t="$ticks" 'BEGIN {
+    b = bc / t / br * 1e6; s = sc / t / sr * 1e6;
+    printf "\nall rounds: bare %.2f µs CPU/request, stack %.2f µs CPU/request, ratio %.3f; throughput ratio %.3f\n", b, s, s / b, sr / br
+  }'
