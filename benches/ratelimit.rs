@@ -89,18 +89,20 @@ impl KeyExtractor for HeaderKey {
     }
 }
 
+type Bare =
+    tower::util::ServiceFn<fn(Request<ReqBody>) -> Ready<Result<Response<AxumBody>, Infallible>>>;
+type Stack = keygate::AuthService<
+    keygate::ratelimit::RateLimitService<
+        Bare,
+        keygate::ratelimit::PerKey,
+        keygate::ratelimit::MemoryLimiter<keygate::keygate::KeyBucket>,
+    >,
+    CachedLookup<MemoryStore>,
+>;
+
 struct Fixture {
     keys: Vec<String>,
-    keygate: keygate::AuthService<
-        keygate::ratelimit::RateLimitService<
-            tower::util::ServiceFn<
-                fn(Request<ReqBody>) -> Ready<Result<Response<AxumBody>, Infallible>>,
-            >,
-            keygate::ratelimit::PerKey,
-            keygate::ratelimit::MemoryLimiter<keygate::keygate::KeyBucket>,
-        >,
-        CachedLookup<MemoryStore>,
-    >,
+    keygate: Stack,
 }
 
 fn fixture(n: usize) -> Fixture {

@@ -127,6 +127,16 @@ impl fmt::Debug for FakeClock {
     }
 }
 
+impl<C: Clock + ?Sized> Clock for Arc<C> {
+    fn now(&self) -> SystemTime {
+        (**self).now()
+    }
+
+    fn now_nanos(&self) -> u64 {
+        (**self).now_nanos()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -141,15 +151,5 @@ mod tests {
             "{coarse} {precise}"
         );
         assert!(CoarseClock.now() > UNIX_EPOCH);
-    }
-}
-
-impl<C: Clock + ?Sized> Clock for Arc<C> {
-    fn now(&self) -> SystemTime {
-        (**self).now()
-    }
-
-    fn now_nanos(&self) -> u64 {
-        (**self).now_nanos()
     }
 }
