@@ -86,7 +86,7 @@ fn stacks(c: &mut Criterion) {
     group.bench_function("bare service", |b| {
         b.iter_batched(
             || request("x-api-key", &secret),
-            |req| black_box(drive(&mut svc, req)),
+            |req| drop(black_box(drive(&mut svc, req))),
             BatchSize::SmallInput,
         )
     });
@@ -96,7 +96,7 @@ fn stacks(c: &mut Criterion) {
     group.bench_function("tower-http bearer (static)", |b| {
         b.iter_batched(
             || request("authorization", &bearer),
-            |req| black_box(drive(&mut svc, req)),
+            |req| drop(black_box(drive(&mut svc, req))),
             BatchSize::SmallInput,
         )
     });
@@ -104,14 +104,14 @@ fn stacks(c: &mut Criterion) {
     group.bench_function("keygate cache hit (x-api-key)", |b| {
         b.iter_batched(
             || request("x-api-key", &secret),
-            |req| black_box(drive(&mut svc, req)),
+            |req| drop(black_box(drive(&mut svc, req))),
             BatchSize::SmallInput,
         )
     });
     group.bench_function("keygate cache hit (bearer)", |b| {
         b.iter_batched(
             || request("authorization", &bearer),
-            |req| black_box(drive(&mut svc, req)),
+            |req| drop(black_box(drive(&mut svc, req))),
             BatchSize::SmallInput,
         )
     });
@@ -119,7 +119,7 @@ fn stacks(c: &mut Criterion) {
     group.bench_function("keygate memory store (x-api-key)", |b| {
         b.iter_batched(
             || request("x-api-key", &secret),
-            |req| black_box(drive(&mut svc, req)),
+            |req| drop(black_box(drive(&mut svc, req))),
             BatchSize::SmallInput,
         )
     });
@@ -127,7 +127,7 @@ fn stacks(c: &mut Criterion) {
     group.bench_function("keygate rejection (missing key)", |b| {
         b.iter_batched(
             || request("user-agent", "x"),
-            |req| black_box(drive(&mut svc, req)),
+            |req| drop(black_box(drive(&mut svc, req))),
             BatchSize::SmallInput,
         )
     });

@@ -178,21 +178,21 @@ fn keys_scaling(c: &mut Criterion) {
         group.bench_function("bare service", |b| {
             b.iter_batched(
                 &mut next,
-                |req| black_box(drive(&mut bare_svc, req)),
+                |req| drop(black_box(drive(&mut bare_svc, req))),
                 BatchSize::SmallInput,
             )
         });
         group.bench_function("tower_governor (headers on)", |b| {
             b.iter_batched(
                 &mut next,
-                |req| black_box(drive(&mut gov, req)),
+                |req| drop(black_box(drive(&mut gov, req))),
                 BatchSize::SmallInput,
             )
         });
         group.bench_function("keygate full stack", |b| {
             b.iter_batched(
                 &mut next,
-                |req| black_box(drive(&mut keygate, req)),
+                |req| drop(black_box(drive(&mut keygate, req))),
                 BatchSize::SmallInput,
             )
         });

@@ -19,7 +19,11 @@ if ! command -v wrk >/dev/null; then
 fi
 cargo build --release --example loadtest >&2
 
-pin() { if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then taskset -c "$1" "${@:2}"; else "${@:2}"; fi; }
+if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+  server_cpu=(taskset -c 0); load_cpu=(taskset -c 1)
+else
+  server_cpu=(); load_cpu=()
+fi
 ticks=$(getconf CLK_TCK)
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
@@ -27,14 +31,16 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 run() { # mode -> prints "requests cpu_seconds"
   local mode=$1 out key pid before after requests
   out=$(mktemp)
-  KEYGATE_MODE=$mode KEYGATE_ADDR=127.0.0.1:$PORT pin 0 target/release/examples/loadtest >"$out" &
+  # taskset execs the server, so $! is the server's own PID.
+  KEYGATE_MODE=$mode KEYGATE_ADDR=127.0.0.1:$PORT "${server_cpu[@]}" target/release/examples/loadtest >"$out" &
   pid=$!
   for _ in $(seq 100); do grep -q '^listening' "$out" && break; sleep 0.1; done
+  grep -q '^listening' "$out" || { echo "the $mode server did not start" >&2; kill "$pid" 2>/dev/null; exit 1; }
   key=$(sed -n 's/^KEY=//p' "$out")
   # Warm up, then measure.
-  pin 1 wrk -t1 -c"$CONNECTIONS" -d2s -H "X-API-KEY: $key" "http://127.0.0.1:$PORT/v1/health" >/dev/null
+  "${load_cpu[@]}" wrk -t1 -c"$CONNECTIONS" -d2s -H "X-API-KEY: $key" "http://127.0.0.1:$PORT/v1/health" >/dev/null
   before=$(cpu_ticks "$pid")
-  requests=$(pin 1 wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" -H "X-API-KEY: $key" \
+  requests=$("${load_cpu[@]}" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" -H "X-API-KEY: $key" \
     "http://127.0.0.1:$PORT/v1/health" | awk '/requests in/ {print $1}')
   after=$(cpu_ticks "$pid")
   kill "$pid"; wait "$pid" 2>/dev/null || true

@@ -11,28 +11,38 @@
 //!              ▼
 //!         Validate (status, owner, expiry, IP, site, scopes, environment) ─▶ Principal
 //!              ▼
-//!         inner service
+//!         Rate limit (per key, per window, per route cost) ─▶ Decision
+//!              ▼
+//!         inner service ─▶ response + X-RateLimit-* headers
 //! Any rejection ─▶ Renderer (JSON envelope | problem+json | gRPC status | custom)
 //! ```
 //!
 //! # Quick look
 //!
 //! ```
+//! use std::num::NonZeroU32;
 //! use axum::{routing::{get, post}, Router};
-//! use keygate::{AuthLayer, Principal};
+//! use keygate::{Keygate, Principal};
 //! use keygate::lookup::CachedLookup;
+//! use keygate::ratelimit::Quota;
 //! use keygate::store::MemoryStore;
 //!
-//! let auth = AuthLayer::new(CachedLookup::new(MemoryStore::new()));
+//! let sixty = NonZeroU32::new(60).unwrap();
+//! let keygate = Keygate::builder(CachedLookup::new(MemoryStore::new()))
+//!     .default_quota(Quota::per_minute(sixty))
+//!     .build()?;
 //! let app: Router = Router::new()
 //!     .route("/v1/messages", post(|| async { "sent" })
-//!         .route_layer(auth.require_scopes(["messages:write"])))
+//!         .route_layer(keygate.route().scopes(["messages:write"]).cost(5).build()?))
 //!     .route("/v1/users/me", get(|p: Principal| async move { p.key_id().to_string() }))
-//!     .layer(auth);
+//!     .layer(keygate);
+//! # Ok::<_, keygate::ConfigError>(())
 //! ```
 //!
-//! A request to `/v1/messages` passes the outer layer (any valid key) and then the
-//! route's (scope `messages:write`); both share one cache.
+//! A request to `/v1/messages` passes the outer layer (any valid key, one token) and then
+//! the route's (scope `messages:write`, four tokens more); both share one cache and one
+//! bucket store. Each layer also works alone: [`AuthLayer`] for authentication only,
+//! [`ratelimit::RateLimitLayer`] keyed by any function of the request.
 //!
 //! # Modules
 //!
@@ -45,14 +55,18 @@
 //! | [`validate`] | the validity rules, client IP and site |
 //! | [`reject`] | the rejection table and renderers |
 //! | [`bypass`] | requests that need no key |
-//! | [`auth`] | the layer |
+//! | [`auth`] | the authentication layer |
+//! | [`ratelimit`] | quotas, token buckets, the limiter store trait, the rate-limit layer |
+//! | [`mod@keygate`] | both as one layer, with per-route variants |
 //! | [`store`] | where keys live |
+//! | [`clock`] | time, real or fake |
 //!
 //! # Feature flags
 //!
 //! | feature | default | enables |
 //! | --- | --- | --- |
 //! | `axum` | yes | [`Principal`] as an axum extractor; the client IP from axum's `ConnectInfo` |
+//! | `tonic` | no | the client IP from tonic's `TcpConnectInfo` |
 //!
 //! # Security notes
 //!

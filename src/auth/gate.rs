@@ -87,6 +87,9 @@ impl<L: KeyLookup> Gate<L> {
     /// A client that sent too many invalid keys is turned away before any lookup.
     pub(crate) fn turned_away<B>(&self, req: &Request<B>) -> Option<Rejection> {
         let failed = self.failed.as_ref()?;
+        if failed.limiter.is_empty() {
+            return None; // No client has failed lately: nothing to look up.
+        }
         let ip = self.client_ip.resolve(&RequestHead::of(req))?;
         let decision = failed.limiter.peek(&ip, &failed.quota, 1)?;
         (!decision.allowed)

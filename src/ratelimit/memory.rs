@@ -28,11 +28,12 @@ const SWEEP_EVERY: usize = 1024;
 /// - **Eviction is built in.** A full bucket holds no information (it reads the same as no
 ///   bucket), so every 1024 new buckets a shard drops its full ones; no task to spawn,
 ///   no sweep to call.
-/// - **Hard cap** ([`with_max_buckets`](Self::with_max_buckets), default 1 000 000). When
-///   a shard reaches its share of the cap it is swept at once; if it is still full, the
-///   new key is refused with [`LimiterError::Full`] (the layers answer 503
+/// - **Hard cap** ([`with_max_buckets`](Self::with_max_buckets), default 1 000 000). At the
+///   cap the whole store is swept for full buckets (at most once a second); if none was
+///   full, the new key is refused with [`LimiterError::Full`] (the layers answer 503
 ///   `auth_unavailable` and log a warning) rather than grow without bound or forget the
-///   state of keys being limited. Memory per tracked bucket is in BENCHMARKS.md.
+///   state of keys being limited. Keys that already have a bucket are not affected.
+///   Memory per tracked bucket is in BENCHMARKS.md.
 ///
 /// Clones share one store.
 pub struct MemoryLimiter<K> {
@@ -43,7 +44,11 @@ struct Inner<K> {
     shards: Box<[Shard<K>]>,
     hasher: ahash::RandomState,
     clock: Arc<dyn Clock>,
-    shard_cap: usize,
+    max: usize,
+    /// Buckets tracked, kept on insert and sweep (never on the hot path).
+    total: AtomicUsize,
+    /// When the whole store was last swept because it was at its cap.
+    last_full_sweep: AtomicU64,
 }
 
 struct Shard<K> {
@@ -93,7 +98,7 @@ impl<K: BucketKey> fmt::Debug for MemoryLimiter<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryLimiter")
             .field("buckets", &self.len())
-            .field("max_buckets", &(self.inner.shard_cap * SHARDS))
+            .field("max_buckets", &self.inner.max)
             .finish_non_exhaustive()
     }
 }
@@ -110,7 +115,7 @@ impl<K: BucketKey> MemoryLimiter<K> {
         Self::build(DEFAULT_MAX_BUCKETS, Arc::new(CoarseClock))
     }
 
-    /// Caps the number of tracked buckets (rounded up to a multiple of 64).
+    /// Caps the number of tracked buckets.
     ///
     /// # Errors
     ///
@@ -125,7 +130,7 @@ impl<K: BucketKey> MemoryLimiter<K> {
     /// Reads time from `clock` (a [`FakeClock`](crate::clock::FakeClock) in tests).
     #[must_use]
     pub fn with_clock(self, clock: impl Clock) -> Self {
-        Self::build(self.inner.shard_cap * SHARDS, Arc::new(clock))
+        Self::build(self.inner.max, Arc::new(clock))
     }
 
     fn build(max: usize, clock: Arc<dyn Clock>) -> Self {
@@ -141,7 +146,9 @@ impl<K: BucketKey> MemoryLimiter<K> {
                 shards,
                 hasher,
                 clock,
-                shard_cap: max.div_ceil(SHARDS),
+                max,
+                total: AtomicUsize::new(0),
+                last_full_sweep: AtomicU64::new(0),
             }),
         }
     }
@@ -151,17 +158,32 @@ impl<K: BucketKey> MemoryLimiter<K> {
         self.inner.shards.iter().map(|s| s.map.len()).sum()
     }
 
-    /// Whether no bucket is tracked.
+    /// Whether no bucket is tracked (one atomic load: cheap enough for every request).
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.inner.total.load(Ordering::Relaxed) == 0
     }
 
     /// Drops every full bucket now (the store also does this by itself).
     pub fn sweep(&self) {
         let now = self.inner.clock.now_nanos();
         for shard in self.inner.shards.iter() {
-            shard.map.pin().retain(|_, b| !b.is_full(now));
+            self.sweep_shard(shard, now);
         }
+    }
+
+    fn sweep_shard(&self, shard: &Shard<K>, now: u64) {
+        let mut removed = 0usize;
+        shard.map.pin().retain(|_, b| {
+            let keep = !b.is_full(now);
+            removed += usize::from(!keep);
+            keep
+        });
+        let _ = self
+            .inner
+            .total
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |t| {
+                Some(t.saturating_sub(removed))
+            });
     }
 
     fn shard(&self, key: &K) -> &Shard<K> {
@@ -193,7 +215,14 @@ impl<K: BucketKey> MemoryLimiter<K> {
                 }
                 if existing.is_none() {
                     self.make_room(shard, now)?;
-                    map.get_or_insert_with(key.clone(), || Bucket::new(quotas.len()))
+                    match map.try_insert_with(key.clone(), || Bucket::new(quotas.len())) {
+                        Ok(bucket) => {
+                            self.inner.total.fetch_add(1, Ordering::Relaxed);
+                            bucket
+                        }
+                        // Another request made it first.
+                        Err(bucket) => bucket,
+                    }
                 } else {
                     // The key's quotas changed shape: start it afresh.
                     map.insert(key.clone(), Bucket::new(quotas.len()));
@@ -265,13 +294,26 @@ impl<K: BucketKey> MemoryLimiter<K> {
 
     fn make_room(&self, shard: &Shard<K>, now: u64) -> Result<(), LimiterError> {
         let created = shard.created.fetch_add(1, Ordering::Relaxed) + 1;
-        let at_cap = shard.map.len() >= self.inner.shard_cap;
-        if at_cap || created % SWEEP_EVERY == 0 {
-            shard.map.pin().retain(|_, b| !b.is_full(now));
+        if created % SWEEP_EVERY == 0 {
+            self.sweep_shard(shard, now);
         }
-        if at_cap && shard.map.len() >= self.inner.shard_cap {
-            tracing::warn!(target: "keygate", "rate limiter at its bucket cap; refusing a new key");
-            return Err(LimiterError::Full);
+        if self.inner.total.load(Ordering::Relaxed) >= self.inner.max {
+            // At the cap: drop every full bucket (a whole-store sweep, so at most once a
+            // second), then refuse if none was full.
+            let last = self.inner.last_full_sweep.load(Ordering::Relaxed);
+            if now.saturating_sub(last) >= 1_000_000_000
+                && self
+                    .inner
+                    .last_full_sweep
+                    .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+            {
+                self.sweep();
+            }
+            if self.inner.total.load(Ordering::Relaxed) >= self.inner.max {
+                tracing::warn!(target: "keygate", "rate limiter at its bucket cap; refusing a new key");
+                return Err(LimiterError::Full);
+            }
         }
         Ok(())
     }
