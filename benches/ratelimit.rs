@@ -100,9 +100,12 @@ type Stack = keygate::AuthService<
     CachedLookup<MemoryStore>,
 >;
 
+type AuthOnly = keygate::AuthService<Bare, CachedLookup<MemoryStore>>;
+
 struct Fixture {
     keys: Vec<String>,
     keygate: Stack,
+    auth: AuthOnly,
 }
 
 fn fixture(n: usize) -> Fixture {
@@ -127,6 +130,7 @@ fn fixture(n: usize) -> Fixture {
     // stays tracked (not full) for a second per request, as real buckets do.
     let never_refuse =
         Quota::new(NonZeroU32::MAX, Duration::from_secs(u64::from(u32::MAX))).expect("quota");
+    let auth = keygate::AuthLayer::new(lookup.clone()).layer(tower::service_fn(bare as fn(_) -> _));
     let layer = Keygate::builder(lookup)
         .default_quota(never_refuse)
         .build()
@@ -137,7 +141,11 @@ fn fixture(n: usize) -> Fixture {
         let res = drive(&mut keygate, request(key));
         assert_eq!(res.status(), 200);
     }
-    Fixture { keys, keygate }
+    Fixture {
+        keys,
+        keygate,
+        auth,
+    }
 }
 
 fn governor(
@@ -166,7 +174,11 @@ fn keys_scaling(c: &mut Criterion) {
         .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![1, 10_000, 1_000_000]);
     for n in sizes {
-        let Fixture { keys, mut keygate } = fixture(n);
+        let Fixture {
+            keys,
+            mut keygate,
+            mut auth,
+        } = fixture(n);
         let mut gov = governor(&keys);
         let mut bare_svc = tower::service_fn(bare);
         let mut group = c.benchmark_group(format!("ratelimit/{n} keys"));
@@ -186,6 +198,13 @@ fn keys_scaling(c: &mut Criterion) {
             b.iter_batched(
                 &mut next,
                 |req| drop(black_box(drive(&mut gov, req))),
+                BatchSize::SmallInput,
+            )
+        });
+        group.bench_function("keygate auth only (no limit)", |b| {
+            b.iter_batched(
+                &mut next,
+                |req| drop(black_box(drive(&mut auth, req))),
                 BatchSize::SmallInput,
             )
         });
@@ -225,7 +244,7 @@ where
 }
 
 fn threads(c: &mut Criterion) {
-    let Fixture { keys, keygate } = fixture(64);
+    let Fixture { keys, keygate, .. } = fixture(64);
     let gov = governor(&keys);
     let one = vec![keys[..1].to_vec()];
     let same = vec![keys[..1].to_vec(), keys[..1].to_vec()];
@@ -262,9 +281,22 @@ fn breakdown(c: &mut Criterion) {
     let limiter = MemoryLimiter::new();
     let key: keygate::keygate::KeyBucket = (KeyId::new("key_0123456789abcdef"), None);
     let decision = limiter.decide(&key, &quota, 1).expect("decide");
+    let many: Vec<keygate::keygate::KeyBucket> = (0..10_000)
+        .map(|i| (KeyId::new(format!("key_{i:016}")), None))
+        .collect();
+    for k in &many {
+        limiter.decide(k, &quota, 1).expect("decide");
+    }
     let mut group = c.benchmark_group("ratelimit/breakdown");
     group.bench_function("MemoryLimiter::decide, one key", |b| {
         b.iter(|| black_box(limiter.decide(black_box(&key), &quota, 1)))
+    });
+    let mut i = 0usize;
+    group.bench_function("MemoryLimiter::decide, 10 000 keys", |b| {
+        b.iter(|| {
+            i = (i + 7919) % many.len();
+            black_box(limiter.decide(black_box(&many[i]), &quota, 1))
+        })
     });
     group.bench_function("legacy headers onto an empty response", |b| {
         b.iter(|| {

@@ -56,19 +56,31 @@ struct Shard<K> {
     created: AtomicUsize,
 }
 
-struct Bucket {
-    cells: Box<[AtomicU64]>,
+/// One key's windows. Up to two live inside the map entry itself (no allocation of their
+/// own, one cache line fewer per request); more go to the heap.
+enum Bucket {
+    Inline([AtomicU64; 2], usize),
+    Heap(Box<[AtomicU64]>),
 }
 
 impl Bucket {
     fn new(windows: usize) -> Self {
-        Self {
-            cells: (0..windows).map(|_| AtomicU64::new(0)).collect(),
+        if windows <= 2 {
+            Self::Inline([AtomicU64::new(0), AtomicU64::new(0)], windows)
+        } else {
+            Self::Heap((0..windows).map(|_| AtomicU64::new(0)).collect())
+        }
+    }
+
+    fn cells(&self) -> &[AtomicU64] {
+        match self {
+            Self::Inline(cells, len) => cells.get(..*len).unwrap_or(cells),
+            Self::Heap(cells) => cells,
         }
     }
 
     fn is_full(&self, now: u64) -> bool {
-        self.cells
+        self.cells()
             .iter()
             .all(|c| is_full(c.load(Ordering::Acquire), now))
     }
@@ -205,7 +217,7 @@ impl<K: BucketKey> MemoryLimiter<K> {
         let shard = self.shard(key);
         let map = shard.map.pin();
         let bucket = match map.get(key) {
-            Some(bucket) if bucket.cells.len() == quotas.len() => bucket,
+            Some(bucket) if bucket.cells().len() == quotas.len() => bucket,
             existing => {
                 // A refusal against a full bucket needs no state: decide before allocating.
                 let fresh =
@@ -232,7 +244,7 @@ impl<K: BucketKey> MemoryLimiter<K> {
         };
         let mut steps = [Step::NONE; MAX_WINDOWS];
         for (i, quota) in quotas.iter().enumerate() {
-            let cell = &bucket.cells[i];
+            let cell = &bucket.cells()[i];
             let mut tat = cell.load(Ordering::Acquire);
             loop {
                 let s = step(tat, now, quota, cost);
@@ -247,10 +259,10 @@ impl<K: BucketKey> MemoryLimiter<K> {
                         );
                     }
                     // Give back what earlier windows took, then report the refusal.
-                    give_back(&bucket.cells[..i], quotas, cost);
+                    give_back(&bucket.cells()[..i], quotas, cost);
                     let current = quotas
                         .iter()
-                        .zip(bucket.cells.iter())
+                        .zip(bucket.cells().iter())
                         .map(|(q, c)| (q, step(c.load(Ordering::Acquire), now, q, cost)));
                     return most_restrictive(current, now).ok_or(LimiterError::Windows(0));
                 }
@@ -275,7 +287,7 @@ impl<K: BucketKey> MemoryLimiter<K> {
     pub fn refund(&self, key: &K, quotas: &[Quota], cost: u32) {
         let map = self.shard(key).map.pin();
         if let Some(bucket) = map.get(key) {
-            give_back(&bucket.cells, quotas, cost);
+            give_back(bucket.cells(), quotas, cost);
         }
     }
 
@@ -287,7 +299,7 @@ impl<K: BucketKey> MemoryLimiter<K> {
         let bucket = map.get(key)?;
         let steps = quotas
             .iter()
-            .zip(bucket.cells.iter())
+            .zip(bucket.cells().iter())
             .map(|(q, c)| (q, step(c.load(Ordering::Acquire), now, q, cost)));
         most_restrictive(steps, now)
     }

@@ -308,3 +308,28 @@ async fn route_cost() {
     assert!(RateLimitLayer::new(by_header(), MemoryLimiter::new(), []).is_err());
     let _ = Arc::new(0);
 }
+
+#[test]
+fn three_windows_live_on_the_heap_and_still_all_apply() {
+    let c = clock();
+    let limiter: MemoryLimiter<u8> = MemoryLimiter::new().with_clock(c.clone());
+    let q = [
+        Quota::per_second(nz(5)),
+        Quota::per_minute(nz(7)),
+        Quota::per_hour(nz(8)),
+    ];
+    let admitted = (0..10)
+        .filter(|_| limiter.decide(&1, &q, 1).unwrap().allowed)
+        .count();
+    assert_eq!(admitted, 5);
+    c.advance(Duration::from_secs(1));
+    let admitted = (0..10)
+        .filter(|_| limiter.decide(&1, &q, 1).unwrap().allowed)
+        .count();
+    assert_eq!(admitted, 2, "the minute window: 7 in all");
+    c.advance(Duration::from_secs(60));
+    let admitted = (0..10)
+        .filter(|_| limiter.decide(&1, &q, 1).unwrap().allowed)
+        .count();
+    assert_eq!(admitted, 1, "the hour window: 8 in all");
+}
