@@ -243,6 +243,12 @@ pub struct KeyRecord {
     pub owner: Option<Owner>,
     /// Human name of the key.
     pub name: String,
+    /// What the key is for, in the owner's words.
+    #[serde(default)]
+    pub description: String,
+    /// The use case the key was made for; fixed at creation.
+    #[serde(default)]
+    pub use_case: String,
     /// Live or test.
     pub environment: Environment,
     /// Lifecycle state.
@@ -259,6 +265,12 @@ pub struct KeyRecord {
     pub quotas: Vec<Quota>,
     /// Free-form data for the application (plan, tenant, labels…).
     pub metadata: serde_json::Value,
+    /// When the key was created, as its store knows it.
+    #[serde(default)]
+    pub created_at: Option<SystemTime>,
+    /// When the key was last used, to the minute (stores write it at most once a minute).
+    #[serde(default)]
+    pub last_used_at: Option<SystemTime>,
 }
 
 impl KeyRecord {
@@ -268,6 +280,8 @@ impl KeyRecord {
             id,
             owner: Some(owner),
             name: String::new(),
+            description: String::new(),
+            use_case: String::new(),
             environment,
             status: Status::Active,
             expires_at: None,
@@ -275,6 +289,8 @@ impl KeyRecord {
             restrictions: Restrictions::default(),
             quotas: Vec::new(),
             metadata: serde_json::Value::Null,
+            created_at: None,
+            last_used_at: None,
         }
     }
 

@@ -34,6 +34,8 @@ use crate::key::KeyHash;
 /// [`Clock`], so tests can move time by hand.
 pub struct CachedLookup<L> {
     inner: Arc<Inner<L>>,
+    /// Outside the shared state, so that setting it never splits or rebuilds the cache.
+    clock: Arc<dyn Clock>,
 }
 
 struct Inner<L> {
@@ -41,7 +43,6 @@ struct Inner<L> {
     cache: Cache<KeyHash, Entry>,
     ttl: u64,
     negative_ttl: u64,
-    clock: Arc<dyn Clock>,
 }
 
 #[derive(Clone)]
@@ -57,6 +58,7 @@ impl<L> Clone for CachedLookup<L> {
     fn clone(&self) -> Self {
         Self {
             inner: Arc::clone(&self.inner),
+            clock: Arc::clone(&self.clock),
         }
     }
 }
@@ -117,22 +119,12 @@ impl<L: KeyLookup> CachedLookup<L> {
         ))
     }
 
-    /// Reads time from `clock` (a [`FakeClock`](crate::clock::FakeClock) in tests). Entries
-    /// cached so far are dropped.
+    /// Reads time from `clock` (a [`FakeClock`](crate::clock::FakeClock) in tests). Clones
+    /// made afterwards use it too; the cache itself stays shared.
     #[must_use]
-    pub fn with_clock(self, clock: impl Clock) -> Self {
-        let settings = Settings {
-            capacity: self.inner.cache.capacity() as usize,
-            ttl: Duration::from_nanos(self.inner.ttl),
-            negative_ttl: Duration::from_nanos(self.inner.negative_ttl),
-        };
-        match Arc::try_unwrap(self.inner) {
-            Ok(inner) => Self::build(inner.backend, settings, Arc::new(clock)),
-            Err(shared) => {
-                // Already shared: keep sharing rather than split the cache.
-                Self { inner: shared }
-            }
-        }
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
     }
 
     fn build(backend: L, settings: Settings, clock: Arc<dyn Clock>) -> Self {
@@ -143,9 +135,29 @@ impl<L: KeyLookup> CachedLookup<L> {
                 cache: Cache::new(settings.capacity),
                 ttl: nanos(settings.ttl),
                 negative_ttl: nanos(settings.negative_ttl),
-                clock,
             }),
+            clock,
         }
+    }
+
+    /// A cache over a [`KeyStore`](crate::store::KeyStore) that the store keeps honest: every
+    /// change made through the store (or its clones) in this process drops the keys it
+    /// touched from the cache at once. Changes made by another process show after the TTL.
+    pub fn over_store(store: L) -> Self
+    where
+        L: crate::store::KeyStore,
+    {
+        let cache = Self::new(store);
+        let weak = Arc::downgrade(&cache.inner);
+        cache
+            .inner
+            .backend
+            .on_change(Arc::new(move |hash: &KeyHash| {
+                if let Some(inner) = weak.upgrade() {
+                    inner.cache.remove(hash);
+                }
+            }));
+        cache
     }
 
     /// How long a found key is cached.
@@ -200,16 +212,14 @@ impl Default for Settings {
 }
 
 impl<L: KeyLookup> Inner<L> {
-    fn fresh(&self, hash: &KeyHash) -> Option<Option<Arc<crate::record::KeyRecord>>> {
+    fn fresh(&self, hash: &KeyHash, now: u64) -> Option<Option<Arc<crate::record::KeyRecord>>> {
         let entry = self.cache.get(hash)?;
-        let now = self.clock.now_nanos();
         (entry.inserted..entry.expires)
             .contains(&now)
             .then_some(entry.record)
     }
 
-    fn entry(&self, record: Option<Arc<crate::record::KeyRecord>>) -> Entry {
-        let now = self.clock.now_nanos();
+    fn entry(&self, record: Option<Arc<crate::record::KeyRecord>>, now: u64) -> Entry {
         let ttl = if record.is_some() {
             self.ttl
         } else {
@@ -222,13 +232,13 @@ impl<L: KeyLookup> Inner<L> {
         }
     }
 
-    async fn miss(self: Arc<Self>, hash: KeyHash) -> LookupResult<BoxError> {
+    async fn miss(self: Arc<Self>, hash: KeyHash, clock: Arc<dyn Clock>) -> LookupResult<BoxError> {
         // A stale entry is removed and the guard taken again; after a few rounds of racing
         // other removers, ask the backend directly rather than spin.
         for _ in 0..3 {
             match self.cache.get_value_or_guard_async(&hash).await {
                 Ok(entry) => {
-                    let now = self.clock.now_nanos();
+                    let now = clock.now_nanos();
                     if (entry.inserted..entry.expires).contains(&now) {
                         return Ok(entry.record);
                     }
@@ -236,13 +246,14 @@ impl<L: KeyLookup> Inner<L> {
                 }
                 Err(guard) => {
                     let record = self.backend.lookup(&hash).await.map_err(Into::into)?;
-                    let _ = guard.insert(self.entry(record.clone()));
+                    let _ = guard.insert(self.entry(record.clone(), clock.now_nanos()));
                     return Ok(record);
                 }
             }
         }
         let record = self.backend.lookup(&hash).await.map_err(Into::into)?;
-        self.cache.insert(hash, self.entry(record.clone()));
+        self.cache
+            .insert(hash, self.entry(record.clone(), clock.now_nanos()));
         Ok(record)
     }
 }
@@ -252,14 +263,16 @@ impl<L: KeyLookup> KeyLookup for CachedLookup<L> {
     type Future = CachedFuture;
 
     fn lookup(&self, hash: &KeyHash) -> CachedFuture {
-        if let Some(hit) = self.inner.fresh(hash) {
+        if let Some(hit) = self.inner.fresh(hash, self.clock.now_nanos()) {
             return CachedFuture(Kind::Ready(Some(Ok(hit))));
         }
-        CachedFuture(Kind::Miss(Box::pin(Arc::clone(&self.inner).miss(*hash))))
+        let miss = Arc::clone(&self.inner).miss(*hash, Arc::clone(&self.clock));
+        CachedFuture(Kind::Miss(Box::pin(miss)))
     }
 
     fn lookup_ready(&self, hash: &KeyHash) -> Option<LookupResult<BoxError>> {
-        if let Some(hit) = self.inner.fresh(hash) {
+        let now = self.clock.now_nanos();
+        if let Some(hit) = self.inner.fresh(hash, now) {
             return Some(Ok(hit));
         }
         // The backend may answer at once too (an in-memory store); cache what it says.
@@ -268,7 +281,7 @@ impl<L: KeyLookup> KeyLookup for CachedLookup<L> {
             Ok(record) => {
                 self.inner
                     .cache
-                    .insert(*hash, self.inner.entry(record.clone()));
+                    .insert(*hash, self.inner.entry(record.clone(), now));
                 Ok(record)
             }
             Err(e) => Err(e.into()),

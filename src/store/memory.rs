@@ -1,13 +1,24 @@
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
 use std::future::{ready, Ready};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::{Duration, SystemTime};
 
-use super::StoreError;
+use super::{
+    password, CreatedKey, KeyStore, KeyUpdate, NewKey, Page, StoreError, LAST_USED_RESOLUTION,
+};
+use crate::clock::{Clock, SystemClock};
 use crate::key::{ApiKey, KeyFormat, KeyHash, KeyId};
 use crate::lookup::{KeyLookup, LookupResult};
-use crate::record::{Environment, KeyRecord, Owner};
+use crate::record::{Environment, KeyRecord, Owner, Status};
 
-/// Keys in memory, by hash. Clones share one map.
+use super::ChangeListener as Listener;
+
+/// Keys and owners in memory. Clones share one store.
+///
+/// It implements [`KeyLookup`] (answering at once, through `lookup_ready`) and
+/// [`KeyStore`]. The quickstart uses it; so can tests and single-process services whose
+/// keys are made at start-up.
 ///
 /// ```
 /// use keygate::record::{Environment, Owner};
@@ -19,28 +30,100 @@ use crate::record::{Environment, KeyRecord, Owner};
 /// println!("KEY={}", key.expose_secret());
 /// # Ok::<_, keygate::store::StoreError>(())
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Clone)]
 pub struct MemoryStore {
-    keys: Arc<RwLock<HashMap<KeyHash, Arc<KeyRecord>>>>,
+    state: Arc<RwLock<State>>,
+    listeners: Arc<RwLock<Vec<Listener>>>,
     format: KeyFormat,
+    clock: Arc<dyn Clock>,
+}
+
+#[derive(Default)]
+struct State {
+    keys: BTreeMap<KeyId, StoredKey>,
+    hashes: HashMap<KeyHash, HashEntry>,
+    owners: HashMap<String, StoredOwner>,
+}
+
+struct StoredKey {
+    record: Arc<KeyRecord>,
+    owner_name: String,
+    /// Bumped by every rotation, for optimistic concurrency.
+    generation: u64,
+}
+
+struct HashEntry {
+    id: KeyId,
+    /// Set on a rotated-out secret: it works until then (never past the key's expiry).
+    valid_until: Option<SystemTime>,
+}
+
+struct StoredOwner {
+    owner: Owner,
+    password: Option<String>,
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let keys = self.state.read().map(|s| s.keys.len()).unwrap_or(0);
+        f.debug_struct("MemoryStore")
+            .field("keys", &keys)
+            .field("format", &self.format)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl MemoryStore {
     /// An empty store issuing keys in the default format.
     pub fn new() -> Self {
-        Self::default()
+        Self::with_format(KeyFormat::default())
     }
 
     /// An empty store issuing keys in `format`.
     pub fn with_format(format: KeyFormat) -> Self {
         Self {
-            keys: Arc::default(),
+            state: Arc::default(),
+            listeners: Arc::default(),
             format,
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    /// Reads the time (creation, grace periods, last use) from `clock`.
+    #[must_use]
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    fn read(&self) -> Result<RwLockReadGuard<'_, State>, StoreError> {
+        self.state.read().map_err(|_| StoreError::Poisoned)
+    }
+
+    fn write(&self) -> Result<RwLockWriteGuard<'_, State>, StoreError> {
+        self.state.write().map_err(|_| StoreError::Poisoned)
+    }
+
+    /// Tells the listeners (caches) that these hashes' answers changed.
+    fn notify(&self, hashes: &[KeyHash]) {
+        if let Ok(listeners) = self.listeners.read() {
+            for listener in listeners.iter() {
+                for hash in hashes {
+                    listener(hash);
+                }
+            }
         }
     }
 
     /// Generates a key for `owner`, stores its record (shaped by `edit`) under the key's
-    /// hash, and returns the secret: the only time it is seen.
+    /// hash, and returns the secret: the only time it is seen. The owner is registered (with
+    /// no password) if it is new.
     ///
     /// # Errors
     ///
@@ -52,44 +135,148 @@ impl MemoryStore {
         edit: impl FnOnce(KeyRecord) -> KeyRecord,
     ) -> Result<ApiKey, StoreError> {
         let key = self.format.generate(environment)?;
-        let record = edit(KeyRecord::new(KeyId::generate()?, owner, environment));
+        let mut record = edit(KeyRecord::new(KeyId::generate()?, owner, environment));
+        record.created_at.get_or_insert(self.clock.now());
         self.insert(key.hash(), record)?;
         Ok(key)
     }
 
-    /// Stores a record under a hash, replacing any earlier one.
+    /// Stores a record under a hash, replacing any earlier one with that hash.
     ///
     /// # Errors
     ///
     /// [`StoreError::Poisoned`] when the lock is poisoned.
     pub fn insert(&self, hash: KeyHash, record: KeyRecord) -> Result<(), StoreError> {
-        self.keys
-            .write()
-            .map_err(|_| StoreError::Poisoned)?
-            .insert(hash, Arc::new(record));
+        let owner_name = record
+            .owner
+            .as_ref()
+            .map(|o| o.name.clone())
+            .unwrap_or_default();
+        {
+            let mut state = self.write()?;
+            if let Some(owner) = &record.owner {
+                state
+                    .owners
+                    .entry(owner.name.clone())
+                    .or_insert_with(|| StoredOwner {
+                        owner: owner.clone(),
+                        password: None,
+                    });
+            }
+            state.hashes.insert(
+                hash,
+                HashEntry {
+                    id: record.id.clone(),
+                    valid_until: None,
+                },
+            );
+            state.keys.insert(
+                record.id.clone(),
+                StoredKey {
+                    record: Arc::new(record),
+                    owner_name,
+                    generation: 0,
+                },
+            );
+        }
+        self.notify(&[hash]);
         Ok(())
     }
 
-    /// Removes a key.
+    /// Forgets a hash altogether (no audit record is kept: prefer
+    /// [`KeyStore::set_status`] with [`Status::Deleted`]).
     ///
     /// # Errors
     ///
     /// [`StoreError::Poisoned`] when the lock is poisoned.
     pub fn remove(&self, hash: &KeyHash) -> Result<Option<Arc<KeyRecord>>, StoreError> {
-        Ok(self
-            .keys
-            .write()
-            .map_err(|_| StoreError::Poisoned)?
-            .remove(hash))
+        let removed = {
+            let mut state = self.write()?;
+            let entry = state.hashes.remove(hash);
+            entry.and_then(|e| state.keys.get(&e.id).map(|k| Arc::clone(&k.record)))
+        };
+        self.notify(&[*hash]);
+        Ok(removed)
     }
 
-    fn get(&self, hash: &KeyHash) -> LookupResult<StoreError> {
-        Ok(self
-            .keys
-            .read()
-            .map_err(|_| StoreError::Poisoned)?
-            .get(hash)
-            .cloned())
+    fn get_hash(&self, hash: &KeyHash) -> LookupResult<StoreError> {
+        let state = self.read()?;
+        let Some(entry) = state.hashes.get(hash) else {
+            return Ok(None);
+        };
+        let Some(key) = state.keys.get(&entry.id) else {
+            return Ok(None);
+        };
+        Ok(Some(match entry.valid_until {
+            None => Arc::clone(&key.record),
+            // A rotated-out secret: the record with its grace end as expiry.
+            Some(until) => {
+                let mut record = (*key.record).clone();
+                record.expires_at = Some(record.expires_at.map_or(until, |e| e.min(until)));
+                Arc::new(record)
+            }
+        }))
+    }
+
+    /// Every hash that resolves to `id`.
+    fn hashes_of(state: &State, id: &KeyId) -> Vec<KeyHash> {
+        state
+            .hashes
+            .iter()
+            .filter(|(_, e)| &e.id == id)
+            .map(|(h, _)| *h)
+            .collect()
+    }
+
+    /// Edits one key's record under the write lock; notifies its hashes.
+    fn edit_key(
+        &self,
+        id: &KeyId,
+        edit: impl FnOnce(&mut KeyRecord) -> Result<(), StoreError>,
+    ) -> Result<KeyRecord, StoreError> {
+        let (record, hashes) = {
+            let mut state = self.write()?;
+            let stored = state
+                .keys
+                .get_mut(id)
+                .ok_or_else(|| StoreError::KeyNotFound(id.clone()))?;
+            let mut record = (*stored.record).clone();
+            edit(&mut record)?;
+            stored.record = Arc::new(record.clone());
+            (record, Self::hashes_of(&state, id))
+        };
+        self.notify(&hashes);
+        Ok(record)
+    }
+
+    fn owner_edit(&self, name: &str, active: bool) -> Result<Owner, StoreError> {
+        let (owner, hashes) = {
+            let mut state = self.write()?;
+            let stored = state
+                .owners
+                .get_mut(name)
+                .ok_or_else(|| StoreError::OwnerNotFound(name.to_owned()))?;
+            stored.owner.active = active;
+            let owner = stored.owner.clone();
+            let ids: Vec<KeyId> = state
+                .keys
+                .iter()
+                .filter(|(_, k)| k.owner_name == name)
+                .map(|(id, _)| id.clone())
+                .collect();
+            let mut hashes = Vec::new();
+            for id in &ids {
+                if let Some(stored) = state.keys.get_mut(id) {
+                    let mut record = (*stored.record).clone();
+                    record.owner = Some(owner.clone());
+                    stored.record = Arc::new(record);
+                }
+                hashes.extend(Self::hashes_of(&state, id));
+            }
+            (owner, hashes)
+        };
+        self.notify(&hashes);
+        Ok(owner)
     }
 }
 
@@ -98,10 +285,264 @@ impl KeyLookup for MemoryStore {
     type Future = Ready<LookupResult<StoreError>>;
 
     fn lookup(&self, hash: &KeyHash) -> Self::Future {
-        ready(self.get(hash))
+        ready(self.get_hash(hash))
     }
 
     fn lookup_ready(&self, hash: &KeyHash) -> Option<LookupResult<StoreError>> {
-        Some(self.get(hash))
+        Some(self.get_hash(hash))
+    }
+}
+
+impl KeyStore for MemoryStore {
+    async fn add_owner(&self, name: &str, password: Option<&str>) -> Result<Owner, StoreError> {
+        if name.trim().is_empty() {
+            return Err(StoreError::invalid("owner name", "it must not be empty"));
+        }
+        let password = password.map(password::hash).transpose()?;
+        let id = KeyId::generate()?.as_str().replacen("key_", "own_", 1);
+        let owner = Owner::new(id, name);
+        let mut state = self.write()?;
+        if state.owners.contains_key(name) {
+            return Err(StoreError::OwnerExists(name.to_owned()));
+        }
+        state.owners.insert(
+            name.to_owned(),
+            StoredOwner {
+                owner: owner.clone(),
+                password,
+            },
+        );
+        Ok(owner)
+    }
+
+    async fn verify_owner(&self, name: &str, password: &str) -> Result<Owner, StoreError> {
+        let (owner, stored) = {
+            let state = self.read()?;
+            match state.owners.get(name) {
+                Some(o) => (Some(o.owner.clone()), o.password.clone()),
+                None => (None, None),
+            }
+        };
+        // The same argon2 work whether or not the owner exists.
+        let ok = password::verify(password, stored.as_deref());
+        match owner {
+            Some(owner) if ok && owner.active => Ok(owner),
+            _ => Err(StoreError::InvalidCredentials),
+        }
+    }
+
+    async fn set_owner_active(&self, name: &str, active: bool) -> Result<Owner, StoreError> {
+        self.owner_edit(name, active)
+    }
+
+    async fn create(&self, new: NewKey) -> Result<CreatedKey, StoreError> {
+        new.check()?;
+        let secret = self.format.generate(new.environment)?;
+        let id = KeyId::generate()?;
+        let hash = secret.hash();
+        let record = {
+            let mut state = self.write()?;
+            let owner = state
+                .owners
+                .get(&new.owner)
+                .map(|o| o.owner.clone())
+                .ok_or_else(|| StoreError::OwnerNotFound(new.owner.clone()))?;
+            let mut record = KeyRecord::new(id.clone(), owner, new.environment);
+            record.name = new.name;
+            record.description = new.description;
+            record.use_case = new.use_case;
+            record.scopes = new.scopes;
+            record.restrictions = new.restrictions;
+            record.quotas = new.quotas;
+            record.expires_at = new.expires_at;
+            record.metadata = new.metadata;
+            record.created_at = Some(self.clock.now());
+            state.hashes.insert(
+                hash,
+                HashEntry {
+                    id: id.clone(),
+                    valid_until: None,
+                },
+            );
+            state.keys.insert(
+                id,
+                StoredKey {
+                    record: Arc::new(record.clone()),
+                    owner_name: new.owner,
+                    generation: 0,
+                },
+            );
+            record
+        };
+        // A cache may hold this hash as unknown.
+        self.notify(&[hash]);
+        Ok(CreatedKey { record, secret })
+    }
+
+    async fn get(&self, id: &KeyId) -> Result<KeyRecord, StoreError> {
+        let state = self.read()?;
+        state
+            .keys
+            .get(id)
+            .map(|k| (*k.record).clone())
+            .ok_or_else(|| StoreError::KeyNotFound(id.clone()))
+    }
+
+    async fn list(&self, owner: &str, page: Page) -> Result<Vec<KeyRecord>, StoreError> {
+        let limit = if page.limit == 0 { 100 } else { page.limit };
+        let state = self.read()?;
+        if !state.owners.contains_key(owner) {
+            return Err(StoreError::OwnerNotFound(owner.to_owned()));
+        }
+        let start = match &page.after {
+            Some(after) => std::ops::Bound::Excluded(after.clone()),
+            None => std::ops::Bound::Unbounded,
+        };
+        Ok(state
+            .keys
+            .range((start, std::ops::Bound::Unbounded))
+            .filter(|(_, k)| k.owner_name == owner)
+            .take(limit)
+            .map(|(_, k)| (*k.record).clone())
+            .collect())
+    }
+
+    async fn update(&self, id: &KeyId, update: KeyUpdate) -> Result<KeyRecord, StoreError> {
+        update.check()?;
+        self.edit_key(id, |record| {
+            if record.status == Status::Deleted {
+                return Err(StoreError::KeyNotFound(record.id.clone()));
+            }
+            update.apply(record);
+            Ok(())
+        })
+    }
+
+    async fn set_status(&self, id: &KeyId, status: Status) -> Result<KeyRecord, StoreError> {
+        self.edit_key(id, |record| match (record.status, status) {
+            (Status::Deleted, _) => Err(StoreError::KeyNotFound(record.id.clone())),
+            (Status::Revoked, Status::Active | Status::Disabled) => Err(StoreError::InvalidState(
+                "revoked",
+                "a revoked key cannot come back",
+            )),
+            _ => {
+                record.status = status;
+                Ok(())
+            }
+        })
+    }
+
+    async fn rotate(&self, id: &KeyId, grace: Duration) -> Result<CreatedKey, StoreError> {
+        // Optimistic: read the generation, make the secret, write only if nothing moved.
+        let (generation, environment) = {
+            let state = self.read()?;
+            let key = state
+                .keys
+                .get(id)
+                .ok_or_else(|| StoreError::KeyNotFound(id.clone()))?;
+            if key.record.status != Status::Active && key.record.status != Status::Disabled {
+                return Err(StoreError::KeyNotFound(id.clone()));
+            }
+            (key.generation, key.record.environment)
+        };
+        let secret = self.format.generate(environment)?;
+        let new_hash = secret.hash();
+        let now = self.clock.now();
+        let (record, changed) = {
+            let mut state = self.write()?;
+            let key = state
+                .keys
+                .get_mut(id)
+                .ok_or_else(|| StoreError::KeyNotFound(id.clone()))?;
+            if key.generation != generation {
+                return Err(StoreError::Conflict);
+            }
+            key.generation += 1;
+            let record = (*key.record).clone();
+            let old: Vec<KeyHash> = Self::hashes_of(&state, id);
+            let until = now.checked_add(grace).unwrap_or(now);
+            for hash in &old {
+                if grace.is_zero() {
+                    state.hashes.remove(hash);
+                } else if let Some(entry) = state.hashes.get_mut(hash) {
+                    // A secret already in its grace keeps the earlier end.
+                    let end = entry.valid_until.map_or(until, |u| u.min(until));
+                    entry.valid_until = Some(end);
+                }
+            }
+            state.hashes.insert(
+                new_hash,
+                HashEntry {
+                    id: id.clone(),
+                    valid_until: None,
+                },
+            );
+            let mut changed = old;
+            changed.push(new_hash);
+            (record, changed)
+        };
+        self.notify(&changed);
+        Ok(CreatedKey { record, secret })
+    }
+
+    async fn revoke_all(&self, owner: &str) -> Result<usize, StoreError> {
+        let (count, hashes) = {
+            let mut state = self.write()?;
+            if !state.owners.contains_key(owner) {
+                return Err(StoreError::OwnerNotFound(owner.to_owned()));
+            }
+            let ids: Vec<KeyId> = state
+                .keys
+                .iter()
+                .filter(|(_, k)| {
+                    k.owner_name == owner
+                        && matches!(k.record.status, Status::Active | Status::Disabled)
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            let mut hashes = Vec::new();
+            for id in &ids {
+                if let Some(stored) = state.keys.get_mut(id) {
+                    let mut record = (*stored.record).clone();
+                    record.status = Status::Revoked;
+                    stored.record = Arc::new(record);
+                }
+                hashes.extend(Self::hashes_of(&state, id));
+            }
+            (ids.len(), hashes)
+        };
+        self.notify(&hashes);
+        Ok(count)
+    }
+
+    async fn record_use(&self, id: &KeyId) -> Result<(), StoreError> {
+        let now = self.clock.now();
+        {
+            let state = self.read()?;
+            let key = state
+                .keys
+                .get(id)
+                .ok_or_else(|| StoreError::KeyNotFound(id.clone()))?;
+            let recent = key.record.last_used_at.is_some_and(|last| {
+                now.duration_since(last)
+                    .is_ok_and(|since| since < LAST_USED_RESOLUTION)
+            });
+            if recent {
+                return Ok(());
+            }
+        }
+        let mut state = self.write()?;
+        if let Some(stored) = state.keys.get_mut(id) {
+            let mut record = (*stored.record).clone();
+            record.last_used_at = Some(now);
+            stored.record = Arc::new(record);
+        }
+        Ok(())
+    }
+
+    fn on_change(&self, listener: Listener) {
+        if let Ok(mut listeners) = self.listeners.write() {
+            listeners.push(listener);
+        }
     }
 }

@@ -1,11 +1,41 @@
-//! Where keys live. [`MemoryStore`] keeps them in the process: the quickstart's store, and
-//! the fastest [`KeyLookup`](crate::lookup::KeyLookup) there is.
+//! Where keys live: the [`KeyStore`] management trait beside [`KeyLookup`], and
+//! [`MemoryStore`], which keeps keys in the process (the quickstart's store, and the
+//! fastest [`KeyLookup`] there is).
+//!
+//! A store knows keys only by their [`KeyHash`](crate::key::KeyHash): the secret is returned
+//! once, by [`KeyStore::create`] and [`KeyStore::rotate`], and never again.
+//!
+//! ```
+//! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+//! use keygate::store::{KeyStore, MemoryStore, NewKey};
+//! use keygate::record::Environment;
+//!
+//! let store = MemoryStore::new();
+//! store.add_owner("ada", Some("correct horse")).await?;
+//! let created = store.create(NewKey::new("ada", "ci", Environment::Test)).await?;
+//! println!("KEY={}", created.secret.expose_secret()); // the only time it is shown
+//! assert_eq!(store.get(&created.record.id).await?.name, "ci");
+//! # Ok::<_, keygate::store::StoreError>(())
+//! # }).unwrap();
+//! ```
 
 mod memory;
+mod password;
 
 pub use memory::MemoryStore;
 
-/// A store that cannot answer.
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+use crate::key::{ApiKey, KeyId};
+use crate::lookup::KeyLookup;
+use crate::ratelimit::Quota;
+use crate::record::{Environment, KeyRecord, Owner, Restrictions, Scopes, Status};
+
+/// `last_used_at` is written at most this often per key.
+pub const LAST_USED_RESOLUTION: Duration = Duration::from_secs(60);
+
+/// Why a store refused or failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
@@ -15,4 +45,279 @@ pub enum StoreError {
     /// A bad setting or the OS random source failing.
     #[error(transparent)]
     Config(#[from] crate::error::ConfigError),
+    /// No key with this id (or it is deleted).
+    #[error("no key with id {0}")]
+    KeyNotFound(KeyId),
+    /// No owner with this name.
+    #[error("no owner named {0:?}")]
+    OwnerNotFound(String),
+    /// An owner with this name exists already.
+    #[error("an owner named {0:?} exists already")]
+    OwnerExists(String),
+    /// The username or password is wrong (which one is never said).
+    #[error("invalid credentials")]
+    InvalidCredentials,
+    /// An attempt to change a field that is fixed at creation.
+    #[error("{0} is immutable: it is fixed when the key is created")]
+    Immutable(&'static str),
+    /// The key changed under this operation (two rotations racing): retry.
+    #[error("the key was changed concurrently; retry")]
+    Conflict,
+    /// The operation does not apply to the key in its state (enabling a revoked key).
+    #[error("the key is {0}: {1}")]
+    InvalidState(&'static str, &'static str),
+    /// Input that cannot be stored: an empty name, a quota list too long…
+    #[error("invalid {field}: {reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The database failed.
+    #[error("store backend: {0}")]
+    Backend(String),
 }
+
+impl StoreError {
+    pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
+        Self::Invalid {
+            field,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// What [`KeyStore::create`] needs. Start from [`NewKey::new`] and set the public fields.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct NewKey {
+    /// The owner's name; the owner must exist.
+    pub owner: String,
+    /// A name, not empty.
+    pub name: String,
+    /// A description.
+    pub description: String,
+    /// The use case (immutable once created).
+    pub use_case: String,
+    /// Live or test (immutable).
+    pub environment: Environment,
+    /// Scopes.
+    pub scopes: Scopes,
+    /// IP and site allowlists.
+    pub restrictions: Restrictions,
+    /// Rate-limit windows (empty: the layer's default; at most 8).
+    pub quotas: Vec<Quota>,
+    /// When the key expires (immutable).
+    pub expires_at: Option<SystemTime>,
+    /// Free-form data.
+    pub metadata: serde_json::Value,
+}
+
+impl NewKey {
+    /// A key for `owner` named `name`, with nothing else set.
+    pub fn new(
+        owner: impl Into<String>,
+        name: impl Into<String>,
+        environment: Environment,
+    ) -> Self {
+        Self {
+            owner: owner.into(),
+            name: name.into(),
+            description: String::new(),
+            use_case: String::new(),
+            environment,
+            scopes: Scopes::none(),
+            restrictions: Restrictions::default(),
+            quotas: Vec::new(),
+            expires_at: None,
+            metadata: serde_json::Value::Null,
+        }
+    }
+
+    pub(crate) fn check(&self) -> Result<(), StoreError> {
+        if self.name.trim().is_empty() {
+            return Err(StoreError::invalid("name", "it must not be empty"));
+        }
+        check_quotas(&self.quotas)
+    }
+}
+
+fn check_quotas(quotas: &[Quota]) -> Result<(), StoreError> {
+    if quotas.len() > crate::ratelimit::MAX_WINDOWS {
+        return Err(StoreError::invalid(
+            "quotas",
+            format!("at most {} windows", crate::ratelimit::MAX_WINDOWS),
+        ));
+    }
+    Ok(())
+}
+
+/// A change to a key's mutable fields; `None` leaves a field as it is. Setting an
+/// immutable field (use case, environment, expiry) is refused with
+/// [`StoreError::Immutable`], never ignored.
+#[derive(Debug, Clone, Default)]
+#[non_exhaustive]
+pub struct KeyUpdate {
+    /// New name (not empty).
+    pub name: Option<String>,
+    /// New description.
+    pub description: Option<String>,
+    /// New scopes.
+    pub scopes: Option<Scopes>,
+    /// New restrictions.
+    pub restrictions: Option<Restrictions>,
+    /// New rate-limit windows.
+    pub quotas: Option<Vec<Quota>>,
+    /// New metadata.
+    pub metadata: Option<serde_json::Value>,
+    /// Immutable: any value is refused.
+    pub use_case: Option<String>,
+    /// Immutable: any value is refused.
+    pub environment: Option<Environment>,
+    /// Immutable: any value is refused.
+    pub expires_at: Option<Option<SystemTime>>,
+}
+
+impl KeyUpdate {
+    /// Refuses immutable fields and bad values before anything is written.
+    pub(crate) fn check(&self) -> Result<(), StoreError> {
+        if self.use_case.is_some() {
+            return Err(StoreError::Immutable("use case"));
+        }
+        if self.environment.is_some() {
+            return Err(StoreError::Immutable("environment"));
+        }
+        if self.expires_at.is_some() {
+            return Err(StoreError::Immutable("expiry"));
+        }
+        if self.name.as_ref().is_some_and(|n| n.trim().is_empty()) {
+            return Err(StoreError::invalid("name", "it must not be empty"));
+        }
+        if let Some(quotas) = &self.quotas {
+            check_quotas(quotas)?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn apply(self, record: &mut KeyRecord) {
+        if let Some(name) = self.name {
+            record.name = name;
+        }
+        if let Some(description) = self.description {
+            record.description = description;
+        }
+        if let Some(scopes) = self.scopes {
+            record.scopes = scopes;
+        }
+        if let Some(restrictions) = self.restrictions {
+            record.restrictions = restrictions;
+        }
+        if let Some(quotas) = self.quotas {
+            record.quotas = quotas;
+        }
+        if let Some(metadata) = self.metadata {
+            record.metadata = metadata;
+        }
+    }
+}
+
+/// A key just made: its record, and its secret (shown once).
+#[derive(Debug, Clone)]
+pub struct CreatedKey {
+    /// The record as stored.
+    pub record: KeyRecord,
+    /// The secret. Show it to its owner once; it cannot be read back.
+    pub secret: ApiKey,
+}
+
+/// A page of [`KeyStore::list`]: keys after `after` (by id), at most `limit`.
+#[derive(Debug, Clone, Default)]
+pub struct Page {
+    /// Start after this key id (`None`: from the first).
+    pub after: Option<KeyId>,
+    /// The most keys returned (0 means 100).
+    pub limit: usize,
+}
+
+/// Managing keys and owners. Every implementation runs the same conformance suite
+/// (`tests/store_conformance.rs`).
+///
+/// Changes take effect for lookups through the same store at once; a
+/// [`CachedLookup`](crate::lookup::CachedLookup) built with
+/// [`CachedLookup::over_store`](crate::lookup::CachedLookup::over_store) is told of every
+/// change made in this process. Another process sees a change once its cache entry
+/// expires (the cache TTL, 30 s by default).
+pub trait KeyStore: KeyLookup + Clone {
+    /// Adds an owner, with an optional password (hashed with argon2id).
+    fn add_owner(
+        &self,
+        name: &str,
+        password: Option<&str>,
+    ) -> impl Future<Output = Result<Owner, StoreError>> + Send;
+
+    /// Checks an owner's credentials in constant time; an unknown name and a wrong password
+    /// take the same time and give the same [`StoreError::InvalidCredentials`].
+    fn verify_owner(
+        &self,
+        name: &str,
+        password: &str,
+    ) -> impl Future<Output = Result<Owner, StoreError>> + Send;
+
+    /// Enables or disables an owner (every key of a disabled owner fails with
+    /// `owner_inactive`).
+    fn set_owner_active(
+        &self,
+        name: &str,
+        active: bool,
+    ) -> impl Future<Output = Result<Owner, StoreError>> + Send;
+
+    /// Creates a key and returns its secret, the only time it is seen.
+    fn create(&self, new: NewKey) -> impl Future<Output = Result<CreatedKey, StoreError>> + Send;
+
+    /// One key by id (deleted keys too: the record stays for audit).
+    fn get(&self, id: &KeyId) -> impl Future<Output = Result<KeyRecord, StoreError>> + Send;
+
+    /// An owner's keys, by id, a page at a time.
+    fn list(
+        &self,
+        owner: &str,
+        page: Page,
+    ) -> impl Future<Output = Result<Vec<KeyRecord>, StoreError>> + Send;
+
+    /// Changes the mutable fields.
+    fn update(
+        &self,
+        id: &KeyId,
+        update: KeyUpdate,
+    ) -> impl Future<Output = Result<KeyRecord, StoreError>> + Send;
+
+    /// Disables, enables or soft-deletes a key. A deleted or revoked key stays so.
+    fn set_status(
+        &self,
+        id: &KeyId,
+        status: Status,
+    ) -> impl Future<Output = Result<KeyRecord, StoreError>> + Send;
+
+    /// A new secret at once; the old one keeps working for `grace` (never past the key's own
+    /// expiry). Two rotations racing: one wins, the other gets [`StoreError::Conflict`].
+    fn rotate(
+        &self,
+        id: &KeyId,
+        grace: Duration,
+    ) -> impl Future<Output = Result<CreatedKey, StoreError>> + Send;
+
+    /// Revokes every key of an owner; returns how many.
+    fn revoke_all(&self, owner: &str) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// Notes that a key was used now; written at most once per [`LAST_USED_RESOLUTION`].
+    fn record_use(&self, id: &KeyId) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Registers a listener told, in this process, of every key hash whose lookup answer a
+    /// change made through this store (or its clones) may have changed: the hook that keeps
+    /// a [`CachedLookup`](crate::lookup::CachedLookup) honest.
+    fn on_change(&self, listener: ChangeListener);
+}
+
+/// See [`KeyStore::on_change`].
+pub type ChangeListener = std::sync::Arc<dyn Fn(&crate::key::KeyHash) + Send + Sync>;
