@@ -271,6 +271,10 @@ pub struct KeyRecord {
     /// When the key was last used, to the minute (stores write it at most once a minute).
     #[serde(default)]
     pub last_used_at: Option<SystemTime>,
+    /// Bumped by the store on every change: the token of optimistic concurrency (an
+    /// HTTP API's `ETag`).
+    #[serde(default)]
+    pub version: u64,
 }
 
 impl KeyRecord {
@@ -291,6 +295,7 @@ impl KeyRecord {
             metadata: serde_json::Value::Null,
             created_at: None,
             last_used_at: None,
+            version: 0,
         }
     }
 

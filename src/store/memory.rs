@@ -48,8 +48,6 @@ struct State {
 struct StoredKey {
     record: Arc<KeyRecord>,
     owner_name: String,
-    /// Bumped by every rotation, for optimistic concurrency.
-    generation: u64,
 }
 
 struct HashEntry {
@@ -175,7 +173,6 @@ impl MemoryStore {
                 StoredKey {
                     record: Arc::new(record),
                     owner_name,
-                    generation: 0,
                 },
             );
         }
@@ -242,6 +239,7 @@ impl MemoryStore {
                 .ok_or_else(|| StoreError::KeyNotFound(id.clone()))?;
             let mut record = (*stored.record).clone();
             edit(&mut record)?;
+            record.version += 1;
             stored.record = Arc::new(record.clone());
             (record, Self::hashes_of(&state, id))
         };
@@ -269,6 +267,7 @@ impl MemoryStore {
                 if let Some(stored) = state.keys.get_mut(id) {
                     let mut record = (*stored.record).clone();
                     record.owner = Some(owner.clone());
+                    record.version += 1;
                     stored.record = Arc::new(record);
                 }
                 hashes.extend(Self::hashes_of(&state, id));
@@ -369,7 +368,6 @@ impl KeyStore for MemoryStore {
                 StoredKey {
                     record: Arc::new(record.clone()),
                     owner_name: new.owner,
-                    generation: 0,
                 },
             );
             record
@@ -432,9 +430,14 @@ impl KeyStore for MemoryStore {
         })
     }
 
-    async fn rotate(&self, id: &KeyId, grace: Duration) -> Result<CreatedKey, StoreError> {
-        // Optimistic: read the generation, make the secret, write only if nothing moved.
-        let (generation, environment) = {
+    async fn rotate(
+        &self,
+        id: &KeyId,
+        grace: Duration,
+        expected: Option<u64>,
+    ) -> Result<CreatedKey, StoreError> {
+        // Optimistic: read the version, make the secret, write only if nothing moved.
+        let (version, environment) = {
             let state = self.read()?;
             let key = state
                 .keys
@@ -443,7 +446,10 @@ impl KeyStore for MemoryStore {
             if key.record.status != Status::Active && key.record.status != Status::Disabled {
                 return Err(StoreError::KeyNotFound(id.clone()));
             }
-            (key.generation, key.record.environment)
+            if expected.is_some_and(|v| v != key.record.version) {
+                return Err(StoreError::Conflict);
+            }
+            (key.record.version, key.record.environment)
         };
         let secret = self.format.generate(environment)?;
         let new_hash = secret.hash();
@@ -454,11 +460,12 @@ impl KeyStore for MemoryStore {
                 .keys
                 .get_mut(id)
                 .ok_or_else(|| StoreError::KeyNotFound(id.clone()))?;
-            if key.generation != generation {
+            if key.record.version != version {
                 return Err(StoreError::Conflict);
             }
-            key.generation += 1;
-            let record = (*key.record).clone();
+            let mut record = (*key.record).clone();
+            record.version += 1;
+            key.record = Arc::new(record.clone());
             let old: Vec<KeyHash> = Self::hashes_of(&state, id);
             let until = now.checked_add(grace).unwrap_or(now);
             for hash in &old {
@@ -505,6 +512,7 @@ impl KeyStore for MemoryStore {
                 if let Some(stored) = state.keys.get_mut(id) {
                     let mut record = (*stored.record).clone();
                     record.status = Status::Revoked;
+                    record.version += 1;
                     stored.record = Arc::new(record);
                 }
                 hashes.extend(Self::hashes_of(&state, id));

@@ -300,11 +300,18 @@ pub trait KeyStore: KeyLookup + Clone {
     ) -> impl Future<Output = Result<KeyRecord, StoreError>> + Send;
 
     /// A new secret at once; the old one keeps working for `grace` (never past the key's own
-    /// expiry). Two rotations racing: one wins, the other gets [`StoreError::Conflict`].
+    /// expiry).
+    ///
+    /// With `expected` set to the [`version`](KeyRecord::version) the caller last read, the
+    /// rotation happens only if the key has not changed since: of two rotations racing from
+    /// one read, one wins and the other gets [`StoreError::Conflict`], so no caller is handed
+    /// a secret that a concurrent rotation has already replaced. Without it, the rotation
+    /// still commits atomically against the version it read itself.
     fn rotate(
         &self,
         id: &KeyId,
         grace: Duration,
+        expected: Option<u64>,
     ) -> impl Future<Output = Result<CreatedKey, StoreError>> + Send;
 
     /// Revokes every key of an owner; returns how many.

@@ -1,0 +1,512 @@
+//! The one behaviour every `KeyStore` must have. Each store's test file calls [`run`] with a
+//! function that opens two handles on one fresh, empty store whose clock is the given
+//! fake clock.
+#![allow(dead_code, unreachable_pub)]
+
+use std::future::Future;
+use std::time::{Duration, SystemTime};
+
+use keygate::clock::{Clock, FakeClock};
+use keygate::key::ApiKey;
+use keygate::lookup::{CachedLookup, KeyLookup};
+use keygate::ratelimit::Quota;
+use keygate::record::{Environment, Restrictions, Scopes, Status};
+use keygate::reject::Reason;
+use keygate::store::{KeyStore, KeyUpdate, NewKey, Page, StoreError};
+use keygate::validate::{check, Rules};
+
+/// Runs the whole suite; `open` gives two handles on one empty store.
+pub async fn run<S, F, Fut>(open: F)
+where
+    S: KeyStore + 'static,
+    F: Fn(FakeClock) -> Fut,
+    Fut: Future<Output = (S, S)>,
+{
+    macro_rules! case {
+        ($name:ident) => {{
+            let clock = FakeClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+            let (a, b) = open(clock.clone()).await;
+            $name(&a, &b, &clock).await;
+        }};
+    }
+    case!(owners);
+    case!(create_and_look_up);
+    case!(bad_input_writes_nothing);
+    case!(list_pages);
+    case!(update_mutable_fields_only);
+    case!(disable_enable_delete);
+    case!(rotation_with_grace);
+    case!(concurrent_rotations_conflict);
+    case!(revoke_all);
+    case!(last_used_once_a_minute);
+    case!(two_handles_see_each_other);
+    case!(a_cache_over_the_store_stays_honest);
+}
+
+/// What the layers would answer for `secret` through `lookup` at `clock`'s time.
+async fn verdict<L: KeyLookup>(
+    lookup: &L,
+    secret: &ApiKey,
+    clock: &FakeClock,
+) -> Result<(), Reason> {
+    match lookup.lookup(&secret.hash()).await {
+        Ok(Some(record)) => check(&record, &Rules::default(), clock.now(), || None, || None),
+        Ok(None) => Err(Reason::InvalidApiKey),
+        Err(_) => Err(Reason::AuthUnavailable),
+    }
+}
+
+async fn owner_and_key<S: KeyStore>(
+    store: &S,
+    owner: &str,
+) -> (keygate::store::CreatedKey, NewKey) {
+    store.add_owner(owner, None).await.unwrap();
+    let mut new = NewKey::new(owner, "ci", Environment::Live);
+    new.scopes = Scopes::parse("read,write");
+    let created = store.create(new.clone()).await.unwrap();
+    (created, new)
+}
+
+async fn owners<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
+    let ada = store.add_owner("ada", Some("correct horse")).await.unwrap();
+    assert_eq!(ada.name, "ada");
+    assert!(ada.active);
+    assert_eq!(
+        store.add_owner("ada", None).await.unwrap_err(),
+        StoreError::OwnerExists("ada".into())
+    );
+    assert!(matches!(
+        store.add_owner(" ", None).await,
+        Err(StoreError::Invalid { .. })
+    ));
+    assert_eq!(
+        store.verify_owner("ada", "correct horse").await.unwrap().id,
+        ada.id
+    );
+    for (name, password) in [("ada", "wrong"), ("nobody", "correct horse"), ("ada", "")] {
+        assert_eq!(
+            store.verify_owner(name, password).await.unwrap_err(),
+            StoreError::InvalidCredentials,
+            "{name}/{password}"
+        );
+    }
+    store.add_owner("bob", None).await.unwrap();
+    assert_eq!(
+        store.verify_owner("bob", "").await.unwrap_err(),
+        StoreError::InvalidCredentials,
+        "an owner without a password cannot log in"
+    );
+
+    let key = store
+        .create(NewKey::new("ada", "k", Environment::Live))
+        .await
+        .unwrap();
+    store.set_owner_active("ada", false).await.unwrap();
+    assert_eq!(
+        verdict(store, &key.secret, clock).await,
+        Err(Reason::OwnerInactive)
+    );
+    assert_eq!(
+        store
+            .verify_owner("ada", "correct horse")
+            .await
+            .unwrap_err(),
+        StoreError::InvalidCredentials
+    );
+    store.set_owner_active("ada", true).await.unwrap();
+    assert_eq!(verdict(store, &key.secret, clock).await, Ok(()));
+    assert_eq!(
+        store.set_owner_active("nobody", false).await.unwrap_err(),
+        StoreError::OwnerNotFound("nobody".into())
+    );
+}
+
+async fn create_and_look_up<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
+    store.add_owner("ada", None).await.unwrap();
+    let mut new = NewKey::new("ada", "billing", Environment::Test);
+    new.description = "nightly export".into();
+    new.use_case = "export".into();
+    new.scopes = Scopes::parse("read");
+    new.restrictions = Restrictions {
+        ips: vec!["10.0.0.0/8".parse().unwrap()],
+        sites: vec!["shop".into()],
+    };
+    new.quotas = vec![Quota::parse("60/min").unwrap()];
+    new.expires_at = Some(clock.now() + Duration::from_secs(3600));
+    new.metadata = serde_json::json!({"plan": "pro"});
+    let created = store.create(new).await.unwrap();
+    let record = &created.record;
+    assert!(created.secret.expose_secret().starts_with("kg_test_"));
+    assert_eq!(record.name, "billing");
+    assert_eq!(record.description, "nightly export");
+    assert_eq!(record.use_case, "export");
+    assert_eq!(record.environment, Environment::Test);
+    assert_eq!(record.owner.as_ref().unwrap().name, "ada");
+    assert_eq!(record.created_at, Some(clock.now()));
+    let found = store
+        .lookup(&created.secret.hash())
+        .await
+        .ok()
+        .flatten()
+        .unwrap();
+    assert_eq!(*found, *record);
+    assert_eq!(store.get(&record.id).await.unwrap(), *record);
+    // Expiry.
+    clock.advance(Duration::from_secs(3600));
+    assert_eq!(
+        verdict(store, &created.secret, clock).await,
+        Err(Reason::ApiKeyExpired)
+    );
+    // Unknown keys and ids.
+    let stranger = keygate::key::KeyFormat::default()
+        .generate(Environment::Live)
+        .unwrap();
+    assert!(matches!(store.lookup(&stranger.hash()).await, Ok(None)));
+    let missing = keygate::key::KeyId::new("key_missing");
+    assert_eq!(
+        store.get(&missing).await.unwrap_err(),
+        StoreError::KeyNotFound(missing)
+    );
+}
+
+async fn bad_input_writes_nothing<S: KeyStore>(store: &S, _: &S, _: &FakeClock) {
+    assert_eq!(
+        store
+            .create(NewKey::new("ghost", "k", Environment::Live))
+            .await
+            .unwrap_err(),
+        StoreError::OwnerNotFound("ghost".into())
+    );
+    store.add_owner("ada", None).await.unwrap();
+    assert!(matches!(
+        store
+            .create(NewKey::new("ada", "  ", Environment::Live))
+            .await,
+        Err(StoreError::Invalid { field: "name", .. })
+    ));
+    let mut nine = NewKey::new("ada", "k", Environment::Live);
+    nine.quotas = vec![Quota::parse("1/s").unwrap(); 9];
+    assert!(matches!(
+        store.create(nine).await,
+        Err(StoreError::Invalid {
+            field: "quotas",
+            ..
+        })
+    ));
+    assert!(store.list("ada", Page::default()).await.unwrap().is_empty());
+}
+
+async fn list_pages<S: KeyStore>(store: &S, _: &S, _: &FakeClock) {
+    store.add_owner("ada", None).await.unwrap();
+    store.add_owner("bob", None).await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..5 {
+        let created = store
+            .create(NewKey::new("ada", format!("k{i}"), Environment::Live))
+            .await
+            .unwrap();
+        ids.push(created.record.id);
+        store
+            .create(NewKey::new("bob", "other", Environment::Live))
+            .await
+            .unwrap();
+    }
+    ids.sort();
+    let mut seen = Vec::new();
+    let mut page = Page {
+        after: None,
+        limit: 2,
+    };
+    loop {
+        let keys = store.list("ada", page.clone()).await.unwrap();
+        assert!(keys.len() <= 2);
+        if keys.is_empty() {
+            break;
+        }
+        page.after = keys.last().map(|k| k.id.clone());
+        seen.extend(keys.into_iter().map(|k| k.id));
+    }
+    assert_eq!(seen, ids, "every key once, in id order");
+    assert_eq!(
+        store.list("nobody", Page::default()).await.unwrap_err(),
+        StoreError::OwnerNotFound("nobody".into())
+    );
+}
+
+async fn update_mutable_fields_only<S: KeyStore>(store: &S, _: &S, _: &FakeClock) {
+    let (created, _) = owner_and_key(store, "ada").await;
+    let id = &created.record.id;
+    let mut update = KeyUpdate::default();
+    update.name = Some("renamed".into());
+    update.description = Some("new description".into());
+    update.scopes = Some(Scopes::parse("admin"));
+    update.quotas = Some(vec![Quota::parse("10/s").unwrap()]);
+    update.metadata = Some(serde_json::json!({"tier": 2}));
+    let updated = store.update(id, update).await.unwrap();
+    assert_eq!(updated.name, "renamed");
+    assert_eq!(updated.scopes, Scopes::parse("admin"));
+    assert_eq!(store.get(id).await.unwrap(), updated);
+
+    let mut env = KeyUpdate::default();
+    env.environment = Some(Environment::Test);
+    env.name = Some("sneaky".into());
+    assert_eq!(
+        store.update(id, env).await.unwrap_err(),
+        StoreError::Immutable("environment")
+    );
+    let mut use_case = KeyUpdate::default();
+    use_case.use_case = Some("x".into());
+    assert_eq!(
+        store.update(id, use_case).await.unwrap_err(),
+        StoreError::Immutable("use case")
+    );
+    let mut expiry = KeyUpdate::default();
+    expiry.expires_at = Some(None);
+    assert_eq!(
+        store.update(id, expiry).await.unwrap_err(),
+        StoreError::Immutable("expiry")
+    );
+    assert_eq!(
+        store.get(id).await.unwrap().name,
+        "renamed",
+        "nothing half-written"
+    );
+    let mut empty = KeyUpdate::default();
+    empty.name = Some(String::new());
+    assert!(matches!(
+        store.update(id, empty).await,
+        Err(StoreError::Invalid { .. })
+    ));
+    let missing = keygate::key::KeyId::new("key_missing");
+    assert_eq!(
+        store
+            .update(&missing, KeyUpdate::default())
+            .await
+            .unwrap_err(),
+        StoreError::KeyNotFound(missing)
+    );
+}
+
+async fn disable_enable_delete<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
+    let (created, _) = owner_and_key(store, "ada").await;
+    let id = &created.record.id;
+    store.set_status(id, Status::Disabled).await.unwrap();
+    assert_eq!(
+        verdict(store, &created.secret, clock).await,
+        Err(Reason::ApiKeyDisabled)
+    );
+    store.set_status(id, Status::Active).await.unwrap();
+    assert_eq!(verdict(store, &created.secret, clock).await, Ok(()));
+    store.set_status(id, Status::Deleted).await.unwrap();
+    assert_eq!(
+        verdict(store, &created.secret, clock).await,
+        Err(Reason::InvalidApiKey)
+    );
+    assert_eq!(
+        store.get(id).await.unwrap().status,
+        Status::Deleted,
+        "kept for audit"
+    );
+    assert!(
+        store.set_status(id, Status::Active).await.is_err(),
+        "deleted stays deleted"
+    );
+    assert!(store.rotate(id, Duration::ZERO, None).await.is_err());
+}
+
+async fn rotation_with_grace<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
+    let (created, _) = owner_and_key(store, "ada").await;
+    let id = &created.record.id;
+    let rotated = store
+        .rotate(id, Duration::from_secs(300), None)
+        .await
+        .unwrap();
+    assert_eq!(rotated.record.id, *id);
+    assert_ne!(
+        rotated.secret.expose_secret(),
+        created.secret.expose_secret()
+    );
+    assert_eq!(verdict(store, &rotated.secret, clock).await, Ok(()));
+    assert_eq!(
+        verdict(store, &created.secret, clock).await,
+        Ok(()),
+        "old key in its grace"
+    );
+    clock.advance(Duration::from_secs(300));
+    assert_eq!(
+        verdict(store, &created.secret, clock).await,
+        Err(Reason::ApiKeyExpired)
+    );
+    assert_eq!(verdict(store, &rotated.secret, clock).await, Ok(()));
+
+    // Without grace the old key stops at once.
+    let again = store.rotate(id, Duration::ZERO, None).await.unwrap();
+    assert_eq!(
+        verdict(store, &rotated.secret, clock).await,
+        Err(Reason::InvalidApiKey)
+    );
+    assert_eq!(verdict(store, &again.secret, clock).await, Ok(()));
+
+    // The grace never outlives the key's own expiry.
+    let mut short = NewKey::new("ada", "short", Environment::Live);
+    short.expires_at = Some(clock.now() + Duration::from_secs(60));
+    let short = store.create(short).await.unwrap();
+    let next = store
+        .rotate(&short.record.id, Duration::from_secs(3600), None)
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(60));
+    assert_eq!(
+        verdict(store, &short.secret, clock).await,
+        Err(Reason::ApiKeyExpired)
+    );
+    assert_eq!(
+        verdict(store, &next.secret, clock).await,
+        Err(Reason::ApiKeyExpired)
+    );
+}
+
+async fn concurrent_rotations_conflict<S: KeyStore + 'static>(a: &S, b: &S, clock: &FakeClock) {
+    let (created, _) = owner_and_key(a, "ada").await;
+    let id = created.record.id.clone();
+
+    // Two callers read the key, then both rotate it: one wins, the other conflicts.
+    let seen = a.get(&id).await.unwrap().version;
+    let first = a.rotate(&id, Duration::ZERO, Some(seen)).await.unwrap();
+    assert_eq!(
+        b.rotate(&id, Duration::ZERO, Some(seen)).await.unwrap_err(),
+        StoreError::Conflict
+    );
+    assert_eq!(
+        verdict(a, &first.secret, clock).await,
+        Ok(()),
+        "the winner's secret works"
+    );
+
+    // Racing on two handles from tasks released together: every race has one winner, and
+    // every loser is told so; the last winner's secret is the one that works.
+    let mut current = first.secret;
+    for _ in 0..50 {
+        let seen = a.get(&id).await.unwrap().version;
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(2));
+        let spawn = |store: S| {
+            let (id, barrier) = (id.clone(), std::sync::Arc::clone(&barrier));
+            tokio::spawn(async move {
+                barrier.wait().await;
+                store.rotate(&id, Duration::ZERO, Some(seen)).await
+            })
+        };
+        let (x, y) = (spawn(a.clone()), spawn(b.clone()));
+        let results = [x.await.unwrap(), y.await.unwrap()];
+        let winners: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+        assert_eq!(winners.len(), 1, "exactly one of two racing rotations wins");
+        current = winners[0].secret.clone();
+        assert!(results
+            .iter()
+            .any(|r| matches!(r, Err(StoreError::Conflict))));
+    }
+    assert_eq!(verdict(a, &current, clock).await, Ok(()));
+    assert_eq!(
+        verdict(a, &created.secret, clock).await,
+        Err(Reason::InvalidApiKey)
+    );
+}
+
+async fn revoke_all<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
+    let (one, _) = owner_and_key(store, "ada").await;
+    let two = store
+        .create(NewKey::new("ada", "two", Environment::Test))
+        .await
+        .unwrap();
+    let (other, _) = owner_and_key(store, "bob").await;
+    assert_eq!(store.revoke_all("ada").await.unwrap(), 2);
+    for key in [&one.secret, &two.secret] {
+        assert_eq!(verdict(store, key, clock).await, Err(Reason::InvalidApiKey));
+    }
+    assert_eq!(verdict(store, &other.secret, clock).await, Ok(()));
+    assert!(store
+        .set_status(&one.record.id, Status::Active)
+        .await
+        .is_err());
+    let fresh = store
+        .create(NewKey::new("ada", "after", Environment::Live))
+        .await
+        .unwrap();
+    assert_eq!(verdict(store, &fresh.secret, clock).await, Ok(()));
+}
+
+async fn last_used_once_a_minute<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
+    let (created, _) = owner_and_key(store, "ada").await;
+    let id = &created.record.id;
+    assert_eq!(store.get(id).await.unwrap().last_used_at, None);
+    store.record_use(id).await.unwrap();
+    let first = clock.now();
+    assert_eq!(store.get(id).await.unwrap().last_used_at, Some(first));
+    clock.advance(Duration::from_secs(59));
+    store.record_use(id).await.unwrap();
+    assert_eq!(
+        store.get(id).await.unwrap().last_used_at,
+        Some(first),
+        "not rewritten within a minute"
+    );
+    clock.advance(Duration::from_secs(1));
+    store.record_use(id).await.unwrap();
+    assert_eq!(store.get(id).await.unwrap().last_used_at, Some(clock.now()));
+}
+
+async fn two_handles_see_each_other<S: KeyStore>(a: &S, b: &S, clock: &FakeClock) {
+    a.add_owner("ada", None).await.unwrap();
+    let created = b
+        .create(NewKey::new("ada", "k", Environment::Live))
+        .await
+        .unwrap();
+    assert_eq!(verdict(a, &created.secret, clock).await, Ok(()));
+    a.set_status(&created.record.id, Status::Disabled)
+        .await
+        .unwrap();
+    assert_eq!(
+        verdict(b, &created.secret, clock).await,
+        Err(Reason::ApiKeyDisabled)
+    );
+}
+
+async fn a_cache_over_the_store_stays_honest<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
+    let cache = CachedLookup::over_store(store.clone()).with_clock(clock.clone());
+    let (created, _) = owner_and_key(store, "ada").await;
+    assert_eq!(verdict(&cache, &created.secret, clock).await, Ok(()));
+    store
+        .set_status(&created.record.id, Status::Disabled)
+        .await
+        .unwrap();
+    assert_eq!(
+        verdict(&cache, &created.secret, clock).await,
+        Err(Reason::ApiKeyDisabled)
+    );
+    // A key created after its hash was cached as unknown works at once too.
+    store.add_owner("bob", None).await.unwrap();
+    let rotated = store
+        .rotate(&created.record.id, Duration::ZERO, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        verdict(&cache, &created.secret, clock).await,
+        Err(Reason::InvalidApiKey)
+    );
+    assert_eq!(
+        verdict(&cache, &rotated.secret, clock).await,
+        Err(Reason::ApiKeyDisabled)
+    );
+    store.set_owner_active("ada", false).await.unwrap();
+    assert_eq!(
+        verdict(&cache, &rotated.secret, clock).await,
+        Err(Reason::ApiKeyDisabled)
+    );
+    store
+        .set_status(&created.record.id, Status::Active)
+        .await
+        .unwrap();
+    assert_eq!(
+        verdict(&cache, &rotated.secret, clock).await,
+        Err(Reason::OwnerInactive)
+    );
+}
