@@ -21,8 +21,12 @@
 
 mod memory;
 mod password;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod sql;
 
 pub use memory::MemoryStore;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use sql::SqlStore;
 
 use std::future::Future;
 use std::time::{Duration, SystemTime};

@@ -1,0 +1,681 @@
+//! [`SqlStore`]: keys and owners in SQLite (feature `sqlite`) or PostgreSQL (feature
+//! `postgres`), through sqlx with runtime queries, so building needs no database.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use sqlx::any::{AnyPoolOptions, AnyRow};
+use sqlx::{AnyPool, Row};
+
+use super::{
+    password, ChangeListener, CreatedKey, KeyStore, KeyUpdate, NewKey, Page, StoreError,
+    LAST_USED_RESOLUTION,
+};
+use crate::clock::{nanos_since_epoch, Clock, SystemClock};
+use crate::key::{KeyFormat, KeyHash, KeyId};
+use crate::lookup::{KeyLookup, LookupResult};
+use crate::record::{Environment, KeyRecord, Owner, Status};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Keys and owners in a SQL database: SQLite (`sqlite://PATH`, created if missing, or
+/// `sqlite::memory:`) or PostgreSQL (`postgres://…`).
+///
+/// Migrations are applied on connect; only key hashes are stored, in an indexed column.
+/// Clones share one connection pool; two `SqlStore`s on one database see each other's
+/// changes at once (a [`CachedLookup`](crate::lookup::CachedLookup) in another process
+/// sees them after its TTL).
+#[derive(Clone)]
+pub struct SqlStore {
+    pool: AnyPool,
+    backend: Backend,
+    format: KeyFormat,
+    clock: Arc<dyn Clock>,
+    listeners: Arc<RwLock<Vec<ChangeListener>>>,
+}
+
+impl fmt::Debug for SqlStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqlStore")
+            .field("backend", &self.backend)
+            .field("format", &self.format)
+            .finish_non_exhaustive()
+    }
+}
+
+fn db(error: sqlx::Error) -> StoreError {
+    StoreError::Backend(error.to_string())
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Backend(format!("a stored record is corrupt: {what}"))
+}
+
+fn to_nanos(time: SystemTime) -> i64 {
+    i64::try_from(nanos_since_epoch(time)).unwrap_or(i64::MAX)
+}
+
+fn from_nanos(nanos: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_nanos(u64::try_from(nanos).unwrap_or(0))
+}
+
+const MIGRATIONS_SQLITE: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS keygate_owners (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        active BIGINT NOT NULL,
+        password TEXT
+    )",
+    "CREATE TABLE IF NOT EXISTS keygate_keys (
+        id TEXT PRIMARY KEY,
+        owner_id TEXT NOT NULL REFERENCES keygate_owners(id),
+        name TEXT NOT NULL,
+        description TEXT NOT NULL,
+        use_case TEXT NOT NULL,
+        environment TEXT NOT NULL,
+        status TEXT NOT NULL,
+        expires_at BIGINT,
+        scopes TEXT NOT NULL,
+        restrictions TEXT NOT NULL,
+        quotas TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        last_used_at BIGINT,
+        version BIGINT NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS keygate_keys_owner ON keygate_keys (owner_id, id)",
+    "CREATE TABLE IF NOT EXISTS keygate_key_hashes (
+        hash BLOB PRIMARY KEY,
+        key_id TEXT NOT NULL REFERENCES keygate_keys(id),
+        valid_until BIGINT
+    )",
+    "CREATE INDEX IF NOT EXISTS keygate_key_hashes_key ON keygate_key_hashes (key_id)",
+];
+
+const MIGRATIONS_POSTGRES: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS keygate_owners (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        active BIGINT NOT NULL,
+        password TEXT
+    )",
+    "CREATE TABLE IF NOT EXISTS keygate_keys (
+        id TEXT PRIMARY KEY,
+        owner_id TEXT NOT NULL REFERENCES keygate_owners(id),
+        name TEXT NOT NULL,
+        description TEXT NOT NULL,
+        use_case TEXT NOT NULL,
+        environment TEXT NOT NULL,
+        status TEXT NOT NULL,
+        expires_at BIGINT,
+        scopes TEXT NOT NULL,
+        restrictions TEXT NOT NULL,
+        quotas TEXT NOT NULL,
+        metadata TEXT NOT NULL,
+        created_at BIGINT NOT NULL,
+        last_used_at BIGINT,
+        version BIGINT NOT NULL
+    )",
+    "CREATE INDEX IF NOT EXISTS keygate_keys_owner ON keygate_keys (owner_id, id)",
+    "CREATE TABLE IF NOT EXISTS keygate_key_hashes (
+        hash BYTEA PRIMARY KEY,
+        key_id TEXT NOT NULL REFERENCES keygate_keys(id),
+        valid_until BIGINT
+    )",
+    "CREATE INDEX IF NOT EXISTS keygate_key_hashes_key ON keygate_key_hashes (key_id)",
+];
+
+const KEY_COLUMNS: &str = "k.id, k.name, k.description, k.use_case, k.environment, k.status, \
+    k.expires_at, k.scopes, k.restrictions, k.quotas, k.metadata, k.created_at, \
+    k.last_used_at, k.version, o.id AS owner_id, o.name AS owner_name, o.active AS owner_active";
+
+impl SqlStore {
+    /// Connects to `url` and applies the migrations.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Invalid`] for a URL that is neither `sqlite:` nor `postgres:` (or whose
+    /// feature is off); [`StoreError::Backend`] when the database cannot be reached.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        let backend = if url.starts_with("sqlite:") {
+            if !cfg!(feature = "sqlite") {
+                return Err(StoreError::invalid(
+                    "database URL",
+                    "built without the `sqlite` feature",
+                ));
+            }
+            Backend::Sqlite
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            if !cfg!(feature = "postgres") {
+                return Err(StoreError::invalid(
+                    "database URL",
+                    "built without the `postgres` feature",
+                ));
+            }
+            Backend::Postgres
+        } else {
+            return Err(StoreError::invalid(
+                "database URL",
+                format!("{url:?}: expected sqlite://PATH, sqlite::memory: or postgres://…"),
+            ));
+        };
+        // Drivers are process-wide; if the application installed its own set, keep it.
+        let _ = sqlx::any::install_drivers(&[
+            #[cfg(feature = "postgres")]
+            sqlx::postgres::any::DRIVER,
+            #[cfg(feature = "sqlite")]
+            sqlx::sqlite::any::DRIVER,
+        ]);
+        let mut options = AnyPoolOptions::new();
+        let url = match backend {
+            Backend::Sqlite if url.contains(":memory:") => {
+                // Every connection to :memory: is its own database: keep one.
+                options = options.max_connections(1);
+                url.to_owned()
+            }
+            Backend::Sqlite if !url.contains("mode=") => {
+                let sep = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{sep}mode=rwc")
+            }
+            _ => url.to_owned(),
+        };
+        let pool = options.connect(&url).await.map_err(db)?;
+        let store = Self {
+            pool,
+            backend,
+            format: KeyFormat::default(),
+            clock: Arc::new(SystemClock),
+            listeners: Arc::default(),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Issues keys in `format`.
+    #[must_use]
+    pub fn with_format(mut self, format: KeyFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Reads the time (creation, grace periods, last use) from `clock`.
+    #[must_use]
+    pub fn with_clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    async fn migrate(&self) -> Result<(), StoreError> {
+        let steps = match self.backend {
+            Backend::Sqlite => MIGRATIONS_SQLITE,
+            Backend::Postgres => MIGRATIONS_POSTGRES,
+        };
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        if self.backend == Backend::Postgres {
+            // Two instances starting at once must not race on CREATE TABLE.
+            sqlx::query("SELECT pg_advisory_xact_lock(7172736564)")
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        for step in steps {
+            sqlx::query(step).execute(&mut *tx).await.map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    fn notify(&self, hashes: &[KeyHash]) {
+        if let Ok(listeners) = self.listeners.read() {
+            for listener in listeners.iter() {
+                for hash in hashes {
+                    listener(hash);
+                }
+            }
+        }
+    }
+
+    async fn hashes_of(&self, id: &KeyId) -> Result<Vec<KeyHash>, StoreError> {
+        let rows = sqlx::query("SELECT hash FROM keygate_key_hashes WHERE key_id = $1")
+            .bind(id.as_str().to_owned())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter().map(row_hash).collect()
+    }
+
+    async fn find_hash(&self, hash: KeyHash) -> LookupResult<StoreError> {
+        let sql = format!(
+            "SELECT {KEY_COLUMNS}, h.valid_until FROM keygate_key_hashes h \
+             JOIN keygate_keys k ON k.id = h.key_id \
+             JOIN keygate_owners o ON o.id = k.owner_id WHERE h.hash = $1"
+        );
+        let row = sqlx::query(&sql)
+            .bind(hash.as_bytes().to_vec())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        let Some(row) = row else { return Ok(None) };
+        let mut record = record_from(&row)?;
+        let valid_until: Option<i64> = row.try_get("valid_until").map_err(db)?;
+        if let Some(until) = valid_until.map(from_nanos) {
+            record.expires_at = Some(record.expires_at.map_or(until, |e| e.min(until)));
+        }
+        Ok(Some(Arc::new(record)))
+    }
+
+    async fn owner_id(&self, name: &str) -> Result<String, StoreError> {
+        let row = sqlx::query("SELECT id FROM keygate_owners WHERE name = $1")
+            .bind(name.to_owned())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        match row {
+            Some(row) => row.try_get("id").map_err(db),
+            None => Err(StoreError::OwnerNotFound(name.to_owned())),
+        }
+    }
+
+    /// Writes a record's mutable columns and status if its version is still `version`.
+    async fn write_record(&self, record: &KeyRecord, version: u64) -> Result<(), StoreError> {
+        let done = sqlx::query(
+            "UPDATE keygate_keys SET name = $1, description = $2, status = $3, scopes = $4, \
+             restrictions = $5, quotas = $6, metadata = $7, version = version + 1 \
+             WHERE id = $8 AND version = $9",
+        )
+        .bind(record.name.clone())
+        .bind(record.description.clone())
+        .bind(record.status.as_str().to_owned())
+        .bind(json(&record.scopes)?)
+        .bind(json(&record.restrictions)?)
+        .bind(json(&record.quotas)?)
+        .bind(json(&record.metadata)?)
+        .bind(record.id.as_str().to_owned())
+        .bind(i64::try_from(version).unwrap_or(i64::MAX))
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::Conflict);
+        }
+        let hashes = self.hashes_of(&record.id).await?;
+        self.notify(&hashes);
+        Ok(())
+    }
+
+    async fn edit(
+        &self,
+        id: &KeyId,
+        edit: impl FnOnce(&mut KeyRecord) -> Result<(), StoreError>,
+    ) -> Result<KeyRecord, StoreError> {
+        let mut record = self.get(id).await?;
+        let version = record.version;
+        edit(&mut record)?;
+        self.write_record(&record, version).await?;
+        self.get(id).await
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
+    serde_json::to_string(value).map_err(|e| StoreError::Backend(e.to_string()))
+}
+
+fn parse<T: serde::de::DeserializeOwned>(row: &AnyRow, column: &str) -> Result<T, StoreError> {
+    let text: String = row.try_get(column).map_err(db)?;
+    serde_json::from_str(&text).map_err(|_| corrupt(column))
+}
+
+fn row_hash(row: &AnyRow) -> Result<KeyHash, StoreError> {
+    let bytes: Vec<u8> = row.try_get("hash").map_err(db)?;
+    let bytes: [u8; 32] = bytes.try_into().map_err(|_| corrupt("hash"))?;
+    Ok(KeyHash::from_bytes(bytes))
+}
+
+fn status_from(text: &str) -> Result<Status, StoreError> {
+    Ok(match text {
+        "active" => Status::Active,
+        "disabled" => Status::Disabled,
+        "revoked" => Status::Revoked,
+        "deleted" => Status::Deleted,
+        _ => return Err(corrupt("status")),
+    })
+}
+
+fn record_from(row: &AnyRow) -> Result<KeyRecord, StoreError> {
+    let id: String = row.try_get("id").map_err(db)?;
+    let environment: String = row.try_get("environment").map_err(db)?;
+    let environment: Environment = environment.parse().map_err(|_| corrupt("environment"))?;
+    let owner = Owner {
+        id: row.try_get("owner_id").map_err(db)?,
+        name: row.try_get("owner_name").map_err(db)?,
+        active: row.try_get::<i64, _>("owner_active").map_err(db)? != 0,
+    };
+    let mut record = KeyRecord::new(KeyId::new(id), owner, environment);
+    record.name = row.try_get("name").map_err(db)?;
+    record.description = row.try_get("description").map_err(db)?;
+    record.use_case = row.try_get("use_case").map_err(db)?;
+    let status: String = row.try_get("status").map_err(db)?;
+    record.status = status_from(&status)?;
+    record.expires_at = row
+        .try_get::<Option<i64>, _>("expires_at")
+        .map_err(db)?
+        .map(from_nanos);
+    record.scopes = parse(row, "scopes")?;
+    record.restrictions = parse(row, "restrictions")?;
+    record.quotas = parse(row, "quotas")?;
+    record.metadata = parse(row, "metadata")?;
+    record.created_at = Some(from_nanos(row.try_get("created_at").map_err(db)?));
+    record.last_used_at = row
+        .try_get::<Option<i64>, _>("last_used_at")
+        .map_err(db)?
+        .map(from_nanos);
+    record.version = u64::try_from(row.try_get::<i64, _>("version").map_err(db)?).unwrap_or(0);
+    Ok(record)
+}
+
+impl KeyLookup for SqlStore {
+    type Error = StoreError;
+    type Future = Pin<Box<dyn Future<Output = LookupResult<StoreError>> + Send>>;
+
+    fn lookup(&self, hash: &KeyHash) -> Self::Future {
+        let store = self.clone();
+        let hash = *hash;
+        Box::pin(async move { store.find_hash(hash).await })
+    }
+}
+
+impl KeyStore for SqlStore {
+    async fn add_owner(&self, name: &str, password: Option<&str>) -> Result<Owner, StoreError> {
+        if name.trim().is_empty() {
+            return Err(StoreError::invalid("owner name", "it must not be empty"));
+        }
+        let password = password.map(password::hash).transpose()?;
+        let id = KeyId::generate()?.as_str().replacen("key_", "own_", 1);
+        let done = sqlx::query(
+            "INSERT INTO keygate_owners (id, name, active, password) VALUES ($1, $2, 1, $3) \
+             ON CONFLICT (name) DO NOTHING",
+        )
+        .bind(id.clone())
+        .bind(name.to_owned())
+        .bind(password)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::OwnerExists(name.to_owned()));
+        }
+        Ok(Owner::new(id, name))
+    }
+
+    async fn verify_owner(&self, name: &str, password: &str) -> Result<Owner, StoreError> {
+        let row = sqlx::query("SELECT id, active, password FROM keygate_owners WHERE name = $1")
+            .bind(name.to_owned())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        let (owner, stored) = match &row {
+            Some(row) => {
+                let owner = Owner {
+                    id: row.try_get("id").map_err(db)?,
+                    name: name.to_owned(),
+                    active: row.try_get::<i64, _>("active").map_err(db)? != 0,
+                };
+                let stored: Option<String> = row.try_get("password").map_err(db)?;
+                (Some(owner), stored)
+            }
+            None => (None, None),
+        };
+        // The same argon2 work whether or not the owner exists.
+        let ok = password::verify(password, stored.as_deref());
+        match owner {
+            Some(owner) if ok && owner.active => Ok(owner),
+            _ => Err(StoreError::InvalidCredentials),
+        }
+    }
+
+    async fn set_owner_active(&self, name: &str, active: bool) -> Result<Owner, StoreError> {
+        let id = self.owner_id(name).await?;
+        sqlx::query("UPDATE keygate_owners SET active = $1 WHERE id = $2")
+            .bind(i64::from(active))
+            .bind(id.clone())
+            .execute(&self.pool)
+            .await
+            .map_err(db)?;
+        let rows = sqlx::query(
+            "SELECT h.hash FROM keygate_key_hashes h JOIN keygate_keys k ON k.id = h.key_id \
+             WHERE k.owner_id = $1",
+        )
+        .bind(id.clone())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let hashes = rows.iter().map(row_hash).collect::<Result<Vec<_>, _>>()?;
+        self.notify(&hashes);
+        let mut owner = Owner::new(id, name);
+        owner.active = active;
+        Ok(owner)
+    }
+
+    async fn create(&self, new: NewKey) -> Result<CreatedKey, StoreError> {
+        new.check()?;
+        let owner_id = self.owner_id(&new.owner).await?;
+        let secret = self.format.generate(new.environment)?;
+        let id = KeyId::generate()?;
+        let now = self.clock.now();
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        sqlx::query(
+            "INSERT INTO keygate_keys (id, owner_id, name, description, use_case, environment, \
+             status, expires_at, scopes, restrictions, quotas, metadata, created_at, version) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'active', $7, $8, $9, $10, $11, $12, 0)",
+        )
+        .bind(id.as_str().to_owned())
+        .bind(owner_id)
+        .bind(new.name.clone())
+        .bind(new.description.clone())
+        .bind(new.use_case.clone())
+        .bind(new.environment.as_str().to_owned())
+        .bind(new.expires_at.map(to_nanos))
+        .bind(json(&new.scopes)?)
+        .bind(json(&new.restrictions)?)
+        .bind(json(&new.quotas)?)
+        .bind(json(&new.metadata)?)
+        .bind(to_nanos(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        sqlx::query(
+            "INSERT INTO keygate_key_hashes (hash, key_id, valid_until) VALUES ($1, $2, NULL)",
+        )
+        .bind(secret.hash().as_bytes().to_vec())
+        .bind(id.as_str().to_owned())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        self.notify(&[secret.hash()]);
+        let record = self.get(&id).await?;
+        Ok(CreatedKey { record, secret })
+    }
+
+    async fn get(&self, id: &KeyId) -> Result<KeyRecord, StoreError> {
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM keygate_keys k \
+             JOIN keygate_owners o ON o.id = k.owner_id WHERE k.id = $1"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.as_str().to_owned())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        match row {
+            Some(row) => record_from(&row),
+            None => Err(StoreError::KeyNotFound(id.clone())),
+        }
+    }
+
+    async fn list(&self, owner: &str, page: Page) -> Result<Vec<KeyRecord>, StoreError> {
+        let owner_id = self.owner_id(owner).await?;
+        let limit = if page.limit == 0 { 100 } else { page.limit };
+        let sql = format!(
+            "SELECT {KEY_COLUMNS} FROM keygate_keys k \
+             JOIN keygate_owners o ON o.id = k.owner_id \
+             WHERE k.owner_id = $1 AND k.id > $2 ORDER BY k.id LIMIT $3"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(owner_id)
+            .bind(
+                page.after
+                    .map(|a| a.as_str().to_owned())
+                    .unwrap_or_default(),
+            )
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter().map(record_from).collect()
+    }
+
+    async fn update(&self, id: &KeyId, update: KeyUpdate) -> Result<KeyRecord, StoreError> {
+        update.check()?;
+        self.edit(id, |record| {
+            if record.status == Status::Deleted {
+                return Err(StoreError::KeyNotFound(record.id.clone()));
+            }
+            update.apply(record);
+            Ok(())
+        })
+        .await
+    }
+
+    async fn set_status(&self, id: &KeyId, status: Status) -> Result<KeyRecord, StoreError> {
+        self.edit(id, |record| match (record.status, status) {
+            (Status::Deleted, _) => Err(StoreError::KeyNotFound(record.id.clone())),
+            (Status::Revoked, Status::Active | Status::Disabled) => Err(StoreError::InvalidState(
+                "revoked",
+                "a revoked key cannot come back",
+            )),
+            _ => {
+                record.status = status;
+                Ok(())
+            }
+        })
+        .await
+    }
+
+    async fn rotate(
+        &self,
+        id: &KeyId,
+        grace: Duration,
+        expected: Option<u64>,
+    ) -> Result<CreatedKey, StoreError> {
+        let record = self.get(id).await?;
+        if !matches!(record.status, Status::Active | Status::Disabled) {
+            return Err(StoreError::KeyNotFound(id.clone()));
+        }
+        if expected.is_some_and(|v| v != record.version) {
+            return Err(StoreError::Conflict);
+        }
+        let secret = self.format.generate(record.environment)?;
+        let old = self.hashes_of(id).await?;
+        let now = self.clock.now();
+        let until = to_nanos(now.checked_add(grace).unwrap_or(now));
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        let done = sqlx::query(
+            "UPDATE keygate_keys SET version = version + 1 WHERE id = $1 AND version = $2",
+        )
+        .bind(id.as_str().to_owned())
+        .bind(i64::try_from(record.version).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::Conflict);
+        }
+        if grace.is_zero() {
+            sqlx::query("DELETE FROM keygate_key_hashes WHERE key_id = $1")
+                .bind(id.as_str().to_owned())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        } else {
+            sqlx::query(
+                "UPDATE keygate_key_hashes SET valid_until = $1 \
+                 WHERE key_id = $2 AND (valid_until IS NULL OR valid_until > $1)",
+            )
+            .bind(until)
+            .bind(id.as_str().to_owned())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        sqlx::query(
+            "INSERT INTO keygate_key_hashes (hash, key_id, valid_until) VALUES ($1, $2, NULL)",
+        )
+        .bind(secret.hash().as_bytes().to_vec())
+        .bind(id.as_str().to_owned())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+        let mut changed = old;
+        changed.push(secret.hash());
+        self.notify(&changed);
+        let record = self.get(id).await?;
+        Ok(CreatedKey { record, secret })
+    }
+
+    async fn revoke_all(&self, owner: &str) -> Result<usize, StoreError> {
+        let owner_id = self.owner_id(owner).await?;
+        let rows = sqlx::query(
+            "SELECT h.hash FROM keygate_key_hashes h JOIN keygate_keys k ON k.id = h.key_id \
+             WHERE k.owner_id = $1 AND k.status IN ('active', 'disabled')",
+        )
+        .bind(owner_id.clone())
+        .fetch_all(&self.pool)
+        .await
+        .map_err(db)?;
+        let hashes = rows.iter().map(row_hash).collect::<Result<Vec<_>, _>>()?;
+        let done = sqlx::query(
+            "UPDATE keygate_keys SET status = 'revoked', version = version + 1 \
+             WHERE owner_id = $1 AND status IN ('active', 'disabled')",
+        )
+        .bind(owner_id)
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        self.notify(&hashes);
+        Ok(usize::try_from(done.rows_affected()).unwrap_or(usize::MAX))
+    }
+
+    async fn record_use(&self, id: &KeyId) -> Result<(), StoreError> {
+        let now = self.clock.now();
+        let before = now.checked_sub(LAST_USED_RESOLUTION).unwrap_or(UNIX_EPOCH);
+        let done = sqlx::query(
+            "UPDATE keygate_keys SET last_used_at = $1 \
+             WHERE id = $2 AND (last_used_at IS NULL OR last_used_at <= $3)",
+        )
+        .bind(to_nanos(now))
+        .bind(id.as_str().to_owned())
+        .bind(to_nanos(before))
+        .execute(&self.pool)
+        .await
+        .map_err(db)?;
+        if done.rows_affected() == 0 {
+            // Either used within the minute, or no such key.
+            self.get(id).await?;
+        }
+        Ok(())
+    }
+
+    fn on_change(&self, listener: ChangeListener) {
+        if let Ok(mut listeners) = self.listeners.write() {
+            listeners.push(listener);
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! The conformance suite on `SqlStore` over SQLite files (two handles: two pools on one
+//! file), and the secrets-at-rest check.
+#![cfg(feature = "sqlite")]
+
+mod conformance;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use keygate::record::Environment;
+use keygate::store::{KeyStore, NewKey, SqlStore};
+
+fn scratch_dir() -> PathBuf {
+    static RUN: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "keygate-sqlite-{}-{}",
+        std::process::id(),
+        RUN.fetch_add(1, Ordering::SeqCst)
+    ));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_store_conforms() {
+    let dir = scratch_dir();
+    let counter = AtomicUsize::new(0);
+    conformance::run(|clock| {
+        let path = dir.join(format!("case{}.db", counter.fetch_add(1, Ordering::SeqCst)));
+        async move {
+            let url = format!("sqlite://{}", path.display());
+            let a = SqlStore::connect(&url)
+                .await
+                .expect("connect")
+                .with_clock(clock.clone());
+            let b = SqlStore::connect(&url)
+                .await
+                .expect("connect")
+                .with_clock(clock);
+            (a, b)
+        }
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn secrets_never_reach_the_database_file() {
+    let dir = scratch_dir();
+    let path = dir.join("keys.db");
+    let url = format!("sqlite://{}", path.display());
+    let store = SqlStore::connect(&url).await.unwrap();
+    store.add_owner("ada", Some("correct horse")).await.unwrap();
+    let mut secrets = Vec::new();
+    for i in 0..20 {
+        let created = store
+            .create(NewKey::new("ada", format!("k{i}"), Environment::Live))
+            .await
+            .unwrap();
+        secrets.push(created.secret);
+        let rotated = store
+            .rotate(&created.record.id, std::time::Duration::from_secs(60), None)
+            .await
+            .unwrap();
+        secrets.push(rotated.secret);
+    }
+    drop(store);
+    let mut bytes = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        bytes.extend(std::fs::read(entry.unwrap().path()).unwrap());
+    }
+    assert!(bytes.len() > 4096, "the database was written");
+    let contains = |needle: &[u8]| bytes.windows(needle.len()).any(|w| w == needle);
+    for secret in &secrets {
+        let s = secret.expose_secret();
+        assert!(!contains(s.as_bytes()), "a whole secret is stored");
+        assert!(
+            !contains(&s.as_bytes()[8..20]),
+            "part of a secret is stored"
+        );
+        assert!(
+            contains(secret.hash().as_bytes()),
+            "the hash is what is stored"
+        );
+    }
+    assert!(!contains(b"correct horse"), "a password is stored in clear");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test]
+async fn bad_urls_are_clear_errors() {
+    for url in ["mysql://x", "", "sqlite", "http://localhost"] {
+        let err = SqlStore::connect(url).await.unwrap_err();
+        assert!(err.to_string().contains("database URL"), "{url}: {err}");
+    }
+    let err = SqlStore::connect("sqlite:///nonexistent-dir/deeper/keys.db")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, keygate::store::StoreError::Backend(_)),
+        "{err}"
+    );
+}
