@@ -4,8 +4,11 @@
 //! A generated key reads `<prefix><24 random characters><6 checksum characters>`, for
 //! example `kg_live_4fJ0qkVd9sLq2mXcB7tRwZ1a0k3XyB`. The random part comes from the OS
 //! CSPRNG in a base62 alphabet (about 143 bits of entropy, safe in any header, URL or
-//! shell). The checksum is the CRC-32 of prefix and random part, so a mistyped or made-up
-//! string is refused by [`KeyFormat::check`] before any lookup is spent on it.
+//! shell). The checksum is the CRC-32 of prefix and random part, so a mistyped, truncated or
+//! random string is refused by [`KeyFormat::check`] before any lookup is spent on it. The
+//! checksum is public: someone set on guessing can still forge well-formed keys, which reach
+//! the lookup (and are cached as unknown); the failed-attempt limiter is what stops a flood
+//! of those.
 //!
 //! ```
 //! use keygate::key::{KeyFormat, KeyHash};
@@ -43,8 +46,17 @@ pub const MAX_PREFIX_LEN: usize = 32;
 ///
 /// `Debug` and `Display` print `ApiKey(<redacted>)`; the only way to read the secret is
 /// [`ApiKey::expose_secret`], and the memory is zeroed on drop.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct ApiKey(Zeroizing<String>);
+
+/// Constant-time in the contents (the lengths are not secret).
+impl PartialEq for ApiKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.as_bytes().ct_eq(other.0.as_bytes()).into()
+    }
+}
+
+impl Eq for ApiKey {}
 
 impl ApiKey {
     /// Wraps a secret, for instance one read from a configuration file.

@@ -25,8 +25,10 @@
 //!
 //! Every request to `/v1/health` takes one token from its key's bucket (60 a minute unless
 //! the key's record has quotas of its own). A `POST /v1/messages` takes five in all: the
-//! outer layer charges one and the route layer the other four, in the same bucket; a route
-//! with [`bucket`](KeygateRoute::bucket) gets a bucket of its own instead.
+//! outer layer charges one and the route layer the other four, in the same bucket (a refusal
+//! by the route gives the outer layer's token back); a route with
+//! [`bucket`](KeygateRoute::bucket) gets a bucket of its own beside the main one (a refusal
+//! there keeps the main bucket's token).
 
 use std::fmt;
 use std::sync::Arc;

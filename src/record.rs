@@ -368,8 +368,9 @@ pub struct Principal {
     /// The address of the layer state that accepted it (0: built by hand), so that inner
     /// route layers sharing that state need not check the key again.
     origin: usize,
-    /// Tokens charged to the key's main bucket for this request so far.
-    charged: u32,
+    /// Tokens charged to the key's main bucket for this request so far, and by which
+    /// limiter (its state's address): another limiter's charge is not this one's.
+    charged: (usize, u32),
 }
 
 impl Principal {
@@ -382,7 +383,7 @@ impl Principal {
         Self {
             record,
             origin,
-            charged: 0,
+            charged: (0, 0),
         }
     }
 
@@ -390,12 +391,17 @@ impl Principal {
         self.origin
     }
 
-    pub(crate) fn charged(&self) -> u32 {
-        self.charged
+    pub(crate) fn charged(&self, by: usize) -> u32 {
+        if self.charged.0 == by {
+            self.charged.1
+        } else {
+            0
+        }
     }
 
-    pub(crate) fn add_charge(&mut self, cost: u32) {
-        self.charged = self.charged.saturating_add(cost);
+    pub(crate) fn add_charge(&mut self, by: usize, cost: u32) {
+        let prior = self.charged(by);
+        self.charged = (by, prior.saturating_add(cost));
     }
 
     /// The key's public identifier.

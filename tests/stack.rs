@@ -279,7 +279,8 @@ async fn failed_attempts_turn_a_client_away_before_any_lookup() {
         before,
         "no lookup for a client turned away"
     );
-    // Even a valid key from that client waits; another client is untouched.
+    // A valid key not known yet from that client waits too (no lookup for it); another
+    // client is untouched.
     let res = svc
         .clone()
         .oneshot(req(key.expose_secret(), "203.0.113.9:1"))
@@ -291,6 +292,63 @@ async fn failed_attempts_turn_a_client_away_before_any_lookup() {
         .await
         .unwrap();
     assert_eq!(res.status(), 200);
+}
+
+#[tokio::test]
+async fn a_known_good_key_passes_a_locked_out_address_and_ipv6_counts_per_64() {
+    let store = MemoryStore::new();
+    let key = store
+        .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+        .unwrap();
+    let (lookup, calls) = counted(store);
+    let svc = Keygate::builder(keygate::lookup::CachedLookup::new(lookup))
+        .failed_attempts(Some(Quota::per_minute(nz(3))))
+        .clock(clock())
+        .build()
+        .unwrap()
+        .layer(service_fn(ok));
+    // The valid key is used once from elsewhere: it is now a cache hit.
+    let res = svc
+        .clone()
+        .oneshot(req(key.expose_secret(), "198.51.100.1:1"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    // Someone behind a shared address floods bad keys, from rotating IPv6 addresses of
+    // one /64.
+    let format = KeyFormat::default();
+    for i in 0..3 {
+        let unknown = format.generate(Environment::Live).unwrap();
+        let peer = format!("[2001:db8:1:2::{i:x}]:1");
+        let res = svc
+            .clone()
+            .oneshot(req(unknown.expose_secret(), &peer))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 401);
+    }
+    let before = calls.load(Ordering::SeqCst);
+    let unknown = format.generate(Environment::Live).unwrap();
+    let res = svc
+        .clone()
+        .oneshot(req(unknown.expose_secret(), "[2001:db8:1:2::ffff]:1"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 429, "the whole /64 is one client");
+    assert_eq!(calls.load(Ordering::SeqCst), before, "no lookup for it");
+    // The neighbour with a valid, known key still gets through.
+    let res = svc
+        .clone()
+        .oneshot(req(key.expose_secret(), "[2001:db8:1:2::beef]:1"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 200);
+    // Another /64 is another client.
+    let res = svc
+        .oneshot(req(unknown.expose_secret(), "[2001:db8:1:3::1]:1"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 401);
 }
 
 /// Drives a future that completes without waiting (every path here does).

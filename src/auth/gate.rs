@@ -31,6 +31,18 @@ pub(crate) struct Gate<L> {
     pub(crate) failed: Option<FailedAttempts>,
 }
 
+/// What failures are counted by: the IPv4 address, or the IPv6 /64 (one host commonly
+/// holds a whole /64, and could otherwise rotate through it).
+fn failing_client(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(std::net::Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
+}
+
 /// Counts invalid keys per client IP and turns a client away once it has sent too many.
 #[derive(Clone)]
 pub(crate) struct FailedAttempts {
@@ -90,7 +102,7 @@ impl<L: KeyLookup> Gate<L> {
         if failed.limiter.is_empty() {
             return None; // No client has failed lately: nothing to look up.
         }
-        let ip = self.client_ip.resolve(&RequestHead::of(req))?;
+        let ip = failing_client(self.client_ip.resolve(&RequestHead::of(req))?);
         let decision = failed.limiter.peek(&ip, &failed.quota, 1)?;
         (!decision.allowed)
             .then(|| Rejection::new(Reason::TooManyFailedAttempts).with_rate_limit(decision.info()))
@@ -99,7 +111,11 @@ impl<L: KeyLookup> Gate<L> {
     /// Counts an invalid key against its client.
     fn count_failure<B>(&self, req: &Request<B>) {
         let Some(failed) = &self.failed else { return };
-        if let Some(ip) = self.client_ip.resolve(&RequestHead::of(req)) {
+        if let Some(ip) = self
+            .client_ip
+            .resolve(&RequestHead::of(req))
+            .map(failing_client)
+        {
             if failed.limiter.decide(&ip, &failed.quota, 1).is_err() {
                 tracing::warn!(target: "keygate", "failed-attempt limiter at its cap");
             }

@@ -83,14 +83,24 @@ where
                 Err(rejection) => ResponseFuture::rejected(gate.reject(rejection, &req)),
             };
         }
-        if let Some(rejection) = gate.turned_away(&req) {
-            return ResponseFuture::rejected(gate.reject(rejection, &req));
-        }
+        let turned_away = gate.turned_away(&req);
         let hash = match gate.hash_of(&req) {
             Ok(hash) => hash,
-            Err(rejection) => return ResponseFuture::rejected(gate.reject(rejection, &req)),
+            Err(rejection) => {
+                let rejection = turned_away.unwrap_or(rejection);
+                return ResponseFuture::rejected(gate.reject(rejection, &req));
+            }
         };
-        if let Some(answer) = gate.lookup.lookup_ready(&hash) {
+        let ready = gate.lookup.lookup_ready(&hash);
+        if let Some(rejection) = turned_away {
+            // A client that sent too many invalid keys gets no lookup; only a key already
+            // known good (a cache hit) still passes, so that one bad neighbour behind the
+            // same address does not lock out everyone with a valid key.
+            if !matches!(ready, Some(Ok(Some(_)))) {
+                return ResponseFuture::rejected(gate.reject(rejection, &req));
+            }
+        }
+        if let Some(answer) = ready {
             // Answered at once (cache hit, in-memory store): no state to carry.
             return match gate.admit(answer, &mut req, &self.rules) {
                 Ok(()) => ResponseFuture::inner(self.inner.call(req)),

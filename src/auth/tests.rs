@@ -486,7 +486,7 @@ async fn grpc_requests_get_a_grpc_status_whatever_the_renderer() {
         let (status, h, body, _) = send(svc.clone(), b.body(Body::default()).unwrap()).await;
         assert_eq!(status, 200);
         assert_eq!(h["grpc-status"], grpc_status);
-        assert_eq!(h["content-type"], "application/grpc");
+        assert_eq!(h["content-type"], "application/grpc+proto");
         assert!(body.is_empty());
     }
     let (status, h, body, _) = send(svc, Request::get("/").body(Body::default()).unwrap()).await;

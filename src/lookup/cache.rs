@@ -5,6 +5,8 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use std::sync::atomic::Ordering;
+
 use quick_cache::sync::Cache;
 
 use super::{BoxError, KeyLookup, LookupResult};
@@ -43,6 +45,9 @@ struct Inner<L> {
     cache: Cache<KeyHash, Entry>,
     ttl: u64,
     negative_ttl: u64,
+    /// Bumped by every invalidation: an answer read from the backend before one is not
+    /// cached after it (it may be the very answer the invalidation was about).
+    generation: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Clone)]
@@ -135,6 +140,7 @@ impl<L: KeyLookup> CachedLookup<L> {
                 cache: Cache::new(settings.capacity),
                 ttl: nanos(settings.ttl),
                 negative_ttl: nanos(settings.negative_ttl),
+                generation: std::sync::atomic::AtomicU64::new(0),
             }),
             clock,
         }
@@ -187,11 +193,12 @@ impl<L: KeyLookup> CachedLookup<L> {
 
     /// Drops one key, so that the next request reads the backend.
     pub fn invalidate(&self, hash: &KeyHash) {
-        self.inner.cache.remove(hash);
+        self.inner.forget(hash);
     }
 
     /// Drops every key.
     pub fn invalidate_all(&self) {
+        self.inner.generation.fetch_add(1, Ordering::AcqRel);
         self.inner.cache.clear();
     }
 
@@ -208,6 +215,13 @@ impl Default for Settings {
             ttl: Duration::from_secs(30),
             negative_ttl: Duration::from_secs(5),
         }
+    }
+}
+
+impl<L> Inner<L> {
+    fn forget(&self, hash: &KeyHash) {
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.cache.remove(hash);
     }
 }
 
@@ -251,9 +265,12 @@ impl<L: KeyLookup> Inner<L> {
                 }
             }
         }
+        let generation = self.generation.load(Ordering::Acquire);
         let record = self.backend.lookup(&hash).await.map_err(Into::into)?;
-        self.cache
-            .insert(hash, self.entry(record.clone(), clock.now_nanos()));
+        if self.generation.load(Ordering::Acquire) == generation {
+            self.cache
+                .insert(hash, self.entry(record.clone(), clock.now_nanos()));
+        }
         Ok(record)
     }
 }
@@ -275,13 +292,17 @@ impl<L: KeyLookup> KeyLookup for CachedLookup<L> {
         if let Some(hit) = self.inner.fresh(hash, now) {
             return Some(Ok(hit));
         }
-        // The backend may answer at once too (an in-memory store); cache what it says.
+        // The backend may answer at once too (an in-memory store); cache what it says,
+        // unless an invalidation came in meanwhile.
+        let generation = self.inner.generation.load(Ordering::Acquire);
         let answer = self.inner.backend.lookup_ready(hash)?;
         Some(match answer {
             Ok(record) => {
-                self.inner
-                    .cache
-                    .insert(*hash, self.inner.entry(record.clone(), now));
+                if self.inner.generation.load(Ordering::Acquire) == generation {
+                    self.inner
+                        .cache
+                        .insert(*hash, self.inner.entry(record.clone(), now));
+                }
                 Ok(record)
             }
             Err(e) => Err(e.into()),

@@ -30,7 +30,9 @@ pub(crate) fn step(tat: u64, now: u64, quota: &Quota, cost: u32) -> Step {
     let base = tat.min(horizon).max(now);
     let charge = interval.saturating_mul(u64::from(cost));
     let new_tat = base.saturating_add(charge);
-    if new_tat <= horizon {
+    // Quotas refill within 100 years, so these sums never saturate; if one ever did, refuse
+    // rather than let a saturated time admit everything.
+    if new_tat <= horizon && horizon != u64::MAX && new_tat != u64::MAX {
         Step {
             allowed: true,
             new_tat,

@@ -41,15 +41,16 @@ pub trait KeyFn: Send + Sync + 'static {
     /// The request's bucket and the quotas it carries with it (empty: the layer's default).
     fn key<'a>(&self, head: &RequestHead<'a>) -> Option<(Self::Key, &'a [Quota])>;
 
-    /// Tokens an outer layer sharing this state already charged to this request's bucket.
-    fn charged(&self, extensions: &Extensions) -> u32 {
-        let _ = extensions;
+    /// Tokens an outer layer of the same limiter (`limiter` identifies it) already charged
+    /// to this request's bucket.
+    fn charged(&self, extensions: &Extensions, limiter: usize) -> u32 {
+        let _ = (extensions, limiter);
         0
     }
 
-    /// Notes the tokens charged for this request.
-    fn note_charge(&self, extensions: &mut Extensions, cost: u32) {
-        let _ = (extensions, cost);
+    /// Notes the tokens `limiter` charged for this request.
+    fn note_charge(&self, extensions: &mut Extensions, limiter: usize, cost: u32) {
+        let _ = (extensions, limiter, cost);
     }
 }
 
@@ -100,16 +101,16 @@ impl KeyFn for PerKey {
         Some(((record.id.clone(), self.bucket.clone()), quotas))
     }
 
-    fn charged(&self, extensions: &Extensions) -> u32 {
+    fn charged(&self, extensions: &Extensions, limiter: usize) -> u32 {
         match (&self.bucket, extensions.get::<Principal>()) {
-            (None, Some(p)) => p.charged(),
+            (None, Some(p)) => p.charged(limiter),
             _ => 0,
         }
     }
 
-    fn note_charge(&self, extensions: &mut Extensions, cost: u32) {
+    fn note_charge(&self, extensions: &mut Extensions, limiter: usize, cost: u32) {
         if let (None, Some(p)) = (&self.bucket, extensions.get_mut::<Principal>()) {
-            p.add_charge(cost);
+            p.add_charge(limiter, cost);
         }
     }
 }
@@ -294,7 +295,7 @@ impl<F: KeyFn, St: LimiterStore<F::Key>> Shared<F, St> {
     fn verdict<ResBody>(
         &self,
         answer: Result<Decision, BoxError>,
-        grpc: bool,
+        headers: &http::HeaderMap,
     ) -> Result<Decision, Response<ResponseBody<ResBody>>> {
         match answer {
             Ok(decision) if decision.allowed => Ok(decision),
@@ -302,7 +303,7 @@ impl<F: KeyFn, St: LimiterStore<F::Key>> Shared<F, St> {
                 tracing::debug!(target: "keygate", outcome = "rate_limited", "request rate limited");
                 let rejection =
                     Rejection::new(Reason::RateLimited).with_rate_limit(decision.info());
-                let mut res = self.responder.respond(rejection, grpc);
+                let mut res = self.responder.respond(rejection, is_grpc(headers));
                 self.style.apply(&decision, res.headers_mut());
                 Err(res)
             }
@@ -310,7 +311,7 @@ impl<F: KeyFn, St: LimiterStore<F::Key>> Shared<F, St> {
                 tracing::warn!(target: "keygate", error = %error, "rate limiter failed");
                 Err(self
                     .responder
-                    .respond(Rejection::new(Reason::AuthUnavailable), grpc))
+                    .respond(Rejection::new(Reason::AuthUnavailable), is_grpc(headers)))
             }
         }
     }
@@ -336,17 +337,20 @@ where
             return RateLimitFuture::inner(self.inner.call(req), None, shared.style);
         };
         let quotas: &[Quota] = if own.is_empty() { &shared.quotas } else { own };
-        let prior = shared.key_fn.charged(req.extensions());
+        // Route variants of one layer share this state: its address names the limiter.
+        let limiter = std::ptr::from_ref(shared).cast::<()>() as usize;
+        let prior = shared.key_fn.charged(req.extensions(), limiter);
         let cost = self.cost.saturating_sub(prior);
         if cost == 0 {
             // An outer layer of this store charged this request in full already.
             return RateLimitFuture::inner(self.inner.call(req), None, shared.style);
         }
-        let grpc = is_grpc(req.headers());
         match shared.store.check_ready(&key, quotas, cost) {
-            Some(answer) => match shared.verdict(answer.map_err(Into::into), grpc) {
+            Some(answer) => match shared.verdict(answer.map_err(Into::into), req.headers()) {
                 Ok(decision) => {
-                    shared.key_fn.note_charge(req.extensions_mut(), cost);
+                    shared
+                        .key_fn
+                        .note_charge(req.extensions_mut(), limiter, cost);
                     RateLimitFuture::inner(self.inner.call(req), Some(decision), shared.style)
                 }
                 Err(response) => {
@@ -370,7 +374,6 @@ where
                             shared: Arc::clone(&self.shared),
                             refund,
                             cost,
-                            grpc,
                         }),
                     },
                 }
@@ -428,7 +431,6 @@ pin_project! {
         shared: Arc<Shared<F, St>>,
         refund: Option<(F::Key, Vec<Quota>, u32)>,
         cost: u32,
-        grpc: bool,
     }
 }
 
@@ -503,15 +505,17 @@ where
                         shared,
                         refund,
                         cost,
-                        grpc,
                     } = state.as_mut().project();
                     let answer = ready!(check.poll(cx)).map_err(Into::into);
                     let Some((mut service, mut request)) = call.take() else {
                         return Poll::Ready(Ok(Response::new(ResponseBody::empty())));
                     };
-                    match shared.verdict(answer, *grpc) {
+                    match shared.verdict(answer, request.headers()) {
                         Ok(decision) => {
-                            shared.key_fn.note_charge(request.extensions_mut(), *cost);
+                            let limiter = std::ptr::from_ref(&**shared).cast::<()>() as usize;
+                            shared
+                                .key_fn
+                                .note_charge(request.extensions_mut(), limiter, *cost);
                             Kind::Inner {
                                 future: service.call(request),
                                 decision: Some(decision),

@@ -216,32 +216,38 @@ impl<K: BucketKey> MemoryLimiter<K> {
         let now = self.inner.clock.now_nanos();
         let shard = self.shard(key);
         let map = shard.map.pin();
-        let bucket = match map.get(key) {
-            Some(bucket) if bucket.cells().len() == quotas.len() => bucket,
-            existing => {
-                // A refusal against a full bucket needs no state: decide before allocating.
-                let fresh =
-                    most_restrictive(quotas.iter().map(|q| (q, step(0, now, q, cost))), now);
-                if let Some(decision) = fresh.filter(|d| !d.allowed) {
-                    return Ok(decision);
+        // The bucket must have one cell per window. Another request may put in a bucket of
+        // another shape at any moment (a key's quotas changed): check after every get or
+        // insert, and start the key afresh when the shape differs.
+        let mut bucket = None;
+        for _ in 0..3 {
+            match map.get(key) {
+                Some(found) if found.cells().len() == quotas.len() => {
+                    bucket = Some(found);
+                    break;
                 }
-                if existing.is_none() {
-                    self.make_room(shard, now)?;
-                    match map.try_insert_with(key.clone(), || Bucket::new(quotas.len())) {
-                        Ok(bucket) => {
-                            self.inner.total.fetch_add(1, Ordering::Relaxed);
-                            bucket
-                        }
-                        // Another request made it first.
-                        Err(bucket) => bucket,
+                existing => {
+                    // A refusal against a full bucket needs no state: decide first.
+                    let fresh =
+                        most_restrictive(quotas.iter().map(|q| (q, step(0, now, q, cost))), now);
+                    if let Some(decision) = fresh.filter(|d| !d.allowed) {
+                        return Ok(decision);
                     }
-                } else {
-                    // The key's quotas changed shape: start it afresh.
-                    map.insert(key.clone(), Bucket::new(quotas.len()));
-                    map.get(key).ok_or(LimiterError::Full)?
+                    if existing.is_none() {
+                        self.make_room(shard, now)?;
+                        if map
+                            .try_insert_with(key.clone(), || Bucket::new(quotas.len()))
+                            .is_ok()
+                        {
+                            self.inner.total.fetch_add(1, Ordering::Relaxed);
+                        }
+                    } else {
+                        map.insert(key.clone(), Bucket::new(quotas.len()));
+                    }
                 }
             }
-        };
+        }
+        let bucket = bucket.ok_or(LimiterError::Windows(quotas.len()))?;
         let mut steps = [Step::NONE; MAX_WINDOWS];
         for (i, quota) in quotas.iter().enumerate() {
             let cell = &bucket.cells()[i];

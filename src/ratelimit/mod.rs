@@ -25,7 +25,7 @@ pub use headers::HeaderStyle;
 pub use layer::{KeyFn, PerKey, RateLimitFuture, RateLimitLayer, RateLimitService};
 pub use memory::{LimiterError, MemoryLimiter, DEFAULT_MAX_BUCKETS, MAX_WINDOWS};
 pub(crate) use quota::nonzero;
-pub use quota::Quota;
+pub use quota::{Quota, MAX_REFILL};
 pub use store::{BucketKey, LimiterStore};
 
 #[cfg(test)]

@@ -38,6 +38,11 @@ pub struct Quota {
     per: Duration,
 }
 
+/// The longest a bucket may take to refill: 100 years. Time arithmetic stays far from
+/// overflow, and no sensible quota needs more.
+pub const MAX_REFILL: Duration = Duration::from_secs(100 * 365 * 86_400);
+const MAX_REFILL_NS: u64 = 100 * 365 * 86_400 * 1_000_000_000;
+
 /// `n`, or 1 for 0: for defaults written as literals.
 pub(crate) const fn nonzero(n: u32) -> NonZeroU32 {
     match NonZeroU32::new(n) {
@@ -60,10 +65,17 @@ impl Quota {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Zero`] when `period` is zero.
+    /// [`ConfigError::Zero`] when `period` is zero, [`ConfigError::InvalidQuota`] when it is
+    /// longer than [`MAX_REFILL`].
     pub fn new(n: NonZeroU32, period: Duration) -> Result<Self, ConfigError> {
         if period.is_zero() {
             return Err(ConfigError::Zero("quota period"));
+        }
+        if period > MAX_REFILL {
+            return Err(ConfigError::InvalidQuota(format!(
+                "{n} per {}s: the period is longer than 100 years",
+                period.as_secs()
+            )));
         }
         Ok(Self::make(n, period))
     }
@@ -98,10 +110,21 @@ impl Quota {
         Self::make(n, Duration::from_secs(86_400))
     }
 
-    /// The same refill rate with a different burst.
+    /// The same refill rate with a different burst. A burst whose refill would take longer
+    /// than [`MAX_REFILL`] is lowered to the largest that does not.
     #[must_use]
     pub const fn with_burst(mut self, capacity: NonZeroU32) -> Self {
-        self.capacity = capacity;
+        let most = MAX_REFILL_NS / self.interval_ns;
+        let most = if most > u32::MAX as u64 {
+            u32::MAX
+        } else {
+            most as u32
+        };
+        self.capacity = if (capacity.get() as u64) > most as u64 {
+            nonzero(most)
+        } else {
+            capacity
+        };
         self
     }
 
@@ -143,18 +166,41 @@ impl Quota {
         let (count, unit) = rate.trim().split_once('/').ok_or_else(bad)?;
         let count: u32 = count.trim().parse().map_err(|_| bad())?;
         let count = NonZeroU32::new(count).ok_or_else(bad)?;
-        let period = match unit.trim() {
+        let unit = unit.trim();
+        let period = match unit {
             "s" | "sec" | "second" => Duration::from_secs(1),
             "m" | "min" | "minute" => Duration::from_secs(60),
             "h" | "hour" => Duration::from_secs(3600),
             "d" | "day" => Duration::from_secs(86_400),
-            _ => return Err(bad()),
+            // Any other period, as Display writes it: 120s, 500ms, 250ns.
+            _ => {
+                let (digits, make): (&str, fn(u64) -> Duration) =
+                    if let Some(d) = unit.strip_suffix("ms") {
+                        (d, Duration::from_millis)
+                    } else if let Some(d) = unit.strip_suffix("ns") {
+                        (d, Duration::from_nanos)
+                    } else if let Some(d) = unit.strip_suffix('s') {
+                        (d, Duration::from_secs)
+                    } else {
+                        return Err(bad());
+                    };
+                let n: u64 = digits.parse().map_err(|_| bad())?;
+                make(n)
+            }
         };
+        if period.is_zero() || period > MAX_REFILL {
+            return Err(bad());
+        }
         let mut quota = Self::make(count, period);
         if let Some(burst) = burst {
             let value = burst.strip_prefix("burst=").ok_or_else(bad)?;
             let value: u32 = value.trim().parse().map_err(|_| bad())?;
-            quota = quota.with_burst(NonZeroU32::new(value).ok_or_else(bad)?);
+            let value = NonZeroU32::new(value).ok_or_else(bad)?;
+            quota = quota.with_burst(value);
+            if quota.capacity != value {
+                // The burst would take longer than MAX_REFILL to refill.
+                return Err(bad());
+            }
         }
         Ok(quota)
     }
@@ -162,14 +208,17 @@ impl Quota {
 
 impl fmt::Display for Quota {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let unit = match self.per.as_secs() {
-            1 => "s",
-            60 => "min",
-            3600 => "hour",
-            86_400 => "day",
-            _ => return write!(f, "{}/{}s", self.count, self.per.as_secs_f64()),
-        };
-        write!(f, "{}/{unit}", self.count)?;
+        write!(f, "{}/", self.count)?;
+        let per = self.per;
+        match per.as_secs() {
+            1 if per.subsec_nanos() == 0 => f.write_str("s")?,
+            60 if per.subsec_nanos() == 0 => f.write_str("min")?,
+            3600 if per.subsec_nanos() == 0 => f.write_str("hour")?,
+            86_400 if per.subsec_nanos() == 0 => f.write_str("day")?,
+            secs if per.subsec_nanos() == 0 => write!(f, "{secs}s")?,
+            _ if per.subsec_nanos() % 1_000_000 == 0 => write!(f, "{}ms", per.as_millis())?,
+            _ => write!(f, "{}ns", per.as_nanos())?,
+        }
         if self.capacity != self.count {
             write!(f, ";burst={}", self.capacity)?;
         }
@@ -225,6 +274,25 @@ mod tests {
                 Some(Quota::per_second(nz(10)).with_burst(nz(20))),
             ),
             ("0/min", None),
+            (
+                "5/120s",
+                Some(Quota::new(nz(5), Duration::from_secs(120)).unwrap()),
+            ),
+            (
+                "10/500ms",
+                Some(Quota::new(nz(10), Duration::from_millis(500)).unwrap()),
+            ),
+            (
+                "10/2s;burst=50",
+                Some(
+                    Quota::new(nz(10), Duration::from_secs(2))
+                        .unwrap()
+                        .with_burst(nz(50)),
+                ),
+            ),
+            ("1/0s", None),
+            ("1/day;burst=200000", None),
+            ("1/5000000000s", None),
             ("60", None),
             ("60/fortnight", None),
             ("-1/s", None),
@@ -256,6 +324,10 @@ mod tests {
         let fast = Quota::new(nz(u32::MAX), Duration::from_nanos(1)).unwrap();
         assert_eq!(fast.interval_ns(), 1);
         assert!(Quota::new(nz(1), Duration::ZERO).is_err());
+        assert!(Quota::new(nz(1), Duration::from_secs(u64::MAX)).is_err());
+        // A burst that would take more than 100 years to refill is lowered.
+        let day = Quota::per_day(nz(1)).with_burst(nz(200_000));
+        assert!(day.period() <= MAX_REFILL);
         let json = serde_json::to_string(&Quota::per_hour(nz(1000))).unwrap();
         assert_eq!(json, "\"1000/hour\"");
     }

@@ -333,3 +333,75 @@ fn three_windows_live_on_the_heap_and_still_all_apply() {
         .count();
     assert_eq!(admitted, 1, "the hour window: 8 in all");
 }
+
+#[tokio::test]
+async fn nested_per_key_limiters_with_different_stores_both_apply() {
+    use crate::key::KeyId;
+    use crate::record::{Environment, KeyRecord, Owner, Principal};
+    // Two independent limiters (1000 an hour app-wide, 2 a minute on one route): the inner
+    // one must not take the outer one's charge for its own.
+    let outer = RateLimitLayer::new(
+        layer::PerKey::new(),
+        MemoryLimiter::new().with_clock(clock()),
+        [Quota::per_hour(nz(1000))],
+    )
+    .unwrap();
+    let inner = RateLimitLayer::new(
+        layer::PerKey::new(),
+        MemoryLimiter::new().with_clock(clock()),
+        [Quota::per_minute(nz(2))],
+    )
+    .unwrap();
+    let svc = outer.layer(inner.layer(service_fn(|_: Request<Body>| async {
+        Ok::<_, Infallible>(Response::new(Body::default()))
+    })));
+    let record = Arc::new(KeyRecord::new(
+        KeyId::new("key_1"),
+        Owner::new("o", "o"),
+        Environment::Live,
+    ));
+    let mut admitted = 0;
+    for _ in 0..10 {
+        let mut req = Request::get("/").body(Body::default()).unwrap();
+        req.extensions_mut()
+            .insert(Principal::new(Arc::clone(&record)));
+        if svc.clone().oneshot(req).await.unwrap().status() == 200 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 2);
+}
+
+#[test]
+fn a_bucket_changing_shape_under_concurrent_requests_never_panics() {
+    let limiter: MemoryLimiter<u8> = MemoryLimiter::new().with_clock(clock());
+    let one = [Quota::per_hour(nz(1_000_000))];
+    let two = [
+        Quota::per_hour(nz(1_000_000)),
+        Quota::per_day(nz(1_000_000)),
+    ];
+    std::thread::scope(|scope| {
+        for quotas in [&one[..], &two[..]] {
+            let limiter = limiter.clone();
+            scope.spawn(move || {
+                for _ in 0..20_000 {
+                    let _ = limiter.decide(&7, quotas, 1);
+                }
+            });
+        }
+    });
+}
+
+#[test]
+fn extreme_quotas_still_limit() {
+    let limiter: MemoryLimiter<u8> = MemoryLimiter::new().with_clock(clock());
+    let longest = Quota::new(nz(1), MAX_REFILL).unwrap();
+    assert!(limiter.decide(&1, &[longest], 1).unwrap().allowed);
+    assert!(!limiter.decide(&1, &[longest], 1).unwrap().allowed);
+    let huge = Quota::per_day(nz(1)).with_burst(NonZeroU32::MAX);
+    let admitted = (0..200_000)
+        .filter(|_| limiter.decide(&2, &[huge], 1).unwrap().allowed)
+        .count();
+    assert_eq!(admitted as u32, huge.capacity().get().min(200_000));
+    assert!(limiter.decide(&3, &[huge], u32::MAX).is_ok());
+}

@@ -10,11 +10,13 @@ use crate::error::ConfigError;
 static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
 
-/// Whether a request is gRPC: its `content-type` starts with `application/grpc`.
-pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
+/// The request's content type when it is gRPC (`application/grpc…`, gRPC-Web included),
+/// echoed on the reply so that gRPC-Web clients get their own content type back.
+pub(crate) fn is_grpc(headers: &HeaderMap) -> Option<HeaderValue> {
     headers
         .get(CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+        .filter(|v| v.as_bytes().starts_with(b"application/grpc"))
+        .cloned()
 }
 
 /// Everything needed to turn a [`Rejection`] into a response, set up once.
@@ -101,10 +103,14 @@ impl Responder {
     }
 
     /// The full response for a rejection.
-    pub(crate) fn respond<B>(&self, rejection: Rejection, grpc: bool) -> Response<ResponseBody<B>> {
+    pub(crate) fn respond<B>(
+        &self,
+        rejection: Rejection,
+        grpc: Option<HeaderValue>,
+    ) -> Response<ResponseBody<B>> {
         let rejection = rejection.opaque(self.opaque);
-        let mut res = if grpc {
-            grpc_response(&rejection)
+        let mut res = if let Some(content_type) = grpc {
+            grpc_response(&rejection, content_type)
         } else {
             let (parts, body) = self.renderer.render(&rejection).into_parts();
             let mut res = Response::from_parts(parts, ResponseBody::full(body));
@@ -136,10 +142,10 @@ impl Responder {
 
 /// A trailers-only gRPC reply: HTTP 200 with `grpc-status` and `grpc-message` in the
 /// headers and an empty body.
-fn grpc_response<B>(rejection: &Rejection) -> Response<ResponseBody<B>> {
+fn grpc_response<B>(rejection: &Rejection, content_type: HeaderValue) -> Response<ResponseBody<B>> {
     let mut res = Response::new(ResponseBody::empty());
     let headers = res.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert(CONTENT_TYPE, content_type);
     headers.insert(
         GRPC_STATUS.clone(),
         grpc_status_value(rejection.grpc_code()),
@@ -190,7 +196,7 @@ mod tests {
     fn headers_for_every_reason_http_and_grpc() {
         for reason in Reason::ALL {
             let res: Response<ResponseBody<String>> =
-                responder(true).respond(Rejection::new(reason), false);
+                responder(true).respond(Rejection::new(reason), None);
             assert_eq!(res.status(), reason.status(), "{reason:?}");
             assert_eq!(res.headers()[CACHE_CONTROL], "no-store");
             assert_eq!(
@@ -215,8 +221,10 @@ mod tests {
                 _ => assert!(challenge.is_none(), "{reason:?}"),
             }
 
-            let res: Response<ResponseBody<String>> =
-                responder(true).respond(Rejection::new(reason), true);
+            let res: Response<ResponseBody<String>> = responder(true).respond(
+                Rejection::new(reason),
+                Some(HeaderValue::from_static("application/grpc")),
+            );
             assert_eq!(res.status(), 200);
             assert_eq!(res.headers()[CONTENT_TYPE], "application/grpc");
             assert_eq!(
@@ -231,7 +239,7 @@ mod tests {
     #[test]
     fn api_key_challenge_without_bearer() {
         let res: Response<ResponseBody<String>> =
-            responder(false).respond(Rejection::new(Reason::MissingApiKey), false);
+            responder(false).respond(Rejection::new(Reason::MissingApiKey), None);
         assert_eq!(res.headers()[WWW_AUTHENTICATE], "ApiKey realm=\"api\"");
     }
 
@@ -245,9 +253,22 @@ mod tests {
         };
         let res: Response<ResponseBody<String>> = responder(true).respond(
             Rejection::new(Reason::RateLimited).with_rate_limit(info),
-            false,
+            None,
         );
         assert_eq!(res.headers()[RETRY_AFTER], "7");
+    }
+
+    #[test]
+    fn grpc_web_gets_its_own_content_type_back() {
+        let web = HeaderValue::from_static("application/grpc-web+proto");
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, web.clone());
+        let res: Response<ResponseBody<String>> =
+            responder(true).respond(Rejection::new(Reason::MissingApiKey), is_grpc(&headers));
+        assert_eq!(res.headers()[CONTENT_TYPE], web);
+        assert_eq!(res.headers()["grpc-status"], "16");
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        assert!(is_grpc(&headers).is_none());
     }
 
     #[test]

@@ -52,15 +52,23 @@ impl SiteResolver {
                 (!value.is_empty()).then_some(Cow::Borrowed(value))
             }
             Self::Host => {
-                let host = match head.uri.host() {
-                    Some(host) => host,
-                    None => {
-                        let value = head.headers.get(HOST)?.to_str().ok()?;
+                let header = match head.headers.get(HOST) {
+                    Some(value) => {
+                        let value = value.to_str().ok()?;
                         let authority: http::uri::Authority = value.parse().ok()?;
-                        return lower(authority.host()).map(|s| Cow::Owned(s.into_owned()));
+                        Some(authority)
                     }
+                    None => None,
                 };
-                lower(host)
+                let host = match (head.uri.host(), &header) {
+                    // An absolute URI and a Host header that disagree: routers and apps read
+                    // one or the other, so neither can be trusted as the site.
+                    (Some(uri), Some(h)) if !uri.eq_ignore_ascii_case(h.host()) => return None,
+                    (Some(uri), _) => uri,
+                    (None, Some(h)) => h.host(),
+                    (None, None) => return None,
+                };
+                lower(host).map(|s| Cow::Owned(s.into_owned()))
             }
         }
     }
