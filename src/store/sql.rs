@@ -173,7 +173,7 @@ impl SqlStore {
             #[cfg(feature = "sqlite")]
             sqlx::sqlite::any::DRIVER,
         ]);
-        let mut options = AnyPoolOptions::new();
+        let mut options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(5));
         let url = match backend {
             Backend::Sqlite if url.contains(":memory:") => {
                 // Every connection to :memory: is its own database: keep one.
@@ -186,7 +186,10 @@ impl SqlStore {
             }
             _ => url.to_owned(),
         };
-        let pool = options.connect(&url).await.map_err(db)?;
+        let pool = options
+            .connect(&url)
+            .await
+            .map_err(|e| StoreError::Backend(format!("cannot open the database: {e}")))?;
         let store = Self {
             pool,
             backend,

@@ -1,0 +1,378 @@
+//! `keyctl`: manage keys in a real store from a shell.
+//!
+//! ```text
+//! cargo run --features sqlite,postgres --example keyctl -- [--database-url URL] COMMAND
+//! ```
+//!
+//! `URL` is `sqlite://PATH` (created if missing) or `postgres://…`; without the flag,
+//! `KEYGATE_DATABASE_URL`, else `sqlite://keygate.db`. Commands:
+//!
+//! ```text
+//! owner add NAME [--password-stdin]        OWNER=<id>
+//! owner disable NAME | owner enable NAME
+//! create --owner NAME --name N [--description D] [--use-case U] [--env live|test]
+//!        [--scopes a,b] [--rate 60/min]… [--ip CIDR]… [--site S]… [--expires-in SECONDS]
+//!                                          KEY=<secret> (shown this once) and ID=<key id>
+//! list --owner NAME | show ID              ids, names, prefixes, status, restrictions
+//! update ID [--name N] [--description D] [--scopes a,b] [--rate R]… [--ip CIDR]… [--site S]…
+//! disable ID | enable ID | delete ID
+//! rotate ID [--grace SECONDS]              KEY=<secret> and ID=<key id>
+//! verify KEY [--ip ADDR] [--site S] [--scope S]   `valid` (exit 0) or the rejection code (exit 1)
+//! ```
+//!
+//! Errors are one clear line on stderr and exit status 2; nothing is half-written.
+
+use std::io::Read;
+use std::net::IpAddr;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use keygate::key::{KeyFormat, KeyId};
+use keygate::lookup::KeyLookup;
+use keygate::ratelimit::Quota;
+use keygate::record::{Environment, KeyRecord, Restrictions, Scopes, Status};
+use keygate::reject::Reason;
+use keygate::store::{KeyStore, KeyUpdate, NewKey, Page, SqlStore};
+use keygate::validate::{check, Rules};
+
+/// A failure to report: the message, and the exit status.
+struct Fail(String, u8);
+
+impl<E: std::fmt::Display> From<E> for Fail {
+    fn from(e: E) -> Self {
+        Fail(e.to_string(), 2)
+    }
+}
+
+fn fail<T>(message: impl Into<String>) -> Result<T, Fail> {
+    Err(Fail(message.into(), 2))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Fail(message, code)) => {
+            if !message.is_empty() {
+                eprintln!("keyctl: {message}");
+            }
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// Options after the command's positional words.
+#[derive(Default)]
+struct Opts {
+    positional: Vec<String>,
+    flags: Vec<(String, Option<String>)>,
+}
+
+impl Opts {
+    fn parse(args: &[String], switches: &[&str]) -> Result<Self, Fail> {
+        let mut opts = Opts::default();
+        let mut iter = args.iter();
+        while let Some(arg) = iter.next() {
+            if let Some(name) = arg.strip_prefix("--") {
+                if switches.contains(&name) {
+                    opts.flags.push((name.to_owned(), None));
+                } else {
+                    let value = iter
+                        .next()
+                        .ok_or_else(|| Fail(format!("--{name} needs a value"), 2))?;
+                    opts.flags.push((name.to_owned(), Some(value.clone())));
+                }
+            } else {
+                opts.positional.push(arg.clone());
+            }
+        }
+        Ok(opts)
+    }
+
+    fn one(&self, name: &str) -> Option<&str> {
+        self.flags
+            .iter()
+            .rev()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
+    fn all(&self, name: &str) -> Vec<&str> {
+        self.flags
+            .iter()
+            .filter(|(n, _)| n == name)
+            .filter_map(|(_, v)| v.as_deref())
+            .collect()
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.flags.iter().any(|(n, _)| n == name)
+    }
+
+    fn only(&self, allowed: &[&str]) -> Result<(), Fail> {
+        for (name, _) in &self.flags {
+            if !allowed.contains(&name.as_str()) {
+                return fail(format!("unknown option --{name}"));
+            }
+        }
+        Ok(())
+    }
+
+    fn id(&self) -> Result<KeyId, Fail> {
+        match self.positional.as_slice() {
+            [id] => Ok(KeyId::new(id.as_str())),
+            _ => fail("expected one key id"),
+        }
+    }
+}
+
+fn quotas(opts: &Opts) -> Result<Vec<Quota>, Fail> {
+    opts.all("rate")
+        .into_iter()
+        .map(|r| Quota::parse(r).map_err(Fail::from))
+        .collect()
+}
+
+fn restrictions(opts: &Opts) -> Result<Restrictions, Fail> {
+    Ok(Restrictions {
+        ips: opts
+            .all("ip")
+            .into_iter()
+            .map(|ip| Restrictions::parse_network(ip).map_err(Fail::from))
+            .collect::<Result<_, _>>()?,
+        sites: opts.all("site").into_iter().map(str::to_owned).collect(),
+    })
+}
+
+fn seconds(text: &str, what: &str) -> Result<Duration, Fail> {
+    text.parse::<u64>().map(Duration::from_secs).map_err(|_| {
+        Fail(
+            format!("{what} must be a whole number of seconds, got {text:?}"),
+            2,
+        )
+    })
+}
+
+fn unix(time: Option<SystemTime>) -> String {
+    time.and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map_or_else(|| "-".to_owned(), |d| d.as_secs().to_string())
+}
+
+fn describe(record: &KeyRecord) -> String {
+    let join = |items: Vec<String>| {
+        if items.is_empty() {
+            "-".to_owned()
+        } else {
+            items.join(",")
+        }
+    };
+    format!(
+        "ID={} NAME={:?} PREFIX={} ENV={} STATUS={} OWNER={} SCOPES={} RATES={} IPS={} SITES={} USE_CASE={:?} EXPIRES={} CREATED={} LAST_USED={}",
+        record.id,
+        record.name,
+        KeyFormat::default().prefix(record.environment),
+        record.environment,
+        record.status.as_str(),
+        record.owner.as_ref().map_or("-", |o| o.name.as_str()),
+        join(record.scopes.iter().map(str::to_owned).collect()),
+        join(record.quotas.iter().map(ToString::to_string).collect()),
+        join(record.restrictions.ips.iter().map(ToString::to_string).collect()),
+        join(record.restrictions.sites.clone()),
+        record.use_case,
+        unix(record.expires_at),
+        unix(record.created_at),
+        unix(record.last_used_at),
+    )
+}
+
+async fn run(mut args: Vec<String>) -> Result<(), Fail> {
+    let mut url = std::env::var("KEYGATE_DATABASE_URL").ok();
+    if args.first().map(String::as_str) == Some("--database-url") {
+        if args.len() < 2 {
+            return fail("--database-url needs a value");
+        }
+        url = Some(args.remove(1));
+        args.remove(0);
+    }
+    let url = url.unwrap_or_else(|| "sqlite://keygate.db".to_owned());
+    let Some((command, rest)) = args.split_first() else {
+        return fail("no command; see the top of examples/keyctl.rs");
+    };
+    let store = SqlStore::connect(&url).await?;
+    match command.as_str() {
+        "owner" => {
+            let opts = Opts::parse(rest, &["password-stdin"])?;
+            opts.only(&["password-stdin"])?;
+            match opts.positional.as_slice() {
+                [action, name] if action == "add" => {
+                    let password = if opts.has("password-stdin") {
+                        let mut text = String::new();
+                        std::io::stdin().read_to_string(&mut text)?;
+                        Some(text.trim_end_matches(['\n', '\r']).to_owned())
+                    } else {
+                        None
+                    };
+                    let owner = store.add_owner(name, password.as_deref()).await?;
+                    println!("OWNER={}", owner.id);
+                }
+                [action, name] if action == "disable" || action == "enable" => {
+                    store.set_owner_active(name, action == "enable").await?;
+                    println!("OWNER={name} ACTIVE={}", action == "enable");
+                }
+                _ => return fail("usage: owner add NAME [--password-stdin] | owner disable NAME | owner enable NAME"),
+            }
+        }
+        "create" => {
+            let opts = Opts::parse(rest, &[])?;
+            opts.only(&[
+                "owner",
+                "name",
+                "description",
+                "use-case",
+                "env",
+                "scopes",
+                "rate",
+                "ip",
+                "site",
+                "expires-in",
+            ])?;
+            let Some(owner) = opts.one("owner") else {
+                return fail("create needs --owner NAME");
+            };
+            let Some(name) = opts.one("name") else {
+                return fail("create needs --name N");
+            };
+            let env: Environment = opts.one("env").unwrap_or("live").parse()?;
+            let mut new = NewKey::new(owner, name, env);
+            new.description = opts.one("description").unwrap_or_default().to_owned();
+            new.use_case = opts.one("use-case").unwrap_or_default().to_owned();
+            new.scopes = Scopes::parse(opts.one("scopes").unwrap_or_default());
+            new.quotas = quotas(&opts)?;
+            new.restrictions = restrictions(&opts)?;
+            if let Some(secs) = opts.one("expires-in") {
+                new.expires_at = Some(SystemTime::now() + seconds(secs, "--expires-in")?);
+            }
+            let created = store.create(new).await?;
+            println!("KEY={}", created.secret.expose_secret());
+            println!("ID={}", created.record.id);
+        }
+        "list" => {
+            let opts = Opts::parse(rest, &[])?;
+            opts.only(&["owner"])?;
+            let Some(owner) = opts.one("owner") else {
+                return fail("list needs --owner NAME");
+            };
+            let mut page = Page {
+                after: None,
+                limit: 100,
+            };
+            loop {
+                let keys = store.list(owner, page.clone()).await?;
+                for record in &keys {
+                    println!("{}", describe(record));
+                }
+                match keys.last() {
+                    Some(last) if keys.len() == page.limit => page.after = Some(last.id.clone()),
+                    _ => break,
+                }
+            }
+        }
+        "show" => {
+            let opts = Opts::parse(rest, &[])?;
+            opts.only(&[])?;
+            println!("{}", describe(&store.get(&opts.id()?).await?));
+        }
+        "update" => {
+            let opts = Opts::parse(rest, &[])?;
+            for immutable in ["use-case", "env", "expires-in"] {
+                if opts.has(immutable) {
+                    return fail(format!("--{immutable} cannot be changed: the field is immutable once the key is created"));
+                }
+            }
+            opts.only(&["name", "description", "scopes", "rate", "ip", "site"])?;
+            let id = opts.id()?;
+            let mut update = KeyUpdate::default();
+            update.name = opts.one("name").map(str::to_owned);
+            update.description = opts.one("description").map(str::to_owned);
+            update.scopes = opts.one("scopes").map(Scopes::parse);
+            if opts.has("rate") {
+                update.quotas = Some(quotas(&opts)?);
+            }
+            if opts.has("ip") || opts.has("site") {
+                let current = store.get(&id).await?;
+                let mut r = restrictions(&opts)?;
+                if !opts.has("ip") {
+                    r.ips = current.restrictions.ips;
+                }
+                if !opts.has("site") {
+                    r.sites = current.restrictions.sites;
+                }
+                update.restrictions = Some(r);
+            }
+            println!("{}", describe(&store.update(&id, update).await?));
+        }
+        "disable" | "enable" | "delete" => {
+            let opts = Opts::parse(rest, &[])?;
+            opts.only(&[])?;
+            let status = match command.as_str() {
+                "disable" => Status::Disabled,
+                "enable" => Status::Active,
+                _ => Status::Deleted,
+            };
+            let record = store.set_status(&opts.id()?, status).await?;
+            println!("ID={} STATUS={}", record.id, record.status.as_str());
+        }
+        "rotate" => {
+            let opts = Opts::parse(rest, &[])?;
+            opts.only(&["grace"])?;
+            let grace = opts
+                .one("grace")
+                .map_or(Ok(Duration::ZERO), |g| seconds(g, "--grace"))?;
+            let rotated = store.rotate(&opts.id()?, grace, None).await?;
+            println!("KEY={}", rotated.secret.expose_secret());
+            println!("ID={}", rotated.record.id);
+        }
+        "verify" => {
+            let opts = Opts::parse(rest, &[])?;
+            opts.only(&["ip", "site", "scope"])?;
+            let [secret] = opts.positional.as_slice() else {
+                return fail("verify needs one KEY");
+            };
+            let ip: Option<IpAddr> = opts
+                .one("ip")
+                .map(str::parse)
+                .transpose()
+                .map_err(|_| Fail("--ip must be an IP address".into(), 2))?;
+            let rules = Rules::default().scopes(opts.all("scope").into_iter().collect::<Scopes>());
+            // The same steps as the layers: format and checksum, lookup by hash, validation.
+            let verdict = if KeyFormat::default().check(secret).is_err() {
+                Err(Reason::InvalidApiKey)
+            } else {
+                match store.lookup(&keygate::key::KeyHash::of(secret)).await? {
+                    None => Err(Reason::InvalidApiKey),
+                    Some(record) => check(
+                        &record,
+                        &rules,
+                        SystemTime::now(),
+                        || ip,
+                        || opts.one("site").map(std::borrow::Cow::Borrowed),
+                    ),
+                }
+            };
+            match verdict {
+                Ok(()) => println!("valid"),
+                Err(reason) => {
+                    println!("{}", reason.code());
+                    return Err(Fail(String::new(), 1));
+                }
+            }
+        }
+        other => {
+            return fail(format!(
+                "unknown command {other:?}; see the top of examples/keyctl.rs"
+            ))
+        }
+    }
+    Ok(())
+}
