@@ -422,3 +422,65 @@ async fn ietf_headers_and_grpc_resource_exhausted() {
     assert_eq!(res.status(), 200);
     assert_eq!(res.headers()["grpc-status"], "8");
 }
+
+#[tokio::test]
+async fn accepted_requests_record_last_use_at_most_once_a_minute() {
+    use keygate::store::{KeyStore, NewKey};
+    let c = clock();
+    let store = MemoryStore::new().with_clock(c.clone());
+    store.add_owner("ada", None).await.unwrap();
+    let created = store
+        .create(NewKey::new("ada", "ci", Environment::Live))
+        .await
+        .unwrap();
+    let svc = Keygate::builder(
+        keygate::lookup::CachedLookup::over_store(store.clone()).with_clock(c.clone()),
+    )
+    .clock(c.clone())
+    .build()
+    .unwrap()
+    .layer(service_fn(ok));
+    let id = &created.record.id;
+    let secret = created.secret.expose_secret();
+    assert_eq!(store.get(id).await.unwrap().last_used_at, None);
+    assert_eq!(
+        svc.clone()
+            .oneshot(req(secret, "198.51.100.1:1"))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let first = store.get(id).await.unwrap().last_used_at.expect("recorded");
+    c.advance(Duration::from_secs(30));
+    svc.clone()
+        .oneshot(req(secret, "198.51.100.1:1"))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.get(id).await.unwrap().last_used_at,
+        Some(first),
+        "not within a minute"
+    );
+    c.advance(Duration::from_secs(31));
+    svc.clone()
+        .oneshot(req(secret, "198.51.100.1:1"))
+        .await
+        .unwrap();
+    assert!(store.get(id).await.unwrap().last_used_at > Some(first));
+    // A refused request is not a use.
+    store
+        .set_status(id, keygate::record::Status::Disabled)
+        .await
+        .unwrap();
+    let before = store.get(id).await.unwrap().last_used_at;
+    c.advance(Duration::from_secs(120));
+    assert_eq!(
+        svc.oneshot(req(secret, "198.51.100.1:1"))
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(store.get(id).await.unwrap().last_used_at, before);
+}

@@ -159,16 +159,18 @@ impl<L: KeyLookup> Gate<L> {
             }
         };
         let head = RequestHead::of(req);
+        let now = self.clock.now();
         let verdict = validate::check(
             &record,
             rules,
-            self.clock.now(),
+            now,
             || self.client_ip.resolve(&head),
             || self.site.as_ref().and_then(|s| s.resolve(&head)),
         );
         match verdict {
             Ok(()) => {
                 tracing::debug!(target: "keygate", key_id = %record.id, outcome = "accepted", "api key accepted");
+                self.lookup.touch(&record, now);
                 req.extensions_mut()
                     .insert(Principal::accepted_by(record, self.origin()));
                 Ok(())

@@ -287,6 +287,10 @@ impl<L: KeyLookup> KeyLookup for CachedLookup<L> {
         CachedFuture(Kind::Miss(Box::pin(miss)))
     }
 
+    fn touch(&self, record: &crate::record::KeyRecord, now: std::time::SystemTime) {
+        self.inner.backend.touch(record, now);
+    }
+
     fn lookup_ready(&self, hash: &KeyHash) -> Option<LookupResult<BoxError>> {
         let now = self.clock.now_nanos();
         if let Some(hit) = self.inner.fresh(hash, now) {

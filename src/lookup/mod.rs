@@ -86,6 +86,48 @@ pub trait KeyLookup: Send + Sync + 'static {
         let _ = hash;
         None
     }
+
+    /// Told of every request a key was accepted for, so that a store can keep
+    /// `last_used_at`. Called on the request path: implementations must return at once
+    /// (throttle, then write in the background). The default does nothing.
+    fn touch(&self, record: &KeyRecord, now: std::time::SystemTime) {
+        let _ = (record, now);
+    }
+}
+
+/// Decides, cheaply and in bounded memory, when a key's last use is due to be written again
+/// (at most once per [`LAST_USED_RESOLUTION`](crate::store::LAST_USED_RESOLUTION)).
+pub(crate) struct UseThrottle {
+    written: quick_cache::sync::Cache<crate::key::KeyId, u64>,
+}
+
+impl UseThrottle {
+    pub(crate) fn new() -> Self {
+        Self {
+            written: quick_cache::sync::Cache::new(100_000),
+        }
+    }
+
+    /// Whether to write now; if so, remembers that it was.
+    pub(crate) fn due(&self, record: &KeyRecord, now: std::time::SystemTime) -> bool {
+        let resolution = crate::store::LAST_USED_RESOLUTION;
+        // The record itself may already say it was used lately.
+        let recent = |at: std::time::SystemTime| {
+            now.duration_since(at).is_ok_and(|since| since < resolution)
+        };
+        if record.last_used_at.is_some_and(recent) {
+            return false;
+        }
+        let now_ns = crate::clock::nanos_since_epoch(now);
+        let window = u64::try_from(resolution.as_nanos()).unwrap_or(u64::MAX);
+        if let Some(last) = self.written.get(&record.id) {
+            if now_ns.saturating_sub(last) < window && now_ns >= last {
+                return false;
+            }
+        }
+        self.written.insert(record.id.clone(), now_ns);
+        true
+    }
 }
 
 impl<F, Fut, E> KeyLookup for F

@@ -33,6 +33,7 @@ use super::ChangeListener as Listener;
 #[derive(Clone)]
 pub struct MemoryStore {
     state: Arc<RwLock<State>>,
+    uses: Arc<crate::lookup::UseThrottle>,
     listeners: Arc<RwLock<Vec<Listener>>>,
     format: KeyFormat,
     clock: Arc<dyn Clock>,
@@ -87,6 +88,7 @@ impl MemoryStore {
     pub fn with_format(format: KeyFormat) -> Self {
         Self {
             state: Arc::default(),
+            uses: Arc::new(crate::lookup::UseThrottle::new()),
             listeners: Arc::default(),
             format,
             clock: Arc::new(SystemClock),
@@ -289,6 +291,12 @@ impl KeyLookup for MemoryStore {
 
     fn lookup_ready(&self, hash: &KeyHash) -> Option<LookupResult<StoreError>> {
         Some(self.get_hash(hash))
+    }
+
+    fn touch(&self, record: &KeyRecord, now: SystemTime) {
+        if self.uses.due(record, now) {
+            let _ = self.mark_used(&record.id, now);
+        }
     }
 }
 
@@ -524,7 +532,18 @@ impl KeyStore for MemoryStore {
     }
 
     async fn record_use(&self, id: &KeyId) -> Result<(), StoreError> {
-        let now = self.clock.now();
+        self.mark_used(id, self.clock.now())
+    }
+
+    fn on_change(&self, listener: Listener) {
+        if let Ok(mut listeners) = self.listeners.write() {
+            listeners.push(listener);
+        }
+    }
+}
+
+impl MemoryStore {
+    fn mark_used(&self, id: &KeyId, now: SystemTime) -> Result<(), StoreError> {
         {
             let state = self.read()?;
             let key = state
@@ -546,11 +565,5 @@ impl KeyStore for MemoryStore {
             stored.record = Arc::new(record);
         }
         Ok(())
-    }
-
-    fn on_change(&self, listener: Listener) {
-        if let Ok(mut listeners) = self.listeners.write() {
-            listeners.push(listener);
-        }
     }
 }

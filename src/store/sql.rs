@@ -35,6 +35,7 @@ enum Backend {
 #[derive(Clone)]
 pub struct SqlStore {
     pool: AnyPool,
+    uses: Arc<crate::lookup::UseThrottle>,
     backend: Backend,
     format: KeyFormat,
     clock: Arc<dyn Clock>,
@@ -192,6 +193,7 @@ impl SqlStore {
             .map_err(|e| StoreError::Backend(format!("cannot open the database: {e}")))?;
         let store = Self {
             pool,
+            uses: Arc::new(crate::lookup::UseThrottle::new()),
             backend,
             format: KeyFormat::default(),
             clock: Arc::new(SystemClock),
@@ -390,6 +392,23 @@ impl KeyLookup for SqlStore {
         let store = self.clone();
         let hash = *hash;
         Box::pin(async move { store.find_hash(hash).await })
+    }
+
+    fn touch(&self, record: &KeyRecord, now: SystemTime) {
+        // At most once a minute per key, written in the background.
+        if !self.uses.due(record, now) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.clone();
+        let id = record.id.clone();
+        runtime.spawn(async move {
+            if let Err(error) = store.record_use(&id).await {
+                tracing::warn!(target: "keygate", key_id = %id, error = %error, "could not record a key's last use");
+            }
+        });
     }
 }
 
