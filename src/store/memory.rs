@@ -34,7 +34,7 @@ use super::ChangeListener as Listener;
 pub struct MemoryStore {
     state: Arc<RwLock<State>>,
     uses: Arc<crate::lookup::UseThrottle>,
-    listeners: Arc<RwLock<Vec<Listener>>>,
+    listeners: Arc<super::Listeners>,
     format: KeyFormat,
     clock: Arc<dyn Clock>,
 }
@@ -112,13 +112,7 @@ impl MemoryStore {
 
     /// Tells the listeners (caches) that these hashes' answers changed.
     fn notify(&self, hashes: &[KeyHash]) {
-        if let Ok(listeners) = self.listeners.read() {
-            for listener in listeners.iter() {
-                for hash in hashes {
-                    listener(hash);
-                }
-            }
-        }
+        self.listeners.notify(hashes);
     }
 
     /// Generates a key for `owner`, stores its record (shaped by `edit`) under the key's
@@ -302,12 +296,7 @@ impl KeyLookup for MemoryStore {
 
 impl KeyStore for MemoryStore {
     async fn add_owner(&self, name: &str, password: Option<&str>) -> Result<Owner, StoreError> {
-        if name.trim().is_empty() {
-            return Err(StoreError::invalid("owner name", "it must not be empty"));
-        }
-        let password = password.map(password::hash).transpose()?;
-        let id = KeyId::generate()?.as_str().replacen("key_", "own_", 1);
-        let owner = Owner::new(id, name);
+        let (owner, password) = super::new_owner(name, password)?;
         let mut state = self.write()?;
         if state.owners.contains_key(name) {
             return Err(StoreError::OwnerExists(name.to_owned()));
@@ -425,16 +414,9 @@ impl KeyStore for MemoryStore {
     }
 
     async fn set_status(&self, id: &KeyId, status: Status) -> Result<KeyRecord, StoreError> {
-        self.edit_key(id, |record| match (record.status, status) {
-            (Status::Deleted, _) => Err(StoreError::KeyNotFound(record.id.clone())),
-            (Status::Revoked, Status::Active | Status::Disabled) => Err(StoreError::InvalidState(
-                "revoked",
-                "a revoked key cannot come back",
-            )),
-            _ => {
-                record.status = status;
-                Ok(())
-            }
+        self.edit_key(id, |record| {
+            record.status = super::transition(record, status)?;
+            Ok(())
         })
     }
 
@@ -536,9 +518,7 @@ impl KeyStore for MemoryStore {
     }
 
     fn on_change(&self, listener: Listener) {
-        if let Ok(mut listeners) = self.listeners.write() {
-            listeners.push(listener);
-        }
+        self.listeners.add(listener);
     }
 }
 

@@ -332,3 +332,52 @@ pub trait KeyStore: KeyLookup + Clone {
 
 /// See [`KeyStore::on_change`].
 pub type ChangeListener = std::sync::Arc<dyn Fn(&crate::key::KeyHash) + Send + Sync>;
+
+/// The listeners of one store (shared by its clones).
+#[derive(Default)]
+pub(crate) struct Listeners(std::sync::RwLock<Vec<ChangeListener>>);
+
+impl Listeners {
+    pub(crate) fn add(&self, listener: ChangeListener) {
+        if let Ok(mut listeners) = self.0.write() {
+            listeners.push(listener);
+        }
+    }
+
+    /// Tells every listener that these hashes' answers may have changed.
+    pub(crate) fn notify(&self, hashes: &[crate::key::KeyHash]) {
+        if let Ok(listeners) = self.0.read() {
+            for listener in listeners.iter() {
+                for hash in hashes {
+                    listener(hash);
+                }
+            }
+        }
+    }
+}
+
+/// The status a key moves to, or why it cannot: deleted keys read as unknown, revoked keys
+/// never come back.
+pub(crate) fn transition(record: &KeyRecord, to: Status) -> Result<Status, StoreError> {
+    match (record.status, to) {
+        (Status::Deleted, _) => Err(StoreError::KeyNotFound(record.id.clone())),
+        (Status::Revoked, Status::Active | Status::Disabled) => Err(StoreError::InvalidState(
+            "revoked",
+            "a revoked key cannot come back",
+        )),
+        _ => Ok(to),
+    }
+}
+
+/// A new owner's id, and its password hashed (argon2id), after checking the name.
+pub(crate) fn new_owner(
+    name: &str,
+    password: Option<&str>,
+) -> Result<(Owner, Option<String>), StoreError> {
+    if name.trim().is_empty() {
+        return Err(StoreError::invalid("owner name", "it must not be empty"));
+    }
+    let password = password.map(password::hash).transpose()?;
+    let id = KeyId::generate()?.as_str().replacen("key_", "own_", 1);
+    Ok((Owner::new(id, name), password))
+}

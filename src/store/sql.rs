@@ -4,7 +4,7 @@
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
@@ -39,7 +39,7 @@ pub struct SqlStore {
     backend: Backend,
     format: KeyFormat,
     clock: Arc<dyn Clock>,
-    listeners: Arc<RwLock<Vec<ChangeListener>>>,
+    listeners: Arc<super::Listeners>,
 }
 
 impl fmt::Debug for SqlStore {
@@ -236,14 +236,9 @@ impl SqlStore {
         tx.commit().await.map_err(db)
     }
 
+    /// Tells the listeners (caches) that these hashes' answers changed.
     fn notify(&self, hashes: &[KeyHash]) {
-        if let Ok(listeners) = self.listeners.read() {
-            for listener in listeners.iter() {
-                for hash in hashes {
-                    listener(hash);
-                }
-            }
-        }
+        self.listeners.notify(hashes);
     }
 
     async fn hashes_of(&self, id: &KeyId) -> Result<Vec<KeyHash>, StoreError> {
@@ -414,16 +409,12 @@ impl KeyLookup for SqlStore {
 
 impl KeyStore for SqlStore {
     async fn add_owner(&self, name: &str, password: Option<&str>) -> Result<Owner, StoreError> {
-        if name.trim().is_empty() {
-            return Err(StoreError::invalid("owner name", "it must not be empty"));
-        }
-        let password = password.map(password::hash).transpose()?;
-        let id = KeyId::generate()?.as_str().replacen("key_", "own_", 1);
+        let (owner, password) = super::new_owner(name, password)?;
         let done = sqlx::query(
             "INSERT INTO keygate_owners (id, name, active, password) VALUES ($1, $2, 1, $3) \
              ON CONFLICT (name) DO NOTHING",
         )
-        .bind(id.clone())
+        .bind(owner.id.clone())
         .bind(name.to_owned())
         .bind(password)
         .execute(&self.pool)
@@ -432,7 +423,7 @@ impl KeyStore for SqlStore {
         if done.rows_affected() == 0 {
             return Err(StoreError::OwnerExists(name.to_owned()));
         }
-        Ok(Owner::new(id, name))
+        Ok(owner)
     }
 
     async fn verify_owner(&self, name: &str, password: &str) -> Result<Owner, StoreError> {
@@ -576,16 +567,9 @@ impl KeyStore for SqlStore {
     }
 
     async fn set_status(&self, id: &KeyId, status: Status) -> Result<KeyRecord, StoreError> {
-        self.edit(id, |record| match (record.status, status) {
-            (Status::Deleted, _) => Err(StoreError::KeyNotFound(record.id.clone())),
-            (Status::Revoked, Status::Active | Status::Disabled) => Err(StoreError::InvalidState(
-                "revoked",
-                "a revoked key cannot come back",
-            )),
-            _ => {
-                record.status = status;
-                Ok(())
-            }
+        self.edit(id, |record| {
+            record.status = super::transition(record, status)?;
+            Ok(())
         })
         .await
     }
@@ -696,8 +680,6 @@ impl KeyStore for SqlStore {
     }
 
     fn on_change(&self, listener: ChangeListener) {
-        if let Ok(mut listeners) = self.listeners.write() {
-            listeners.push(listener);
-        }
+        self.listeners.add(listener);
     }
 }
