@@ -4,9 +4,7 @@ use std::future::{ready, Ready};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
-use super::{
-    password, CreatedKey, KeyStore, KeyUpdate, NewKey, Page, StoreError, LAST_USED_RESOLUTION,
-};
+use super::{CreatedKey, KeyStore, KeyUpdate, NewKey, Page, StoreError, LAST_USED_RESOLUTION};
 use crate::clock::{Clock, SystemClock};
 use crate::key::{ApiKey, KeyFormat, KeyHash, KeyId};
 use crate::lookup::{KeyLookup, LookupResult};
@@ -319,12 +317,7 @@ impl KeyStore for MemoryStore {
                 None => (None, None),
             }
         };
-        // The same argon2 work whether or not the owner exists.
-        let ok = password::verify(password, stored.as_deref());
-        match owner {
-            Some(owner) if ok && owner.active => Ok(owner),
-            _ => Err(StoreError::InvalidCredentials),
-        }
+        super::check_credentials(owner, stored.as_deref(), password)
     }
 
     async fn set_owner_active(&self, name: &str, active: bool) -> Result<Owner, StoreError> {

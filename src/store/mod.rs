@@ -369,6 +369,20 @@ pub(crate) fn transition(record: &KeyRecord, to: Status) -> Result<Status, Store
     }
 }
 
+/// The owner, if the password matches and the owner is active. The same argon2 work is
+/// done whether or not the owner exists, and every failure reads the same.
+pub(crate) fn check_credentials(
+    owner: Option<Owner>,
+    stored: Option<&str>,
+    password: &str,
+) -> Result<Owner, StoreError> {
+    let ok = password::verify(password, stored);
+    match owner {
+        Some(owner) if ok && owner.active => Ok(owner),
+        _ => Err(StoreError::InvalidCredentials),
+    }
+}
+
 /// A new owner's id, and its password hashed (argon2id), after checking the name.
 pub(crate) fn new_owner(
     name: &str,

@@ -11,8 +11,7 @@ use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Row};
 
 use super::{
-    password, ChangeListener, CreatedKey, KeyStore, KeyUpdate, NewKey, Page, StoreError,
-    LAST_USED_RESOLUTION,
+    ChangeListener, CreatedKey, KeyStore, KeyUpdate, NewKey, Page, StoreError, LAST_USED_RESOLUTION,
 };
 use crate::clock::{nanos_since_epoch, Clock, SystemClock};
 use crate::key::{KeyFormat, KeyHash, KeyId};
@@ -67,71 +66,46 @@ fn from_nanos(nanos: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(u64::try_from(nanos).unwrap_or(0))
 }
 
-const MIGRATIONS_SQLITE: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS keygate_owners (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        active BIGINT NOT NULL,
-        password TEXT
-    )",
-    "CREATE TABLE IF NOT EXISTS keygate_keys (
-        id TEXT PRIMARY KEY,
-        owner_id TEXT NOT NULL REFERENCES keygate_owners(id),
-        name TEXT NOT NULL,
-        description TEXT NOT NULL,
-        use_case TEXT NOT NULL,
-        environment TEXT NOT NULL,
-        status TEXT NOT NULL,
-        expires_at BIGINT,
-        scopes TEXT NOT NULL,
-        restrictions TEXT NOT NULL,
-        quotas TEXT NOT NULL,
-        metadata TEXT NOT NULL,
-        created_at BIGINT NOT NULL,
-        last_used_at BIGINT,
-        version BIGINT NOT NULL
-    )",
-    "CREATE INDEX IF NOT EXISTS keygate_keys_owner ON keygate_keys (owner_id, id)",
-    "CREATE TABLE IF NOT EXISTS keygate_key_hashes (
-        hash BLOB PRIMARY KEY,
-        key_id TEXT NOT NULL REFERENCES keygate_keys(id),
-        valid_until BIGINT
-    )",
-    "CREATE INDEX IF NOT EXISTS keygate_key_hashes_key ON keygate_key_hashes (key_id)",
-];
-
-const MIGRATIONS_POSTGRES: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS keygate_owners (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL UNIQUE,
-        active BIGINT NOT NULL,
-        password TEXT
-    )",
-    "CREATE TABLE IF NOT EXISTS keygate_keys (
-        id TEXT PRIMARY KEY,
-        owner_id TEXT NOT NULL REFERENCES keygate_owners(id),
-        name TEXT NOT NULL,
-        description TEXT NOT NULL,
-        use_case TEXT NOT NULL,
-        environment TEXT NOT NULL,
-        status TEXT NOT NULL,
-        expires_at BIGINT,
-        scopes TEXT NOT NULL,
-        restrictions TEXT NOT NULL,
-        quotas TEXT NOT NULL,
-        metadata TEXT NOT NULL,
-        created_at BIGINT NOT NULL,
-        last_used_at BIGINT,
-        version BIGINT NOT NULL
-    )",
-    "CREATE INDEX IF NOT EXISTS keygate_keys_owner ON keygate_keys (owner_id, id)",
-    "CREATE TABLE IF NOT EXISTS keygate_key_hashes (
-        hash BYTEA PRIMARY KEY,
-        key_id TEXT NOT NULL REFERENCES keygate_keys(id),
-        valid_until BIGINT
-    )",
-    "CREATE INDEX IF NOT EXISTS keygate_key_hashes_key ON keygate_key_hashes (key_id)",
-];
+/// The schema, the same on both databases but for the name of the byte-string type.
+fn migrations(bytes_type: &str) -> [String; 5] {
+    [
+        "CREATE TABLE IF NOT EXISTS keygate_owners (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            active BIGINT NOT NULL,
+            password TEXT
+        )"
+        .to_owned(),
+        "CREATE TABLE IF NOT EXISTS keygate_keys (
+            id TEXT PRIMARY KEY,
+            owner_id TEXT NOT NULL REFERENCES keygate_owners(id),
+            name TEXT NOT NULL,
+            description TEXT NOT NULL,
+            use_case TEXT NOT NULL,
+            environment TEXT NOT NULL,
+            status TEXT NOT NULL,
+            expires_at BIGINT,
+            scopes TEXT NOT NULL,
+            restrictions TEXT NOT NULL,
+            quotas TEXT NOT NULL,
+            metadata TEXT NOT NULL,
+            created_at BIGINT NOT NULL,
+            last_used_at BIGINT,
+            version BIGINT NOT NULL
+        )"
+        .to_owned(),
+        "CREATE INDEX IF NOT EXISTS keygate_keys_owner ON keygate_keys (owner_id, id)".to_owned(),
+        format!(
+            "CREATE TABLE IF NOT EXISTS keygate_key_hashes (
+                hash {bytes_type} PRIMARY KEY,
+                key_id TEXT NOT NULL REFERENCES keygate_keys(id),
+                valid_until BIGINT
+            )"
+        ),
+        "CREATE INDEX IF NOT EXISTS keygate_key_hashes_key ON keygate_key_hashes (key_id)"
+            .to_owned(),
+    ]
+}
 
 const KEY_COLUMNS: &str = "k.id, k.name, k.description, k.use_case, k.environment, k.status, \
     k.expires_at, k.scopes, k.restrictions, k.quotas, k.metadata, k.created_at, \
@@ -218,10 +192,10 @@ impl SqlStore {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
-        let steps = match self.backend {
-            Backend::Sqlite => MIGRATIONS_SQLITE,
-            Backend::Postgres => MIGRATIONS_POSTGRES,
-        };
+        let steps = migrations(match self.backend {
+            Backend::Sqlite => "BLOB",
+            Backend::Postgres => "BYTEA",
+        });
         let mut tx = self.pool.begin().await.map_err(db)?;
         if self.backend == Backend::Postgres {
             // Two instances starting at once must not race on CREATE TABLE.
@@ -230,7 +204,7 @@ impl SqlStore {
                 .await
                 .map_err(db)?;
         }
-        for step in steps {
+        for step in &steps {
             sqlx::query(step).execute(&mut *tx).await.map_err(db)?;
         }
         tx.commit().await.map_err(db)
@@ -444,12 +418,7 @@ impl KeyStore for SqlStore {
             }
             None => (None, None),
         };
-        // The same argon2 work whether or not the owner exists.
-        let ok = password::verify(password, stored.as_deref());
-        match owner {
-            Some(owner) if ok && owner.active => Ok(owner),
-            _ => Err(StoreError::InvalidCredentials),
-        }
+        super::check_credentials(owner, stored.as_deref(), password)
     }
 
     async fn set_owner_active(&self, name: &str, active: bool) -> Result<Owner, StoreError> {
