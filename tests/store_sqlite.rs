@@ -101,3 +101,21 @@ async fn bad_urls_are_clear_errors() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn an_in_memory_sqlite_database_works_too() {
+    let store = SqlStore::connect("sqlite::memory:").await.unwrap();
+    store.add_owner("ada", None).await.unwrap();
+    let created = store
+        .create(NewKey::new("ada", "k", Environment::Live))
+        .await
+        .unwrap();
+    let found = keygate::lookup::KeyLookup::lookup(&store, &created.secret.hash())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.id, created.record.id);
+    // Clones share the one connection, so they share the one database.
+    let clone = store.clone();
+    assert_eq!(clone.get(&created.record.id).await.unwrap().name, "k");
+}
