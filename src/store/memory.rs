@@ -397,13 +397,7 @@ impl KeyStore for MemoryStore {
 
     async fn update(&self, id: &KeyId, update: KeyUpdate) -> Result<KeyRecord, StoreError> {
         update.check()?;
-        self.edit_key(id, |record| {
-            if record.status == Status::Deleted {
-                return Err(StoreError::KeyNotFound(record.id.clone()));
-            }
-            update.apply(record);
-            Ok(())
-        })
+        self.edit_key(id, |record| update.apply(record))
     }
 
     async fn set_status(&self, id: &KeyId, status: Status) -> Result<KeyRecord, StoreError> {

@@ -204,7 +204,11 @@ impl KeyUpdate {
         Ok(())
     }
 
-    pub(crate) fn apply(self, record: &mut KeyRecord) {
+    /// Applies the change; a deleted key reads as unknown.
+    pub(crate) fn apply(self, record: &mut KeyRecord) -> Result<(), StoreError> {
+        if record.status == Status::Deleted {
+            return Err(StoreError::KeyNotFound(record.id.clone()));
+        }
         if let Some(name) = self.name {
             record.name = name;
         }
@@ -223,6 +227,7 @@ impl KeyUpdate {
         if let Some(metadata) = self.metadata {
             record.metadata = metadata;
         }
+        Ok(())
     }
 }
 

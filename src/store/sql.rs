@@ -296,6 +296,21 @@ impl SqlStore {
     }
 }
 
+/// Files a key's current secret (by hash) under its id.
+async fn insert_hash(
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    hash: &KeyHash,
+    id: &KeyId,
+) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO keygate_key_hashes (hash, key_id, valid_until) VALUES ($1, $2, NULL)")
+        .bind(hash.as_bytes().to_vec())
+        .bind(id.as_str().to_owned())
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
 fn json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
     serde_json::to_string(value).map_err(|e| StoreError::Backend(e.to_string()))
 }
@@ -471,14 +486,7 @@ impl KeyStore for SqlStore {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-        sqlx::query(
-            "INSERT INTO keygate_key_hashes (hash, key_id, valid_until) VALUES ($1, $2, NULL)",
-        )
-        .bind(secret.hash().as_bytes().to_vec())
-        .bind(id.as_str().to_owned())
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
+        insert_hash(&mut tx, &secret.hash(), &id).await?;
         tx.commit().await.map_err(db)?;
         self.notify(&[secret.hash()]);
         let record = self.get(&id).await?;
@@ -525,14 +533,7 @@ impl KeyStore for SqlStore {
 
     async fn update(&self, id: &KeyId, update: KeyUpdate) -> Result<KeyRecord, StoreError> {
         update.check()?;
-        self.edit(id, |record| {
-            if record.status == Status::Deleted {
-                return Err(StoreError::KeyNotFound(record.id.clone()));
-            }
-            update.apply(record);
-            Ok(())
-        })
-        .await
+        self.edit(id, |record| update.apply(record)).await
     }
 
     async fn set_status(&self, id: &KeyId, status: Status) -> Result<KeyRecord, StoreError> {
@@ -589,14 +590,7 @@ impl KeyStore for SqlStore {
             .await
             .map_err(db)?;
         }
-        sqlx::query(
-            "INSERT INTO keygate_key_hashes (hash, key_id, valid_until) VALUES ($1, $2, NULL)",
-        )
-        .bind(secret.hash().as_bytes().to_vec())
-        .bind(id.as_str().to_owned())
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
+        insert_hash(&mut tx, &secret.hash(), id).await?;
         tx.commit().await.map_err(db)?;
         let mut changed = old;
         changed.push(secret.hash());

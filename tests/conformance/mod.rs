@@ -312,6 +312,13 @@ async fn disable_enable_delete<S: KeyStore>(store: &S, _: &S, clock: &FakeClock)
         "deleted stays deleted"
     );
     assert!(store.rotate(id, Duration::ZERO, None).await.is_err());
+    let mut rename = KeyUpdate::default();
+    rename.name = Some("revived".into());
+    assert_eq!(
+        store.update(id, rename).await.unwrap_err(),
+        StoreError::KeyNotFound(id.clone()),
+        "a deleted key cannot be edited"
+    );
 }
 
 async fn rotation_with_grace<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
