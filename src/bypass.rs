@@ -1,10 +1,26 @@
 //! Requests that need no key.
 //!
-//! The default, [`DefaultBypass`], lets through CORS preflights (`OPTIONS`, any path) and
+//! The default, [`DefaultBypass`], lets through real CORS preflights ([`CorsPreflight`]) and
 //! the API documentation under `/swagger`. Path matching is on whole segments (`/swaggerx`
 //! is not `/swagger`) and refuses to bypass any path a router or a proxy might read
 //! differently: `.` or `..` segments (plain or percent-encoded), an encoded `/` or `\`, a
-//! backslash, or an empty segment (`//`).
+//! backslash, an empty segment (`//`), a `;` (path parameters, which some servers strip:
+//! `/swagger/..;/admin`), or a control character such as NUL (`%00`).
+//!
+//! # CORS preflights
+//!
+//! Only a *real* preflight passes: `OPTIONS` with both `Origin` and
+//! `Access-Control-Request-Method`, and not a gRPC request. Any other `OPTIONS` needs a key
+//! like any other method, and a gRPC request is never let through by its method: tonic
+//! routes by path alone, and axum's `any()` routes, `.options()` handlers and fallbacks run
+//! for `OPTIONS` too.
+//!
+//! Put the CORS layer *outside* keygate: it answers preflights before keygate sees them, and
+//! it adds the CORS headers to keygate's 401s and 429s, which a browser could not read
+//! otherwise. A preflight that reaches keygate therefore found no CORS layer to answer it.
+//! keygate answers it itself, `204 No Content` with no `Access-Control-*` header (so the
+//! browser refuses the cross-origin call, as an API without CORS wants), logs a warning
+//! once, and **never hands it to the inner service**: a handler would run without a key.
 //!
 //! Predicates compose with [`BypassExt::or`], [`BypassExt::and`] and [`BypassExt::not`],
 //! and any `Fn(&RequestHead<'_>) -> bool` is one:
@@ -22,9 +38,11 @@
 //! assert!(!bypass.bypass(&RequestHead::of(&req)));
 //! ```
 
+use http::header::{ACCESS_CONTROL_REQUEST_METHOD, ORIGIN};
 use http::{Extensions, HeaderMap, Method, Request, Uri};
 
 use crate::error::ConfigError;
+use crate::reject::is_grpc;
 
 /// The parts of a request a predicate may look at.
 #[derive(Debug, Clone, Copy)]
@@ -127,13 +145,25 @@ impl Bypass for Never {
     }
 }
 
-/// Bypass `OPTIONS` requests (CORS preflights), on any path.
+/// A real CORS preflight, on any path: `OPTIONS` carrying both `Origin` and
+/// `Access-Control-Request-Method`, and not a gRPC request (whose content type is
+/// `application/grpc…`). See the [module docs](self) for what the auth layer does with one.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Options;
+pub struct CorsPreflight;
 
-impl Bypass for Options {
-    fn bypass(&self, head: &RequestHead<'_>) -> bool {
+impl CorsPreflight {
+    /// Whether the request is a real CORS preflight.
+    pub fn matches(head: &RequestHead<'_>) -> bool {
         head.method == Method::OPTIONS
+            && head.headers.contains_key(ORIGIN)
+            && head.headers.contains_key(ACCESS_CONTROL_REQUEST_METHOD)
+            && is_grpc(head.headers).is_none()
+    }
+}
+
+impl Bypass for CorsPreflight {
+    fn bypass(&self, head: &RequestHead<'_>) -> bool {
+        Self::matches(head)
     }
 }
 
@@ -179,12 +209,13 @@ impl Bypass for PathPrefix {
 
 /// Whether a path reads the same to every router and proxy: it starts with `/`, and no
 /// segment is empty (except a trailing one), `.` or `..` (also percent-encoded), and there is
-/// no `\`, encoded `/`, encoded `\`, or encoded `%`.
+/// no `\`, `;`, control character, encoded `/`, encoded `\`, encoded `;`, encoded `%` or
+/// encoded control character.
 pub fn is_unambiguous_path(path: &str) -> bool {
     let Some(rest) = path.strip_prefix('/') else {
         return false;
     };
-    if path.contains('\\') {
+    if path.contains(['\\', ';']) {
         return false;
     }
     let mut segments = rest.split('/').peekable();
@@ -199,7 +230,7 @@ pub fn is_unambiguous_path(path: &str) -> bool {
         let mut len = 0usize;
         let mut dots = 0usize;
         for byte in percent_encoding::percent_decode_str(segment) {
-            if matches!(byte, b'/' | b'\\' | b'%') {
+            if matches!(byte, b'/' | b'\\' | b'%' | b';') || byte.is_ascii_control() {
                 return false;
             }
             len += 1;
@@ -212,7 +243,7 @@ pub fn is_unambiguous_path(path: &str) -> bool {
     true
 }
 
-/// The default: [`Options`] or [`PathPrefix`] `/swagger`.
+/// The default: [`CorsPreflight`] or [`PathPrefix`] `/swagger`.
 #[derive(Debug, Clone)]
 pub struct DefaultBypass {
     swagger: PathPrefix,
@@ -230,7 +261,7 @@ impl Default for DefaultBypass {
 
 impl Bypass for DefaultBypass {
     fn bypass(&self, head: &RequestHead<'_>) -> bool {
-        Options.bypass(head) || self.swagger.bypass(head)
+        CorsPreflight::matches(head) || self.swagger.bypass(head)
     }
 }
 
@@ -239,15 +270,118 @@ mod tests {
     use super::*;
 
     fn check(bypass: &impl Bypass, method: Method, uri: &str) -> bool {
-        let req = Request::builder().method(method).uri(uri).body(()).unwrap();
+        check_with(bypass, method, uri, &[])
+    }
+
+    fn check_with(
+        bypass: &impl Bypass,
+        method: Method,
+        uri: &str,
+        headers: &[(&str, &str)],
+    ) -> bool {
+        let mut builder = Request::builder().method(method).uri(uri);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let req = builder.body(()).unwrap();
         bypass.bypass(&RequestHead::of(&req))
+    }
+
+    const PREFLIGHT: &[(&str, &str)] = &[
+        ("origin", "https://app.example"),
+        ("access-control-request-method", "POST"),
+    ];
+
+    #[test]
+    fn only_real_preflights_pass() {
+        let bypass = DefaultBypass::default();
+        let origin_only: &[(&str, &str)] = &[("origin", "https://app.example")];
+        let method_only: &[(&str, &str)] = &[("access-control-request-method", "POST")];
+        let grpc: &[(&str, &str)] = &[
+            ("origin", "https://app.example"),
+            ("access-control-request-method", "POST"),
+            ("content-type", "application/grpc"),
+        ];
+        let grpc_upper: &[(&str, &str)] = &[
+            ("origin", "https://app.example"),
+            ("access-control-request-method", "POST"),
+            ("content-type", "APPLICATION/GRPC+proto"),
+        ];
+        let grpc_web: &[(&str, &str)] = &[
+            ("origin", "https://app.example"),
+            ("access-control-request-method", "POST"),
+            ("content-type", "application/grpc-web-text"),
+        ];
+        type Headers<'a> = &'a [(&'a str, &'a str)];
+        let cases: [(&str, Method, &str, Headers, bool); 10] = [
+            (
+                "real preflight",
+                Method::OPTIONS,
+                "/v1/messages",
+                PREFLIGHT,
+                true,
+            ),
+            (
+                "real preflight, gRPC path",
+                Method::OPTIONS,
+                "/grpc.health.v1.Health/Check",
+                PREFLIGHT,
+                true,
+            ),
+            ("bare OPTIONS", Method::OPTIONS, "/v1/messages", &[], false),
+            (
+                "bare OPTIONS on a gRPC path",
+                Method::OPTIONS,
+                "/grpc.health.v1.Health/Check",
+                &[],
+                false,
+            ),
+            ("OPTIONS *", Method::OPTIONS, "*", &[], false),
+            ("Origin alone", Method::OPTIONS, "/v1", origin_only, false),
+            (
+                "request method alone",
+                Method::OPTIONS,
+                "/v1",
+                method_only,
+                false,
+            ),
+            (
+                "gRPC is never a preflight",
+                Method::OPTIONS,
+                "/grpc.health.v1.Health/Check",
+                grpc,
+                false,
+            ),
+            (
+                "gRPC in capitals neither",
+                Method::OPTIONS,
+                "/x.Y/Z",
+                grpc_upper,
+                false,
+            ),
+            (
+                "gRPC-Web neither",
+                Method::OPTIONS,
+                "/x.Y/Z",
+                grpc_web,
+                false,
+            ),
+        ];
+        for (name, method, uri, headers, expected) in cases {
+            assert_eq!(
+                check_with(&bypass, method, uri, headers),
+                expected,
+                "{name}"
+            );
+        }
+        // The preflight headers do not open other methods.
+        assert!(!check_with(&bypass, Method::GET, "/v1", PREFLIGHT));
+        assert!(!check_with(&bypass, Method::POST, "/v1", PREFLIGHT));
     }
 
     #[test]
     fn default_bypass_table() {
         let cases = [
-            ("preflight", Method::OPTIONS, "/v1/messages", true),
-            ("preflight root", Method::OPTIONS, "*", true),
             ("swagger", Method::GET, "/swagger", true),
             ("swagger slash", Method::GET, "/swagger/", true),
             ("swagger file", Method::GET, "/swagger/openapi.json", true),
@@ -289,8 +423,31 @@ mod tests {
             ("leading double slash", Method::GET, "//swagger", false),
             ("case differs", Method::GET, "/Swagger", false),
             ("prefix in the middle", Method::GET, "/v1/swagger", false),
+            (
+                "path parameter dotdot",
+                Method::GET,
+                "/swagger/..;/v1/users",
+                false,
+            ),
+            (
+                "path parameter",
+                Method::GET,
+                "/swagger;x=1/openapi.json",
+                false,
+            ),
+            ("encoded semicolon", Method::GET, "/swagger/..%3b/v1", false),
+            ("encoded NUL", Method::GET, "/swagger/%00", false),
+            (
+                "encoded NUL in a segment",
+                Method::GET,
+                "/swagger/a%00.json",
+                false,
+            ),
+            ("encoded newline", Method::GET, "/swagger/%0a", false),
+            ("encoded DEL", Method::GET, "/swagger/%7f", false),
             ("harmless encoding", Method::GET, "/swagger/a%20b", true),
             ("post to swagger", Method::POST, "/swagger", true),
+            ("bare OPTIONS to swagger", Method::OPTIONS, "/swagger", true),
         ];
         let bypass = DefaultBypass::default();
         for (name, method, uri, expected) in cases {
@@ -305,16 +462,30 @@ mod tests {
         let p = DefaultBypass::default().or(metrics.clone().and(get_only));
         assert!(check(&p, Method::GET, "/metrics"));
         assert!(!check(&p, Method::POST, "/metrics"));
-        assert!(check(&p, Method::OPTIONS, "/anything"));
-        let no_preflight = Options.not().and(DefaultBypass::default());
-        assert!(!check(&no_preflight, Method::OPTIONS, "/v1"));
+        assert!(check_with(&p, Method::OPTIONS, "/anything", PREFLIGHT));
+        assert!(!check(&p, Method::OPTIONS, "/anything"));
+        let no_preflight = CorsPreflight.not().and(DefaultBypass::default());
+        assert!(!check_with(
+            &no_preflight,
+            Method::OPTIONS,
+            "/v1",
+            PREFLIGHT
+        ));
         assert!(check(&no_preflight, Method::GET, "/swagger"));
-        assert!(!check(&Never, Method::OPTIONS, "/swagger"));
+        assert!(!check_with(&Never, Method::OPTIONS, "/swagger", PREFLIGHT));
     }
 
     #[test]
     fn prefix_validation() {
-        for bad in ["swagger", "/a/../b", "/a//b", "/a/%2e%2e", ""] {
+        for bad in [
+            "swagger",
+            "/a/../b",
+            "/a//b",
+            "/a/%2e%2e",
+            "",
+            "/a;b",
+            "/a%00",
+        ] {
             assert!(PathPrefix::new(bad).is_err(), "{bad}");
         }
         let root = PathPrefix::new("/").unwrap();

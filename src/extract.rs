@@ -224,6 +224,20 @@ impl Extractor {
         self.bearer
     }
 
+    /// The headers that may carry a key: every header scheme's name, and `Authorization`
+    /// when Bearer or Basic is on.
+    pub(crate) fn header_names(&self) -> impl Iterator<Item = &HeaderName> {
+        static AUTHORIZATION_NAME: HeaderName = AUTHORIZATION;
+        let authorization = (self.bearer || self.basic).then_some(&AUTHORIZATION_NAME);
+        self.schemes
+            .iter()
+            .filter_map(|scheme| match scheme {
+                Scheme::Header(name) => Some(name),
+                _ => None,
+            })
+            .chain(authorization)
+    }
+
     /// Finds the key in a request.
     ///
     /// # Errors

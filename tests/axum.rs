@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use axum::routing::{get, post};
+use axum::routing::{any, get, options, post};
 use axum::{Json, Router};
 use common::send;
 use http::{Method, StatusCode};
@@ -71,9 +71,13 @@ async fn serve() -> App {
             get(|| async { "live" }).route_layer(auth.require_environment(Environment::Live)),
         )
         .route("/swagger", get(|| async { "docs" }))
-        // CORS inside auth: preflights reach it only through keygate's bypass.
-        .layer(tower_http::cors::CorsLayer::permissive())
-        .layer(auth);
+        // Routes that run for OPTIONS too: never without a key.
+        .route("/v1/any", any(|| async { "any" }))
+        .route("/v1/options", options(|| async { "options" }))
+        .fallback(|| async { "fallback" })
+        .layer(auth)
+        // CORS outside keygate: it answers preflights and puts its headers on rejections.
+        .layer(tower_http::cors::CorsLayer::permissive());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -193,6 +197,41 @@ async fn routes_layers_and_route_layers() {
             "",
         ),
         (
+            "a 401 a browser can read",
+            Method::GET,
+            "/v1/health",
+            vec![("origin", "https://a.example")],
+            401,
+            "missing_api_key",
+        ),
+        // tower-http's CORS layer answers every OPTIONS itself: the handlers never run
+        // (checked below: empty bodies). Without it keygate demands a key: see
+        // `options_never_runs_a_handler_without_a_key`.
+        (
+            "bare OPTIONS, any()",
+            Method::OPTIONS,
+            "/v1/any",
+            vec![],
+            200,
+            "",
+        ),
+        (
+            "bare OPTIONS, .options()",
+            Method::OPTIONS,
+            "/v1/options",
+            vec![],
+            200,
+            "",
+        ),
+        (
+            "bare OPTIONS, fallback",
+            Method::OPTIONS,
+            "/nowhere",
+            vec![],
+            200,
+            "",
+        ),
+        (
             "ip allowed",
             Method::GET,
             "/v1/health",
@@ -223,12 +262,58 @@ async fn routes_layers_and_route_layers() {
     for (name, method, path, headers, status, code) in cases {
         let reply = send(app.addr, method.clone(), path, &headers, "").await;
         assert_eq!(reply.status.as_u16(), status, "{name}: {}", reply.body);
-        if method == Method::OPTIONS {
+        if headers.iter().any(|(n, _)| *n == "origin") {
             assert_eq!(reply.headers["access-control-allow-origin"], "*", "{name}");
         }
         if !code.is_empty() {
             assert_eq!(reply.code(), code, "{name}");
         }
+        if method == Method::OPTIONS {
+            assert!(
+                reply.body.is_empty(),
+                "{name}: a handler ran: {}",
+                reply.body
+            );
+        }
+    }
+}
+
+/// Without a CORS layer in front, an `OPTIONS` request meets keygate: a real preflight is
+/// answered 204 by keygate itself and any other needs a key, so `any()` routes,
+/// `.options()` handlers and fallbacks never run without one.
+#[tokio::test]
+async fn options_never_runs_a_handler_without_a_key() {
+    let store = MemoryStore::new();
+    let key = store
+        .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+        .unwrap();
+    let app = Router::new()
+        .route("/v1/any", any(|| async { "any" }))
+        .route("/v1/options", options(|| async { "options" }))
+        .fallback(|| async { "fallback" })
+        .layer(AuthLayer::new(store));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let preflight = [
+        ("origin", "https://a.example"),
+        ("access-control-request-method", "POST"),
+    ];
+    for path in ["/v1/any", "/v1/options", "/nowhere"] {
+        let reply = send(addr, Method::OPTIONS, path, &[], "").await;
+        assert_eq!(reply.status, 401, "{path}: {}", reply.body);
+        assert_eq!(reply.code(), "missing_api_key");
+        let reply = send(addr, Method::OPTIONS, path, &preflight, "").await;
+        assert_eq!(reply.status, 204, "{path}");
+        assert!(
+            reply.body.is_empty(),
+            "{path}: a handler ran: {}",
+            reply.body
+        );
+        let with_key = [("x-api-key", key.expose_secret())];
+        let reply = send(addr, Method::OPTIONS, path, &with_key, "").await;
+        assert_eq!(reply.status, 200, "{path}");
+        assert!(!reply.body.is_empty(), "{path}");
     }
 }
 

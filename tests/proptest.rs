@@ -391,7 +391,7 @@ fn swagger_path_is_safe(path: &str) -> bool {
     if path != "/swagger" && !path.starts_with("/swagger/") {
         return false;
     }
-    if path.contains('\\') {
+    if path.contains(['\\', ';']) {
         return false;
     }
     let segments: Vec<&str> = path[1..].split('/').collect();
@@ -403,7 +403,10 @@ fn swagger_path_is_safe(path: &str) -> bool {
             continue;
         }
         let decoded = percent_decode(segment);
-        if decoded.iter().any(|b| matches!(b, b'/' | b'\\' | b'%')) {
+        if decoded
+            .iter()
+            .any(|b| matches!(b, b'/' | b'\\' | b'%' | b';') || b.is_ascii_control())
+        {
             return false;
         }
         if decoded.len() <= 2 && decoded.iter().all(|&b| b == b'.') {
@@ -446,11 +449,30 @@ proptest! {
         prop_assert_eq!(bypassed, swagger_path_is_safe(path), "{}", path);
     }
 
-    /// OPTIONS requests are bypassed whatever the path.
+    /// OPTIONS requests outside `/swagger` are bypassed exactly when they are real CORS
+    /// preflights: `Origin` and `Access-Control-Request-Method` present, not gRPC.
     #[test]
-    fn options_is_always_bypassed(uri in path_uri()) {
-        let req = Request::builder().method(Method::OPTIONS).uri(uri).body(()).unwrap();
-        prop_assert!(DefaultBypass::default().bypass(&RequestHead::of(&req)));
+    fn options_is_bypassed_only_as_a_real_preflight(
+        uri in path_uri(),
+        origin in any::<bool>(),
+        request_method in any::<bool>(),
+        content_type in prop::option::of(content_type()),
+    ) {
+        let mut builder = Request::builder().method(Method::OPTIONS).uri(uri);
+        if origin {
+            builder = builder.header("origin", "https://a.example");
+        }
+        if request_method {
+            builder = builder.header("access-control-request-method", "POST");
+        }
+        if let Some(content_type) = &content_type {
+            builder = builder.header(CONTENT_TYPE, content_type.clone());
+        }
+        let req = builder.body(()).unwrap();
+        let bypassed = DefaultBypass::default().bypass(&RequestHead::of(&req));
+        let grpc = content_type.as_ref().is_some_and(|v| is_grpc_model(v.as_bytes()));
+        let expected = (origin && request_method && !grpc) || swagger_path_is_safe(req.uri().path());
+        prop_assert_eq!(bypassed, expected);
     }
 
     /// Plain segments below `/swagger` are bypassed (the predicate is not just `false`).
@@ -738,14 +760,9 @@ fn header_entry() -> impl Strategy<Value = (HeaderName, Value)> {
         1 => (key_index(), "[bB][eE][aA][rR][eE][rR]").prop_map(|(i, w)| Value::Bearer(i, w)),
         1 => key_index().prop_map(Value::Basic),
     ];
-    let content_type = prop_oneof![
-        Just(HeaderValue::from_static("application/grpc")),
-        Just(HeaderValue::from_static("application/grpc+proto")),
-        Just(HeaderValue::from_static("application/json")),
-        Just(HeaderValue::from_static("application/grpcx")),
-        header_value(),
-    ];
     let other_name = prop_oneof![
+        Just(HeaderName::from_static("origin")),
+        Just(HeaderName::from_static("access-control-request-method")),
         Just(HeaderName::from_static("x-forwarded-for")),
         Just(HeaderName::from_static("host")),
         Just(HeaderName::from_static("forwarded")),
@@ -754,9 +771,46 @@ fn header_entry() -> impl Strategy<Value = (HeaderName, Value)> {
     prop_oneof![
         2 => key_value.prop_map(|v| (HeaderName::from_static("x-api-key"), v)),
         2 => auth_value.prop_map(|v| (AUTHORIZATION, v)),
-        2 => content_type.prop_map(|v| (CONTENT_TYPE, Value::Raw(v))),
+        2 => content_type().prop_map(|v| (CONTENT_TYPE, Value::Raw(v))),
         2 => (other_name, header_value()).prop_map(|(n, v)| (n, Value::Raw(v))),
     ]
+}
+
+fn content_type() -> impl Strategy<Value = HeaderValue> {
+    prop_oneof![
+        Just(HeaderValue::from_static("application/grpc")),
+        Just(HeaderValue::from_static("application/grpc+proto")),
+        Just(HeaderValue::from_static("APPLICATION/GRPC")),
+        Just(HeaderValue::from_static("application/grpc-web-text")),
+        Just(HeaderValue::from_static("application/json")),
+        Just(HeaderValue::from_static("application/grpcx")),
+        Just(HeaderValue::from_static("application/grpc-webx")),
+        header_value(),
+    ]
+}
+
+/// The design's rule for gRPC requests, written independently of the crate's.
+fn is_grpc_model(value: &[u8]) -> bool {
+    let lower = value.to_ascii_lowercase();
+    let Some(rest) = lower.strip_prefix(b"application/grpc") else {
+        return false;
+    };
+    let rest = rest
+        .strip_prefix(b"-web-text")
+        .or_else(|| rest.strip_prefix(b"-web"))
+        .unwrap_or(rest);
+    matches!(rest.first(), None | Some(b'+' | b';' | b' ' | b'\t'))
+}
+
+/// The design's rule for a real CORS preflight.
+fn is_preflight_model(req: &Request<impl Sized>) -> bool {
+    req.method() == Method::OPTIONS
+        && req.headers().contains_key("origin")
+        && req.headers().contains_key("access-control-request-method")
+        && !req
+            .headers()
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| is_grpc_model(v.as_bytes()))
 }
 
 fn request_spec() -> impl Strategy<Value = RequestSpec> {
@@ -953,10 +1007,11 @@ fn the_layer_answers_every_request_from_the_table() {
     let result = runner.run(&request_spec(), |spec| {
         let req = build_request(&spec, &fixture);
         let bypassed = DefaultBypass::default().bypass(&RequestHead::of(&req));
+        let preflight = bypassed && is_preflight_model(&req);
         let grpc = req
             .headers()
             .get(CONTENT_TYPE)
-            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+            .is_some_and(|v| is_grpc_model(v.as_bytes()));
         let service = layers[usize::from(spec.variant)].layer(service_fn(inner));
         let (res, rejection) = rt.block_on(async {
             let res = service.oneshot(req).await.unwrap();
@@ -975,6 +1030,18 @@ fn the_layer_answers_every_request_from_the_table() {
             *seen.entry("bypassed".to_owned()).or_default() += 1;
         }
         drop(seen);
+        if preflight {
+            *outcomes
+                .borrow_mut()
+                .entry("preflight".to_owned())
+                .or_default() += 1;
+            // Answered by keygate itself: 204, nothing from the service, no rejection.
+            prop_assert_eq!(res.status().as_u16(), 204);
+            prop_assert!(!res.headers().contains_key("x-inner"));
+            prop_assert!(rejection.is_none());
+            prop_assert!(res.body().is_empty());
+            return Ok(());
+        }
         check_response(&fixture, &spec, bypassed, grpc, res, rejection)
     });
     if let Err(e) = result {

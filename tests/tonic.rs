@@ -273,3 +273,82 @@ async fn past_the_limit_is_resource_exhausted() -> Result<(), BoxError> {
     assert_eq!(code(&client, &[]).await?, Code::Unauthenticated);
     Ok(())
 }
+
+/// tonic routes by path alone, so an `OPTIONS` to a method's path would run the method.
+/// Without a key it never does: a bare `OPTIONS` needs a key, a real preflight is answered
+/// by keygate itself (204), and a gRPC request is never taken for a preflight.
+#[tokio::test]
+async fn options_never_runs_a_grpc_method_without_a_key() -> Result<(), BoxError> {
+    use bytes::Bytes;
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::client::legacy::Client;
+    use hyper_util::rt::TokioExecutor;
+
+    let store = MemoryStore::new();
+    let key = issue(&store, &["read"])?;
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr: SocketAddr = listener.local_addr()?;
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(
+        Server::builder()
+            .layer(AuthLayer::new(store))
+            .add_service(health)
+            .serve_with_incoming(TcpIncoming::from(listener)),
+    );
+    let client = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http::<Full<Bytes>>();
+    // An empty HealthCheckRequest in a gRPC frame: what the method would happily decode.
+    let frame = Bytes::from_static(&[0, 0, 0, 0, 0]);
+    let preflight = [
+        ("origin", "https://a.example"),
+        ("access-control-request-method", "POST"),
+    ];
+    let grpc = [("content-type", "application/grpc"), ("te", "trailers")];
+    let with_key = [("x-api-key", key.expose_secret())];
+    type Headers<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(&str, Headers, u16, Option<&str>); 5] = [
+        ("bare", &[], 401, None),
+        ("preflight", &preflight, 204, None),
+        ("gRPC", &grpc, 200, Some("16")),
+        (
+            "gRPC with preflight headers",
+            &[grpc[0], grpc[1], preflight[0], preflight[1]],
+            200,
+            Some("16"),
+        ),
+        ("bare with a key", &with_key, 200, None),
+    ];
+    for (name, headers, status, grpc_status) in cases {
+        let mut builder = http::Request::builder()
+            .method(http::Method::OPTIONS)
+            .uri(format!("http://{addr}/grpc.health.v1.Health/Check"));
+        for (n, v) in headers {
+            builder = builder.header(*n, *v);
+        }
+        let res = client
+            .request(builder.body(Full::new(frame.clone()))?)
+            .await?;
+        assert_eq!(res.status().as_u16(), status, "{name}");
+        let (parts, body) = res.into_parts();
+        let collected = body.collect().await?;
+        let trailers = collected.trailers().cloned().unwrap_or_default();
+        let code = parts
+            .headers
+            .get("grpc-status")
+            .or_else(|| trailers.get("grpc-status"))
+            .map(|v| v.to_str().unwrap_or("?").to_owned());
+        if name == "bare with a key" {
+            // With a key it is an ordinary authenticated call: tonic answers it.
+            assert_eq!(code.as_deref(), Some("0"), "{name}");
+            continue;
+        }
+        assert_eq!(code.as_deref(), grpc_status, "{name}: the method ran");
+        let body = collected.to_bytes();
+        assert!(
+            body.is_empty() || body.starts_with(b"{\"code\""),
+            "{name}: not keygate's answer: {body:?}"
+        );
+    }
+    Ok(())
+}

@@ -8,7 +8,8 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
 
-use super::gate::Gate;
+use super::gate::{Attempt, Gate};
+use crate::key::KeyHash;
 use crate::lookup::{BoxError, KeyLookup, LookupResult, LookupTimeout};
 use crate::reject::ResponseBody;
 use crate::validate::Rules;
@@ -61,6 +62,8 @@ pin_project! {
         call: Option<(S, Request<ReqBody>)>,
         gate: Arc<Gate<L>>,
         rules: Arc<Rules>,
+        hash: KeyHash,
+        attempt: Attempt,
     }
 }
 
@@ -103,6 +106,8 @@ where
         request: Request<ReqBody>,
         gate: Arc<Gate<L>>,
         rules: Arc<Rules>,
+        hash: KeyHash,
+        attempt: Attempt,
     ) -> Self {
         Self {
             kind: Kind::Lookup {
@@ -112,6 +117,8 @@ where
                     call: Some((service, request)),
                     gate,
                     rules,
+                    hash,
+                    attempt,
                 }),
             },
         }
@@ -147,6 +154,8 @@ where
                         call,
                         gate,
                         rules,
+                        hash,
+                        attempt,
                     } = state.as_mut().project();
                     let answer: LookupResult<BoxError> = match lookup.poll(cx) {
                         Poll::Ready(answer) => answer.map_err(Into::into),
@@ -170,7 +179,7 @@ where
                     let Some((mut service, mut request)) = call.take() else {
                         return Poll::Ready(Ok(Response::new(ResponseBody::empty())));
                     };
-                    match gate.admit(answer, &mut request, rules) {
+                    match gate.settle(answer, &mut request, rules, hash, *attempt, true) {
                         Ok(()) => Kind::Inner {
                             future: service.call(request),
                         },

@@ -1,21 +1,21 @@
 //! The shared state of an auth layer and the decisions made with it.
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::Request;
+use http::{Request, Response, StatusCode};
 
-use crate::bypass::{Bypass, RequestHead};
+use super::lockout::{Client, Lockout};
+use crate::bypass::{Bypass, CorsPreflight, RequestHead};
 use crate::clock::Clock;
 use crate::extract::{ExtractError, Extractor};
 use crate::key::{KeyFormat, KeyHash};
 use crate::lookup::{BoxError, KeyLookup, LookupResult};
-use crate::ratelimit::{MemoryLimiter, Quota};
 use crate::record::Principal;
 use crate::reject::{is_grpc, Reason, Rejection, Responder, ResponseBody};
 use crate::validate::{self, ClientIp, Rules, SiteResolver};
-use std::net::IpAddr;
 
 /// Everything every clone of an auth layer shares: one `Arc` of it.
 pub(crate) struct Gate<L> {
@@ -23,40 +23,14 @@ pub(crate) struct Gate<L> {
     pub(crate) extractor: Extractor,
     pub(crate) format: KeyFormat,
     pub(crate) responder: Responder,
+    pub(crate) opaque: bool,
     pub(crate) bypass: Box<dyn Bypass>,
     pub(crate) client_ip: ClientIp,
     pub(crate) site: Option<SiteResolver>,
     pub(crate) lookup_timeout: Option<Duration>,
     pub(crate) clock: Arc<dyn Clock>,
-    pub(crate) failed: Option<FailedAttempts>,
-}
-
-/// What failures are counted by: the IPv4 address, or the IPv6 /64 (one host commonly
-/// holds a whole /64, and could otherwise rotate through it).
-fn failing_client(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => {
-            let bits = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(std::net::Ipv6Addr::from(bits))
-        }
-        v4 => v4,
-    }
-}
-
-/// Counts invalid keys per client IP and turns a client away once it has sent too many.
-#[derive(Clone)]
-pub(crate) struct FailedAttempts {
-    pub(crate) limiter: MemoryLimiter<IpAddr>,
-    pub(crate) quota: [Quota; 1],
-}
-
-impl FailedAttempts {
-    pub(crate) fn new(quota: Quota, clock: Arc<dyn Clock>) -> Self {
-        Self {
-            limiter: MemoryLimiter::new().with_clock(clock),
-            quota: [quota],
-        }
-    }
+    pub(crate) lockout: Option<Lockout>,
+    pub(crate) preflight_warned: AtomicBool,
 }
 
 impl<L> fmt::Debug for Gate<L> {
@@ -68,8 +42,26 @@ impl<L> fmt::Debug for Gate<L> {
             .field("client_ip", &self.client_ip)
             .field("site", &self.site)
             .field("lookup_timeout", &self.lookup_timeout)
+            .field("lockout", &self.lockout.is_some())
             .finish_non_exhaustive()
     }
+}
+
+/// What was taken from the failed-attempt budget for a request before its lookup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Attempt {
+    /// Nothing: the lockout is off, or the key was known good.
+    Free,
+    /// One attempt, from this client.
+    Charged(Client),
+}
+
+/// What happens to a request the bypass predicate lets through.
+pub(crate) enum Pass {
+    /// To the inner service.
+    Inner,
+    /// A CORS preflight that no CORS layer answered: keygate answers it.
+    Preflight,
 }
 
 impl<L: KeyLookup> Gate<L> {
@@ -96,34 +88,32 @@ impl<L: KeyLookup> Gate<L> {
         )
     }
 
-    /// A client that sent too many invalid keys is turned away before any lookup.
-    pub(crate) fn turned_away<B>(&self, req: &Request<B>) -> Option<Rejection> {
-        let failed = self.failed.as_ref()?;
-        if failed.limiter.is_empty() {
-            return None; // No client has failed lately: nothing to look up.
+    /// Whether the request needs no key, and where it goes then.
+    pub(crate) fn bypasses<B>(&self, req: &Request<B>) -> Option<Pass> {
+        let head = RequestHead::of(req);
+        if !self.bypass.bypass(&head) {
+            return None;
         }
-        let ip = failing_client(self.client_ip.resolve(&RequestHead::of(req))?);
-        let decision = failed.limiter.peek(&ip, &failed.quota, 1)?;
-        (!decision.allowed)
-            .then(|| Rejection::new(Reason::TooManyFailedAttempts).with_rate_limit(decision.info()))
+        if CorsPreflight::matches(&head) {
+            return Some(Pass::Preflight);
+        }
+        Some(Pass::Inner)
     }
 
-    /// Counts an invalid key against its client.
-    fn count_failure<B>(&self, req: &Request<B>) {
-        let Some(failed) = &self.failed else { return };
-        if let Some(ip) = self
-            .client_ip
-            .resolve(&RequestHead::of(req))
-            .map(failing_client)
-        {
-            if failed.limiter.decide(&ip, &failed.quota, 1).is_err() {
-                tracing::warn!(target: "keygate", "failed-attempt limiter at its cap");
-            }
+    /// The answer to a CORS preflight that reached keygate: `204 No Content` without CORS
+    /// headers. The inner service never sees it (see [`crate::bypass`]).
+    pub(crate) fn preflight<ResB>(&self) -> Response<ResponseBody<ResB>> {
+        if !self.preflight_warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                target: "keygate",
+                "a CORS preflight reached keygate: no CORS layer outside it answered; keygate \
+                 answers 204 without CORS headers and does not call the service (put the CORS \
+                 layer outside keygate to allow cross-origin calls)"
+            );
         }
-    }
-
-    pub(crate) fn bypasses<B>(&self, req: &Request<B>) -> bool {
-        self.bypass.bypass(&RequestHead::of(req))
+        let mut res = Response::new(ResponseBody::empty());
+        *res.status_mut() = StatusCode::NO_CONTENT;
+        res
     }
 
     /// Extracts the key and checks its format: no I/O, no allocation for header schemes.
@@ -141,17 +131,47 @@ impl<L: KeyLookup> Gate<L> {
         Ok(KeyHash::of(credential.secret()))
     }
 
+    /// Before a lookup that must be awaited: takes an attempt from the client's budget
+    /// (unless the key is known good), or refuses the request without any lookup.
+    pub(crate) fn before_lookup<B>(
+        &self,
+        req: &Request<B>,
+        hash: &KeyHash,
+    ) -> Result<Attempt, Rejection> {
+        let Some(lockout) = &self.lockout else {
+            return Ok(Attempt::Free);
+        };
+        if lockout.is_known_good(hash) {
+            return Ok(Attempt::Free);
+        }
+        let client = lockout.client(&self.client_ip, &RequestHead::of(req));
+        lockout.charge(client)?;
+        Ok(Attempt::Charged(client))
+    }
+
+    /// Whether a refusal reads `invalid_api_key` to the client: it counts as a failed
+    /// attempt, and a turned-away client gets the same 429 for it as for any other.
+    fn is_failure(&self, reason: Reason) -> bool {
+        let public = if self.opaque { reason.opaque() } else { reason };
+        public == Reason::InvalidApiKey
+    }
+
     /// Turns a lookup answer into an accepted request (the [`Principal`] in its extensions)
-    /// or a rejection.
-    pub(crate) fn admit<B, E: Into<BoxError>>(
+    /// or a rejection. `backend` says whether the answer came from an awaited lookup.
+    pub(crate) fn settle<B, E: Into<BoxError>>(
         &self,
         answer: LookupResult<E>,
         req: &mut Request<B>,
         rules: &Rules,
+        hash: &KeyHash,
+        attempt: Attempt,
+        backend: bool,
     ) -> Result<(), Rejection> {
         let record = match answer {
             Ok(Some(record)) => record,
-            Ok(None) => return Err(Rejection::new(Reason::InvalidApiKey)),
+            Ok(None) => {
+                return Err(self.failed(Rejection::new(Reason::InvalidApiKey), hash, req, attempt))
+            }
             Err(error) => {
                 let error: BoxError = error.into();
                 tracing::warn!(target: "keygate", error = %error, "key lookup failed");
@@ -167,15 +187,78 @@ impl<L: KeyLookup> Gate<L> {
             || self.client_ip.resolve(&head),
             || self.site.as_ref().and_then(|s| s.resolve(&head)),
         );
-        match verdict {
-            Ok(()) => {
-                tracing::debug!(target: "keygate", key_id = %record.id, outcome = "accepted", "api key accepted");
-                self.lookup.touch(&record, now);
-                req.extensions_mut()
-                    .insert(Principal::accepted_by(record, self.origin()));
-                Ok(())
+        if let Err(reason) = verdict {
+            let rejection = Rejection::new(reason).with_key_id(record.id.clone());
+            if self.is_failure(reason) {
+                return Err(self.failed(rejection, hash, req, attempt));
             }
-            Err(reason) => Err(Rejection::new(reason).with_key_id(record.id.clone())),
+            self.usable(
+                hash,
+                attempt,
+                backend && reason.status() == StatusCode::FORBIDDEN,
+            );
+            return Err(rejection);
+        }
+        self.usable(hash, attempt, backend);
+        tracing::debug!(target: "keygate", key_id = %record.id, outcome = "accepted", "api key accepted");
+        self.lookup.touch(&record, now);
+        mark_sensitive(req, &self.extractor);
+        req.extensions_mut()
+            .insert(Principal::accepted_by(record, self.origin()));
+        Ok(())
+    }
+
+    /// A key that is no guess: the attempt it took goes back, and a key found valid by a
+    /// lookup is remembered as known good.
+    fn usable(&self, hash: &KeyHash, attempt: Attempt, remember: bool) {
+        let Some(lockout) = &self.lockout else { return };
+        if let Attempt::Charged(client) = attempt {
+            lockout.refund(client);
+        }
+        if remember {
+            lockout.remember(hash);
+        }
+    }
+
+    /// A refusal that counts as a failed attempt: charged now unless it was before the
+    /// lookup, and turned into 429 when the client's budget is spent.
+    fn failed<B>(
+        &self,
+        rejection: Rejection,
+        hash: &KeyHash,
+        req: &Request<B>,
+        attempt: Attempt,
+    ) -> Rejection {
+        let Some(lockout) = &self.lockout else {
+            return rejection;
+        };
+        lockout.forget(hash);
+        self.count(rejection, req, attempt)
+    }
+
+    /// Counts a failed attempt (unless it was counted before the lookup); the rejection, or
+    /// the 429 of a client whose budget is spent.
+    fn count<B>(&self, rejection: Rejection, req: &Request<B>, attempt: Attempt) -> Rejection {
+        let Some(lockout) = &self.lockout else {
+            return rejection;
+        };
+        if let Attempt::Charged(_) = attempt {
+            return rejection;
+        }
+        let client = lockout.client(&self.client_ip, &RequestHead::of(req));
+        match lockout.charge(client) {
+            Ok(()) => rejection,
+            Err(turned_away) => turned_away,
+        }
+    }
+
+    /// A refusal before any lookup (no key, a malformed key, two keys): malformed keys count
+    /// as failed attempts.
+    pub(crate) fn refuse_early<B>(&self, rejection: Rejection, req: &Request<B>) -> Rejection {
+        if self.is_failure(rejection.reason()) {
+            self.count(rejection, req, Attempt::Free)
+        } else {
+            rejection
         }
     }
 
@@ -184,7 +267,7 @@ impl<L: KeyLookup> Gate<L> {
         &self,
         rejection: Rejection,
         req: &Request<B>,
-    ) -> http::Response<ResponseBody<ResB>> {
+    ) -> Response<ResponseBody<ResB>> {
         match rejection.key_id() {
             Some(key_id) => tracing::debug!(
                 target: "keygate",
@@ -198,9 +281,25 @@ impl<L: KeyLookup> Gate<L> {
                 "request rejected"
             ),
         }
-        if rejection.reason() == Reason::InvalidApiKey {
-            self.count_failure(req);
-        }
         self.responder.respond(rejection, is_grpc(req.headers()))
+    }
+}
+
+/// Marks the headers that may carry the key as sensitive before the inner service sees
+/// them, so that a `Debug` of the headers (a trace layer, a log line) shows `Sensitive`, and
+/// HTTP/2 never indexes them if the request is forwarded.
+fn mark_sensitive<B>(req: &mut Request<B>, extractor: &Extractor) {
+    let headers = req.headers_mut();
+    for name in extractor.header_names() {
+        if headers.get_all(name).iter().nth(1).is_some() {
+            // The same key sent twice under one name (rare): mark every copy.
+            if let http::header::Entry::Occupied(mut entry) = headers.entry(name) {
+                for value in entry.iter_mut() {
+                    value.set_sensitive(true);
+                }
+            }
+        } else if let Some(value) = headers.get_mut(name) {
+            value.set_sensitive(true);
+        }
     }
 }

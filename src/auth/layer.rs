@@ -1,10 +1,12 @@
 use std::fmt;
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::gate::{FailedAttempts, Gate};
+use super::gate::Gate;
+use super::lockout::Lockout;
 use super::service::AuthService;
 use crate::bypass::{Bypass, DefaultBypass};
 use crate::clock::{Clock, CoarseClock};
@@ -59,12 +61,14 @@ impl<L: KeyLookup> AuthLayer<L> {
             extractor: Extractor::default(),
             format: KeyFormat::default(),
             responder: Responder::default_for(Arc::new(JsonEnvelope), bearer),
+            opaque: false,
             bypass: Box::new(DefaultBypass::default()),
             client_ip: ClientIp::default(),
             site: None,
             lookup_timeout: Some(DEFAULT_LOOKUP_TIMEOUT),
             clock: Arc::new(CoarseClock),
-            failed: None,
+            lockout: None,
+            preflight_warned: AtomicBool::new(false),
         })
     }
 
@@ -235,9 +239,17 @@ impl<L: KeyLookup> AuthBuilder<L> {
     }
 
     /// Turns away, with 429 `too_many_failed_attempts` and before any lookup, a client IP
-    /// that sent more invalid keys than `quota` allows (e.g. 20 a minute), so that a
-    /// key-guessing flood never reaches the store. Off by default here; on in
-    /// [`Keygate`](crate::Keygate). Clients whose IP is unknown are not counted.
+    /// (an IPv6 /64) that sent more invalid keys than `quota` allows (e.g. 20 a minute), so
+    /// that a key-guessing flood never reaches the store. Off by default here; on in
+    /// [`Keygate`](crate::Keygate).
+    ///
+    /// The budget is taken before a lookup and given back when the key is usable, so at most
+    /// `quota` made-up keys reach the store however concurrent the burst. Keys the layer has
+    /// found usable before keep working from a turned-away address. A deleted key is counted
+    /// and refused exactly like an unknown one. The client IP comes from
+    /// [`client_ip`](Self::client_ip); when it cannot be learned the layer warns once and
+    /// counts such requests together rather than not at all. The whole policy is in the
+    /// [module docs](crate::auth#failed-attempts).
     pub fn failed_attempts(mut self, quota: Option<Quota>) -> Self {
         self.failed = quota;
         self
@@ -276,14 +288,16 @@ impl<L: KeyLookup> AuthBuilder<L> {
             extractor,
             format: self.format,
             responder,
+            opaque: self.opaque,
             bypass: self.bypass,
             client_ip: self.client_ip,
             site: self.site,
             lookup_timeout: self.lookup_timeout,
-            failed: self
+            lockout: self
                 .failed
-                .map(|quota| FailedAttempts::new(quota, Arc::clone(&self.clock))),
+                .map(|quota| Lockout::new(quota, Arc::clone(&self.clock))),
             clock: self.clock,
+            preflight_warned: AtomicBool::new(false),
         }))
     }
 }

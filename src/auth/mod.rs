@@ -40,9 +40,49 @@
 //! # }
 //! ```
 
+//!
+//! # Failed attempts
+//!
+//! With [`AuthBuilder::failed_attempts`] (on by default in [`Keygate`](crate::Keygate), 20 a
+//! minute), a client (an IPv4 address, an IPv6 /64) that sends too many invalid keys is
+//! turned away with 429 `too_many_failed_attempts` before its keys reach the lookup.
+//!
+//! - **The budget is taken before the lookup.** A key the layer cannot answer at once (a
+//!   cache miss) takes one attempt from its client's budget first; a client without one
+//!   left gets 429 and no lookup. A key that turns out usable gives its attempt back. So
+//!   however concurrent a burst of made-up keys, at most the quota of them reaches the
+//!   store. A key answered at once (a cache hit, an in-memory store) costs an attempt only
+//!   when it is refused.
+//! - **Every refusal that reads `invalid_api_key` counts**, whatever stands behind it
+//!   (unknown, malformed, deleted, revoked; with opaque errors also expired, disabled and
+//!   owner-inactive keys), and a turned-away client gets the same 429 for all of them: the
+//!   lockout cannot tell a deleted key from one that never existed.
+//! - **Known-good keys pass.** The layer remembers, in bounded memory (100 000 keys), the
+//!   hashes of keys its lookups found usable, however long ago; such a key is looked up
+//!   without touching the budget, so a valid key keeps working from an address shared with
+//!   an attacker whatever the cache holds. A remembered key found unusable later is
+//!   forgotten and counted like any other. A key this layer has never found usable,
+//!   presented by a client that is turned away, waits like the rest (telling it from a
+//!   guess would take the very lookup the lockout withholds); it passes once its client's
+//!   budget refills, or at once from any other address.
+//! - **Unknown clients are not let off.** When the client IP cannot be learned (no peer
+//!   address in the request; a trusted proxy forwarding a hop that does not parse, such as
+//!   `X-Forwarded-For: unknown`), the layer warns once at `warn` level and counts such
+//!   requests together: under the nearest trusted proxy's address, or, without any peer
+//!   address, in one bucket for all of them. Give the layer the peer address: axum's
+//!   `into_make_service_with_connect_info::<SocketAddr>()`, keygate's `tonic` feature, or
+//!   [`PeerAddr`](crate::validate::PeerAddr) inserted per connection (hyper).
+//! - A missing key or two different keys are not counted (there is nothing to guess with).
+//!
+//! # CORS preflights
+//!
+//! A real CORS preflight that reaches the layer is answered `204 No Content` by keygate
+//! itself, without calling the inner service; see [`crate::bypass`].
+
 mod future;
 mod gate;
 mod layer;
+mod lockout;
 mod service;
 
 pub use future::ResponseFuture;

@@ -6,7 +6,7 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use super::future::ResponseFuture;
-use super::gate::Gate;
+use super::gate::{Attempt, Gate, Pass};
 use crate::lookup::KeyLookup;
 use crate::reject::ResponseBody;
 use crate::validate::Rules;
@@ -74,8 +74,10 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let gate = &*self.gate;
-        if gate.bypasses(&req) {
-            return ResponseFuture::inner(self.inner.call(req));
+        match gate.bypasses(&req) {
+            Some(Pass::Inner) => return ResponseFuture::inner(self.inner.call(req)),
+            Some(Pass::Preflight) => return ResponseFuture::rejected(gate.preflight()),
+            None => {}
         }
         if let Some(verdict) = gate.already_accepted(&req, &self.rules) {
             return match verdict {
@@ -83,32 +85,28 @@ where
                 Err(rejection) => ResponseFuture::rejected(gate.reject(rejection, &req)),
             };
         }
-        let turned_away = gate.turned_away(&req);
         let hash = match gate.hash_of(&req) {
             Ok(hash) => hash,
             Err(rejection) => {
-                let rejection = turned_away.unwrap_or(rejection);
+                let rejection = gate.refuse_early(rejection, &req);
                 return ResponseFuture::rejected(gate.reject(rejection, &req));
             }
         };
-        let ready = gate.lookup.lookup_ready(&hash);
-        if let Some(rejection) = turned_away {
-            // A client that sent too many invalid keys gets no lookup; only a key already
-            // known good (a cache hit) still passes, so that one bad neighbour behind the
-            // same address does not lock out everyone with a valid key.
-            if !matches!(ready, Some(Ok(Some(_)))) {
-                return ResponseFuture::rejected(gate.reject(rejection, &req));
-            }
-        }
-        if let Some(answer) = ready {
+        if let Some(answer) = gate.lookup.lookup_ready(&hash) {
             // Answered at once (cache hit, in-memory store): no state to carry.
-            return match gate.admit(answer, &mut req, &self.rules) {
+            return match gate.settle(answer, &mut req, &self.rules, &hash, Attempt::Free, false) {
                 Ok(()) => ResponseFuture::inner(self.inner.call(req)),
                 Err(rejection) => ResponseFuture::rejected(gate.reject(rejection, &req)),
             };
         }
-        // The lookup must be awaited: carry the ready service into the future and keep a
-        // fresh clone here (tower's rule for services that call later).
+        // The lookup must be awaited: the failed-attempt budget is taken first, so that a
+        // burst of made-up keys cannot all reach the backend at once.
+        let attempt = match gate.before_lookup(&req, &hash) {
+            Ok(attempt) => attempt,
+            Err(rejection) => return ResponseFuture::rejected(gate.reject(rejection, &req)),
+        };
+        // Carry the ready service into the future and keep a fresh clone here (tower's rule
+        // for services that call later).
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
         ResponseFuture::lookup(
@@ -117,6 +115,8 @@ where
             req,
             Arc::clone(&self.gate),
             Arc::clone(&self.rules),
+            hash,
+            attempt,
         )
     }
 }

@@ -406,27 +406,130 @@ async fn every_rejection_row_through_the_layer() {
 #[tokio::test]
 async fn bypass_preflight_and_swagger_but_not_lookalikes() {
     let f = fixture();
-    let svc = layer(&f).layer(service_fn(echo));
-    let cases = [
-        (Method::OPTIONS, "/v1/messages", 200),
-        (Method::GET, "/swagger", 200),
-        (Method::GET, "/swagger/openapi.json", 200),
-        (Method::GET, "/swaggerx", 401),
-        (Method::GET, "/swagger/../v1/users/me", 401),
-        (Method::GET, "/swagger/%2e%2e/v1/users/me", 401),
-        (Method::GET, "/swagger%2F..%2Fv1", 401),
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&calls);
+    let svc = layer(&f).layer(service_fn(move |req: Request<Body>| {
+        c.fetch_add(1, Ordering::SeqCst);
+        echo(req)
+    }));
+    let preflight: &[(&str, &str)] = &[
+        ("origin", "https://app.example"),
+        ("access-control-request-method", "POST"),
     ];
-    for (method, path, status) in cases {
-        let req = Request::builder()
-            .method(method.clone())
-            .uri(path)
+    let grpc_preflight: &[(&str, &str)] = &[
+        ("origin", "https://app.example"),
+        ("access-control-request-method", "POST"),
+        ("content-type", "application/grpc"),
+    ];
+    // (method, path, headers, status, reaches the service)
+    type Headers<'a> = &'a [(&'a str, &'a str)];
+    let cases: [(Method, &str, Headers, u16, bool); 11] = [
+        (Method::OPTIONS, "/v1/messages", preflight, 204, false),
+        (
+            Method::OPTIONS,
+            "/grpc.health.v1.Health/Check",
+            preflight,
+            204,
+            false,
+        ),
+        (Method::OPTIONS, "/v1/messages", &[], 401, false),
+        (
+            Method::OPTIONS,
+            "/grpc.health.v1.Health/Check",
+            &[],
+            401,
+            false,
+        ),
+        // A gRPC request is never a preflight: a trailers-only UNAUTHENTICATED.
+        (
+            Method::OPTIONS,
+            "/grpc.health.v1.Health/Check",
+            grpc_preflight,
+            200,
+            false,
+        ),
+        (Method::GET, "/swagger", &[], 200, true),
+        (Method::GET, "/swagger/openapi.json", &[], 200, true),
+        (Method::GET, "/swaggerx", &[], 401, false),
+        (Method::GET, "/swagger/../v1/users/me", &[], 401, false),
+        (Method::GET, "/swagger/%2e%2e/v1/users/me", &[], 401, false),
+        (Method::GET, "/swagger/..;/v1/users/me", &[], 401, false),
+    ];
+    for (method, path, headers, status, reaches) in cases {
+        let mut builder = Request::builder().method(method.clone()).uri(path);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let before = calls.load(Ordering::SeqCst);
+        let (got, h, body, _) = send(svc.clone(), builder.body(Body::default()).unwrap()).await;
+        assert_eq!(got.as_u16(), status, "{method} {path} {headers:?}");
+        assert_eq!(
+            calls.load(Ordering::SeqCst) - before,
+            usize::from(reaches),
+            "{method} {path}"
+        );
+        if reaches {
+            assert_eq!(body, "anonymous");
+        } else if status == 200 {
+            assert_eq!(h["grpc-status"], "16");
+        }
+        if status == 204 {
+            assert!(body.is_empty());
+            assert!(
+                h.keys().all(|k| !k.as_str().starts_with("access-control")),
+                "{h:?}"
+            );
+        }
+    }
+    // A real preflight carrying a valid key is still answered by keygate, not the service.
+    let req = Request::builder()
+        .method(Method::OPTIONS)
+        .uri("/v1/messages")
+        .header("origin", "https://app.example")
+        .header("access-control-request-method", "POST")
+        .header("x-api-key", f.keys["full"].expose_secret())
+        .body(Body::default())
+        .unwrap();
+    let before = calls.load(Ordering::SeqCst);
+    assert_eq!(send(svc.clone(), req).await.0, StatusCode::NO_CONTENT);
+    assert_eq!(calls.load(Ordering::SeqCst), before);
+    // A plain OPTIONS with a valid key is an ordinary authenticated request.
+    let req = Request::builder()
+        .method(Method::OPTIONS)
+        .uri("/v1/messages")
+        .header("x-api-key", f.keys["full"].expose_secret())
+        .body(Body::default())
+        .unwrap();
+    assert_eq!(send(svc.clone(), req).await.0, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn the_key_header_is_sensitive_when_the_service_sees_it() {
+    let f = fixture();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let s = Arc::clone(&seen);
+    let svc = layer(&f).layer(service_fn(move |req: Request<Body>| {
+        s.lock().unwrap().push(format!("{:?}", req.headers()));
+        echo(req)
+    }));
+    let key = f.keys["full"].expose_secret();
+    for (name, value) in [
+        ("x-api-key", key.to_owned()),
+        ("authorization", format!("Bearer {key}")),
+    ] {
+        let req = Request::get("/v1/health")
+            .header(name, &value)
+            .header("x-other", "visible")
             .body(Body::default())
             .unwrap();
-        let (got, _, body, _) = send(svc.clone(), req).await;
-        assert_eq!(got.as_u16(), status, "{method} {path}");
-        if status == 200 {
-            assert_eq!(body, "anonymous");
-        }
+        assert_eq!(send(svc.clone(), req).await.0, StatusCode::OK);
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 2);
+    for debug in seen.iter() {
+        assert!(!debug.contains(key), "{debug}");
+        assert!(debug.contains("Sensitive"), "{debug}");
+        assert!(debug.contains("visible"), "{debug}");
     }
 }
 

@@ -94,40 +94,54 @@ impl ClientIp {
 
     /// The client's IP address, if it can be known.
     pub fn resolve(&self, head: &RequestHead<'_>) -> Option<IpAddr> {
-        let peer = canonical_ip(peer_addr(head)?.ip());
-        if !self.is_trusted(peer) {
-            return Some(peer);
-        }
-        let mut leftmost = None;
-        let mut any = false;
-        match self.header {
-            ForwardedHeader::XForwardedFor => {
-                for hop in hops_from_right(head, &X_FORWARDED_FOR, Some) {
-                    any = true;
-                    let ip = parse_hop(hop?)?;
-                    if !self.is_trusted(ip) {
-                        return Some(ip);
-                    }
-                    leftmost = Some(ip);
-                }
-            }
-            ForwardedHeader::Forwarded => {
-                for hop in hops_from_right(head, &FORWARDED, forwarded_for) {
-                    any = true;
-                    let ip = parse_hop(hop?)?;
-                    if !self.is_trusted(ip) {
-                        return Some(ip);
-                    }
-                    leftmost = Some(ip);
-                }
-            }
-        }
-        if any {
-            leftmost
-        } else {
-            Some(peer)
+        match self.walk(head) {
+            Walk::Client(ip) => Some(ip),
+            Walk::Unreadable(_) | Walk::NoPeer => None,
         }
     }
+
+    /// What can be known of the client: its address, or only the nearest trusted hop
+    /// (a forwarding header that does not parse), or nothing (no peer address).
+    pub(crate) fn walk(&self, head: &RequestHead<'_>) -> Walk {
+        let Some(peer) = peer_addr(head) else {
+            return Walk::NoPeer;
+        };
+        let peer = canonical_ip(peer.ip());
+        if !self.is_trusted(peer) {
+            return Walk::Client(peer);
+        }
+        let mut nearest = peer;
+        let hops: Box<dyn Iterator<Item = Option<&str>>> = match self.header {
+            ForwardedHeader::XForwardedFor => {
+                Box::new(hops_from_right(head, &X_FORWARDED_FOR, Some))
+            }
+            ForwardedHeader::Forwarded => {
+                Box::new(hops_from_right(head, &FORWARDED, forwarded_for))
+            }
+        };
+        for hop in hops {
+            let Some(ip) = hop.and_then(parse_hop) else {
+                return Walk::Unreadable(nearest);
+            };
+            if !self.is_trusted(ip) {
+                return Walk::Client(ip);
+            }
+            nearest = ip;
+        }
+        // Every hop trusted: the leftmost is the client; no header: the peer is.
+        Walk::Client(nearest)
+    }
+}
+
+/// See [`ClientIp::walk`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Walk {
+    /// The client's address.
+    Client(IpAddr),
+    /// A trusted proxy at this address forwarded a hop that does not parse.
+    Unreadable(IpAddr),
+    /// The request carries no peer address at all.
+    NoPeer,
 }
 
 /// The comma-separated elements of every instance of `name`, rightmost first, each mapped

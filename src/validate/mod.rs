@@ -23,6 +23,7 @@
 mod client_ip;
 mod site;
 
+pub(crate) use client_ip::Walk;
 pub use client_ip::{ClientIp, ForwardedHeader, PeerAddr};
 pub use site::SiteResolver;
 
