@@ -10,7 +10,11 @@
 //! grpcurl -plaintext -H "x-api-key: $KEY_FULL" 127.0.0.1:50051 grpc.health.v1.Health/Check
 //! ```
 //!
-//! Set `KEYGATE_ADDR` to listen elsewhere than `127.0.0.1:50051`.
+//! Set `KEYGATE_ADDR` to listen elsewhere than `127.0.0.1:50051`. A client that sends more
+//! than 20 invalid keys a minute gets `RESOURCE_EXHAUSTED` before its keys are looked up;
+//! for that keygate needs the client's address, which this example hands it from tonic's
+//! `TcpConnectInfo` (with keygate's `tonic` feature on, keygate reads it by itself).
+//! Warnings go to stderr (`RUST_LOG=keygate=debug` for every decision).
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -20,12 +24,20 @@ use std::process::ExitCode;
 use keygate::ratelimit::Quota;
 use keygate::record::{Environment, Owner};
 use keygate::store::MemoryStore;
+use keygate::validate::PeerAddr;
 use keygate::Keygate;
-use tonic::transport::server::TcpIncoming;
+use tonic::transport::server::{TcpConnectInfo, TcpIncoming};
 use tonic::transport::Server;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("keygate=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let addr = std::env::var("KEYGATE_ADDR").unwrap_or_else(|_| "127.0.0.1:50051".to_owned());
     let addr: SocketAddr = match addr.parse() {
         Ok(addr) => addr,
@@ -70,9 +82,34 @@ async fn main() -> ExitCode {
         }
     };
     let (_reporter, health) = tonic_health::server::health_reporter();
+    // The peer address, for IP allowlists and the failed-attempt limiter. With keygate's
+    // `tonic` feature this layer is not needed.
+    let peer = tower::ServiceBuilder::new().map_request(|mut req: http::Request<_>| {
+        let addr = req
+            .extensions()
+            .get::<TcpConnectInfo>()
+            .and_then(TcpConnectInfo::remote_addr);
+        if let Some(addr) = addr {
+            req.extensions_mut().insert(PeerAddr(addr));
+        }
+        req
+    });
+    // Reflection, so that grpcurl needs no .proto file (it sits behind keygate too).
+    let reflection = match tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+    {
+        Ok(service) => service,
+        Err(e) => {
+            eprintln!("cannot build the reflection service: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let server = Server::builder()
+        .layer(peer)
         .layer(keygate)
         .add_service(health)
+        .add_service(reflection)
         .serve_with_incoming(TcpIncoming::from(listener));
     if let Err(e) = server.await {
         eprintln!("server error: {e}");

@@ -2,7 +2,13 @@
 //!
 //! Prints the address and a demo key (`KEY_FULL`, scope `read`), then serves
 //! `GET /v1/health` → 200 `{"status":"ok"}` for any valid key, sent as `X-API-KEY`,
-//! `Authorization: Bearer <key>` or Basic (key as username).
+//! `Authorization: Bearer <key>` or Basic (key as username), behind the full stack: 60
+//! requests a minute per key (shared across connections), and more than 20 invalid keys a
+//! minute from one address turned away.
+//!
+//! The layer is built **once**, before the accept loop, and cloned per connection: clones
+//! share one cache and one bucket store. A layer built per connection would give every
+//! connection a fresh budget.
 //!
 //! ```text
 //! curl -H "x-api-key: $KEY_FULL" http://127.0.0.1:3000/v1/health
@@ -13,6 +19,7 @@
 use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::process::ExitCode;
 
 use bytes::Bytes;
@@ -23,14 +30,22 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
+use keygate::ratelimit::Quota;
 use keygate::record::{Environment, Owner};
 use keygate::store::MemoryStore;
 use keygate::validate::PeerAddr;
-use keygate::AuthLayer;
+use keygate::Keygate;
 use tower::ServiceBuilder;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("keygate=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let addr = std::env::var("KEYGATE_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let addr: SocketAddr = match addr.parse() {
         Ok(addr) => addr,
@@ -63,7 +78,17 @@ async fn main() -> ExitCode {
     println!("listening on http://{local}");
     let _ = std::io::stdout().flush();
 
-    let auth = AuthLayer::new(store);
+    // Built once: every connection shares its cache and buckets.
+    let keygate = match Keygate::builder(store)
+        .default_quota(Quota::per_minute(NonZeroU32::MIN.saturating_add(59)))
+        .build()
+    {
+        Ok(layer) => layer,
+        Err(e) => {
+            eprintln!("bad keygate configuration: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
@@ -79,7 +104,7 @@ async fn main() -> ExitCode {
                 req.extensions_mut().insert(PeerAddr(peer));
                 req
             })
-            .layer(auth.clone())
+            .layer(keygate.clone())
             .service_fn(route);
         tokio::spawn(async move {
             let service = TowerToHyperService::new(service);

@@ -20,6 +20,14 @@ use keygate::Keygate;
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
+    // keygate's warnings (and, with RUST_LOG=keygate=debug, every decision) on stderr.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("keygate=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let addr = std::env::var("KEYGATE_ADDR").unwrap_or_else(|_| "127.0.0.1:3001".to_owned());
     let Ok(addr) = addr.parse::<SocketAddr>() else {
         eprintln!("KEYGATE_ADDR={addr:?} is not a socket address");

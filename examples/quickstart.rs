@@ -31,6 +31,14 @@ use tower_http::cors::CorsLayer;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // keygate's warnings (and, with RUST_LOG=keygate=debug, every decision) on stderr.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("keygate=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let addr = std::env::var("KEYGATE_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
     let addr: SocketAddr = match addr.parse() {
         Ok(addr) => addr,
@@ -87,9 +95,10 @@ async fn main() -> ExitCode {
         .route("/swagger", get(swagger_ui))
         .route("/swagger/openapi.json", get(openapi))
         .layer(keygate)
-        // Outermost, so that rejections carry CORS headers too and browsers can read them.
-        // Preflights are answered here; were CORS inside, keygate's default bypass would
-        // let them through without a key all the same.
+        // CORS goes outside keygate: it answers preflights itself, and it puts its headers
+        // on keygate's 401s and 429s too, which a browser could not read otherwise ("Failed
+        // to fetch"). A preflight that got past it would be answered 204 by keygate with no
+        // CORS headers, and never handed to a handler.
         .layer(CorsLayer::permissive());
 
     let listener = match tokio::net::TcpListener::bind(addr).await {
