@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use sqlx::any::{AnyPoolOptions, AnyRow};
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyPool, Connection as _, Row};
 
 use super::{
     ChangeListener, CreatedKey, KeyStore, KeyUpdate, NewKey, Page, StoreError, LAST_USED_RESOLUTION,
@@ -136,9 +136,17 @@ impl SqlStore {
             }
             Backend::Postgres
         } else {
+            // Never echo the URL: it may hold a password.
+            let scheme = url
+                .split_once(':')
+                .map(|(scheme, _)| scheme)
+                .filter(|s| {
+                    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'+')
+                })
+                .map_or_else(|| "no scheme".to_owned(), |s| format!("scheme {s:?}"));
             return Err(StoreError::invalid(
                 "database URL",
-                format!("{url:?}: expected sqlite://PATH, sqlite::memory: or postgres://…"),
+                format!("{scheme}: expected sqlite://PATH, sqlite::memory: or postgres://…"),
             ));
         };
         // Drivers are process-wide; if the application installed its own set, keep it.
@@ -156,10 +164,20 @@ impl SqlStore {
                 url.to_owned()
             }
             Backend::Sqlite if !url.contains("mode=") => {
-                let sep = if url.contains('?') { '&' } else { '?' };
-                format!("{url}{sep}mode=rwc")
+                // The file is created here, once. The pool's connections open it read-write
+                // only: one opened while the file is briefly missing fails, instead of
+                // creating an empty database and failing every query for its lifetime.
+                let created = open_once(&with_param(url, "mode=rwc")).await?;
+                created.close().await.map_err(db)?;
+                with_param(url, "mode=rw")
             }
-            _ => url.to_owned(),
+            _ => {
+                // One connection first: its error says what failed (refused, unknown host,
+                // bad password), where the pool would only say that it timed out.
+                let first = open_once(url).await?;
+                first.close().await.map_err(db)?;
+                url.to_owned()
+            }
         };
         let pool = options
             .connect(&url)
@@ -215,13 +233,38 @@ impl SqlStore {
         self.listeners.notify(hashes);
     }
 
-    async fn hashes_of(&self, id: &KeyId) -> Result<Vec<KeyHash>, StoreError> {
-        let rows = sqlx::query("SELECT hash FROM keygate_key_hashes WHERE key_id = $1")
-            .bind(id.as_str().to_owned())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(db)?;
-        rows.iter().map(row_hash).collect()
+    /// Commits a write and tells the caches which hashes it touched. The caches are told
+    /// whatever the commit answers: dropping an entry is always safe, and a commit whose
+    /// answer was lost may well have happened. Nothing fallible runs after the commit, so a
+    /// committed change is never reported as a failure by work that came later.
+    async fn commit(&self, tx: Tx<'_>, changed: &[KeyHash]) -> Result<(), StoreError> {
+        let committed = tx.commit().await;
+        self.notify(changed);
+        committed.map_err(|e| {
+            StoreError::Backend(format!(
+                "the commit's outcome is unknown (check the key): {e}"
+            ))
+        })
+    }
+
+    /// After a commit that answered with an error: whether the new secret's hash is on
+    /// file, which says for certain whether the commit happened (the hash is new).
+    async fn committed_after_all(
+        &self,
+        hash: &KeyHash,
+        error: StoreError,
+    ) -> Result<(), StoreError> {
+        let row = sqlx::query("SELECT key_id FROM keygate_key_hashes WHERE hash = $1")
+            .bind(hash.as_bytes().to_vec())
+            .fetch_optional(&self.pool)
+            .await;
+        match row {
+            Ok(Some(_)) => Ok(()),
+            Ok(None) => Err(StoreError::Backend(
+                "the change was not committed; nothing was written".to_owned(),
+            )),
+            Err(_) => Err(error),
+        }
     }
 
     async fn find_hash(&self, hash: KeyHash) -> LookupResult<StoreError> {
@@ -256,8 +299,14 @@ impl SqlStore {
         }
     }
 
-    /// Writes a record's mutable columns and status if its version is still `version`.
-    async fn write_record(&self, record: &KeyRecord, version: u64) -> Result<(), StoreError> {
+    /// Writes a record's mutable columns and status if its version is still `version`, and
+    /// returns the record as committed.
+    async fn write_record(
+        &self,
+        record: &KeyRecord,
+        version: u64,
+    ) -> Result<KeyRecord, StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
         let done = sqlx::query(
             "UPDATE keygate_keys SET name = $1, description = $2, status = $3, scopes = $4, \
              restrictions = $5, quotas = $6, metadata = $7, version = version + 1 \
@@ -272,15 +321,16 @@ impl SqlStore {
         .bind(json(&record.metadata)?)
         .bind(record.id.as_str().to_owned())
         .bind(i64::try_from(version).unwrap_or(i64::MAX))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db)?;
         if done.rows_affected() == 0 {
             return Err(StoreError::Conflict);
         }
-        let hashes = self.hashes_of(&record.id).await?;
-        self.notify(&hashes);
-        Ok(())
+        let hashes = hashes_in(&mut tx, &record.id).await?;
+        let written = get_in(&mut tx, &record.id).await?;
+        self.commit(tx, &hashes).await?;
+        Ok(written)
     }
 
     async fn edit(
@@ -291,9 +341,50 @@ impl SqlStore {
         let mut record = self.get(id).await?;
         let version = record.version;
         edit(&mut record)?;
-        self.write_record(&record, version).await?;
-        self.get(id).await
+        self.write_record(&record, version).await
     }
+}
+
+type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
+
+/// The hashes filed under a key, read inside a transaction.
+async fn hashes_in(tx: &mut Tx<'_>, id: &KeyId) -> Result<Vec<KeyHash>, StoreError> {
+    let rows = sqlx::query("SELECT hash FROM keygate_key_hashes WHERE key_id = $1")
+        .bind(id.as_str().to_owned())
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db)?;
+    rows.iter().map(row_hash).collect()
+}
+
+/// One key's record, read inside a transaction (so that a write returns what it committed).
+async fn get_in(tx: &mut Tx<'_>, id: &KeyId) -> Result<KeyRecord, StoreError> {
+    let sql = format!(
+        "SELECT {KEY_COLUMNS} FROM keygate_keys k \
+         JOIN keygate_owners o ON o.id = k.owner_id WHERE k.id = $1"
+    );
+    let row = sqlx::query(&sql)
+        .bind(id.as_str().to_owned())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db)?;
+    match row {
+        Some(row) => record_from(&row),
+        None => Err(StoreError::KeyNotFound(id.clone())),
+    }
+}
+
+/// `url` with one more query parameter.
+fn with_param(url: &str, param: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{param}")
+}
+
+/// One connection, with the database's own reason when it cannot be opened.
+async fn open_once(url: &str) -> Result<sqlx::AnyConnection, StoreError> {
+    sqlx::AnyConnection::connect(url)
+        .await
+        .map_err(|e| StoreError::Backend(format!("cannot open the database: {e}")))
 }
 
 /// Files a key's current secret (by hash) under its id.
@@ -438,10 +529,11 @@ impl KeyStore for SqlStore {
 
     async fn set_owner_active(&self, name: &str, active: bool) -> Result<Owner, StoreError> {
         let id = self.owner_id(name).await?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
         sqlx::query("UPDATE keygate_owners SET active = $1 WHERE id = $2")
             .bind(i64::from(active))
             .bind(id.clone())
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
             .map_err(db)?;
         let rows = sqlx::query(
@@ -449,11 +541,11 @@ impl KeyStore for SqlStore {
              WHERE k.owner_id = $1",
         )
         .bind(id.clone())
-        .fetch_all(&self.pool)
+        .fetch_all(&mut *tx)
         .await
         .map_err(db)?;
         let hashes = rows.iter().map(row_hash).collect::<Result<Vec<_>, _>>()?;
-        self.notify(&hashes);
+        self.commit(tx, &hashes).await?;
         let mut owner = Owner::new(id, name);
         owner.active = active;
         Ok(owner)
@@ -487,9 +579,11 @@ impl KeyStore for SqlStore {
         .await
         .map_err(db)?;
         insert_hash(&mut tx, &secret.hash(), &id).await?;
-        tx.commit().await.map_err(db)?;
-        self.notify(&[secret.hash()]);
-        let record = self.get(&id).await?;
+        let record = get_in(&mut tx, &id).await?;
+        if let Err(error) = self.commit(tx, &[secret.hash()]).await {
+            // The secret exists only here: if the key was stored after all, hand it over.
+            self.committed_after_all(&secret.hash(), error).await?;
+        }
         Ok(CreatedKey { record, secret })
     }
 
@@ -558,7 +652,6 @@ impl KeyStore for SqlStore {
             return Err(StoreError::Conflict);
         }
         let secret = self.format.generate(record.environment)?;
-        let old = self.hashes_of(id).await?;
         let now = self.clock.now();
         let until = to_nanos(now.checked_add(grace).unwrap_or(now));
         let mut tx = self.pool.begin().await.map_err(db)?;
@@ -573,6 +666,7 @@ impl KeyStore for SqlStore {
         if done.rows_affected() == 0 {
             return Err(StoreError::Conflict);
         }
+        let mut changed = hashes_in(&mut tx, id).await?;
         if grace.is_zero() {
             sqlx::query("DELETE FROM keygate_key_hashes WHERE key_id = $1")
                 .bind(id.as_str().to_owned())
@@ -591,34 +685,38 @@ impl KeyStore for SqlStore {
             .map_err(db)?;
         }
         insert_hash(&mut tx, &secret.hash(), id).await?;
-        tx.commit().await.map_err(db)?;
-        let mut changed = old;
         changed.push(secret.hash());
-        self.notify(&changed);
-        let record = self.get(id).await?;
+        let record = get_in(&mut tx, id).await?;
+        if let Err(error) = self.commit(tx, &changed).await {
+            // The old secret may be gone: if the new one was stored, hand it over.
+            self.committed_after_all(&secret.hash(), error).await?;
+        }
         Ok(CreatedKey { record, secret })
     }
 
     async fn revoke_all(&self, owner: &str) -> Result<usize, StoreError> {
         let owner_id = self.owner_id(owner).await?;
-        let rows = sqlx::query(
-            "SELECT h.hash FROM keygate_key_hashes h JOIN keygate_keys k ON k.id = h.key_id \
-             WHERE k.owner_id = $1 AND k.status IN ('active', 'disabled')",
-        )
-        .bind(owner_id.clone())
-        .fetch_all(&self.pool)
-        .await
-        .map_err(db)?;
-        let hashes = rows.iter().map(row_hash).collect::<Result<Vec<_>, _>>()?;
+        let mut tx = self.pool.begin().await.map_err(db)?;
         let done = sqlx::query(
             "UPDATE keygate_keys SET status = 'revoked', version = version + 1 \
              WHERE owner_id = $1 AND status IN ('active', 'disabled')",
         )
-        .bind(owner_id)
-        .execute(&self.pool)
+        .bind(owner_id.clone())
+        .execute(&mut *tx)
         .await
         .map_err(db)?;
-        self.notify(&hashes);
+        // Read after the update, in the same transaction: every key it revoked, and none
+        // created since.
+        let rows = sqlx::query(
+            "SELECT h.hash FROM keygate_key_hashes h JOIN keygate_keys k ON k.id = h.key_id \
+             WHERE k.owner_id = $1 AND k.status = 'revoked'",
+        )
+        .bind(owner_id)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(db)?;
+        let hashes = rows.iter().map(row_hash).collect::<Result<Vec<_>, _>>()?;
+        self.commit(tx, &hashes).await?;
         Ok(usize::try_from(done.rows_affected()).unwrap_or(usize::MAX))
     }
 
