@@ -2,23 +2,16 @@
 //!
 //! ```text
 //! cargo run --features sqlite,postgres --example keyctl -- [--database-url URL] COMMAND
+//! cargo run --features sqlite,postgres --example keyctl -- --help
 //! ```
 //!
-//! `URL` is `sqlite://PATH` (created if missing) or `postgres://…`; without the flag,
-//! `KEYGATE_DATABASE_URL`, else `sqlite://keygate.db`. Commands:
+//! `URL` is `sqlite://PATH` (created if missing) or `postgres://…`; without the option
+//! (which may come anywhere), `KEYGATE_DATABASE_URL`, else `sqlite://keygate.db`. The
+//! commands are in [`USAGE`], which `--help` prints.
 //!
-//! ```text
-//! owner add NAME [--password-stdin]        OWNER=<id>
-//! owner disable NAME | owner enable NAME
-//! create --owner NAME --name N [--description D] [--use-case U] [--env live|test]
-//!        [--scopes a,b] [--rate 60/min]… [--ip CIDR]… [--site S]… [--expires-in SECONDS]
-//!                                          KEY=<secret> (shown this once) and ID=<key id>
-//! list --owner NAME | show ID              ids, names, prefixes, status, restrictions
-//! update ID [--name N] [--description D] [--scopes a,b] [--rate R]… [--ip CIDR]… [--site S]…
-//! disable ID | enable ID | delete ID
-//! rotate ID [--grace SECONDS]              KEY=<secret> and ID=<key id>
-//! verify KEY [--ip ADDR] [--site S] [--scope S]   `valid` (exit 0) or the rejection code (exit 1)
-//! ```
+//! Secrets: a secret is taken only as `verify`'s KEY (or on stdin with `verify -`) and
+//! printed only by `create` and `rotate`. An argument anywhere else that looks like a key
+//! is refused without being repeated, and nothing prints a database URL.
 //!
 //! Errors are one clear line on stderr and exit status 2; nothing is half-written.
 
@@ -121,7 +114,7 @@ impl Opts {
 
     fn id(&self) -> Result<KeyId, Fail> {
         match self.positional.as_slice() {
-            [id] => Ok(KeyId::new(id.as_str())),
+            [id] => key_id(id),
             _ => fail("expected one key id"),
         }
     }
@@ -186,19 +179,131 @@ fn describe(record: &KeyRecord) -> String {
     )
 }
 
-async fn run(mut args: Vec<String>) -> Result<(), Fail> {
-    let mut url = std::env::var("KEYGATE_DATABASE_URL").ok();
-    if args.first().map(String::as_str) == Some("--database-url") {
-        if args.len() < 2 {
-            return fail("--database-url needs a value");
-        }
-        url = Some(args.remove(1));
-        args.remove(0);
+const USAGE: &str = "\
+usage: keyctl [--database-url URL] COMMAND [ARGS]   (--database-url may come anywhere)
+
+URL is sqlite://PATH (created if missing) or postgres://...; without the option,
+KEYGATE_DATABASE_URL, else sqlite://keygate.db.
+
+  owner add NAME [--password-stdin]        prints OWNER=<id>
+  owner disable NAME | owner enable NAME   every key of a disabled owner fails with owner_inactive
+  create --owner NAME --name N [--description D] [--use-case U] [--env live|test]
+         [--scopes a,b] [--rate 60/min]... [--ip CIDR]... [--site S]... [--expires-in SECONDS]
+                                           prints KEY=<secret> (this once) and ID=<key id>
+  list --owner NAME | show ID              ids, names, prefixes, status, restrictions; never a secret
+  update ID [--name N] [--description D] [--scopes a,b] [--rate R]... [--ip CIDR]... [--site S]...
+                                           use case, environment and expiry are immutable
+  disable ID | enable ID | delete ID       delete is soft: the key is kept for audit
+  rotate ID [--grace SECONDS]              prints the new KEY= and ID=; every earlier secret ends
+                                           within the grace (--grace 0, the default: at once)
+  verify KEY [--ip ADDR] [--site S] [--scope S]...
+                                           valid (exit 0) or the rejection code (exit 1);
+                                           KEY may be - to read it from stdin (keeps it out of ps)
+
+A secret is taken only as verify's KEY and printed only by create and rotate. Errors are
+one line on stderr and exit status 2; nothing is half-written.
+";
+
+/// Whether an argument could be an API key secret (or a large piece of one): it passes the
+/// key format, carries a key prefix, or holds a long run of letters and digits.
+fn looks_secret(arg: &str) -> bool {
+    if KeyFormat::default().check(arg).is_ok() {
+        return true;
     }
-    let url = url.unwrap_or_else(|| "sqlite://keygate.db".to_owned());
+    let lower = arg.to_ascii_lowercase();
+    if lower.contains("kg_live_") || lower.contains("kg_test_") {
+        return true;
+    }
+    arg.split(|c: char| !c.is_ascii_alphanumeric()).any(|run| {
+        run.len() >= 20
+            && run.bytes().any(|b| b.is_ascii_digit())
+            && run.bytes().any(|b| b.is_ascii_alphabetic())
+    })
+}
+
+/// A key id as the store makes them (`key_` and base62), or a refusal that does not
+/// repeat the argument.
+fn key_id(text: &str) -> Result<KeyId, Fail> {
+    let ok = text.strip_prefix("key_").is_some_and(|rest| {
+        !rest.is_empty() && rest.len() <= 64 && rest.bytes().all(|b| b.is_ascii_alphanumeric())
+    });
+    if ok {
+        Ok(KeyId::new(text))
+    } else {
+        fail("expected a key id (key_ followed by letters and digits)")
+    }
+}
+
+/// The arguments without `--database-url`, and its value (the option may come anywhere).
+fn take_database_url(args: Vec<String>) -> Result<(Option<String>, Vec<String>), Fail> {
+    let mut url = None;
+    let mut rest = Vec::with_capacity(args.len());
+    let mut iter = args.into_iter();
+    while let Some(arg) = iter.next() {
+        if arg == "--database-url" {
+            match iter.next() {
+                Some(value) => url = Some(value),
+                None => return fail("--database-url needs a value"),
+            }
+        } else if let Some(value) = arg.strip_prefix("--database-url=") {
+            url = Some(value.to_owned());
+        } else {
+            rest.push(arg);
+        }
+    }
+    Ok((url, rest))
+}
+
+/// Refuses any argument that looks like a secret, except `verify`'s KEY, before anything
+/// runs: a secret typed in the wrong place must not end up in an error message.
+fn refuse_stray_secrets(args: &[String]) -> Result<(), Fail> {
+    let verify_key = (args.first().map(String::as_str) == Some("verify"))
+        .then(|| {
+            args.iter()
+                .skip(1)
+                .position(|a| !a.starts_with("--"))
+                .map(|i| i + 1)
+        })
+        .flatten();
+    for (i, arg) in args.iter().enumerate() {
+        if Some(i) != verify_key && looks_secret(arg) {
+            return fail(format!(
+                "argument {} looks like an API key, which keyctl takes only as `verify KEY` \
+                 (or `verify -` on stdin); it is not shown here",
+                i + 1
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn run(args: Vec<String>) -> Result<(), Fail> {
+    let (url, args) = take_database_url(args)?;
+    if args.is_empty()
+        || args.iter().any(|a| a == "--help" || a == "-h")
+        || args.first().map(String::as_str) == Some("help")
+    {
+        print!("{USAGE}");
+        return if args.is_empty() {
+            Err(Fail("no command (see above)".into(), 2))
+        } else {
+            Ok(())
+        };
+    }
+    refuse_stray_secrets(&args)?;
+    let url = url
+        .or_else(|| std::env::var("KEYGATE_DATABASE_URL").ok())
+        .unwrap_or_else(|| "sqlite://keygate.db".to_owned());
     let Some((command, rest)) = args.split_first() else {
-        return fail("no command; see the top of examples/keyctl.rs");
+        return fail("no command; see keyctl --help");
     };
+    let known = [
+        "owner", "create", "list", "show", "update", "disable", "enable", "delete", "rotate",
+        "verify",
+    ];
+    if !known.contains(&command.as_str()) {
+        return fail(format!("unknown command {command:?}; see keyctl --help"));
+    }
     let store = SqlStore::connect(&url).await?;
     match command.as_str() {
         "owner" => {
@@ -337,8 +442,16 @@ async fn run(mut args: Vec<String>) -> Result<(), Fail> {
             let opts = Opts::parse(rest, &[])?;
             opts.only(&["ip", "site", "scope"])?;
             let [secret] = opts.positional.as_slice() else {
-                return fail("verify needs one KEY");
+                return fail("verify needs one KEY (or - to read it from stdin)");
             };
+            let secret = if secret == "-" {
+                let mut text = String::new();
+                std::io::stdin().read_to_string(&mut text)?;
+                zeroize::Zeroizing::new(text.trim().to_owned())
+            } else {
+                zeroize::Zeroizing::new(secret.clone())
+            };
+            let secret = secret.as_str();
             let ip: Option<IpAddr> = opts
                 .one("ip")
                 .map(str::parse)
@@ -368,11 +481,7 @@ async fn run(mut args: Vec<String>) -> Result<(), Fail> {
                 }
             }
         }
-        other => {
-            return fail(format!(
-                "unknown command {other:?}; see the top of examples/keyctl.rs"
-            ))
-        }
+        other => return fail(format!("unknown command {other:?}; see keyctl --help")),
     }
     Ok(())
 }

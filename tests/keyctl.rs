@@ -23,6 +23,13 @@ impl Out {
 }
 
 fn keyctl(url: &str, args: &[&str], stdin: Option<&str>) -> Out {
+    let mut all = vec!["--database-url", url];
+    all.extend_from_slice(args);
+    keyctl_raw(&all, stdin)
+}
+
+/// keyctl with exactly these arguments.
+fn keyctl_raw(args: &[&str], stdin: Option<&str>) -> Out {
     let exe = std::env::current_exe().expect("test path");
     let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
     let bin = dir
@@ -34,9 +41,8 @@ fn keyctl(url: &str, args: &[&str], stdin: Option<&str>) -> Out {
         bin.display()
     );
     let mut child = Command::new(bin)
-        .arg("--database-url")
-        .arg(url)
         .args(args)
+        .env_remove("KEYGATE_DATABASE_URL")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -180,7 +186,27 @@ fn session(url: &str) {
     assert_eq!((o.code, o.stdout.trim()), (1, "owner_inactive"));
     assert_eq!(keyctl(url, &["owner", "enable", &owner], None).code, 0);
 
+    // The key on stdin, kept out of the process list.
+    let o = keyctl(
+        url,
+        &["verify", "-", "--ip", "10.1.2.3", "--site", "shop"],
+        Some(&format!("{new_key}\n")),
+    );
+    assert_eq!((o.code, o.stdout.trim()), (0, "valid"), "{}", o.stderr);
+
+    // A secret where something else belongs is refused and never repeated.
+    secrets_are_never_echoed(url, &new_key, &owner, &id);
+
     assert_eq!(keyctl(url, &["delete", &id], None).code, 0);
+    let o = keyctl(url, &["enable", &id], None);
+    assert_eq!(o.code, 2);
+    assert!(
+        o.stderr.contains("deleted"),
+        "says why, not 'no such key': {}",
+        o.stderr
+    );
+    let o = keyctl(url, &["rotate", &id], None);
+    assert!(o.code == 2 && o.stderr.contains("deleted"), "{}", o.stderr);
     let o = keyctl(url, &["verify", &new_key], None);
     assert_eq!((o.code, o.stdout.trim()), (1, "invalid_api_key"));
     assert!(
@@ -238,6 +264,121 @@ fn session(url: &str) {
         before,
         "nothing half-written"
     );
+}
+
+/// Every place a secret could be typed by mistake: refused, exit 2, and neither the key nor
+/// any large part of it on stdout or stderr.
+fn secrets_are_never_echoed(url: &str, key: &str, owner: &str, id: &str) {
+    let mut typo = key.to_owned();
+    let last = if typo.ends_with('A') { "B" } else { "A" };
+    typo.replace_range(typo.len() - 1.., last);
+    let body = &key[8..];
+    let grace_eq = format!("--grace={key}");
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["show", key],
+        vec!["disable", key],
+        vec!["enable", key],
+        vec!["delete", key],
+        vec!["rotate", key],
+        vec![key],
+        vec![key, "list"],
+        vec!["list", "--owner", key],
+        vec!["create", "--owner", key, "--name", "x"],
+        vec!["create", "--owner", owner, "--name", key],
+        vec!["create", "--owner", owner, "--name", "x", "--rate", key],
+        vec!["create", "--owner", owner, "--name", "x", "--ip", key],
+        vec!["create", "--owner", owner, "--name", "x", "--site", key],
+        vec![
+            "create",
+            "--owner",
+            owner,
+            "--name",
+            "x",
+            "--description",
+            key,
+        ],
+        vec!["rotate", id, "--grace", key],
+        vec!["rotate", id, &grace_eq],
+        vec!["update", id, "--scopes", key],
+        vec!["show", &typo],
+        vec!["show", body],
+        vec!["owner", "add", key],
+        vec!["verify", key, "--site", key],
+    ];
+    for args in &cases {
+        let o = keyctl(url, args, None);
+        assert_eq!(o.code, 2, "{args:?}: {}", o.stderr);
+        for out in [&o.stdout, &o.stderr] {
+            assert!(
+                !out.contains(&key[8..20]),
+                "{args:?} printed the secret: {out}"
+            );
+            assert!(
+                !out.contains(&typo[8..20]),
+                "{args:?} printed the typo: {out}"
+            );
+        }
+    }
+}
+
+#[test]
+fn secrets_in_urls_are_never_printed() {
+    for url in [
+        "mysql://admin:hunter2-pw@db.internal/keys",
+        "postgres://admin:hunter2-pw@127.0.0.1:1/keys",
+        "hunter2-pw",
+    ] {
+        let o = keyctl_raw(&["list", "--owner", "x", "--database-url", url], None);
+        assert_eq!(o.code, 2, "{url}");
+        assert!(
+            !o.stderr.contains("hunter2") && !o.stdout.contains("hunter2"),
+            "{}",
+            o.stderr
+        );
+    }
+    // Unreachable: says what failed, not that a pool timed out.
+    let o = keyctl_raw(
+        &[
+            "--database-url",
+            "postgres://admin:hunter2-pw@127.0.0.1:1/keys",
+            "list",
+            "--owner",
+            "x",
+        ],
+        None,
+    );
+    assert!(o.stderr.to_lowercase().contains("refused"), "{}", o.stderr);
+}
+
+#[test]
+fn help_and_the_database_option_anywhere() {
+    for args in [&["--help"][..], &["-h"], &["help"], &["create", "--help"]] {
+        let o = keyctl_raw(args, None);
+        assert_eq!(o.code, 0, "{args:?}");
+        assert!(o.stdout.contains("usage: keyctl"), "{args:?}: {}", o.stdout);
+    }
+    let o = keyctl_raw(&[], None);
+    assert_eq!(o.code, 2);
+    assert!(o.stdout.contains("usage: keyctl"));
+
+    let dir = std::env::temp_dir().join(format!("keygate-keyctl-opt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let url = format!("sqlite://{}", dir.join("keys.db").display());
+    let o = keyctl_raw(&["owner", "add", "zoe", "--database-url", &url], None);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let eq = format!("--database-url={url}");
+    let o = keyctl_raw(&["create", &eq, "--owner", "zoe", "--name", "k"], None);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let o = keyctl_raw(&["list", "--owner", "zoe", "--database-url", &url], None);
+    assert!(o.stdout.contains("NAME=\"k\""), "{}", o.stdout);
+    let o = keyctl_raw(&["list", "--owner", "zoe", "--database-url"], None);
+    assert_eq!(o.code, 2);
+    assert!(
+        o.stderr.contains("--database-url needs a value"),
+        "{}",
+        o.stderr
+    );
+    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]

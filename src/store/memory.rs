@@ -420,9 +420,7 @@ impl KeyStore for MemoryStore {
                 .keys
                 .get(id)
                 .ok_or_else(|| StoreError::KeyNotFound(id.clone()))?;
-            if key.record.status != Status::Active && key.record.status != Status::Disabled {
-                return Err(StoreError::KeyNotFound(id.clone()));
-            }
+            super::rotatable(&key.record)?;
             if expected.is_some_and(|v| v != key.record.version) {
                 return Err(StoreError::Conflict);
             }

@@ -84,6 +84,12 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// A deleted key: kept for audit (`get` and `list` show it), never changed again.
+    pub(crate) const DELETED: Self = Self::InvalidState(
+        "deleted",
+        "a deleted key is kept for audit and cannot be changed",
+    );
+
     pub(crate) fn invalid(field: &'static str, reason: impl Into<String>) -> Self {
         Self::Invalid {
             field,
@@ -204,10 +210,10 @@ impl KeyUpdate {
         Ok(())
     }
 
-    /// Applies the change; a deleted key reads as unknown.
+    /// Applies the change; a deleted key cannot be changed.
     pub(crate) fn apply(self, record: &mut KeyRecord) -> Result<(), StoreError> {
         if record.status == Status::Deleted {
-            return Err(StoreError::KeyNotFound(record.id.clone()));
+            return Err(StoreError::DELETED);
         }
         if let Some(name) = self.name {
             record.name = name;
@@ -311,6 +317,11 @@ pub trait KeyStore: KeyLookup + Clone {
     /// A new secret at once; the old one keeps working for `grace` (never past the key's own
     /// expiry).
     ///
+    /// The grace applies to every earlier secret still working, not only the last one:
+    /// each ends at the earlier of its own end and now + `grace`. So rotating with a zero
+    /// grace ends every earlier secret at once (what a leaked key calls for), even one
+    /// still in the grace of an earlier rotation, and no rotation ever extends a grace.
+    ///
     /// With `expected` set to the [`version`](KeyRecord::version) the caller last read, the
     /// rotation happens only if the key has not changed since: of two rotations racing from
     /// one read, one wins and the other gets [`StoreError::Conflict`], so no caller is handed
@@ -361,11 +372,11 @@ impl Listeners {
     }
 }
 
-/// The status a key moves to, or why it cannot: deleted keys read as unknown, revoked keys
-/// never come back.
+/// The status a key moves to, or why it cannot: deleted keys are never changed again,
+/// revoked keys never come back.
 pub(crate) fn transition(record: &KeyRecord, to: Status) -> Result<Status, StoreError> {
     match (record.status, to) {
-        (Status::Deleted, _) => Err(StoreError::KeyNotFound(record.id.clone())),
+        (Status::Deleted, _) => Err(StoreError::DELETED),
         (Status::Revoked, Status::Active | Status::Disabled) => Err(StoreError::InvalidState(
             "revoked",
             "a revoked key cannot come back",
@@ -376,6 +387,18 @@ pub(crate) fn transition(record: &KeyRecord, to: Status) -> Result<Status, Store
 
 /// The owner, if the password matches and the owner is active. The same argon2 work is
 /// done whether or not the owner exists, and every failure reads the same.
+/// Whether a key in this state can be given a new secret.
+pub(crate) fn rotatable(record: &KeyRecord) -> Result<(), StoreError> {
+    match record.status {
+        Status::Active | Status::Disabled => Ok(()),
+        Status::Deleted => Err(StoreError::DELETED),
+        Status::Revoked => Err(StoreError::InvalidState(
+            "revoked",
+            "a revoked key cannot be given a new secret",
+        )),
+    }
+}
+
 pub(crate) fn check_credentials(
     owner: Option<Owner>,
     stored: Option<&str>,

@@ -645,9 +645,7 @@ impl KeyStore for SqlStore {
         expected: Option<u64>,
     ) -> Result<CreatedKey, StoreError> {
         let record = self.get(id).await?;
-        if !matches!(record.status, Status::Active | Status::Disabled) {
-            return Err(StoreError::KeyNotFound(id.clone()));
-        }
+        super::rotatable(&record)?;
         if expected.is_some_and(|v| v != record.version) {
             return Err(StoreError::Conflict);
         }

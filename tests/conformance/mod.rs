@@ -307,18 +307,22 @@ async fn disable_enable_delete<S: KeyStore>(store: &S, _: &S, clock: &FakeClock)
         Status::Deleted,
         "kept for audit"
     );
-    assert!(
-        store.set_status(id, Status::Active).await.is_err(),
-        "deleted stays deleted"
-    );
-    assert!(store.rotate(id, Duration::ZERO, None).await.is_err());
+    // A deleted key is shown (for audit) and refused as deleted, not as unknown.
+    let deleted = |e: StoreError| matches!(e, StoreError::InvalidState("deleted", _));
+    for to in [Status::Active, Status::Disabled, Status::Deleted] {
+        let err = store.set_status(id, to).await.unwrap_err();
+        assert!(deleted(err.clone()), "deleted stays deleted: {err}");
+    }
+    let err = store.rotate(id, Duration::ZERO, None).await.unwrap_err();
+    assert!(deleted(err.clone()), "{err}");
     let mut rename = KeyUpdate::default();
     rename.name = Some("revived".into());
-    assert_eq!(
-        store.update(id, rename).await.unwrap_err(),
-        StoreError::KeyNotFound(id.clone()),
-        "a deleted key cannot be edited"
+    let err = store.update(id, rename).await.unwrap_err();
+    assert!(
+        deleted(err.clone()),
+        "a deleted key cannot be edited: {err}"
     );
+    assert!(err.to_string().contains("deleted"), "{err}");
 }
 
 async fn rotation_with_grace<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
@@ -353,6 +357,37 @@ async fn rotation_with_grace<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
         Err(Reason::InvalidApiKey)
     );
     assert_eq!(verdict(store, &again.secret, clock).await, Ok(()));
+
+    // A rotation during an earlier grace applies its grace to every earlier secret: each
+    // ends at the earlier of its own end and now + grace, never later.
+    let first = store
+        .rotate(id, Duration::from_secs(300), None)
+        .await
+        .unwrap();
+    let second = store
+        .rotate(id, Duration::from_secs(600), None)
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(300));
+    assert_eq!(
+        verdict(store, &again.secret, clock).await,
+        Err(Reason::ApiKeyExpired)
+    );
+    assert_eq!(
+        verdict(store, &first.secret, clock).await,
+        Ok(()),
+        "its own 600 s"
+    );
+    assert_eq!(verdict(store, &second.secret, clock).await, Ok(()));
+    // So a rotation without grace ends every earlier secret at once (what a leak needs).
+    let third = store.rotate(id, Duration::ZERO, None).await.unwrap();
+    for earlier in [&first.secret, &second.secret] {
+        assert_eq!(
+            verdict(store, earlier, clock).await,
+            Err(Reason::InvalidApiKey)
+        );
+    }
+    assert_eq!(verdict(store, &third.secret, clock).await, Ok(()));
 
     // The grace never outlives the key's own expiry.
     let mut short = NewKey::new("ada", "short", Environment::Live);
