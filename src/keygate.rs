@@ -25,10 +25,17 @@
 //!
 //! Every request to `/v1/health` takes one token from its key's bucket (60 a minute unless
 //! the key's record has quotas of its own). A `POST /v1/messages` takes five in all: the
-//! outer layer charges one and the route layer the other four, in the same bucket (a refusal
-//! by the route gives the outer layer's token back); a route with
-//! [`bucket`](KeygateRoute::bucket) gets a bucket of its own beside the main one (a refusal
-//! there keeps the main bucket's token).
+//! outer layer charges one and the route layer the other four, in the same bucket. A route
+//! with [`bucket`](KeygateRoute::bucket) gets a bucket of its own beside the main one.
+//!
+//! When the route refuses a request the outer layer admitted, what happens to the outer
+//! layer's token is decided on purpose:
+//!
+//! | the route refuses by | the outer layer's token | why |
+//! | --- | --- | --- |
+//! | its cost (429, same bucket) | given back | the request cost nothing: a client at its route budget does not drain its main budget |
+//! | its own bucket (429) | kept | the main bucket counts every request that reached the API |
+//! | its rules: scope, environment (403) | kept | the request was authenticated and answered; a key must not hammer routes it may not use for free |
 
 use std::fmt;
 use std::sync::Arc;

@@ -67,6 +67,8 @@
 //! | --- | --- | --- |
 //! | `axum` | yes | [`Principal`] as an axum extractor; the client IP from axum's `ConnectInfo` |
 //! | `tonic` | no | the client IP from tonic's `TcpConnectInfo` |
+//! | `sqlite` | no | `store::SqlStore` on SQLite (bundled: nothing to install) |
+//! | `postgres` | no | `store::SqlStore` on PostgreSQL |
 //!
 //! # Security notes
 //!
@@ -74,7 +76,7 @@
 //! public [`key::KeyId`]), and never printed by `Debug`. Hashes are compared in constant
 //! time. `X-Forwarded-For` and `Forwarded` are read only from configured trusted proxies.
 
-#![cfg_attr(docsrs, feature(doc_auto_cfg))]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 // Library code never unwraps what a request or a caller controls; tests may.
 #![cfg_attr(
     not(test),
@@ -97,6 +99,12 @@ pub mod validate;
 
 #[cfg(feature = "axum")]
 pub mod axum;
+
+// Every Rust snippet of the README is compiled (and, unless marked `no_run`, run) as a
+// doctest.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
 
 pub use auth::{AuthLayer, AuthService};
 pub use error::ConfigError;

@@ -1,4 +1,5 @@
-//! The quickstart contract of DESIGN.md, checked against the real example binary (cargo
+//! The quickstart as the README promises it (its curl walkthrough and routes table), checked
+//! against the real example binary (cargo
 //! builds examples before it runs tests): addresses, printed keys, every route and
 //! rejection a newcomer will try with curl.
 

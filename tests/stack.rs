@@ -239,6 +239,49 @@ async fn route_cost_totals_and_own_buckets_share_one_store() {
     assert!(base.route().bucket("x", []).build().is_err());
 }
 
+/// What a refusal further in does to the token the outer layer took, on purpose:
+/// refused by the route's rate limit, the token goes back (the request cost nothing, so a
+/// client at its route budget does not drain its main one); refused by the route's rules
+/// (a scope, an environment: 403), the token stays (the request was authenticated and
+/// answered, and a key must not hammer routes it may not use for free).
+#[tokio::test]
+async fn a_route_refusal_by_its_rules_keeps_the_outer_token() {
+    let store = MemoryStore::new();
+    let reader = store
+        .issue(Owner::new("o", "o"), Environment::Live, |r| {
+            r.with_scopes(["read"])
+        })
+        .unwrap();
+    let base = Keygate::builder(store)
+        .default_quota(Quota::per_minute(nz(10)))
+        .clock(clock())
+        .build()
+        .unwrap();
+    let writes = base
+        .route()
+        .scopes(["messages:write"])
+        .cost(5)
+        .build()
+        .unwrap();
+    let nested = base.layer(writes.layer(service_fn(ok)));
+    let plain = base.layer(service_fn(ok));
+    let k = reader.expose_secret();
+    for _ in 0..3 {
+        let res = send(&nested, k).await;
+        assert_eq!(res.status(), 403);
+        assert_eq!(
+            res.headers()["x-ratelimit-limit"],
+            "10",
+            "the outer layer's numbers"
+        );
+    }
+    assert_eq!(
+        send(&plain, k).await.headers()["x-ratelimit-remaining"],
+        "6",
+        "three refused requests took one token each, this one the fourth"
+    );
+}
+
 #[tokio::test]
 async fn failed_attempts_turn_a_client_away_before_any_lookup() {
     let store = MemoryStore::new();

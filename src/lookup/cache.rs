@@ -93,35 +93,27 @@ impl<L: KeyLookup> CachedLookup<L> {
         Self::build(backend, Settings::default(), Arc::new(CoarseClock))
     }
 
-    /// A cache with the given settings.
+    /// A cache with settings of your own: capacity, TTLs, clock.
     ///
-    /// # Errors
+    /// ```
+    /// use std::time::Duration;
+    /// use keygate::lookup::CachedLookup;
+    /// use keygate::store::MemoryStore;
     ///
-    /// [`ConfigError::Zero`] when the capacity or a TTL is zero.
-    pub fn with_settings(
-        backend: L,
-        capacity: usize,
-        ttl: Duration,
-        negative_ttl: Duration,
-    ) -> Result<Self, ConfigError> {
-        if capacity == 0 {
-            return Err(ConfigError::Zero("cache capacity"));
-        }
-        if ttl.is_zero() {
-            return Err(ConfigError::Zero("cache ttl"));
-        }
-        if negative_ttl.is_zero() {
-            return Err(ConfigError::Zero("cache negative ttl"));
-        }
-        Ok(Self::build(
+    /// let cache = CachedLookup::builder(MemoryStore::new())
+    ///     .capacity(1_000_000)
+    ///     .ttl(Duration::from_secs(60))
+    ///     .negative_ttl(Duration::from_secs(2))
+    ///     .build_over_store()?; // over a KeyStore: kept honest by its changes
+    /// assert_eq!(cache.capacity(), 1_000_000);
+    /// # Ok::<_, keygate::ConfigError>(())
+    /// ```
+    pub fn builder(backend: L) -> CachedLookupBuilder<L> {
+        CachedLookupBuilder {
             backend,
-            Settings {
-                capacity,
-                ttl,
-                negative_ttl,
-            },
-            Arc::new(CoarseClock),
-        ))
+            settings: Settings::default(),
+            clock: Arc::new(CoarseClock),
+        }
     }
 
     /// Reads time from `clock` (a [`FakeClock`](crate::clock::FakeClock) in tests). Clones
@@ -149,21 +141,30 @@ impl<L: KeyLookup> CachedLookup<L> {
     /// A cache over a [`KeyStore`](crate::store::KeyStore) that the store keeps honest: every
     /// change made through the store (or its clones) in this process drops the keys it
     /// touched from the cache at once. Changes made by another process show after the TTL.
+    /// With settings of your own: [`builder`](Self::builder) and
+    /// [`build_over_store`](CachedLookupBuilder::build_over_store).
     pub fn over_store(store: L) -> Self
     where
         L: crate::store::KeyStore,
     {
         let cache = Self::new(store);
-        let weak = Arc::downgrade(&cache.inner);
+        cache.subscribe();
         cache
-            .inner
+    }
+
+    /// Registers this cache with its store's change listeners.
+    fn subscribe(&self)
+    where
+        L: crate::store::KeyStore,
+    {
+        let weak = Arc::downgrade(&self.inner);
+        self.inner
             .backend
             .on_change(Arc::new(move |hash: &KeyHash| {
                 if let Some(inner) = weak.upgrade() {
-                    inner.cache.remove(hash);
+                    inner.forget(hash);
                 }
             }));
-        cache
     }
 
     /// How long a found key is cached.
@@ -205,6 +206,83 @@ impl<L: KeyLookup> CachedLookup<L> {
     /// The backend behind the cache.
     pub fn backend(&self) -> &L {
         &self.inner.backend
+    }
+}
+
+/// Settings for a [`CachedLookup`], from [`CachedLookup::builder`].
+#[must_use]
+pub struct CachedLookupBuilder<L> {
+    backend: L,
+    settings: Settings,
+    clock: Arc<dyn Clock>,
+}
+
+impl<L> fmt::Debug for CachedLookupBuilder<L> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CachedLookupBuilder")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<L: KeyLookup> CachedLookupBuilder<L> {
+    /// The most entries kept (default 100 000). Size it to the working set: the keys in
+    /// use within a TTL.
+    pub fn capacity(mut self, capacity: usize) -> Self {
+        self.settings.capacity = capacity;
+        self
+    }
+
+    /// How long a found key is cached (default 30 s).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.settings.ttl = ttl;
+        self
+    }
+
+    /// How long an unknown key is cached (default 5 s).
+    pub fn negative_ttl(mut self, negative_ttl: Duration) -> Self {
+        self.settings.negative_ttl = negative_ttl;
+        self
+    }
+
+    /// The clock of the TTLs (a [`FakeClock`](crate::clock::FakeClock) in tests).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Builds the cache. Over a [`KeyStore`](crate::store::KeyStore), use
+    /// [`build_over_store`](Self::build_over_store), which also keeps it honest.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] when the capacity or a TTL is zero.
+    pub fn build(self) -> Result<CachedLookup<L>, ConfigError> {
+        if self.settings.capacity == 0 {
+            return Err(ConfigError::Zero("cache capacity"));
+        }
+        if self.settings.ttl.is_zero() {
+            return Err(ConfigError::Zero("cache ttl"));
+        }
+        if self.settings.negative_ttl.is_zero() {
+            return Err(ConfigError::Zero("cache negative ttl"));
+        }
+        Ok(CachedLookup::build(self.backend, self.settings, self.clock))
+    }
+
+    /// Builds the cache over a store that keeps it honest, as
+    /// [`CachedLookup::over_store`] does with the default settings.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] when the capacity or a TTL is zero.
+    pub fn build_over_store(self) -> Result<CachedLookup<L>, ConfigError>
+    where
+        L: crate::store::KeyStore,
+    {
+        let cache = self.build()?;
+        cache.subscribe();
+        Ok(cache)
     }
 }
 
@@ -398,14 +476,13 @@ mod tests {
             fail: Arc::default(),
         };
         let clock = FakeClock::new(UNIX_EPOCH + Duration::from_secs(1_000_000));
-        let cache = CachedLookup::with_settings(
-            backend.clone(),
-            1_000,
-            Duration::from_secs(30),
-            Duration::from_secs(5),
-        )
-        .unwrap()
-        .with_clock(clock.clone());
+        let cache = CachedLookup::builder(backend.clone())
+            .capacity(1_000)
+            .ttl(Duration::from_secs(30))
+            .negative_ttl(Duration::from_secs(5))
+            .clock(clock.clone())
+            .build()
+            .unwrap();
         (cache, backend, clock)
     }
 
@@ -500,13 +577,11 @@ mod tests {
     #[tokio::test]
     async fn size_stays_bounded() {
         let backend = |_: KeyHash| async { Ok::<_, BoxError>(None) };
-        let cache = CachedLookup::with_settings(
-            backend,
-            100,
-            Duration::from_secs(30),
-            Duration::from_secs(30),
-        )
-        .unwrap();
+        let cache = CachedLookup::builder(backend)
+            .capacity(100)
+            .negative_ttl(Duration::from_secs(30))
+            .build()
+            .unwrap();
         for i in 0..10_000 {
             cache.lookup(&KeyHash::of(&i.to_string())).await.unwrap();
         }
@@ -517,8 +592,42 @@ mod tests {
     fn zero_settings_are_refused() {
         let backend = |_: KeyHash| async { Ok::<_, BoxError>(None) };
         let d = Duration::from_secs(1);
-        assert!(CachedLookup::with_settings(backend, 0, d, d).is_err());
-        assert!(CachedLookup::with_settings(backend, 1, Duration::ZERO, d).is_err());
-        assert!(CachedLookup::with_settings(backend, 1, d, Duration::ZERO).is_err());
+        let b = || CachedLookup::builder(backend).ttl(d).negative_ttl(d);
+        assert!(b().capacity(0).build().is_err());
+        assert!(b().ttl(Duration::ZERO).build().is_err());
+        assert!(b().negative_ttl(Duration::ZERO).build().is_err());
+        assert!(b().capacity(1).build().is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_configured_cache_over_a_store_stays_honest() {
+        use crate::record::{Environment, Owner, Status};
+        use crate::store::{KeyStore, MemoryStore};
+
+        let store = MemoryStore::new();
+        let key = store
+            .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+            .unwrap();
+        let id = store
+            .lookup_ready(&key.hash())
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .id
+            .clone();
+        let cache = CachedLookup::builder(store.clone())
+            .capacity(10)
+            .ttl(Duration::from_secs(3600))
+            .build_over_store()
+            .unwrap();
+        let record = cache.lookup(&key.hash()).await.unwrap().unwrap();
+        assert_eq!(record.status, Status::Active);
+        store.set_status(&id, Status::Disabled).await.unwrap();
+        let record = cache.lookup(&key.hash()).await.unwrap().unwrap();
+        assert_eq!(
+            record.status,
+            Status::Disabled,
+            "the change reached the cache"
+        );
     }
 }

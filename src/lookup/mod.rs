@@ -52,7 +52,7 @@
 
 mod cache;
 
-pub use cache::{CachedFuture, CachedLookup};
+pub use cache::{CachedFuture, CachedLookup, CachedLookupBuilder};
 
 use std::future::Future;
 use std::sync::Arc;

@@ -179,7 +179,7 @@ texts! {
     SiteNotAllowed => "site_not_allowed", "The API key may not be used for this site.";
     InsufficientScope => "insufficient_scope", "The API key lacks a scope this route requires.";
     EnvironmentMismatch => "environment_mismatch", "The API key's environment does not match this route.";
-    RateLimited => "rate_limited", "Too many requests for this API key; retry later.";
+    RateLimited => "rate_limited", "Too many requests; retry later.";
     TooManyFailedAttempts => "too_many_failed_attempts", "Too many invalid API keys from this client; retry later.";
     AuthUnavailable => "auth_unavailable", "Authentication is temporarily unavailable; retry later.";
 }

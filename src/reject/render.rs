@@ -74,13 +74,15 @@ pub struct JsonEnvelope;
 impl Renderer for JsonEnvelope {
     fn render(&self, rejection: &Rejection) -> Response<Bytes> {
         let body = match rejection.rate_limit() {
-            Some(info) => Bytes::from(
-                serde_json::json!({
-                    "code": rejection.code(),
-                    "message": rejection.message(),
-                    "data": info,
-                })
-                .to_string(),
+            // A struct, not a JSON map: the keys come out in the documented order.
+            Some(info) => serde_json::to_vec(&Envelope {
+                code: rejection.code(),
+                message: rejection.message(),
+                data: info,
+            })
+            .map_or_else(
+                |_| Bytes::from_static(rejection.public_reason().static_envelope().as_bytes()),
+                Bytes::from,
             ),
             None => Bytes::from_static(rejection.public_reason().static_envelope().as_bytes()),
         };
@@ -90,6 +92,14 @@ impl Renderer for JsonEnvelope {
             .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         res
     }
+}
+
+/// The envelope, keys in the order `code`, `message`, `data`.
+#[derive(serde::Serialize)]
+struct Envelope<'a, D> {
+    code: &'a str,
+    message: &'a str,
+    data: D,
 }
 
 /// RFC 9457 `application/problem+json`: `type`, `title`, `status`, `detail`, and the
@@ -171,6 +181,17 @@ mod tests {
             retry_after: 2,
         };
         let res = JsonEnvelope.render(&Rejection::new(Reason::RateLimited).with_rate_limit(info));
+        let text = std::str::from_utf8(res.body()).unwrap();
+        assert!(
+            text.starts_with(r#"{"code":"rate_limited","message":"#),
+            "keys in the documented order: {text}"
+        );
+        assert!(
+            text.contains(
+                r#"","data":{"limit":60,"remaining":0,"reset":1708345200,"retry_after":2}}"#
+            ),
+            "{text}"
+        );
         let body: serde_json::Value = serde_json::from_slice(res.body()).unwrap();
         assert_eq!(body["code"], "rate_limited");
         assert_eq!(
