@@ -67,14 +67,25 @@ impl Opts {
         let mut opts = Opts::default();
         let mut iter = args.iter();
         while let Some(arg) = iter.next() {
-            if let Some(name) = arg.strip_prefix("--") {
+            if let Some(flag) = arg.strip_prefix("--") {
+                // `--name=value` or `--name value`; only the name is ever shown.
+                let (name, inline) = match flag.split_once('=') {
+                    Some((name, value)) => (name, Some(value.to_owned())),
+                    None => (flag, None),
+                };
                 if switches.contains(&name) {
+                    if inline.is_some() {
+                        return fail(format!("{} takes no value", shown_flag(name)));
+                    }
                     opts.flags.push((name.to_owned(), None));
                 } else {
-                    let value = iter
-                        .next()
-                        .ok_or_else(|| Fail(format!("--{name} needs a value"), 2))?;
-                    opts.flags.push((name.to_owned(), Some(value.clone())));
+                    let value = match inline {
+                        Some(value) => value,
+                        None => iter.next().cloned().ok_or_else(|| {
+                            Fail(format!("{} needs a value", shown_flag(name)), 2)
+                        })?,
+                    };
+                    opts.flags.push((name.to_owned(), Some(value)));
                 }
             } else {
                 opts.positional.push(arg.clone());
@@ -106,7 +117,7 @@ impl Opts {
     fn only(&self, allowed: &[&str]) -> Result<(), Fail> {
         for (name, _) in &self.flags {
             if !allowed.contains(&name.as_str()) {
-                return fail(format!("unknown option --{name}"));
+                return fail(format!("unknown option {}", shown_flag(name)));
             }
         }
         Ok(())
@@ -152,6 +163,20 @@ fn unix(time: Option<SystemTime>) -> String {
         .map_or_else(|| "-".to_owned(), |d| d.as_secs().to_string())
 }
 
+/// A free-text field for a one-line listing: as it is when it is plain, quoted and escaped
+/// (`"a\nb"`) otherwise, so that no stored text can forge lines or move the terminal.
+fn field(text: &str) -> String {
+    let plain = !text.is_empty()
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'"' && b != b'\\' && b != b',');
+    if plain {
+        text.to_owned()
+    } else {
+        format!("{text:?}")
+    }
+}
+
 fn describe(record: &KeyRecord) -> String {
     let join = |items: Vec<String>| {
         if items.is_empty() {
@@ -162,16 +187,16 @@ fn describe(record: &KeyRecord) -> String {
     };
     format!(
         "ID={} NAME={:?} PREFIX={} ENV={} STATUS={} OWNER={} SCOPES={} RATES={} IPS={} SITES={} USE_CASE={:?} EXPIRES={} CREATED={} LAST_USED={}",
-        record.id,
+        field(record.id.as_str()),
         record.name,
         KeyFormat::default().prefix(record.environment),
         record.environment,
         record.status.as_str(),
-        record.owner.as_ref().map_or("-", |o| o.name.as_str()),
-        join(record.scopes.iter().map(str::to_owned).collect()),
+        record.owner.as_ref().map_or_else(|| "-".to_owned(), |o| field(&o.name)),
+        join(record.scopes.iter().map(field).collect()),
         join(record.quotas.iter().map(ToString::to_string).collect()),
         join(record.restrictions.ips.iter().map(ToString::to_string).collect()),
-        join(record.restrictions.sites.clone()),
+        join(record.restrictions.sites.iter().map(|s| field(s)).collect()),
         record.use_case,
         unix(record.expires_at),
         unix(record.created_at),
@@ -219,6 +244,26 @@ fn looks_secret(arg: &str) -> bool {
             && run.bytes().any(|b| b.is_ascii_digit())
             && run.bytes().any(|b| b.is_ascii_alphabetic())
     })
+}
+
+/// Whether a word typed by the user may be repeated in a message: short, plain, and
+/// nothing like a secret, a URL or an assignment.
+fn safe_to_show(word: &str) -> bool {
+    !word.is_empty()
+        && word.len() <= 32
+        && word
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && !looks_secret(word)
+}
+
+/// An option's name for a message: `--name`, or a neutral phrase when the name is odd.
+fn shown_flag(name: &str) -> String {
+    if safe_to_show(name) {
+        format!("--{name}")
+    } else {
+        "an option (its name is not shown)".to_owned()
+    }
 }
 
 /// A key id as the store makes them (`key_` and base62), or a refusal that does not
@@ -273,6 +318,13 @@ fn refuse_stray_secrets(args: &[String]) -> Result<(), Fail> {
                 i + 1
             ));
         }
+        if arg.contains("://") {
+            return fail(format!(
+                "argument {} looks like a URL; a database URL goes after --database-url \
+                 (it is not shown here)",
+                i + 1
+            ));
+        }
     }
     Ok(())
 }
@@ -302,7 +354,11 @@ async fn run(args: Vec<String>) -> Result<(), Fail> {
         "verify",
     ];
     if !known.contains(&command.as_str()) {
-        return fail(format!("unknown command {command:?}; see keyctl --help"));
+        return if safe_to_show(command) {
+            fail(format!("unknown command {command:?}; see keyctl --help"))
+        } else {
+            fail("unknown command (not shown); see keyctl --help")
+        };
     }
     let store = SqlStore::connect(&url).await?;
     match command.as_str() {
@@ -481,7 +537,7 @@ async fn run(args: Vec<String>) -> Result<(), Fail> {
                 }
             }
         }
-        other => return fail(format!("unknown command {other:?}; see keyctl --help")),
+        _ => return fail("unknown command; see keyctl --help"),
     }
     Ok(())
 }

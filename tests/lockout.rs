@@ -3,6 +3,7 @@
 //! cannot be learned. Each test here failed on the lockout as it was first written.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
@@ -451,4 +452,36 @@ async fn an_unreadable_forwarded_hop_is_counted_under_the_proxy() {
     )
     .await;
     assert_eq!(s.status, 401, "a client named properly is its own");
+}
+
+/// A client that drops its requests while their lookups are in flight (a disconnect) does
+/// not get its attempts back: else disconnecting would make every guess free. A lookup the
+/// store fails to answer, on the other hand, is given back (see `tests/hunt_lockout.rs`).
+#[tokio::test]
+async fn dropping_requests_mid_lookup_does_not_give_attempts_back() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&calls);
+    let never = move |_: KeyHash| {
+        c.fetch_add(1, Ordering::SeqCst);
+        std::future::pending::<Result<Option<Arc<KeyRecord>>, BoxError>>()
+    };
+    let mut svc = Keygate::builder(never)
+        .failed_attempts(Some(Quota::per_minute(nz(5))))
+        .clock(clock())
+        .build()
+        .unwrap()
+        .layer(service_fn(ok));
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    for _ in 0..50 {
+        let mut future =
+            std::pin::pin!(svc.call(req(unknown().expose_secret(), Some("198.51.100.77:1"), &[])));
+        // Polled once (the lookup starts), then dropped: the client went away.
+        let _ = future.as_mut().poll(&mut cx);
+    }
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        5,
+        "five lookups, then turned away"
+    );
 }

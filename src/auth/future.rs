@@ -63,6 +63,8 @@ pin_project! {
         gate: Arc<Gate<L>>,
         rules: Arc<Rules>,
         hash: KeyHash,
+        // What the lockout took before the lookup. Dropped unsettled (the client went
+        // away), it stays taken: else disconnecting would make every guess free.
         attempt: Attempt,
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use http::{Request, Response, StatusCode};
 
-use super::lockout::{Client, Lockout};
+use super::lockout::{Lockout, Taken};
 use crate::bypass::{Bypass, CorsPreflight, RequestHead};
 use crate::clock::Clock;
 use crate::extract::{ExtractError, Extractor};
@@ -52,8 +52,10 @@ impl<L> fmt::Debug for Gate<L> {
 pub(crate) enum Attempt {
     /// Nothing: the lockout is off, or the key was known good.
     Free,
-    /// One attempt, from this client.
-    Charged(Client),
+    /// One attempt: kept when the store says the key is not usable (and when the client
+    /// drops the request before the answer: else disconnecting would be a free guess),
+    /// given back otherwise.
+    Charged(Taken),
 }
 
 /// What happens to a request the bypass predicate lets through.
@@ -86,6 +88,11 @@ impl<L: KeyLookup> Gate<L> {
             validate::check_route(record, rules)
                 .map_err(|reason| Rejection::new(reason).with_key_id(record.id.clone())),
         )
+    }
+
+    /// Marks the headers that may carry a key as sensitive (see [`mark_sensitive`]).
+    pub(crate) fn mark_sensitive<B>(&self, req: &mut Request<B>) {
+        mark_sensitive(req, &self.extractor);
     }
 
     /// Whether the request needs no key, and where it goes then.
@@ -145,8 +152,7 @@ impl<L: KeyLookup> Gate<L> {
             return Ok(Attempt::Free);
         }
         let client = lockout.client(&self.client_ip, &RequestHead::of(req));
-        lockout.charge(client)?;
-        Ok(Attempt::Charged(client))
+        Ok(Attempt::Charged(lockout.charge(client)?))
     }
 
     /// Whether a refusal reads `invalid_api_key` to the client: it counts as a failed
@@ -173,6 +179,10 @@ impl<L: KeyLookup> Gate<L> {
                 return Err(self.failed(Rejection::new(Reason::InvalidApiKey), hash, req, attempt))
             }
             Err(error) => {
+                // Store trouble is no invalid key: the attempt goes back. (At most the
+                // quota of lookups are in flight per client, so a slow store cannot be
+                // flooded through this either.)
+                self.usable(hash, attempt, false);
                 let error: BoxError = error.into();
                 tracing::warn!(target: "keygate", error = %error, "key lookup failed");
                 return Err(Rejection::new(Reason::AuthUnavailable));
@@ -208,12 +218,12 @@ impl<L: KeyLookup> Gate<L> {
         Ok(())
     }
 
-    /// A key that is no guess: the attempt it took goes back, and a key found valid by a
-    /// lookup is remembered as known good.
+    /// A key that is no guess (or a lookup that did not answer): the attempt it took goes
+    /// back, and a key found valid by a lookup is remembered as known good.
     fn usable(&self, hash: &KeyHash, attempt: Attempt, remember: bool) {
         let Some(lockout) = &self.lockout else { return };
-        if let Attempt::Charged(client) = attempt {
-            lockout.refund(client);
+        if let Attempt::Charged(taken) = attempt {
+            lockout.give_back(taken);
         }
         if remember {
             lockout.remember(hash);
@@ -247,7 +257,7 @@ impl<L: KeyLookup> Gate<L> {
         }
         let client = lockout.client(&self.client_ip, &RequestHead::of(req));
         match lockout.charge(client) {
-            Ok(()) => rejection,
+            Ok(_) => rejection,
             Err(turned_away) => turned_away,
         }
     }

@@ -1,6 +1,7 @@
 //! The failed-attempt lockout, all of it: whom failures count against, the budget taken
-//! before a lookup and given back for usable keys, the known-good keys that pass a
-//! turned-away address. The policy is described in the [auth module docs](super).
+//! before a lookup and given back for usable keys and for lookups the store did not
+//! answer, the known-good keys that pass a turned-away address. The policy is described in
+//! the [auth module docs](super).
 
 use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,50 +10,102 @@ use std::sync::Arc;
 use crate::bypass::RequestHead;
 use crate::clock::Clock;
 use crate::key::KeyHash;
-use crate::ratelimit::{MemoryLimiter, Quota};
+use crate::ratelimit::{LimiterError, MemoryLimiter, Quota};
 use crate::reject::{Reason, Rejection};
 use crate::validate::{ClientIp, Walk};
 
 /// The most keys the lockout remembers as known good.
 pub(crate) const KNOWN_GOOD_CAPACITY: usize = 100_000;
 
-/// Whom failures are counted against.
+/// How many times a client's quota an IPv6 /48, or the overflow bucket, may spend.
+const WIDE: u32 = 16;
+
+/// One bucket of the lockout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum Client {
-    /// An IPv4 address, or an IPv6 /64 (one host commonly holds a whole /64, and could
-    /// otherwise rotate through it).
-    Ip(IpAddr),
+enum Scope {
+    /// An IPv4 address, or an IPv6 /64 (one host commonly holds a whole /64).
+    Host(IpAddr),
+    /// An IPv6 /48 (one site), with a wider budget: rotating through the /64s of a site
+    /// does not multiply its budget.
+    Site(Ipv6Addr),
     /// Every request whose client and proxy addresses are both unknown.
     Unknown,
+}
+
+/// Whom this request's failures count against: its host and, for IPv6, its site.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Client {
+    host: Scope,
+    site: Option<Scope>,
+}
+
+fn masked(v6: Ipv6Addr, bits: u32) -> Ipv6Addr {
+    Ipv6Addr::from(u128::from(v6) & !(u128::MAX >> bits))
 }
 
 impl Client {
     fn of(ip: IpAddr) -> Self {
         match ip {
-            IpAddr::V6(v6) => {
-                let bits = u128::from(v6) & !((1u128 << 64) - 1);
-                Self::Ip(IpAddr::V6(Ipv6Addr::from(bits)))
-            }
-            v4 => Self::Ip(v4),
+            IpAddr::V6(v6) => Self {
+                host: Scope::Host(IpAddr::V6(masked(v6, 64))),
+                site: Some(Scope::Site(masked(v6, 48))),
+            },
+            v4 => Self {
+                host: Scope::Host(v4),
+                site: None,
+            },
         }
     }
+
+    const UNKNOWN: Self = Self {
+        host: Scope::Unknown,
+        site: None,
+    };
+}
+
+/// The buckets one charge took, so that exactly those can be given back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Taken {
+    scopes: [Option<Scope>; 2],
+    overflow: bool,
 }
 
 /// The lockout state of one layer (shared by its clones and route variants).
 pub(crate) struct Lockout {
-    limiter: MemoryLimiter<Client>,
-    quota: [Quota; 1],
+    limiter: MemoryLimiter<Scope>,
+    /// Where clients are counted when `limiter` tracks as many as it may: one bucket, so
+    /// it never fills up itself.
+    overflow: MemoryLimiter<()>,
+    host: [Quota; 1],
+    wide: [Quota; 1],
     known_good: quick_cache::sync::Cache<KeyHash, ()>,
     warned: AtomicBool,
+    warned_full: AtomicBool,
 }
 
 impl Lockout {
     pub(crate) fn new(quota: Quota, clock: Arc<dyn Clock>) -> Self {
+        Self::tracking(quota, clock, crate::ratelimit::DEFAULT_MAX_BUCKETS)
+    }
+
+    fn tracking(quota: Quota, clock: Arc<dyn Clock>, most: usize) -> Self {
+        let limiter = MemoryLimiter::new().with_clock(Arc::clone(&clock));
+        let limiter = limiter.clone().with_max_buckets(most).unwrap_or(limiter);
+        let wide = Quota::new(
+            quota
+                .capacity()
+                .saturating_mul(crate::ratelimit::nonzero(WIDE)),
+            quota.period(),
+        )
+        .unwrap_or(quota);
         Self {
-            limiter: MemoryLimiter::new().with_clock(clock),
-            quota: [quota],
+            limiter,
+            overflow: MemoryLimiter::new().with_clock(clock),
+            host: [quota],
+            wide: [wide],
             known_good: quick_cache::sync::Cache::new(KNOWN_GOOD_CAPACITY),
             warned: AtomicBool::new(false),
+            warned_full: AtomicBool::new(false),
         }
     }
 
@@ -71,10 +124,11 @@ impl Lockout {
                 self.warn_once(
                     "the failed-attempt limiter cannot learn the client IP (no peer address \
                      in the request): failed attempts of all such requests are counted \
-                     together; serve axum with `into_make_service_with_connect_info`, enable \
-                     the `tonic` feature, or insert `keygate::validate::PeerAddr`",
+                     together. axum: serve with `into_make_service_with_connect_info`; tonic \
+                     over TCP: keygate's `tonic` feature; tonic over TLS and hyper: insert \
+                     `keygate::validate::PeerAddr`",
                 );
-                Client::Unknown
+                Client::UNKNOWN
             }
         }
     }
@@ -85,28 +139,78 @@ impl Lockout {
         }
     }
 
-    /// Takes one attempt from `client`'s budget.
+    /// Takes one attempt from `client`'s budget: from its site first (a refusal there
+    /// creates nothing for the host), then from the host.
     ///
     /// # Errors
     ///
-    /// 429 `too_many_failed_attempts` when none is left; 503 `auth_unavailable` when the
-    /// limiter tracks as many clients as it can (it fails closed).
-    pub(crate) fn charge(&self, client: Client) -> Result<(), Rejection> {
-        match self.limiter.decide(&client, &self.quota, 1) {
-            Ok(decision) if decision.allowed => Ok(()),
-            Ok(decision) => {
-                Err(Rejection::new(Reason::TooManyFailedAttempts).with_rate_limit(decision.info()))
+    /// 429 `too_many_failed_attempts` when the budget is spent; 503 `auth_unavailable` when
+    /// not even the overflow bucket can take it (an attacker holding a million addresses).
+    pub(crate) fn charge(&self, client: Client) -> Result<Taken, Rejection> {
+        let mut taken = Taken {
+            scopes: [None, None],
+            overflow: false,
+        };
+        let levels = [
+            client.site.map(|site| (site, &self.wide)),
+            Some((client.host, &self.host)),
+        ];
+        for (i, (scope, quota)) in levels.into_iter().flatten().enumerate() {
+            match self.limiter.decide(&scope, quota, 1) {
+                Ok(decision) if decision.allowed => {
+                    if let Some(slot) = taken.scopes.get_mut(i) {
+                        *slot = Some(scope);
+                    }
+                }
+                Ok(decision) => {
+                    self.give_back(taken);
+                    return Err(Rejection::new(Reason::TooManyFailedAttempts)
+                        .with_rate_limit(decision.info()));
+                }
+                Err(LimiterError::Full) if taken.scopes.iter().any(Option::is_some) => {
+                    // The host cannot be tracked, its site is: the site's budget bounds it.
+                    return Ok(taken);
+                }
+                Err(_) => return self.charge_overflow(taken),
             }
-            Err(error) => {
-                tracing::warn!(target: "keygate", error = %error, "failed-attempt limiter cannot track the client");
+        }
+        Ok(taken)
+    }
+
+    /// At the limiter's cap, a client that cannot be tracked is counted in one overflow
+    /// bucket shared by all such clients.
+    fn charge_overflow(&self, mut taken: Taken) -> Result<Taken, Rejection> {
+        if !self.warned_full.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                target: "keygate",
+                "the failed-attempt limiter tracks as many clients as it may: new clients are \
+                 counted together until buckets refill"
+            );
+        }
+        match self.overflow.decide(&(), &self.wide, 1) {
+            Ok(decision) if decision.allowed => {
+                taken.overflow = true;
+                Ok(taken)
+            }
+            _ => {
+                self.give_back(taken);
                 Err(Rejection::new(Reason::AuthUnavailable))
             }
         }
     }
 
-    /// Gives back an attempt taken by [`charge`](Self::charge).
-    pub(crate) fn refund(&self, client: Client) {
-        self.limiter.refund(&client, &self.quota, 1);
+    /// Gives back what [`charge`](Self::charge) took.
+    pub(crate) fn give_back(&self, taken: Taken) {
+        for scope in taken.scopes.into_iter().flatten() {
+            let quota = match scope {
+                Scope::Site(_) => &self.wide,
+                Scope::Host(_) | Scope::Unknown => &self.host,
+            };
+            self.limiter.refund(&scope, quota, 1);
+        }
+        if taken.overflow {
+            self.overflow.refund(&(), &self.wide, 1);
+        }
     }
 
     /// Whether a lookup found this key usable before.
@@ -122,5 +226,105 @@ impl Lockout {
     /// Forgets a key found unusable.
     pub(crate) fn forget(&self, hash: &KeyHash) {
         self.known_good.remove(hash);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use super::*;
+    use crate::clock::FakeClock;
+
+    fn lockout(n: u32) -> Lockout {
+        let clock = FakeClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        Lockout::new(
+            Quota::per_minute(crate::ratelimit::nonzero(n)),
+            Arc::new(clock),
+        )
+    }
+
+    fn v6(text: &str) -> Client {
+        Client::of(text.parse().unwrap())
+    }
+
+    #[test]
+    fn a_slash_48_cannot_multiply_its_budget_by_rotating_slash_64s() {
+        let l = lockout(2);
+        let mut admitted = 0;
+        for i in 0..1000u32 {
+            let client = v6(&format!("2001:db8:1:{:x}::1", i % 0xffff));
+            if l.charge(client).is_ok() {
+                admitted += 1;
+            }
+        }
+        assert_eq!(
+            admitted,
+            2 * WIDE,
+            "the site's budget, not 1000 hosts' budgets"
+        );
+        // Another site is untouched.
+        assert!(l.charge(v6("2001:db8:2::1")).is_ok());
+    }
+
+    #[test]
+    fn a_refusal_gives_back_what_the_wider_level_took() {
+        let l = lockout(2);
+        let host = v6("2001:db8:1:1::1");
+        assert!(l.charge(host).is_ok());
+        assert!(l.charge(host).is_ok());
+        for _ in 0..50 {
+            assert!(l.charge(host).is_err(), "host spent");
+        }
+        // The refused attempts did not spend the site's budget: other hosts of the site
+        // still have 2 * WIDE - 2 between them.
+        let mut others = 0;
+        for i in 2..100u32 {
+            if l.charge(v6(&format!("2001:db8:1:{i:x}::1"))).is_ok() {
+                others += 1;
+            }
+        }
+        assert_eq!(others, 2 * WIDE - 2);
+    }
+
+    /// At the cap, a host that cannot be tracked is bounded by its site's budget (IPv6), or
+    /// counted with every other untracked client in the overflow bucket; never let off.
+    #[test]
+    fn at_the_cap_clients_are_counted_coarser_not_refused_outright() {
+        let clock = FakeClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
+        let l = Lockout::tracking(
+            Quota::per_minute(crate::ratelimit::nonzero(1)),
+            Arc::new(clock),
+            4,
+        );
+        // Fill the tracking with four IPv4 hosts.
+        for i in 1..=4 {
+            let host = Client::of(format!("198.51.100.{i}").parse().unwrap());
+            assert!(l.charge(host).is_ok());
+        }
+        // A new host: counted in the overflow bucket (16 a minute), then refused with 503.
+        let mut admitted = 0;
+        let mut refusals = Vec::new();
+        for i in 0..40 {
+            let host = Client::of(format!("203.0.113.{i}").parse().unwrap());
+            match l.charge(host) {
+                Ok(_) => admitted += 1,
+                Err(r) => refusals.push(r.reason()),
+            }
+        }
+        assert_eq!(admitted, WIDE);
+        assert!(refusals.iter().all(|r| *r == Reason::AuthUnavailable));
+    }
+
+    #[test]
+    fn refunds_are_exact() {
+        let l = lockout(1);
+        let client = v6("2001:db8:9::1");
+        let taken = l.charge(client).unwrap();
+        let refused = l.charge(client).unwrap_err();
+        assert_eq!(refused.reason(), Reason::TooManyFailedAttempts);
+        l.give_back(taken);
+        assert!(l.charge(client).is_ok());
+        assert!(l.charge(client).is_err());
     }
 }

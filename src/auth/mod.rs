@@ -44,15 +44,20 @@
 //! # Failed attempts
 //!
 //! With [`AuthBuilder::failed_attempts`] (on by default in [`Keygate`](crate::Keygate), 20 a
-//! minute), a client (an IPv4 address, an IPv6 /64) that sends too many invalid keys is
-//! turned away with 429 `too_many_failed_attempts` before its keys reach the lookup.
+//! minute), a client that sends too many invalid keys is turned away with 429
+//! `too_many_failed_attempts` before its keys reach the lookup.
 //!
+//! - **Whom it counts.** An IPv4 address, or an IPv6 /64 (one host commonly holds a whole
+//!   /64). An IPv6 /48 (one site) has a budget of its own, sixteen times a host's, charged
+//!   first: rotating through the /64s of a site does not multiply its budget.
 //! - **The budget is taken before the lookup.** A key the layer cannot answer at once (a
 //!   cache miss) takes one attempt from its client's budget first; a client without one
-//!   left gets 429 and no lookup. A key that turns out usable gives its attempt back. So
-//!   however concurrent a burst of made-up keys, at most the quota of them reaches the
-//!   store. A key answered at once (a cache hit, an in-memory store) costs an attempt only
-//!   when it is refused.
+//!   left gets 429 and no lookup. The attempt goes back when the key turns out usable, and
+//!   when the store fails to answer (an error or a timeout is a 503, never an invalid key).
+//!   A request dropped by its client before the answer keeps it: else disconnecting would
+//!   make every guess free. So however concurrent a burst of made-up keys, at most the
+//!   quota of them is in flight to the store per client. A key answered at once (a cache
+//!   hit, an in-memory store) costs an attempt only when it is refused.
 //! - **Every refusal that reads `invalid_api_key` counts**, whatever stands behind it
 //!   (unknown, malformed, deleted, revoked; with opaque errors also expired, disabled and
 //!   owner-inactive keys), and a turned-away client gets the same 429 for all of them: the
@@ -70,8 +75,15 @@
 //!   `X-Forwarded-For: unknown`), the layer warns once at `warn` level and counts such
 //!   requests together: under the nearest trusted proxy's address, or, without any peer
 //!   address, in one bucket for all of them. Give the layer the peer address: axum's
-//!   `into_make_service_with_connect_info::<SocketAddr>()`, keygate's `tonic` feature, or
-//!   [`PeerAddr`](crate::validate::PeerAddr) inserted per connection (hyper).
+//!   `into_make_service_with_connect_info::<SocketAddr>()`, keygate's `tonic` feature (tonic
+//!   over TCP), or [`PeerAddr`](crate::validate::PeerAddr) inserted per connection (hyper;
+//!   tonic over TLS, whose `TlsConnectInfo` keygate does not read).
+//! - **Bounded memory.** The lockout tracks at most 1 000 000 clients. A client it cannot
+//!   track any more is bounded by its /48's budget (IPv6) or counted, with every other such
+//!   client, in one overflow bucket (sixteen times a host's budget); past that, 503
+//!   `auth_unavailable` until buckets refill. Reaching that state takes a million distinct
+//!   IPv4 addresses or /48s each failing within the refill time (some 333 000 requests a
+//!   second at 20 a minute); cached and known-good keys are never affected.
 //! - A missing key or two different keys are not counted (there is nothing to guess with).
 //!
 //! # CORS preflights

@@ -75,7 +75,11 @@ where
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let gate = &*self.gate;
         match gate.bypasses(&req) {
-            Some(Pass::Inner) => return ResponseFuture::inner(self.inner.call(req)),
+            Some(Pass::Inner) => {
+                // A client that sends its key everywhere sends it to /swagger too.
+                gate.mark_sensitive(&mut req);
+                return ResponseFuture::inner(self.inner.call(req));
+            }
             Some(Pass::Preflight) => return ResponseFuture::rejected(gate.preflight()),
             None => {}
         }

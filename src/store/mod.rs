@@ -146,11 +146,73 @@ impl NewKey {
     }
 
     pub(crate) fn check(&self) -> Result<(), StoreError> {
-        if self.name.trim().is_empty() {
-            return Err(StoreError::invalid("name", "it must not be empty"));
-        }
+        check_name(&self.name)?;
+        check_text("description", &self.description, true)?;
+        check_text("use case", &self.use_case, false)?;
+        check_scopes(&self.scopes)?;
+        check_restrictions(&self.restrictions)?;
         check_quotas(&self.quotas)
     }
+}
+
+/// The longest name, scope or site a store takes, in bytes.
+const MAX_WORD: usize = 128;
+/// The longest free text (a description) a store takes, in bytes.
+const MAX_TEXT: usize = 4096;
+
+fn check_name(name: &str) -> Result<(), StoreError> {
+    if name.trim().is_empty() {
+        return Err(StoreError::invalid("name", "it must not be empty"));
+    }
+    check_text("name", name, false)
+}
+
+/// Free text: bounded, and no control characters (a newline only where `lines` allows it),
+/// so that nothing a key's owner writes can forge lines or escape sequences wherever the
+/// record is shown (keyctl, logs, a dashboard).
+fn check_text(field: &'static str, text: &str, lines: bool) -> Result<(), StoreError> {
+    let most = if lines { MAX_TEXT } else { MAX_WORD * 2 };
+    if text.len() > most {
+        return Err(StoreError::invalid(field, format!("at most {most} bytes")));
+    }
+    if text
+        .chars()
+        .any(|c| c.is_control() && !(lines && (c == '\n' || c == '\t')))
+    {
+        return Err(StoreError::invalid(
+            field,
+            "control characters are not allowed",
+        ));
+    }
+    Ok(())
+}
+
+/// A scope or a site: one word of visible ASCII.
+fn check_word(field: &'static str, word: &str) -> Result<(), StoreError> {
+    if word.is_empty() || word.len() > MAX_WORD {
+        return Err(StoreError::invalid(
+            field,
+            format!("1 to {MAX_WORD} bytes each"),
+        ));
+    }
+    if !word.bytes().all(|b| b.is_ascii_graphic() && b != b',') {
+        return Err(StoreError::invalid(
+            field,
+            "visible ASCII only, no spaces or commas",
+        ));
+    }
+    Ok(())
+}
+
+fn check_scopes(scopes: &Scopes) -> Result<(), StoreError> {
+    scopes.iter().try_for_each(|s| check_word("scope", s))
+}
+
+fn check_restrictions(restrictions: &Restrictions) -> Result<(), StoreError> {
+    restrictions
+        .sites
+        .iter()
+        .try_for_each(|s| check_word("site", s))
 }
 
 fn check_quotas(quotas: &[Quota]) -> Result<(), StoreError> {
@@ -201,8 +263,17 @@ impl KeyUpdate {
         if self.expires_at.is_some() {
             return Err(StoreError::Immutable("expiry"));
         }
-        if self.name.as_ref().is_some_and(|n| n.trim().is_empty()) {
-            return Err(StoreError::invalid("name", "it must not be empty"));
+        if let Some(name) = &self.name {
+            check_name(name)?;
+        }
+        if let Some(description) = &self.description {
+            check_text("description", description, true)?;
+        }
+        if let Some(scopes) = &self.scopes {
+            check_scopes(scopes)?;
+        }
+        if let Some(restrictions) = &self.restrictions {
+            check_restrictions(restrictions)?;
         }
         if let Some(quotas) = &self.quotas {
             check_quotas(quotas)?;
@@ -419,6 +490,7 @@ pub(crate) fn new_owner(
     if name.trim().is_empty() {
         return Err(StoreError::invalid("owner name", "it must not be empty"));
     }
+    check_text("owner name", name, false)?;
     let password = password.map(password::hash).transpose()?;
     let id = KeyId::generate()?.as_str().replacen("key_", "own_", 1);
     Ok((Owner::new(id, name), password))

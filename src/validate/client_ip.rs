@@ -13,7 +13,10 @@ static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// The connection's peer address, for servers whose own connection info keygate does not
 /// read: put it into the request extensions (hyper: once per connection). axum's
 /// `ConnectInfo<SocketAddr>` (feature `axum`) and tonic's `TcpConnectInfo` (feature `tonic`)
-/// are read without it.
+/// are read without it. tonic over TLS puts a `TlsConnectInfo<TcpConnectInfo>` in the
+/// request instead, which keygate does not read (it would tie the `tonic` feature to a TLS
+/// stack): copy its `get_ref().remote_addr()` into a `PeerAddr` in a `map_request` layer,
+/// as `examples/grpc.rs` does for TCP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAddr(pub SocketAddr);
 
@@ -145,20 +148,26 @@ pub(crate) enum Walk {
 }
 
 /// The comma-separated elements of every instance of `name`, rightmost first, each mapped
-/// by `element` (`None` = unreadable).
+/// by `element` (`None` = unreadable). Each element is read on its own, so bytes a client
+/// put on the left of a line (even bytes that are not text) never spoil the hops that
+/// trusted proxies appended on its right.
 fn hops_from_right<'a>(
     head: &RequestHead<'a>,
     name: &HeaderName,
     element: fn(&'a str) -> Option<&'a str>,
 ) -> impl Iterator<Item = Option<&'a str>> + 'a {
-    let values: Vec<&'a http::HeaderValue> = head.headers.get_all(name).iter().collect();
-    values.into_iter().rev().flat_map(move |value| {
-        let parts: Box<dyn Iterator<Item = Option<&'a str>>> = match value.to_str() {
-            Ok(text) => Box::new(text.rsplit(',').map(str::trim).map(element)),
-            Err(_) => Box::new(std::iter::once(None)),
-        };
-        parts
-    })
+    head.headers
+        .get_all(name)
+        .iter()
+        .rev()
+        .flat_map(move |value| {
+            value.as_bytes().rsplit(|b| *b == b',').map(move |part| {
+                std::str::from_utf8(part)
+                    .ok()
+                    .map(|text| text.trim_matches([' ', '\t']))
+                    .and_then(element)
+            })
+        })
 }
 
 /// The `for=` parameter of one `Forwarded` element.

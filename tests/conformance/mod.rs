@@ -193,7 +193,48 @@ async fn bad_input_writes_nothing<S: KeyStore>(store: &S, _: &S, _: &FakeClock) 
             ..
         })
     ));
-    assert!(store.list("ada", Page::default()).await.unwrap().is_empty());
+    // Nothing that could forge lines or escape sequences where a record is shown.
+    let forged = "x\nID=key_forged STATUS=active\n\u{1b}[2K";
+    type Edit<'a> = Box<dyn Fn(&mut NewKey) + 'a>;
+    let edits: [(&str, Edit); 6] = [
+        ("name", Box::new(|k| k.name = forged.into())),
+        (
+            "description",
+            Box::new(|k| k.description = "a\u{1b}[2Kb".into()),
+        ),
+        ("use case", Box::new(|k| k.use_case = forged.into())),
+        ("scope", Box::new(|k| k.scopes = Scopes::from([forged]))),
+        (
+            "scope",
+            Box::new(|k| k.scopes = Scopes::from(["two words"])),
+        ),
+        (
+            "site",
+            Box::new(|k| k.restrictions.sites = vec![forged.to_owned()]),
+        ),
+    ];
+    for (field, edit) in edits {
+        let mut new = NewKey::new("ada", "k", Environment::Live);
+        edit(&mut new);
+        let err = store.create(new).await.unwrap_err();
+        assert!(
+            matches!(err, StoreError::Invalid { field: f, .. } if f == field),
+            "{field}: {err}"
+        );
+    }
+    let mut multiline = NewKey::new("ada", "k", Environment::Live);
+    multiline.description = "two\nlines".into();
+    let created = store.create(multiline).await.unwrap();
+    let mut bad = KeyUpdate::default();
+    bad.restrictions = Some(Restrictions {
+        ips: vec![],
+        sites: vec![forged.to_owned()],
+    });
+    assert!(store.update(&created.record.id, bad).await.is_err());
+    assert!(store.add_owner("eve\u{1b}[2K", None).await.is_err());
+    let keys = store.list("ada", Page::default()).await.unwrap();
+    assert_eq!(keys.len(), 1, "only the valid key was written");
+    assert!(keys[0].restrictions.sites.is_empty());
 }
 
 async fn list_pages<S: KeyStore>(store: &S, _: &S, _: &FakeClock) {
