@@ -25,15 +25,28 @@ use keygate::lookup::KeyLookup;
 use keygate::ratelimit::Quota;
 use keygate::record::{Environment, KeyRecord, Restrictions, Scopes, Status};
 use keygate::reject::Reason;
-use keygate::store::{KeyStore, KeyUpdate, NewKey, Page, SqlStore};
+use keygate::store::{KeyStore, KeyUpdate, NewKey, Page, SqlStore, StoreError};
 use keygate::validate::{check, Rules};
 
 /// A failure to report: the message, and the exit status.
 struct Fail(String, u8);
 
-impl<E: std::fmt::Display> From<E> for Fail {
-    fn from(e: E) -> Self {
-        Fail(e.to_string(), 2)
+/// Store errors, told without repeating what the user typed (an owner name could be
+/// anything, a password typed in the wrong place among them).
+impl From<StoreError> for Fail {
+    fn from(e: StoreError) -> Self {
+        let message = match e {
+            StoreError::OwnerNotFound(_) => "no such owner".to_owned(),
+            StoreError::OwnerExists(_) => "an owner of that name exists already".to_owned(),
+            other => other.to_string(),
+        };
+        Fail(message, 2)
+    }
+}
+
+impl From<std::io::Error> for Fail {
+    fn from(e: std::io::Error) -> Self {
+        Fail(format!("cannot read stdin: {e}"), 2)
     }
 }
 
@@ -134,7 +147,15 @@ impl Opts {
 fn quotas(opts: &Opts) -> Result<Vec<Quota>, Fail> {
     opts.all("rate")
         .into_iter()
-        .map(|r| Quota::parse(r).map_err(Fail::from))
+        .map(|r| {
+            Quota::parse(r).map_err(|_| {
+                Fail(
+                    "--rate: expected a quota such as 60/min, 10/s or 1000/hour (invalid quota)"
+                        .into(),
+                    2,
+                )
+            })
+        })
         .collect()
 }
 
@@ -143,19 +164,25 @@ fn restrictions(opts: &Opts) -> Result<Restrictions, Fail> {
         ips: opts
             .all("ip")
             .into_iter()
-            .map(|ip| Restrictions::parse_network(ip).map_err(Fail::from))
+            .map(|ip| {
+                Restrictions::parse_network(ip).map_err(|_| {
+                    Fail(
+                        "--ip: expected an address or CIDR block such as 10.0.0.0/8 (invalid IP \
+                         network)"
+                            .into(),
+                        2,
+                    )
+                })
+            })
             .collect::<Result<_, _>>()?,
         sites: opts.all("site").into_iter().map(str::to_owned).collect(),
     })
 }
 
 fn seconds(text: &str, what: &str) -> Result<Duration, Fail> {
-    text.parse::<u64>().map(Duration::from_secs).map_err(|_| {
-        Fail(
-            format!("{what} must be a whole number of seconds, got {text:?}"),
-            2,
-        )
-    })
+    text.parse::<u64>()
+        .map(Duration::from_secs)
+        .map_err(|_| Fail(format!("{what} must be a whole number of seconds"), 2))
 }
 
 fn unix(time: Option<SystemTime>) -> String {
@@ -354,11 +381,11 @@ async fn run(args: Vec<String>) -> Result<(), Fail> {
         "verify",
     ];
     if !known.contains(&command.as_str()) {
-        return if safe_to_show(command) {
-            fail(format!("unknown command {command:?}; see keyctl --help"))
-        } else {
-            fail("unknown command (not shown); see keyctl --help")
-        };
+        // Never repeated: it may be anything (half of a URL, a password).
+        return fail(format!(
+            "unknown command (not repeated); the commands are {}; see keyctl --help",
+            known.join(", ")
+        ));
     }
     let store = SqlStore::connect(&url).await?;
     match command.as_str() {
@@ -404,7 +431,12 @@ async fn run(args: Vec<String>) -> Result<(), Fail> {
             let Some(name) = opts.one("name") else {
                 return fail("create needs --name N");
             };
-            let env: Environment = opts.one("env").unwrap_or("live").parse()?;
+            let env: Environment = opts.one("env").unwrap_or("live").parse().map_err(|_| {
+                Fail(
+                    "--env: expected live or test (unknown environment)".into(),
+                    2,
+                )
+            })?;
             let mut new = NewKey::new(owner, name, env);
             new.description = opts.one("description").unwrap_or_default().to_owned();
             new.use_case = opts.one("use-case").unwrap_or_default().to_owned();
@@ -412,7 +444,11 @@ async fn run(args: Vec<String>) -> Result<(), Fail> {
             new.quotas = quotas(&opts)?;
             new.restrictions = restrictions(&opts)?;
             if let Some(secs) = opts.one("expires-in") {
-                new.expires_at = Some(SystemTime::now() + seconds(secs, "--expires-in")?);
+                let expires = SystemTime::now().checked_add(seconds(secs, "--expires-in")?);
+                new.expires_at = Some(
+                    expires
+                        .ok_or_else(|| Fail("--expires-in is too far in the future".into(), 2))?,
+                );
             }
             let created = store.create(new).await?;
             println!("KEY={}", created.secret.expose_secret());

@@ -221,7 +221,7 @@ fn session(url: &str) {
     let bad: &[(&[&str], &str)] = &[
         (
             &["create", "--owner", "ghost-owner", "--name", "x"],
-            "no owner named",
+            "no such owner",
         ),
         (&["show", "key_doesnotexist"], "no key with id"),
         (

@@ -179,13 +179,9 @@ impl<L: KeyLookup> Gate<L> {
                 return Err(self.failed(Rejection::new(Reason::InvalidApiKey), hash, req, attempt))
             }
             Err(error) => {
-                // Store trouble is no invalid key: the attempt goes back. (At most the
-                // quota of lookups are in flight per client, so a slow store cannot be
-                // flooded through this either.)
-                self.usable(hash, attempt, false);
                 let error: BoxError = error.into();
                 tracing::warn!(target: "keygate", error = %error, "key lookup failed");
-                return Err(Rejection::new(Reason::AuthUnavailable));
+                return Err(self.unanswered(req, attempt));
             }
         };
         let head = RequestHead::of(req);
@@ -218,8 +214,32 @@ impl<L: KeyLookup> Gate<L> {
         Ok(())
     }
 
-    /// A key that is no guess (or a lookup that did not answer): the attempt it took goes
-    /// back, and a key found valid by a lookup is remembered as known good.
+    /// A lookup the store did not answer: 503, and the attempt it took goes back (store
+    /// trouble is no invalid key; at most the quota of lookups are in flight per client, so
+    /// a slow store cannot be flooded through this either). A known-good key took no
+    /// attempt: it gets what an unknown key would get from this client now, a 429 when the
+    /// client is turned away, so that no outage tells the two apart.
+    fn unanswered<B>(&self, req: &Request<B>, attempt: Attempt) -> Rejection {
+        let unavailable = Rejection::new(Reason::AuthUnavailable);
+        let Some(lockout) = &self.lockout else {
+            return unavailable;
+        };
+        let taken = match attempt {
+            Attempt::Charged(taken) => taken,
+            Attempt::Free => {
+                let client = lockout.client(&self.client_ip, &RequestHead::of(req));
+                match lockout.charge(client) {
+                    Ok(taken) => taken,
+                    Err(turned_away) => return turned_away,
+                }
+            }
+        };
+        lockout.give_back(taken);
+        unavailable
+    }
+
+    /// A key that is no guess: the attempt it took goes back, and a key found valid by a
+    /// lookup is remembered as known good.
     fn usable(&self, hash: &KeyHash, attempt: Attempt, remember: bool) {
         let Some(lockout) = &self.lockout else { return };
         if let Attempt::Charged(taken) = attempt {

@@ -20,6 +20,19 @@ pub(crate) const KNOWN_GOOD_CAPACITY: usize = 100_000;
 /// How many times a client's quota an IPv6 /48, or the overflow bucket, may spend.
 const WIDE: u32 = 16;
 
+/// Where a client is counted when the lockout tracks as many clients as it may: an IPv4
+/// /16, an IPv6 /32, or the unknown. A bounded number of these (see [`COARSE_CAPACITY`]), so
+/// that an attacker filling the tracking starves only its own corner of the address space.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Coarse {
+    V4(u16),
+    V6(u32),
+    Unknown,
+}
+
+/// The most coarse buckets tracked.
+const COARSE_CAPACITY: usize = 65_536;
+
 /// One bucket of the lockout.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Scope {
@@ -32,27 +45,44 @@ enum Scope {
     Unknown,
 }
 
-/// Whom this request's failures count against: its host and, for IPv6, its site.
+/// Whom this request's failures count against: its host and, for IPv6, its site; and
+/// where it is counted if it cannot be tracked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Client {
     host: Scope,
     site: Option<Scope>,
+    coarse: Coarse,
 }
 
 fn masked(v6: Ipv6Addr, bits: u32) -> Ipv6Addr {
     Ipv6Addr::from(u128::from(v6) & !(u128::MAX >> bits))
 }
 
+/// RFC 6052's well-known NAT64 prefix, `64:ff9b::/96`: IPv4 clients of an IPv6-only
+/// server behind a NAT64 or SIIT translator arrive as `64:ff9b::a.b.c.d`.
+const NAT64: u128 = 0x0064_ff9b_0000_0000_0000_0000_0000_0000;
+
 impl Client {
     fn of(ip: IpAddr) -> Self {
+        // An IPv4 client seen through IPv6 (mapped, or translated by NAT64) is that IPv4
+        // client: else every IPv4 client of an IPv6-only server would be one /64.
+        let ip = match ip {
+            IpAddr::V6(v6) if u128::from(v6) >> 32 == NAT64 >> 32 => {
+                IpAddr::V4(std::net::Ipv4Addr::from(u128::from(v6) as u32))
+            }
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
         match ip {
             IpAddr::V6(v6) => Self {
                 host: Scope::Host(IpAddr::V6(masked(v6, 64))),
                 site: Some(Scope::Site(masked(v6, 48))),
+                coarse: Coarse::V6((u128::from(v6) >> 96) as u32),
             },
-            v4 => Self {
-                host: Scope::Host(v4),
+            IpAddr::V4(v4) => Self {
+                host: Scope::Host(IpAddr::V4(v4)),
                 site: None,
+                coarse: Coarse::V4((u32::from(v4) >> 16) as u16),
             },
         }
     }
@@ -60,6 +90,7 @@ impl Client {
     const UNKNOWN: Self = Self {
         host: Scope::Unknown,
         site: None,
+        coarse: Coarse::Unknown,
     };
 }
 
@@ -67,15 +98,14 @@ impl Client {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Taken {
     scopes: [Option<Scope>; 2],
-    overflow: bool,
+    overflow: Option<Coarse>,
 }
 
 /// The lockout state of one layer (shared by its clones and route variants).
 pub(crate) struct Lockout {
     limiter: MemoryLimiter<Scope>,
-    /// Where clients are counted when `limiter` tracks as many as it may: one bucket, so
-    /// it never fills up itself.
-    overflow: MemoryLimiter<()>,
+    /// Where clients are counted when `limiter` tracks as many as it may.
+    overflow: MemoryLimiter<Coarse>,
     host: [Quota; 1],
     wide: [Quota; 1],
     known_good: quick_cache::sync::Cache<KeyHash, ()>,
@@ -100,7 +130,13 @@ impl Lockout {
         .unwrap_or(quota);
         Self {
             limiter,
-            overflow: MemoryLimiter::new().with_clock(clock),
+            overflow: {
+                let overflow = MemoryLimiter::new().with_clock(clock);
+                overflow
+                    .clone()
+                    .with_max_buckets(COARSE_CAPACITY)
+                    .unwrap_or(overflow)
+            },
             host: [quota],
             wide: [wide],
             known_good: quick_cache::sync::Cache::new(KNOWN_GOOD_CAPACITY),
@@ -145,11 +181,11 @@ impl Lockout {
     /// # Errors
     ///
     /// 429 `too_many_failed_attempts` when the budget is spent; 503 `auth_unavailable` when
-    /// not even the overflow bucket can take it (an attacker holding a million addresses).
+    /// the client cannot be tracked and its coarse bucket is spent too.
     pub(crate) fn charge(&self, client: Client) -> Result<Taken, Rejection> {
         let mut taken = Taken {
             scopes: [None, None],
-            overflow: false,
+            overflow: None,
         };
         let levels = [
             client.site.map(|site| (site, &self.wide)),
@@ -171,15 +207,15 @@ impl Lockout {
                     // The host cannot be tracked, its site is: the site's budget bounds it.
                     return Ok(taken);
                 }
-                Err(_) => return self.charge_overflow(taken),
+                Err(_) => return self.charge_overflow(taken, client.coarse),
             }
         }
         Ok(taken)
     }
 
-    /// At the limiter's cap, a client that cannot be tracked is counted in one overflow
-    /// bucket shared by all such clients.
-    fn charge_overflow(&self, mut taken: Taken) -> Result<Taken, Rejection> {
+    /// At the limiter's cap, a client that cannot be tracked is counted in its coarse
+    /// bucket (its IPv4 /16 or IPv6 /32), shared with every other untracked client there.
+    fn charge_overflow(&self, mut taken: Taken, coarse: Coarse) -> Result<Taken, Rejection> {
         if !self.warned_full.swap(true, Ordering::Relaxed) {
             tracing::warn!(
                 target: "keygate",
@@ -187,9 +223,9 @@ impl Lockout {
                  counted together until buckets refill"
             );
         }
-        match self.overflow.decide(&(), &self.wide, 1) {
+        match self.overflow.decide(&coarse, &self.wide, 1) {
             Ok(decision) if decision.allowed => {
-                taken.overflow = true;
+                taken.overflow = Some(coarse);
                 Ok(taken)
             }
             _ => {
@@ -208,8 +244,8 @@ impl Lockout {
             };
             self.limiter.refund(&scope, quota, 1);
         }
-        if taken.overflow {
-            self.overflow.refund(&(), &self.wide, 1);
+        if let Some(coarse) = taken.overflow {
+            self.overflow.refund(&coarse, &self.wide, 1);
         }
     }
 
@@ -312,8 +348,29 @@ mod tests {
                 Err(r) => refusals.push(r.reason()),
             }
         }
-        assert_eq!(admitted, WIDE);
+        assert_eq!(admitted, WIDE, "203.0.0.0/16 shares one coarse bucket");
         assert!(refusals.iter().all(|r| *r == Reason::AuthUnavailable));
+        // Untracked clients elsewhere have a coarse bucket of their own.
+        let elsewhere = Client::of("192.0.2.77".parse().unwrap());
+        assert!(l.charge(elsewhere).is_ok());
+    }
+
+    #[test]
+    fn ipv4_through_ipv6_is_the_ipv4_client() {
+        for (seen, meant) in [
+            ("::ffff:203.0.113.9", "203.0.113.9"),
+            ("64:ff9b::203.0.113.9", "203.0.113.9"),
+            ("64:ff9b::c633:6407", "198.51.100.7"),
+        ] {
+            let seen = Client::of(seen.parse().unwrap());
+            assert_eq!(seen, Client::of(meant.parse().unwrap()), "{meant}");
+        }
+        // Other IPv6 addresses of the same /64 are one host; 64:ff9b:1::/48 is not NAT64's
+        // well-known /96.
+        assert_ne!(
+            Client::of("64:ff9b:1::1".parse().unwrap()),
+            Client::of("0.0.0.1".parse().unwrap())
+        );
     }
 
     #[test]

@@ -48,8 +48,12 @@
 //! `too_many_failed_attempts` before its keys reach the lookup.
 //!
 //! - **Whom it counts.** An IPv4 address, or an IPv6 /64 (one host commonly holds a whole
-//!   /64). An IPv6 /48 (one site) has a budget of its own, sixteen times a host's, charged
-//!   first: rotating through the /64s of a site does not multiply its budget.
+//!   /64). An IPv4 client seen through IPv6 (`::ffff:a.b.c.d`, or `64:ff9b::a.b.c.d` behind
+//!   a NAT64 translator) is that IPv4 address. An IPv6 /48 has a budget of its own, sixteen
+//!   times a host's, charged first: rotating through the /64s of a /48 does not multiply
+//!   its budget. The price, as with IPv4 behind carrier-grade NAT: a /48 may hold many
+//!   subscribers of one ISP, and one of them spending its budget makes the others' unseen
+//!   keys wait too (their known-good keys pass).
 //! - **The budget is taken before the lookup.** A key the layer cannot answer at once (a
 //!   cache miss) takes one attempt from its client's budget first; a client without one
 //!   left gets 429 and no lookup. The attempt goes back when the key turns out usable, and
@@ -79,11 +83,17 @@
 //!   over TCP), or [`PeerAddr`](crate::validate::PeerAddr) inserted per connection (hyper;
 //!   tonic over TLS, whose `TlsConnectInfo` keygate does not read).
 //! - **Bounded memory.** The lockout tracks at most 1 000 000 clients. A client it cannot
-//!   track any more is bounded by its /48's budget (IPv6) or counted, with every other such
-//!   client, in one overflow bucket (sixteen times a host's budget); past that, 503
-//!   `auth_unavailable` until buckets refill. Reaching that state takes a million distinct
-//!   IPv4 addresses or /48s each failing within the refill time (some 333 000 requests a
-//!   second at 20 a minute); cached and known-good keys are never affected.
+//!   track any more is bounded by its /48's budget (IPv6), or counted with every other
+//!   untracked client of its IPv4 /16 or IPv6 /32 (sixteen times a host's budget); past
+//!   that, 503 `auth_unavailable` until buckets refill. An attacker filling the tracking thus
+//!   starves only its own corners of the address space; cached and known-good keys are
+//!   never affected.
+//! - **What stays observable.** Status, headers and body never tell a deleted key from an
+//!   unknown one. One timing difference remains, on purpose: from a turned-away client, a
+//!   key this layer once found usable and that was deleted since costs one lookup before
+//!   its 429 (the layer must ask whether it is still usable), where an unknown key's 429
+//!   comes at once. It tells the holder of that very secret that it once worked; it tells
+//!   nothing about any key the prober does not hold.
 //! - A missing key or two different keys are not counted (there is nothing to guess with).
 //!
 //! # CORS preflights

@@ -16,9 +16,11 @@ use crate::key::KeyHash;
 
 /// A bounded cache in front of a [`KeyLookup`].
 ///
-/// - Found keys are kept for [`ttl`](CachedLookup::ttl) (default 30 s), unknown keys for the
-///   shorter [`negative_ttl`](CachedLookup::negative_ttl) (default 5 s): a key created a
-///   moment ago starts working within that time even in another process.
+/// - Usable keys are kept for [`ttl`](CachedLookup::ttl) (default 30 s); unknown keys, and
+///   keys that cannot be used (deleted, revoked, disabled, expired, owner inactive), for the
+///   shorter [`negative_ttl`](CachedLookup::negative_ttl) (default 5 s): a key created or
+///   switched back on a moment ago starts working within that time even in another
+///   process, and a deleted key's refusal is cached exactly as long as an unknown key's.
 /// - At most [`capacity`](CachedLookup::capacity) entries (default 100 000). Eviction is
 ///   S3-FIFO ([quick_cache]), which keeps hot keys when a flood of never-repeated keys
 ///   passes through.
@@ -312,11 +314,17 @@ impl<L: KeyLookup> Inner<L> {
     }
 
     fn entry(&self, record: Option<Arc<crate::record::KeyRecord>>, now: u64) -> Entry {
-        let ttl = if record.is_some() {
-            self.ttl
-        } else {
-            self.negative_ttl
-        };
+        // Only a key that can be used gets the long TTL. A record that cannot (deleted,
+        // revoked, disabled, expired, its owner inactive) is kept no longer than an unknown
+        // key: the two must not be told apart by how long their refusals are cached, and a
+        // key switched back on works again as soon as an unknown one would.
+        let usable = record.as_deref().is_some_and(|r| {
+            r.status == crate::record::Status::Active
+                && r.owner.as_ref().is_some_and(|o| o.active)
+                && r.expires_at
+                    .is_none_or(|at| crate::clock::nanos_since_epoch(at) > now)
+        });
+        let ttl = if usable { self.ttl } else { self.negative_ttl };
         Entry {
             record,
             inserted: now,
@@ -597,6 +605,44 @@ mod tests {
         assert!(b().ttl(Duration::ZERO).build().is_err());
         assert!(b().negative_ttl(Duration::ZERO).build().is_err());
         assert!(b().capacity(1).build().is_ok());
+    }
+
+    #[tokio::test]
+    async fn unusable_records_are_cached_no_longer_than_unknown_keys() {
+        use crate::key::KeyId;
+        use crate::record::{Environment, KeyRecord, Owner, Status};
+
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = Arc::clone(&calls);
+        let backend = move |hash: KeyHash| {
+            c.fetch_add(1, Ordering::SeqCst);
+            let status = if hash == KeyHash::of("deleted") {
+                Status::Deleted
+            } else {
+                Status::Active
+            };
+            let record =
+                KeyRecord::new(KeyId::new("key_1"), Owner::new("o", "o"), Environment::Live)
+                    .with_status(status);
+            async move { Ok::<_, BoxError>(Some(Arc::new(record))) }
+        };
+        let clock = FakeClock::new(UNIX_EPOCH + Duration::from_secs(1_000_000));
+        let cache = CachedLookup::builder(backend)
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        for key in ["deleted", "active"] {
+            cache.lookup(&KeyHash::of(key)).await.unwrap();
+        }
+        clock.advance(Duration::from_secs(5));
+        assert!(
+            cache.lookup_ready(&KeyHash::of("deleted")).is_none(),
+            "gone with the negative TTL"
+        );
+        assert!(
+            cache.lookup_ready(&KeyHash::of("active")).is_some(),
+            "kept for the TTL"
+        );
     }
 
     #[tokio::test]
