@@ -127,6 +127,17 @@ pub enum ExtractError {
 pub struct Credential<'a> {
     secret: Cow<'a, str>,
     scheme: SchemeKind,
+    places: Places,
+}
+
+/// The headers a key was found in: which header schemes (by index), whether
+/// `Authorization`, and whether one of them carried it more than once. Enough to mark
+/// exactly those headers sensitive, without looking at any other.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Places {
+    headers: u32,
+    authorization: bool,
+    repeated: bool,
 }
 
 impl Credential<'_> {
@@ -138,6 +149,11 @@ impl Credential<'_> {
     /// Where it was found (the first scheme that carried it).
     pub fn scheme(&self) -> SchemeKind {
         self.scheme
+    }
+
+    /// Every header it was found in.
+    pub(crate) fn places(&self) -> Places {
+        self.places
     }
 }
 
@@ -224,18 +240,48 @@ impl Extractor {
         self.bearer
     }
 
-    /// The headers that may carry a key: every header scheme's name, and `Authorization`
-    /// when Bearer or Basic is on.
-    pub(crate) fn header_names(&self) -> impl Iterator<Item = &HeaderName> {
-        static AUTHORIZATION_NAME: HeaderName = AUTHORIZATION;
-        let authorization = (self.bearer || self.basic).then_some(&AUTHORIZATION_NAME);
-        self.schemes
-            .iter()
-            .filter_map(|scheme| match scheme {
-                Scheme::Header(name) => Some(name),
-                _ => None,
-            })
-            .chain(authorization)
+    /// Marks the headers a key was found in as sensitive, so that a `Debug` of the headers
+    /// (a trace layer, a log line) shows `Sensitive`, and HTTP/2 never indexes them if the
+    /// request is forwarded. One lookup per header that carried the key.
+    pub(crate) fn mark_sensitive(&self, headers: &mut HeaderMap, places: Places) {
+        let mark = |headers: &mut HeaderMap, name: &HeaderName| {
+            if places.repeated {
+                // The same key sent twice under one name (rare): mark every copy.
+                if let http::header::Entry::Occupied(mut entry) = headers.entry(name) {
+                    for value in entry.iter_mut() {
+                        value.set_sensitive(true);
+                    }
+                }
+            } else if let Some(value) = headers.get_mut(name) {
+                value.set_sensitive(true);
+            }
+        };
+        if places.authorization {
+            mark(headers, &AUTHORIZATION);
+        }
+        let mut bits = places.headers;
+        while bits != 0 {
+            let i = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if let Some(Scheme::Header(name)) = self.schemes.get(i) {
+                mark(headers, name);
+            }
+        }
+    }
+
+    /// Marks every header that could carry a key as sensitive: for requests that pass
+    /// without one (a client that sends its key everywhere sends it to `/swagger` too).
+    pub(crate) fn mark_all_sensitive(&self, headers: &mut HeaderMap) {
+        let everywhere = Places {
+            headers: u32::MAX,
+            authorization: self.bearer || self.basic,
+            repeated: true,
+        };
+        if self.schemes.iter().any(|s| matches!(s, Scheme::Header(_)))
+            || everywhere.authorization
+        {
+            self.mark_sensitive(headers, everywhere);
+        }
     }
 
     /// Finds the key in a request.
@@ -259,28 +305,47 @@ impl Extractor {
     ) -> Result<Credential<'r>, ExtractError> {
         let mut found: Option<Credential<'r>> = None;
         let mut authorization_read = false;
-        let mut offer = |secret: Cow<'r, str>, scheme: SchemeKind| -> Result<(), ExtractError> {
+        // `place`: the header scheme's index, or `None` for `Authorization` and the query.
+        let mut offer = |secret: Cow<'r, str>,
+                         scheme: SchemeKind,
+                         place: Option<usize>|
+         -> Result<(), ExtractError> {
             if secret.is_empty()
                 || secret.len() > self.max_len
                 || !secret.bytes().all(|b| b.is_ascii_graphic())
             {
                 return Err(ExtractError::Malformed);
             }
-            match &found {
-                None => {
-                    found = Some(Credential { secret, scheme });
-                    Ok(())
+            let credential = match &mut found {
+                None => found.insert(Credential {
+                    secret,
+                    scheme,
+                    places: Places::default(),
+                }),
+                Some(first) if first.secret == secret => first,
+                Some(_) => return Err(ExtractError::Ambiguous),
+            };
+            let places = &mut credential.places;
+            match (scheme, place) {
+                (SchemeKind::Header, Some(i)) => {
+                    let bit = 1u32.checked_shl(u32::try_from(i).unwrap_or(u32::MAX)).unwrap_or(0);
+                    places.repeated |= places.headers & bit != 0 || bit == 0;
+                    places.headers |= bit;
                 }
-                Some(first) if first.secret == secret => Ok(()),
-                Some(_) => Err(ExtractError::Ambiguous),
+                (SchemeKind::Bearer | SchemeKind::Basic, _) => {
+                    places.repeated |= places.authorization;
+                    places.authorization = true;
+                }
+                _ => {}
             }
+            Ok(())
         };
-        for scheme in &self.schemes {
+        for (i, scheme) in self.schemes.iter().enumerate() {
             match scheme {
                 Scheme::Header(name) => {
                     for value in headers.get_all(name) {
                         let text = value.to_str().map_err(|_| ExtractError::Malformed)?;
-                        offer(Cow::Borrowed(text), scheme.kind())?;
+                        offer(Cow::Borrowed(text), scheme.kind(), Some(i))?;
                     }
                 }
                 Scheme::Bearer | Scheme::Basic => {
@@ -299,7 +364,7 @@ impl Extractor {
                             continue;
                         };
                         if let Some((secret, kind)) = self.authorization(text)? {
-                            offer(secret, kind)?;
+                            offer(secret, kind, None)?;
                         }
                     }
                 }
@@ -307,7 +372,7 @@ impl Extractor {
                     for (key, value) in query_pairs(uri.query().unwrap_or("")) {
                         if decode(key).as_deref() == Some(name.as_str()) {
                             let value = decode(value).ok_or(ExtractError::Malformed)?;
-                            offer(value, SchemeKind::Query)?;
+                            offer(value, SchemeKind::Query, None)?;
                         }
                     }
                 }

@@ -8,8 +8,7 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 use tower_service::Service;
 
-use super::gate::{Attempt, Gate};
-use crate::key::KeyHash;
+use super::gate::{Attempt, Found, Gate};
 use crate::lookup::{BoxError, KeyLookup, LookupResult, LookupTimeout};
 use crate::reject::ResponseBody;
 use crate::validate::Rules;
@@ -62,7 +61,7 @@ pin_project! {
         call: Option<(S, Request<ReqBody>)>,
         gate: Arc<Gate<L>>,
         rules: Arc<Rules>,
-        hash: KeyHash,
+        found: Found,
         // What the lockout took before the lookup. Dropped unsettled (the client went
         // away), it stays taken: else disconnecting would make every guess free.
         attempt: Attempt,
@@ -108,7 +107,7 @@ where
         request: Request<ReqBody>,
         gate: Arc<Gate<L>>,
         rules: Arc<Rules>,
-        hash: KeyHash,
+        found: Found,
         attempt: Attempt,
     ) -> Self {
         Self {
@@ -119,7 +118,7 @@ where
                     call: Some((service, request)),
                     gate,
                     rules,
-                    hash,
+                    found,
                     attempt,
                 }),
             },
@@ -156,7 +155,7 @@ where
                         call,
                         gate,
                         rules,
-                        hash,
+                        found,
                         attempt,
                     } = state.as_mut().project();
                     let answer: LookupResult<BoxError> = match lookup.poll(cx) {
@@ -181,7 +180,7 @@ where
                     let Some((mut service, mut request)) = call.take() else {
                         return Poll::Ready(Ok(Response::new(ResponseBody::empty())));
                     };
-                    match gate.settle(answer, &mut request, rules, hash, *attempt, true) {
+                    match gate.settle(answer, &mut request, rules, found, *attempt, true) {
                         Ok(()) => Kind::Inner {
                             future: service.call(request),
                         },

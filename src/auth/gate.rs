@@ -10,7 +10,7 @@ use http::{Request, Response, StatusCode};
 use super::lockout::{Lockout, Taken};
 use crate::bypass::{Bypass, CorsPreflight, RequestHead};
 use crate::clock::Clock;
-use crate::extract::{ExtractError, Extractor};
+use crate::extract::{ExtractError, Extractor, Places};
 use crate::key::{KeyFormat, KeyHash};
 use crate::lookup::{BoxError, KeyLookup, LookupResult};
 use crate::record::Principal;
@@ -90,9 +90,10 @@ impl<L: KeyLookup> Gate<L> {
         )
     }
 
-    /// Marks the headers that may carry a key as sensitive (see [`mark_sensitive`]).
+    /// Marks every header that may carry a key as sensitive, for a request that passes
+    /// without one.
     pub(crate) fn mark_sensitive<B>(&self, req: &mut Request<B>) {
-        mark_sensitive(req, &self.extractor);
+        self.extractor.mark_all_sensitive(req.headers_mut());
     }
 
     /// Whether the request needs no key, and where it goes then.
@@ -124,7 +125,7 @@ impl<L: KeyLookup> Gate<L> {
     }
 
     /// Extracts the key and checks its format: no I/O, no allocation for header schemes.
-    pub(crate) fn hash_of<B>(&self, req: &Request<B>) -> Result<KeyHash, Rejection> {
+    pub(crate) fn hash_of<B>(&self, req: &Request<B>) -> Result<Found, Rejection> {
         let credential = self.extractor.extract(req).map_err(|e| {
             Rejection::new(match e {
                 ExtractError::Missing => Reason::MissingApiKey,
@@ -135,7 +136,10 @@ impl<L: KeyLookup> Gate<L> {
         if self.format.check(credential.secret()).is_err() {
             return Err(Rejection::new(Reason::InvalidApiKey));
         }
-        Ok(KeyHash::of(credential.secret()))
+        Ok(Found {
+            hash: KeyHash::of(credential.secret()),
+            places: credential.places(),
+        })
     }
 
     /// Before a lookup that must be awaited: takes an attempt from the client's budget
@@ -169,10 +173,11 @@ impl<L: KeyLookup> Gate<L> {
         answer: LookupResult<E>,
         req: &mut Request<B>,
         rules: &Rules,
-        hash: &KeyHash,
+        found: &Found,
         attempt: Attempt,
         backend: bool,
     ) -> Result<(), Rejection> {
+        let hash = &found.hash;
         let record = match answer {
             Ok(Some(record)) => record,
             Ok(None) => {
@@ -208,7 +213,7 @@ impl<L: KeyLookup> Gate<L> {
         self.usable(hash, attempt, backend);
         tracing::debug!(target: "keygate", key_id = %record.id, outcome = "accepted", "api key accepted");
         self.lookup.touch(&record, now);
-        mark_sensitive(req, &self.extractor);
+        self.extractor.mark_sensitive(req.headers_mut(), found.places);
         req.extensions_mut()
             .insert(Principal::accepted_by(record, self.origin()));
         Ok(())
@@ -315,21 +320,9 @@ impl<L: KeyLookup> Gate<L> {
     }
 }
 
-/// Marks the headers that may carry the key as sensitive before the inner service sees
-/// them, so that a `Debug` of the headers (a trace layer, a log line) shows `Sensitive`, and
-/// HTTP/2 never indexes them if the request is forwarded.
-fn mark_sensitive<B>(req: &mut Request<B>, extractor: &Extractor) {
-    let headers = req.headers_mut();
-    for name in extractor.header_names() {
-        if headers.get_all(name).iter().nth(1).is_some() {
-            // The same key sent twice under one name (rare): mark every copy.
-            if let http::header::Entry::Occupied(mut entry) = headers.entry(name) {
-                for value in entry.iter_mut() {
-                    value.set_sensitive(true);
-                }
-            }
-        } else if let Some(value) = headers.get_mut(name) {
-            value.set_sensitive(true);
-        }
-    }
+/// A well-formed key found in a request: its hash, and the headers that carried it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Found {
+    pub(crate) hash: KeyHash,
+    pub(crate) places: Places,
 }

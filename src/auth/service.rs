@@ -89,23 +89,23 @@ where
                 Err(rejection) => ResponseFuture::rejected(gate.reject(rejection, &req)),
             };
         }
-        let hash = match gate.hash_of(&req) {
-            Ok(hash) => hash,
+        let found = match gate.hash_of(&req) {
+            Ok(found) => found,
             Err(rejection) => {
                 let rejection = gate.refuse_early(rejection, &req);
                 return ResponseFuture::rejected(gate.reject(rejection, &req));
             }
         };
-        if let Some(answer) = gate.lookup.lookup_ready(&hash) {
+        if let Some(answer) = gate.lookup.lookup_ready(&found.hash) {
             // Answered at once (cache hit, in-memory store): no state to carry.
-            return match gate.settle(answer, &mut req, &self.rules, &hash, Attempt::Free, false) {
+            return match gate.settle(answer, &mut req, &self.rules, &found, Attempt::Free, false) {
                 Ok(()) => ResponseFuture::inner(self.inner.call(req)),
                 Err(rejection) => ResponseFuture::rejected(gate.reject(rejection, &req)),
             };
         }
         // The lookup must be awaited: the failed-attempt budget is taken first, so that a
         // burst of made-up keys cannot all reach the backend at once.
-        let attempt = match gate.before_lookup(&req, &hash) {
+        let attempt = match gate.before_lookup(&req, &found.hash) {
             Ok(attempt) => attempt,
             Err(rejection) => return ResponseFuture::rejected(gate.reject(rejection, &req)),
         };
@@ -114,12 +114,12 @@ where
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
         ResponseFuture::lookup(
-            gate.lookup.lookup(&hash),
+            gate.lookup.lookup(&found.hash),
             ready,
             req,
             Arc::clone(&self.gate),
             Arc::clone(&self.rules),
-            hash,
+            found,
             attempt,
         )
     }

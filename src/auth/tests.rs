@@ -513,19 +513,23 @@ async fn the_key_header_is_sensitive_when_the_service_sees_it() {
         echo(req)
     }));
     let key = f.keys["full"].expose_secret();
-    for (name, value) in [
-        ("x-api-key", key.to_owned()),
-        ("authorization", format!("Bearer {key}")),
-    ] {
-        let req = Request::get("/v1/health")
-            .header(name, &value)
-            .header("x-other", "visible")
-            .body(Body::default())
-            .unwrap();
+    let bearer = format!("Bearer {key}");
+    let cases: [&[(&str, &str)]; 3] = [
+        &[("x-api-key", key)],
+        &[("authorization", &bearer)],
+        // The same key twice under one name and once more in Authorization.
+        &[("x-api-key", key), ("x-api-key", key), ("authorization", &bearer)],
+    ];
+    for headers in cases {
+        let mut builder = Request::get("/v1/health").header("x-other", "visible");
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let req = builder.body(Body::default()).unwrap();
         assert_eq!(send(svc.clone(), req).await.0, StatusCode::OK);
     }
     let seen = seen.lock().unwrap();
-    assert_eq!(seen.len(), 2);
+    assert_eq!(seen.len(), 3);
     for debug in seen.iter() {
         assert!(!debug.contains(key), "{debug}");
         assert!(debug.contains("Sensitive"), "{debug}");
