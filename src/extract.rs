@@ -136,6 +136,8 @@ pub struct Credential<'a> {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Places {
     headers: u32,
+    /// A header scheme past the 32nd carried it (no bit for it: mark all of those).
+    beyond: bool,
     authorization: bool,
     repeated: bool,
 }
@@ -267,6 +269,13 @@ impl Extractor {
                 mark(headers, name);
             }
         }
+        if places.beyond {
+            for scheme in self.schemes.iter().skip(32) {
+                if let Scheme::Header(name) = scheme {
+                    mark(headers, name);
+                }
+            }
+        }
     }
 
     /// Marks every header that could carry a key as sensitive: for requests that pass
@@ -274,12 +283,11 @@ impl Extractor {
     pub(crate) fn mark_all_sensitive(&self, headers: &mut HeaderMap) {
         let everywhere = Places {
             headers: u32::MAX,
+            beyond: true,
             authorization: self.bearer || self.basic,
             repeated: true,
         };
-        if self.schemes.iter().any(|s| matches!(s, Scheme::Header(_)))
-            || everywhere.authorization
-        {
+        if self.schemes.iter().any(|s| matches!(s, Scheme::Header(_))) || everywhere.authorization {
             self.mark_sensitive(headers, everywhere);
         }
     }
@@ -328,9 +336,16 @@ impl Extractor {
             let places = &mut credential.places;
             match (scheme, place) {
                 (SchemeKind::Header, Some(i)) => {
-                    let bit = 1u32.checked_shl(u32::try_from(i).unwrap_or(u32::MAX)).unwrap_or(0);
-                    places.repeated |= places.headers & bit != 0 || bit == 0;
-                    places.headers |= bit;
+                    match u32::try_from(i).ok().and_then(|i| 1u32.checked_shl(i)) {
+                        Some(bit) => {
+                            places.repeated |= places.headers & bit != 0;
+                            places.headers |= bit;
+                        }
+                        None => {
+                            places.repeated = true;
+                            places.beyond = true;
+                        }
+                    }
                 }
                 (SchemeKind::Bearer | SchemeKind::Basic, _) => {
                     places.repeated |= places.authorization;

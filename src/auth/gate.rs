@@ -213,7 +213,8 @@ impl<L: KeyLookup> Gate<L> {
         self.usable(hash, attempt, backend);
         tracing::debug!(target: "keygate", key_id = %record.id, outcome = "accepted", "api key accepted");
         self.lookup.touch(&record, now);
-        self.extractor.mark_sensitive(req.headers_mut(), found.places);
+        self.extractor
+            .mark_sensitive(req.headers_mut(), found.places);
         req.extensions_mut()
             .insert(Principal::accepted_by(record, self.origin()));
         Ok(())

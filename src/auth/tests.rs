@@ -518,7 +518,11 @@ async fn the_key_header_is_sensitive_when_the_service_sees_it() {
         &[("x-api-key", key)],
         &[("authorization", &bearer)],
         // The same key twice under one name and once more in Authorization.
-        &[("x-api-key", key), ("x-api-key", key), ("authorization", &bearer)],
+        &[
+            ("x-api-key", key),
+            ("x-api-key", key),
+            ("authorization", &bearer),
+        ],
     ];
     for headers in cases {
         let mut builder = Request::get("/v1/health").header("x-other", "visible");
