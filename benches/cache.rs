@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use keygate::key::Environment;
 use keygate::key::{KeyHash, KeyId};
 use keygate::lookup::{CachedLookup, KeyLookup};
-use keygate::record::{Environment, KeyRecord, Owner};
+use keygate::record::{KeyRecord, Owner};
 use keygate::store::MemoryStore;
 
 const KEYS: usize = 10_000;

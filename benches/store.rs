@@ -8,9 +8,9 @@ use std::hint::black_box;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
+use keygate::key::Environment;
 use keygate::key::KeyHash;
 use keygate::lookup::{CachedLookup, KeyLookup};
-use keygate::record::Environment;
 use keygate::store::{KeyStore, MemoryStore, NewKey, SqlStore};
 
 const KEYS: usize = 1000;

@@ -21,8 +21,9 @@ use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::process::ExitCode;
 
+use keygate::key::Environment;
 use keygate::ratelimit::Quota;
-use keygate::record::{Environment, Owner};
+use keygate::record::Owner;
 use keygate::store::MemoryStore;
 use keygate::validate::PeerAddr;
 use keygate::Keygate;

@@ -20,10 +20,11 @@ use std::net::IpAddr;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use keygate::key::Environment;
 use keygate::key::{KeyFormat, KeyId};
 use keygate::lookup::KeyLookup;
 use keygate::ratelimit::Quota;
-use keygate::record::{Environment, KeyRecord, Restrictions, Scopes, Status};
+use keygate::record::{KeyRecord, Restrictions, Scopes, Status};
 use keygate::reject::Reason;
 use keygate::store::{KeyStore, KeyUpdate, NewKey, Page, SqlStore, StoreError};
 use keygate::validate::{check, Rules};

@@ -12,9 +12,10 @@ use std::process::ExitCode;
 
 use axum::routing::get;
 use axum::{Json, Router};
+use keygate::key::Environment;
 use keygate::lookup::CachedLookup;
 use keygate::ratelimit::Quota;
-use keygate::record::{Environment, Owner};
+use keygate::record::Owner;
 use keygate::store::MemoryStore;
 use keygate::Keygate;
 

@@ -26,7 +26,8 @@
 //! and any `Fn(&RequestHead<'_>) -> bool` is one:
 //!
 //! ```
-//! use keygate::bypass::{Bypass, BypassExt, DefaultBypass, PathPrefix, RequestHead};
+//! use keygate::bypass::{Bypass, BypassExt, DefaultBypass, PathPrefix};
+//! use keygate::head::{RequestHead};
 //!
 //! let bypass = DefaultBypass::default()
 //!     .or(PathPrefix::new("/metrics").unwrap())
@@ -39,36 +40,13 @@
 //! ```
 
 use http::header::{ACCESS_CONTROL_REQUEST_METHOD, ORIGIN};
-use http::{Extensions, HeaderMap, Method, Request, Uri};
+use http::Method;
+#[cfg(test)]
+use http::Request;
 
 use crate::error::ConfigError;
-use crate::reject::is_grpc;
-
-/// The parts of a request a predicate may look at.
-#[derive(Debug, Clone, Copy)]
-#[non_exhaustive]
-pub struct RequestHead<'a> {
-    /// The method.
-    pub method: &'a Method,
-    /// The URI.
-    pub uri: &'a Uri,
-    /// The headers.
-    pub headers: &'a HeaderMap,
-    /// The extensions.
-    pub extensions: &'a Extensions,
-}
-
-impl<'a> RequestHead<'a> {
-    /// Borrows the head of a request.
-    pub fn of<B>(req: &'a Request<B>) -> Self {
-        Self {
-            method: req.method(),
-            uri: req.uri(),
-            headers: req.headers(),
-            extensions: req.extensions(),
-        }
-    }
-}
+use crate::head::is_grpc;
+use crate::head::RequestHead;
 
 /// Decides whether a request skips authentication.
 pub trait Bypass: Send + Sync + 'static {

@@ -1,5 +1,8 @@
 //! Configuration errors: anything a caller can set wrong is reported here, never a panic.
 
+/// A boxed error: what a backend of your own (a lookup, a limiter store) may fail with.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A configuration value that keygate cannot use.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

@@ -12,7 +12,7 @@
 //!
 //! ```
 //! use keygate::key::{KeyFormat, KeyHash};
-//! use keygate::record::Environment;
+//! use keygate::key::Environment;
 //!
 //! let format = KeyFormat::new("kg_live_", "qk_").unwrap();
 //! let key = format.generate(Environment::Test).unwrap();
@@ -32,7 +32,9 @@ use subtle::ConstantTimeEq;
 use zeroize::Zeroizing;
 
 use crate::error::ConfigError;
-use crate::record::Environment;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
 
 const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 /// Random characters in a generated key: 24 × log2(62) ≈ 142.9 bits of entropy.
@@ -405,6 +407,49 @@ fn push_base62_fixed(out: &mut String, value: u32) {
     }
     out.extend(digits.iter().map(|&d| char::from(d)));
 }
+
+/// The environment a key belongs to: live keys touch real data, test keys do not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Environment {
+    /// Production traffic.
+    Live,
+    /// Sandbox traffic.
+    Test,
+}
+
+impl Environment {
+    /// `"live"` or `"test"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Live => "live",
+            Self::Test => "test",
+        }
+    }
+}
+
+impl fmt::Display for Environment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Environment {
+    type Err = UnknownEnvironment;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "live" => Ok(Self::Live),
+            "test" => Ok(Self::Test),
+            _ => Err(UnknownEnvironment(s.to_owned())),
+        }
+    }
+}
+
+/// An environment name other than `live` or `test`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown environment {0:?}: expected \"live\" or \"test\"")]
+pub struct UnknownEnvironment(pub String);
 
 #[cfg(test)]
 mod tests {

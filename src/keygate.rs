@@ -48,13 +48,14 @@ use crate::bypass::Bypass;
 use crate::clock::{Clock, CoarseClock};
 use crate::error::ConfigError;
 use crate::extract::Scheme;
+use crate::key::Environment;
 use crate::key::{KeyFormat, KeyId};
 use crate::lookup::KeyLookup;
 use crate::ratelimit::{
     nonzero, HeaderStyle, LimiterStore, MemoryLimiter, PerKey, Quota, RateLimitLayer,
     RateLimitService,
 };
-use crate::record::{Environment, Scopes};
+use crate::record::Scopes;
 use crate::reject::{JsonEnvelope, Renderer};
 use crate::validate::{ClientIp, SiteResolver};
 

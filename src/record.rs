@@ -3,7 +3,6 @@
 
 use std::fmt;
 use std::net::IpAddr;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -11,51 +10,8 @@ use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
-use crate::key::KeyId;
-use crate::ratelimit::Quota;
-
-/// The environment a key belongs to: live keys touch real data, test keys do not.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Environment {
-    /// Production traffic.
-    Live,
-    /// Sandbox traffic.
-    Test,
-}
-
-impl Environment {
-    /// `"live"` or `"test"`.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::Live => "live",
-            Self::Test => "test",
-        }
-    }
-}
-
-impl fmt::Display for Environment {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Environment {
-    type Err = UnknownEnvironment;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "live" => Ok(Self::Live),
-            "test" => Ok(Self::Test),
-            _ => Err(UnknownEnvironment(s.to_owned())),
-        }
-    }
-}
-
-/// An environment name other than `live` or `test`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown environment {0:?}: expected \"live\" or \"test\"")]
-pub struct UnknownEnvironment(pub String);
+use crate::key::{Environment, KeyId};
+use crate::quota::Quota;
 
 /// The lifecycle state of a key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -11,9 +11,11 @@ use axum::routing::{any, get, options, post};
 use axum::{Json, Router};
 use common::send;
 use http::{Method, StatusCode};
+use keygate::error::BoxError;
+use keygate::key::Environment;
 use keygate::key::{ApiKey, KeyHash};
-use keygate::lookup::{BoxError, CachedLookup, KeyLookup};
-use keygate::record::{Environment, Owner, Restrictions};
+use keygate::lookup::{CachedLookup, KeyLookup};
+use keygate::record::{Owner, Restrictions};
 use keygate::store::MemoryStore;
 use keygate::{AuthLayer, Principal};
 

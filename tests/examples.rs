@@ -6,8 +6,8 @@ mod common;
 
 use common::{example, send};
 use http::Method;
+use keygate::key::Environment;
 use keygate::key::KeyFormat;
-use keygate::record::Environment;
 use tonic::metadata::MetadataValue;
 use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;

@@ -13,10 +13,12 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use keygate::clock::FakeClock;
+use keygate::error::BoxError;
+use keygate::key::Environment;
 use keygate::key::{ApiKey, KeyFormat, KeyHash};
-use keygate::lookup::{BoxError, KeyLookup};
+use keygate::lookup::KeyLookup;
 use keygate::ratelimit::Quota;
-use keygate::record::{Environment, Owner};
+use keygate::record::Owner;
 use keygate::store::MemoryStore;
 use keygate::validate::{ClientIp, PeerAddr};
 use keygate::{AuthLayer, Keygate};
@@ -175,7 +177,7 @@ fn the_rightmost_hop_is_read_whatever_the_client_put_before_it() {
     r.extensions_mut()
         .insert(PeerAddr("10.0.0.1:443".parse().unwrap()));
     assert_eq!(
-        resolver.resolve(&keygate::bypass::RequestHead::of(&r)),
+        resolver.resolve(&keygate::head::RequestHead::of(&r)),
         Some("203.0.113.9".parse().unwrap())
     );
 }

@@ -10,8 +10,9 @@
 use std::time::Duration;
 
 use keygate::key::ApiKey;
+use keygate::key::Environment;
 use keygate::lookup::{CachedLookup, KeyLookup};
-use keygate::record::{Environment, KeyRecord, Status};
+use keygate::record::{KeyRecord, Status};
 use keygate::store::{KeyStore, NewKey, SqlStore};
 
 /// A store with owner `ada` and one key, and a cache kept honest by the store.

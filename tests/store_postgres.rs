@@ -6,7 +6,7 @@
 
 mod conformance;
 
-use keygate::record::Environment;
+use keygate::key::Environment;
 use keygate::store::{KeyStore, NewKey, SqlStore};
 use sqlx::Row;
 

@@ -7,7 +7,7 @@ mod conformance;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use keygate::record::Environment;
+use keygate::key::Environment;
 use keygate::store::{KeyStore, NewKey, SqlStore};
 
 fn scratch_dir() -> PathBuf {

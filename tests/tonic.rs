@@ -6,9 +6,11 @@
 
 use std::net::SocketAddr;
 
+use keygate::error::BoxError;
 use keygate::key::ApiKey;
-use keygate::lookup::{BoxError, CachedLookup};
-use keygate::record::{Environment, Owner, Status};
+use keygate::key::Environment;
+use keygate::lookup::CachedLookup;
+use keygate::record::{Owner, Status};
 use keygate::reject::Reason;
 use keygate::store::MemoryStore;
 use keygate::{AuthLayer, AuthService};

@@ -4,7 +4,8 @@
 #![no_main]
 
 use http::{Method, Request};
-use keygate::bypass::{Bypass, DefaultBypass, RequestHead};
+use keygate::bypass::{Bypass, DefaultBypass};
+use keygate::head::{RequestHead};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -6,7 +6,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use http::{HeaderValue, Request};
-use keygate::bypass::RequestHead;
+use keygate::head::RequestHead;
 use keygate::validate::{ClientIp, ForwardedHeader, PeerAddr};
 use libfuzzer_sys::fuzz_target;
 

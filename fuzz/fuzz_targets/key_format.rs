@@ -3,7 +3,7 @@
 #![no_main]
 
 use keygate::key::KeyFormat;
-use keygate::record::Environment;
+use keygate::key::Environment;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -9,7 +9,8 @@ use tokio::time::Sleep;
 use tower_service::Service;
 
 use super::gate::{Attempt, Found, Gate};
-use crate::lookup::{BoxError, KeyLookup, LookupResult, LookupTimeout};
+use crate::error::BoxError;
+use crate::lookup::{KeyLookup, LookupResult, LookupTimeout};
 use crate::reject::ResponseBody;
 use crate::validate::Rules;
 

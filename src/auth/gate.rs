@@ -8,13 +8,16 @@ use std::time::Duration;
 use http::{Request, Response, StatusCode};
 
 use super::lockout::{Lockout, Taken};
-use crate::bypass::{Bypass, CorsPreflight, RequestHead};
+use crate::bypass::{Bypass, CorsPreflight};
 use crate::clock::Clock;
+use crate::error::BoxError;
 use crate::extract::{ExtractError, Extractor, Places};
+use crate::head::is_grpc;
+use crate::head::RequestHead;
 use crate::key::{KeyFormat, KeyHash};
-use crate::lookup::{BoxError, KeyLookup, LookupResult};
+use crate::lookup::{KeyLookup, LookupResult};
 use crate::record::Principal;
-use crate::reject::{is_grpc, Reason, Rejection, Responder, ResponseBody};
+use crate::reject::{Reason, Rejection, Responder, ResponseBody};
 use crate::validate::{self, ClientIp, Rules, SiteResolver};
 
 /// Everything every clone of an auth layer shares: one `Arc` of it.

@@ -12,10 +12,11 @@ use crate::bypass::{Bypass, DefaultBypass};
 use crate::clock::{Clock, CoarseClock};
 use crate::error::ConfigError;
 use crate::extract::{Extractor, Scheme};
+use crate::key::Environment;
 use crate::key::KeyFormat;
 use crate::lookup::KeyLookup;
-use crate::ratelimit::Quota;
-use crate::record::{Environment, Scopes};
+use crate::quota::Quota;
+use crate::record::Scopes;
 use crate::reject::{JsonEnvelope, Renderer, Responder};
 use crate::validate::{ClientIp, Rules, SiteResolver};
 

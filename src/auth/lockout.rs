@@ -7,8 +7,8 @@ use std::net::{IpAddr, Ipv6Addr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use crate::bypass::RequestHead;
 use crate::clock::Clock;
+use crate::head::RequestHead;
 use crate::key::KeyHash;
 use crate::ratelimit::{LimiterError, MemoryLimiter, Quota};
 use crate::reject::{Reason, Rejection};
@@ -122,9 +122,7 @@ impl Lockout {
         let limiter = MemoryLimiter::new().with_clock(Arc::clone(&clock));
         let limiter = limiter.clone().with_max_buckets(most).unwrap_or(limiter);
         let wide = Quota::new(
-            quota
-                .capacity()
-                .saturating_mul(crate::ratelimit::nonzero(WIDE)),
+            quota.capacity().saturating_mul(crate::quota::nonzero(WIDE)),
             quota.period(),
         )
         .unwrap_or(quota);
@@ -274,10 +272,7 @@ mod tests {
 
     fn lockout(n: u32) -> Lockout {
         let clock = FakeClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
-        Lockout::new(
-            Quota::per_minute(crate::ratelimit::nonzero(n)),
-            Arc::new(clock),
-        )
+        Lockout::new(Quota::per_minute(crate::quota::nonzero(n)), Arc::new(clock))
     }
 
     fn v6(text: &str) -> Client {
@@ -329,7 +324,7 @@ mod tests {
     fn at_the_cap_clients_are_counted_coarser_not_refused_outright() {
         let clock = FakeClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000));
         let l = Lockout::tracking(
-            Quota::per_minute(crate::ratelimit::nonzero(1)),
+            Quota::per_minute(crate::quota::nonzero(1)),
             Arc::new(clock),
             4,
         );

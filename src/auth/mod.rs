@@ -11,7 +11,8 @@
 //! use std::convert::Infallible;
 //! use http::{Request, Response, StatusCode};
 //! use keygate::{AuthLayer, Principal};
-//! use keygate::record::{Environment, KeyRecord, Owner};
+//! use keygate::record::{KeyRecord, Owner};
+//! use keygate::key::{Environment};
 //! use keygate::store::MemoryStore;
 //! use tower::{ServiceBuilder, ServiceExt};
 //!

@@ -12,10 +12,12 @@ use tower::{service_fn, Layer, Service, ServiceBuilder, ServiceExt};
 
 use super::*;
 use crate::clock::FakeClock;
+use crate::error::BoxError;
 use crate::extract::Scheme;
+use crate::key::Environment;
 use crate::key::{ApiKey, KeyFormat, KeyHash};
-use crate::lookup::{BoxError, CachedLookup, KeyLookup, LookupResult};
-use crate::record::{Environment, KeyRecord, Owner, Principal, Restrictions, Status};
+use crate::lookup::{CachedLookup, KeyLookup, LookupResult};
+use crate::record::{KeyRecord, Owner, Principal, Restrictions, Status};
 use crate::reject::{ProblemJson, Rejection};
 use crate::store::MemoryStore;
 use crate::validate::{PeerAddr, SiteResolver};

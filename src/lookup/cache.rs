@@ -9,8 +9,9 @@ use std::sync::atomic::Ordering;
 
 use quick_cache::sync::Cache;
 
-use super::{BoxError, KeyLookup, LookupResult};
+use super::{KeyLookup, LookupResult};
 use crate::clock::{Clock, CoarseClock};
+use crate::error::BoxError;
 use crate::error::ConfigError;
 use crate::key::KeyHash;
 
@@ -439,8 +440,9 @@ mod tests {
 
     use super::*;
     use crate::clock::FakeClock;
+    use crate::key::Environment;
     use crate::key::KeyId;
-    use crate::record::{Environment, KeyRecord, Owner};
+    use crate::record::{KeyRecord, Owner};
 
     fn record() -> Arc<KeyRecord> {
         Arc::new(KeyRecord::new(
@@ -609,8 +611,9 @@ mod tests {
 
     #[tokio::test]
     async fn unusable_records_are_cached_no_longer_than_unknown_keys() {
+        use crate::key::Environment;
         use crate::key::KeyId;
-        use crate::record::{Environment, KeyRecord, Owner, Status};
+        use crate::record::{KeyRecord, Owner, Status};
 
         let calls = Arc::new(AtomicUsize::new(0));
         let c = Arc::clone(&calls);
@@ -647,7 +650,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_configured_cache_over_a_store_stays_honest() {
-        use crate::record::{Environment, Owner, Status};
+        use crate::key::Environment;
+        use crate::record::{Owner, Status};
         use crate::store::{KeyStore, MemoryStore};
 
         let store = MemoryStore::new();

@@ -9,7 +9,8 @@
 //! use std::pin::Pin;
 //! use std::sync::Arc;
 //! use keygate::key::KeyHash;
-//! use keygate::lookup::{BoxError, KeyLookup};
+//! use keygate::lookup::{KeyLookup};
+//! use keygate::error::{BoxError};
 //! use keygate::record::KeyRecord;
 //!
 //! #[derive(Clone)]
@@ -39,7 +40,8 @@
 //! ```
 //! use std::sync::Arc;
 //! use keygate::key::KeyHash;
-//! use keygate::lookup::{BoxError, KeyLookup};
+//! use keygate::lookup::{KeyLookup};
+//! use keygate::error::{BoxError};
 //! use keygate::record::KeyRecord;
 //!
 //! let lookup = |hash: KeyHash| async move {
@@ -57,11 +59,9 @@ pub use cache::{CachedFuture, CachedLookup, CachedLookupBuilder};
 use std::future::Future;
 use std::sync::Arc;
 
+use crate::error::BoxError;
 use crate::key::KeyHash;
 use crate::record::KeyRecord;
-
-/// A boxed error, for lookups that have no error type of their own.
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// What a lookup answers: the record, `None` for an unknown key, or a backend error (which
 /// the layers turn into 503 `auth_unavailable`, never into a 401).

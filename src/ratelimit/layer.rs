@@ -10,12 +10,13 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::{Decision, HeaderStyle, LimiterStore, Quota};
-use crate::bypass::RequestHead;
+use crate::error::BoxError;
 use crate::error::ConfigError;
+use crate::head::is_grpc;
+use crate::head::RequestHead;
 use crate::key::KeyId;
-use crate::lookup::BoxError;
 use crate::record::Principal;
-use crate::reject::{is_grpc, JsonEnvelope, Reason, Rejection, Renderer, Responder, ResponseBody};
+use crate::reject::{JsonEnvelope, Reason, Rejection, Renderer, Responder, ResponseBody};
 
 use super::store::BucketKey;
 
@@ -24,7 +25,7 @@ use super::store::BucketKey;
 /// Any `Fn(&RequestHead<'_>) -> Option<K>` is one (`None` leaves the request unlimited):
 ///
 /// ```
-/// use keygate::bypass::RequestHead;
+/// use keygate::head::RequestHead;
 /// use keygate::validate::ClientIp;
 ///
 /// let resolver = ClientIp::new();

@@ -9,9 +9,8 @@ use super::store::{BucketKey, LimiterStore};
 use super::{Decision, Quota};
 use crate::clock::{Clock, CoarseClock};
 use crate::error::ConfigError;
+use crate::quota::MAX_WINDOWS;
 
-/// The most windows one bucket may have.
-pub const MAX_WINDOWS: usize = 8;
 /// Buckets tracked at most by default.
 pub const DEFAULT_MAX_BUCKETS: usize = 1_000_000;
 

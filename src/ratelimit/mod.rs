@@ -20,15 +20,13 @@ mod layer;
 mod memory;
 mod store;
 
+pub(crate) use crate::quota::nonzero;
+pub use crate::quota::{Quota, MAX_REFILL, MAX_WINDOWS};
 pub use decision::Decision;
 pub use headers::HeaderStyle;
 pub use layer::{KeyFn, PerKey, RateLimitFuture, RateLimitLayer, RateLimitService};
-pub use memory::{LimiterError, MemoryLimiter, DEFAULT_MAX_BUCKETS, MAX_WINDOWS};
-pub(crate) use quota::nonzero;
-pub use quota::{Quota, MAX_REFILL};
+pub use memory::{LimiterError, MemoryLimiter, DEFAULT_MAX_BUCKETS};
 pub use store::{BucketKey, LimiterStore};
 
 #[cfg(test)]
 mod tests;
-
-mod quota;

@@ -2,7 +2,7 @@ use std::future::Future;
 use std::hash::Hash;
 
 use super::{Decision, Quota};
-use crate::lookup::BoxError;
+use crate::error::BoxError;
 
 /// Where buckets live. The in-memory store ([`MemoryLimiter`](super::MemoryLimiter))
 /// answers at once; a network store (Redis) returns a future, and the layers await it

@@ -9,8 +9,8 @@ use http_body_util::{BodyExt, Full};
 use tower::{service_fn, Layer, ServiceExt};
 
 use super::*;
-use crate::bypass::RequestHead;
 use crate::clock::FakeClock;
+use crate::head::RequestHead;
 
 type Body = Full<Bytes>;
 
@@ -336,8 +336,9 @@ fn three_windows_live_on_the_heap_and_still_all_apply() {
 
 #[tokio::test]
 async fn nested_per_key_limiters_with_different_stores_both_apply() {
+    use crate::key::Environment;
     use crate::key::KeyId;
-    use crate::record::{Environment, KeyRecord, Owner, Principal};
+    use crate::record::{KeyRecord, Owner, Principal};
     // Two independent limiters (1000 an hour app-wide, 2 a minute on one route): the inner
     // one must not take the outer one's charge for its own.
     let outer = RateLimitLayer::new(

@@ -27,7 +27,7 @@ mod respond;
 
 pub use body::ResponseBody;
 pub use render::{JsonEnvelope, ProblemJson, Renderer};
-pub(crate) use respond::{is_grpc, Responder};
+pub(crate) use respond::Responder;
 
 use http::StatusCode;
 

@@ -2,47 +2,15 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
-use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use http::{HeaderName, HeaderValue, Response, StatusCode};
 
 use super::{Reason, Rejection, Renderer, ResponseBody};
 use crate::error::ConfigError;
+#[cfg(test)]
+use crate::head::is_grpc;
 
 static GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 static GRPC_MESSAGE: HeaderName = HeaderName::from_static("grpc-message");
-
-/// The request's content type when it is gRPC, echoed on the reply so that gRPC-Web clients
-/// get their own content type back: `application/grpc`, `application/grpc+proto` (any
-/// `+suffix`), `application/grpc-web`, `application/grpc-web-text` (and their `+suffix`
-/// forms), compared without regard to case, optionally followed by `;` parameters.
-/// `application/grpcx` is not gRPC.
-pub(crate) fn is_grpc(headers: &HeaderMap) -> Option<HeaderValue> {
-    headers
-        .get(CONTENT_TYPE)
-        .filter(|v| is_grpc_type(v.as_bytes()))
-        .cloned()
-}
-
-fn is_grpc_type(value: &[u8]) -> bool {
-    const BASE: &[u8] = b"application/grpc";
-    let Some((head, rest)) = value.split_at_checked(BASE.len()) else {
-        return false;
-    };
-    if !head.eq_ignore_ascii_case(BASE) {
-        return false;
-    }
-    let ends = |rest: &[u8]| matches!(rest.first(), None | Some(b'+' | b';' | b' ' | b'\t'));
-    if ends(rest) {
-        return true;
-    }
-    for variant in [&b"-web-text"[..], b"-web"] {
-        if let Some((head, tail)) = rest.split_at_checked(variant.len()) {
-            if head.eq_ignore_ascii_case(variant) && ends(tail) {
-                return true;
-            }
-        }
-    }
-    false
-}
 
 /// Everything needed to turn a [`Rejection`] into a response, set up once.
 #[derive(Clone)]
@@ -212,6 +180,7 @@ fn grpc_message_value(message: &'static str) -> HeaderValue {
 mod tests {
     use super::*;
     use crate::reject::{JsonEnvelope, RateLimitInfo};
+    use http::HeaderMap;
 
     fn responder(bearer: bool) -> Responder {
         Responder::new(Arc::new(JsonEnvelope), false, bearer, "api").unwrap()
@@ -294,35 +263,6 @@ mod tests {
         assert_eq!(res.headers()["grpc-status"], "16");
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         assert!(is_grpc(&headers).is_none());
-    }
-
-    #[test]
-    fn what_is_grpc() {
-        let cases = [
-            ("application/grpc", true),
-            ("application/grpc+proto", true),
-            ("application/grpc+json", true),
-            ("APPLICATION/GRPC", true),
-            ("Application/gRPC+Proto", true),
-            ("application/grpc; charset=utf-8", true),
-            ("application/grpc-web", true),
-            ("application/grpc-web+proto", true),
-            ("application/grpc-web-text", true),
-            ("application/GRPC-WEB-TEXT+proto", true),
-            ("application/grpcx", false),
-            ("application/grpc-webx", false),
-            ("application/grpc-other", false),
-            ("application/grp", false),
-            ("application/json", false),
-            ("text/grpc", false),
-            ("", false),
-        ];
-        for (value, expected) in cases {
-            let mut headers = HeaderMap::new();
-            headers.insert(CONTENT_TYPE, HeaderValue::from_static(value));
-            assert_eq!(is_grpc(&headers).is_some(), expected, "{value:?}");
-        }
-        assert!(is_grpc(&HeaderMap::new()).is_none());
     }
 
     #[test]

@@ -6,9 +6,10 @@ use std::time::{Duration, SystemTime};
 
 use super::{CreatedKey, KeyStore, KeyUpdate, NewKey, Page, StoreError, LAST_USED_RESOLUTION};
 use crate::clock::{Clock, SystemClock};
+use crate::key::Environment;
 use crate::key::{ApiKey, KeyFormat, KeyHash, KeyId};
 use crate::lookup::{KeyLookup, LookupResult};
-use crate::record::{Environment, KeyRecord, Owner, Status};
+use crate::record::{KeyRecord, Owner, Status};
 
 use super::ChangeListener as Listener;
 
@@ -19,7 +20,8 @@ use super::ChangeListener as Listener;
 /// keys are made at start-up.
 ///
 /// ```
-/// use keygate::record::{Environment, Owner};
+/// use keygate::record::{Owner};
+/// use keygate::key::{Environment};
 /// use keygate::store::MemoryStore;
 ///
 /// let store = MemoryStore::new();

@@ -8,7 +8,7 @@
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
 //! use keygate::store::{KeyStore, MemoryStore, NewKey};
-//! use keygate::record::Environment;
+//! use keygate::key::Environment;
 //!
 //! let store = MemoryStore::new();
 //! store.add_owner("ada", Some("correct horse")).await?;
@@ -31,10 +31,11 @@ pub use sql::SqlStore;
 use std::future::Future;
 use std::time::{Duration, SystemTime};
 
+use crate::key::Environment;
 use crate::key::{ApiKey, KeyId};
 use crate::lookup::KeyLookup;
-use crate::ratelimit::Quota;
-use crate::record::{Environment, KeyRecord, Owner, Restrictions, Scopes, Status};
+use crate::quota::Quota;
+use crate::record::{KeyRecord, Owner, Restrictions, Scopes, Status};
 
 /// `last_used_at` is written at most this often per key.
 pub const LAST_USED_RESOLUTION: Duration = Duration::from_secs(60);
@@ -216,10 +217,10 @@ fn check_restrictions(restrictions: &Restrictions) -> Result<(), StoreError> {
 }
 
 fn check_quotas(quotas: &[Quota]) -> Result<(), StoreError> {
-    if quotas.len() > crate::ratelimit::MAX_WINDOWS {
+    if quotas.len() > crate::quota::MAX_WINDOWS {
         return Err(StoreError::invalid(
             "quotas",
-            format!("at most {} windows", crate::ratelimit::MAX_WINDOWS),
+            format!("at most {} windows", crate::quota::MAX_WINDOWS),
         ));
     }
     Ok(())

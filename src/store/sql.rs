@@ -14,9 +14,10 @@ use super::{
     ChangeListener, CreatedKey, KeyStore, KeyUpdate, NewKey, Page, StoreError, LAST_USED_RESOLUTION,
 };
 use crate::clock::{nanos_since_epoch, Clock, SystemClock};
+use crate::key::Environment;
 use crate::key::{KeyFormat, KeyHash, KeyId};
 use crate::lookup::{KeyLookup, LookupResult};
-use crate::record::{Environment, KeyRecord, Owner, Status};
+use crate::record::{KeyRecord, Owner, Status};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backend {

@@ -4,8 +4,8 @@ use http::header::FORWARDED;
 use http::HeaderName;
 use ipnet::IpNet;
 
-use crate::bypass::RequestHead;
 use crate::error::ConfigError;
+use crate::head::RequestHead;
 use crate::record::{canonical_ip, Restrictions};
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -43,7 +43,7 @@ pub enum ForwardedHeader {
 ///
 /// ```
 /// use keygate::validate::{ClientIp, PeerAddr};
-/// use keygate::bypass::RequestHead;
+/// use keygate::head::RequestHead;
 ///
 /// let resolver = ClientIp::new().trusted_proxies(["10.0.0.0/8"]).unwrap();
 /// let mut req = http::Request::get("/")

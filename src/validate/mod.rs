@@ -9,7 +9,8 @@
 //! ```
 //! use std::time::SystemTime;
 //! use keygate::key::KeyId;
-//! use keygate::record::{Environment, KeyRecord, Owner};
+//! use keygate::record::{KeyRecord, Owner};
+//! use keygate::key::{Environment};
 //! use keygate::reject::Reason;
 //! use keygate::validate::{check, Rules};
 //!
@@ -31,7 +32,8 @@ use std::borrow::Cow;
 use std::net::IpAddr;
 use std::time::SystemTime;
 
-use crate::record::{Environment, KeyRecord, Scopes, Status};
+use crate::key::Environment;
+use crate::record::{KeyRecord, Scopes, Status};
 use crate::reject::Reason;
 
 /// What a route asks of a key beyond being valid: scopes and an environment.

@@ -3,8 +3,8 @@ use std::borrow::Cow;
 use http::header::HOST;
 use http::HeaderName;
 
-use crate::bypass::RequestHead;
 use crate::error::ConfigError;
+use crate::head::RequestHead;
 
 /// Where the site of a request comes from, for keys limited to some sites.
 ///

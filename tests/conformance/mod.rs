@@ -8,9 +8,10 @@ use std::time::{Duration, SystemTime};
 
 use keygate::clock::{Clock, FakeClock};
 use keygate::key::ApiKey;
+use keygate::key::Environment;
 use keygate::lookup::{CachedLookup, KeyLookup};
 use keygate::ratelimit::Quota;
-use keygate::record::{Environment, Restrictions, Scopes, Status};
+use keygate::record::{Restrictions, Scopes, Status};
 use keygate::reject::Reason;
 use keygate::store::{KeyStore, KeyUpdate, NewKey, Page, StoreError};
 use keygate::validate::{check, Rules};

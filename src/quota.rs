@@ -1,3 +1,6 @@
+//! Rate-limit quotas: `n` requests per period with a burst, as text (`60/min;10`) or in
+//! code, shared by key records and the limiters.
+
 use std::fmt;
 use std::num::NonZeroU32;
 use std::str::FromStr;
@@ -6,6 +9,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
+
+/// The most windows (quotas) one key may have, e.g. 10 a second and 1000 an hour.
+pub const MAX_WINDOWS: usize = 8;
 
 /// A token bucket: `capacity` requests at once (the burst), refilled at `capacity` per
 /// `period`, one token every `period / capacity`.
