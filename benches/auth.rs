@@ -78,7 +78,7 @@ fn stacks(c: &mut Criterion) {
     let cached = CachedLookup::new(store.clone());
     // Warm the cache.
     assert!(matches!(
-        cached.lookup_ready(&key.hash()),
+        cached.lookup(&key.hash()).now().ok(),
         Some(Ok(Some(_)))
     ));
 
@@ -150,7 +150,7 @@ fn stacks(c: &mut Criterion) {
     });
     let hash = key.hash();
     group.bench_function("cache hit (lookup_ready)", |b| {
-        b.iter(|| black_box(cached.lookup_ready(black_box(&hash))))
+        b.iter(|| black_box(cached.lookup(black_box(&hash)).now().ok()))
     });
     group.bench_function("SystemTime::now", |b| {
         b.iter(|| black_box(std::time::SystemTime::now()))

@@ -22,8 +22,14 @@ fn caches(c: &mut Criterion) {
         Owner::new("o", "o"),
         Environment::Live,
     ));
+    let store = MemoryStore::new();
     let hashes: Vec<KeyHash> = (0..KEYS)
-        .map(|i| KeyHash::of(&format!("key-{i}")))
+        .map(|_| {
+            store
+                .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+                .expect("key")
+                .hash()
+        })
         .collect();
 
     let moka: moka::sync::Cache<KeyHash, Option<Arc<KeyRecord>>> = moka::sync::Cache::builder()
@@ -32,15 +38,13 @@ fn caches(c: &mut Criterion) {
         .build();
     let quick: quick_cache::sync::Cache<KeyHash, Option<Arc<KeyRecord>>> =
         quick_cache::sync::Cache::new(100_000);
-    let store = MemoryStore::new();
     for hash in &hashes {
         moka.insert(*hash, Some(Arc::clone(&record)));
         quick.insert(*hash, Some(Arc::clone(&record)));
-        store.insert(*hash, (*record).clone()).expect("insert");
     }
     let cached = CachedLookup::new(store.clone());
     for hash in &hashes {
-        let _ = cached.lookup_ready(hash);
+        let _ = cached.lookup(hash).now().ok();
     }
     moka.run_pending_tasks();
 
@@ -57,10 +61,10 @@ fn caches(c: &mut Criterion) {
         b.iter(|| black_box(quick.get(&next())))
     });
     group.bench_function("CachedLookup::lookup_ready", |b| {
-        b.iter(|| black_box(cached.lookup_ready(&next()).map(|r| r.is_ok())))
+        b.iter(|| black_box(cached.lookup(&next()).now().ok().map(|r| r.is_ok())))
     });
     group.bench_function("MemoryStore (RwLock<HashMap>)", |b| {
-        b.iter(|| black_box(store.lookup_ready(&next()).map(|r| r.is_ok())))
+        b.iter(|| black_box(store.lookup(&next()).now().ok().map(|r| r.is_ok())))
     });
     group.finish();
 }

@@ -48,7 +48,10 @@ fn run(n: usize, mode: &str) {
         .issue(Owner::new("o", "o"), Environment::Live, |r| r)
         .expect("key");
     let lookup = CachedLookup::new(store);
-    now(lookup.lookup(&key.hash())).expect("warm");
+    now(std::future::IntoFuture::into_future(
+        lookup.lookup(&key.hash()),
+    ))
+    .expect("warm");
     let (name, value) = match mode {
         "bearer" => ("authorization", format!("Bearer {}", key.expose_secret())),
         _ => ("x-api-key", key.expose_secret().to_owned()),

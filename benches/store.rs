@@ -11,11 +11,13 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use keygate::key::Environment;
 use keygate::key::KeyHash;
 use keygate::lookup::{CachedLookup, KeyLookup};
-use keygate::store::{KeyStore, MemoryStore, NewKey, SqlStore};
+use std::future::IntoFuture;
+
+use keygate::store::{MemoryStore, NewKey, OwnerStore, SqlStore};
 
 const KEYS: usize = 1000;
 
-async fn fill<S: KeyStore>(store: &S) -> Vec<KeyHash> {
+async fn fill<S: OwnerStore>(store: &S) -> Vec<KeyHash> {
     let owner = format!("bench{}", std::process::id());
     store.add_owner(&owner, None).await.expect("owner");
     let mut hashes = Vec::with_capacity(KEYS);
@@ -33,7 +35,12 @@ async fn fill<S: KeyStore>(store: &S) -> Vec<KeyHash> {
     hashes
 }
 
-fn bench_store<S: KeyStore>(c: &mut Criterion, rt: &tokio::runtime::Runtime, name: &str, store: S) {
+fn bench_store<S: OwnerStore>(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
+    name: &str,
+    store: S,
+) {
     let hashes = rt.block_on(fill(&store));
     let cached = CachedLookup::over_store(store.clone());
     let mut group = c.benchmark_group(format!("store lookup/{name}"));
@@ -41,18 +48,19 @@ fn bench_store<S: KeyStore>(c: &mut Criterion, rt: &tokio::runtime::Runtime, nam
     group.bench_function("direct", |b| {
         b.iter(|| {
             i = (i + 7) % KEYS;
-            black_box(rt.block_on(store.lookup(&hashes[i])).is_ok())
+            black_box(rt.block_on(store.lookup(&hashes[i]).into_future()).is_ok())
         })
     });
     for hash in &hashes {
-        rt.block_on(cached.lookup(hash)).expect("warm");
+        rt.block_on(cached.lookup(hash).into_future())
+            .expect("warm");
         // What is measured below must be hits, not fast misses.
-        assert!(matches!(cached.lookup_ready(hash), Some(Ok(Some(_)))));
+        assert!(matches!(cached.lookup(hash).now().ok(), Some(Ok(Some(_)))));
     }
     group.bench_function("CachedLookup, warm", |b| {
         b.iter(|| {
             i = (i + 7) % KEYS;
-            black_box(cached.lookup_ready(&hashes[i]).map(|r| r.is_ok()))
+            black_box(cached.lookup(&hashes[i]).now().ok().map(|r| r.is_ok()))
         })
     });
     group.finish();

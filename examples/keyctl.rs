@@ -26,7 +26,7 @@ use keygate::lookup::KeyLookup;
 use keygate::ratelimit::Quota;
 use keygate::record::{KeyRecord, Restrictions, Scopes, Status};
 use keygate::reject::Reason;
-use keygate::store::{KeyStore, KeyUpdate, NewKey, Page, SqlStore, StoreError};
+use keygate::store::{KeyStore, KeyUpdate, NewKey, OwnerStore, Page, SqlStore, StoreError};
 use keygate::validate::{check, Rules};
 
 /// A failure to report: the message, and the exit status.

@@ -83,6 +83,7 @@
     warn(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod answer;
 pub mod auth;
 pub mod bypass;
 pub mod clock;

@@ -231,6 +231,51 @@ pub struct KeyRecord {
     /// HTTP API's `ETag`).
     #[serde(default)]
     pub version: u64,
+    /// Where this record's uses are reported (the store's hook), with its throttle.
+    #[serde(skip)]
+    usage: Usage,
+}
+
+/// `last_used_at` is reported at most this often per key.
+pub const LAST_USED_RESOLUTION: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Where a key's uses go: the hook a store hands out with the records it makes, so that an
+/// accepted request records the key's last use without the layers knowing the store.
+///
+/// The auth layer reports a use at most once per [`LAST_USED_RESOLUTION`] per record, from
+/// the request path: `used` must return at once (queue the write, do it elsewhere).
+/// [`MemoryStore`](crate::store::MemoryStore) and `SqlStore` attach one; a lookup of your own
+/// may attach its own with [`KeyRecord::with_usage`].
+pub trait UsageSink: Send + Sync + 'static {
+    /// `key` was used at `at`.
+    fn used(&self, key: &KeyId, at: SystemTime);
+}
+
+/// A record's usage hook: the sink, and when a use was last reported (nanoseconds since
+/// the epoch), shared by every clone of the record (a cached record is one `Arc`).
+#[derive(Clone, Default)]
+struct Usage(Option<Arc<UsageCell>>);
+
+struct UsageCell {
+    sink: Arc<dyn UsageSink>,
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl fmt::Debug for Usage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Usage(hook)"
+        } else {
+            "Usage(none)"
+        })
+    }
+}
+
+/// A hook is not data: two records equal in every field are equal, hooked or not.
+impl PartialEq for Usage {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl KeyRecord {
@@ -252,6 +297,41 @@ impl KeyRecord {
             created_at: None,
             last_used_at: None,
             version: 0,
+            usage: Usage::default(),
+        }
+    }
+
+    /// Reports this record's uses to `sink`, at most once per [`LAST_USED_RESOLUTION`]
+    /// (counted from [`last_used_at`](Self::last_used_at)). Stores call it on the records
+    /// they hand out; call it on the records of a lookup of your own.
+    #[must_use]
+    pub fn with_usage(mut self, sink: Arc<dyn UsageSink>) -> Self {
+        let last = self.last_used_at.map_or(0, crate::clock::nanos_since_epoch);
+        self.usage = Usage(Some(Arc::new(UsageCell {
+            sink,
+            last: std::sync::atomic::AtomicU64::new(last),
+        })));
+        self
+    }
+
+    /// Reports a use at `now` to the record's hook, unless one was reported less than
+    /// [`LAST_USED_RESOLUTION`] ago: one atomic read on the request path, a compare-and-swap
+    /// and the sink's call once a minute.
+    pub(crate) fn note_use(&self, now: SystemTime) {
+        use std::sync::atomic::Ordering;
+        let Some(cell) = &self.usage.0 else { return };
+        let now_ns = crate::clock::nanos_since_epoch(now);
+        let window = u64::try_from(LAST_USED_RESOLUTION.as_nanos()).unwrap_or(u64::MAX);
+        let last = cell.last.load(Ordering::Relaxed);
+        if now_ns < last.saturating_add(window) && now_ns >= last {
+            return;
+        }
+        if cell
+            .last
+            .compare_exchange(last, now_ns, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            cell.sink.used(&self.id, now);
         }
     }
 

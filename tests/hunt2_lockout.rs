@@ -90,7 +90,9 @@ fn database(store: MemoryStore, delay: Duration) -> (impl KeyLookup + Clone, Arc
                 return Err(BoxError::from("connection reset by peer"));
             }
             store
-                .lookup_ready(&hash)
+                .lookup(&hash)
+                .now()
+                .ok()
                 .unwrap_or(Ok(None))
                 .map_err(BoxError::from)
         }
@@ -253,7 +255,9 @@ async fn a_deleted_key_that_was_known_good_is_told_from_an_unknown_one() {
         .issue(Owner::new("o", "o"), Environment::Live, |r| r)
         .unwrap();
     let id = store
-        .lookup_ready(&key.hash())
+        .lookup(&key.hash())
+        .now()
+        .ok()
         .unwrap()
         .unwrap()
         .unwrap()
@@ -327,7 +331,9 @@ async fn a_deleted_key_is_cached_longer_than_an_unknown_one() {
         .issue(Owner::new("o", "o"), Environment::Live, |r| r)
         .unwrap();
     let id = store
-        .lookup_ready(&key.hash())
+        .lookup(&key.hash())
+        .now()
+        .ok()
         .unwrap()
         .unwrap()
         .unwrap()
@@ -338,7 +344,10 @@ async fn a_deleted_key_is_cached_longer_than_an_unknown_one() {
         .unwrap();
     let (backend, _down) = database(store, Duration::from_millis(200));
     let fake = clock();
-    let cache = CachedLookup::new(backend).with_clock(fake.clone());
+    let cache = CachedLookup::builder(backend)
+        .clock(fake.clone())
+        .build()
+        .unwrap();
     let svc = Keygate::builder(cache)
         .failed_attempts(Some(Quota::per_minute(nz(20))))
         .clock(fake.clone())

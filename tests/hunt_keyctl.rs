@@ -114,7 +114,7 @@ fn an_owner_password_given_as_an_option_is_echoed() {
 async fn a_site_with_a_newline_forges_lines_in_keyctl_list() {
     use keygate::key::Environment;
     use keygate::record::Restrictions;
-    use keygate::store::{KeyStore, NewKey, SqlStore, StoreError};
+    use keygate::store::{KeyStore, NewKey, OwnerStore, SqlStore, StoreError};
     let dir = std::env::temp_dir().join(format!("keygate-hunt-kc3-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let url = format!("sqlite://{}", dir.join("keys.db").display());

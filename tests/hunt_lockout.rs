@@ -70,10 +70,11 @@ fn flaky(store: MemoryStore) -> (impl KeyLookup + Clone, Arc<AtomicBool>, Arc<At
     let calls = Arc::new(AtomicUsize::new(0));
     let (d, c) = (Arc::clone(&down), Arc::clone(&calls));
     let lookup = move |hash: KeyHash| {
-        c.fetch_add(1, Ordering::SeqCst);
         let failing = d.load(Ordering::SeqCst);
-        let answer = store.lookup_ready(&hash).unwrap_or(Ok(None));
+        let answer = store.lookup(&hash).now().ok().unwrap_or(Ok(None));
+        let calls = Arc::clone(&c);
         async move {
+            calls.fetch_add(1, Ordering::SeqCst);
             tokio::task::yield_now().await;
             if failing {
                 return Err(BoxError::from("connection reset by peer"));
@@ -235,7 +236,7 @@ async fn a_slow_store_turns_a_valid_key_into_a_failed_attempt_lockout() {
     let s = Arc::clone(&slow);
     let backend = move |hash: KeyHash| {
         let slow = s.load(Ordering::SeqCst);
-        let answer = store.lookup_ready(&hash).unwrap_or(Ok(None));
+        let answer = store.lookup(&hash).now().ok().unwrap_or(Ok(None));
         async move {
             if slow {
                 tokio::time::sleep(Duration::from_secs(10)).await;

@@ -95,9 +95,11 @@ fn awaited(store: MemoryStore) -> (impl KeyLookup + Clone, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
     let c = Arc::clone(&calls);
     let lookup = move |hash: KeyHash| {
-        c.fetch_add(1, Ordering::SeqCst);
-        let answer = store.lookup_ready(&hash).unwrap_or(Ok(None));
+        let answer = store.lookup(&hash).now().ok().unwrap_or(Ok(None));
+        let calls = Arc::clone(&c);
         async move {
+            // Counted when it reaches the store: when it is polled.
+            calls.fetch_add(1, Ordering::SeqCst);
             // Pending once, so that concurrent requests are all in flight together.
             tokio::task::yield_now().await;
             answer.map_err(BoxError::from)
@@ -121,7 +123,10 @@ async fn a_bad_neighbour_never_locks_out_a_good_key() {
         .unwrap();
     let (backend, calls) = awaited(store);
     let clock = clock();
-    let cache = CachedLookup::new(backend).with_clock(clock.clone());
+    let cache = CachedLookup::builder(backend)
+        .clock(clock.clone())
+        .build()
+        .unwrap();
     let svc = Keygate::builder(cache.clone())
         .failed_attempts(Some(Quota::per_minute(nz(20))))
         .default_quota(Quota::per_minute(nz(1000)))
@@ -464,8 +469,11 @@ async fn dropping_requests_mid_lookup_does_not_give_attempts_back() {
     let calls = Arc::new(AtomicUsize::new(0));
     let c = Arc::clone(&calls);
     let never = move |_: KeyHash| {
-        c.fetch_add(1, Ordering::SeqCst);
-        std::future::pending::<Result<Option<Arc<KeyRecord>>, BoxError>>()
+        let calls = Arc::clone(&c);
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            std::future::pending::<Result<Option<Arc<KeyRecord>>, BoxError>>().await
+        }
     };
     let mut svc = Keygate::builder(never)
         .failed_attempts(Some(Quota::per_minute(nz(5))))

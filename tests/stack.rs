@@ -78,9 +78,13 @@ fn counted(store: MemoryStore) -> (impl KeyLookup, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
     let c = Arc::clone(&calls);
     let lookup = move |hash: KeyHash| {
-        c.fetch_add(1, Ordering::SeqCst);
-        let answer = store.lookup_ready(&hash).unwrap_or(Ok(None));
-        async move { answer.map_err(BoxError::from) }
+        let answer = store.lookup(&hash).now().ok().unwrap_or(Ok(None));
+        let calls = Arc::clone(&c);
+        async move {
+            // Counted when polled: when the lookup reaches the store.
+            calls.fetch_add(1, Ordering::SeqCst);
+            answer.map_err(BoxError::from)
+        }
     };
     (lookup, calls)
 }
@@ -470,7 +474,7 @@ async fn ietf_headers_and_grpc_resource_exhausted() {
 
 #[tokio::test]
 async fn accepted_requests_record_last_use_at_most_once_a_minute() {
-    use keygate::store::{KeyStore, NewKey};
+    use keygate::store::{KeyStore, NewKey, OwnerStore};
     let c = clock();
     let store = MemoryStore::new().with_clock(c.clone());
     store.add_owner("ada", None).await.unwrap();
@@ -479,7 +483,10 @@ async fn accepted_requests_record_last_use_at_most_once_a_minute() {
         .await
         .unwrap();
     let svc = Keygate::builder(
-        keygate::lookup::CachedLookup::over_store(store.clone()).with_clock(c.clone()),
+        keygate::lookup::CachedLookup::builder(store.clone())
+            .clock(c.clone())
+            .build_over_store()
+            .unwrap(),
     )
     .clock(c.clone())
     .build()

@@ -13,7 +13,7 @@ use keygate::key::ApiKey;
 use keygate::key::Environment;
 use keygate::lookup::{CachedLookup, KeyLookup};
 use keygate::record::{KeyRecord, Status};
-use keygate::store::{KeyStore, NewKey, SqlStore};
+use keygate::store::{KeyStore, NewKey, OwnerStore, SqlStore};
 
 /// A store with owner `ada` and one key, and a cache kept honest by the store.
 async fn setup(url: &str) -> (SqlStore, CachedLookup<SqlStore>, KeyRecord, ApiKey) {

@@ -7,7 +7,7 @@
 mod conformance;
 
 use keygate::key::Environment;
-use keygate::store::{KeyStore, NewKey, SqlStore};
+use keygate::store::{KeyStore, NewKey, OwnerStore, SqlStore};
 use sqlx::Row;
 
 fn url() -> String {

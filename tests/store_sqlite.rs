@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use keygate::key::Environment;
-use keygate::store::{KeyStore, NewKey, SqlStore};
+use keygate::store::{KeyStore, NewKey, OwnerStore, SqlStore};
 
 fn scratch_dir() -> PathBuf {
     static RUN: AtomicUsize = AtomicUsize::new(0);

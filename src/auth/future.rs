@@ -10,7 +10,7 @@ use tower_service::Service;
 
 use super::gate::{Attempt, Found, Gate};
 use crate::error::BoxError;
-use crate::lookup::{KeyLookup, LookupResult, LookupTimeout};
+use crate::lookup::{KeyLookup, LookupResult};
 use crate::reject::ResponseBody;
 use crate::validate::Rules;
 
@@ -195,3 +195,8 @@ where
         }
     }
 }
+
+/// A lookup that did not finish in time (logged; the client gets 503 `auth_unavailable`).
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("the key lookup timed out")]
+struct LookupTimeout;

@@ -215,7 +215,7 @@ impl<L: KeyLookup> Gate<L> {
         }
         self.usable(hash, attempt, backend);
         tracing::debug!(target: "keygate", key_id = %record.id, outcome = "accepted", "api key accepted");
-        self.lookup.touch(&record, now);
+        record.note_use(now);
         self.extractor
             .mark_sensitive(req.headers_mut(), found.places);
         req.extensions_mut()

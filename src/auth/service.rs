@@ -7,6 +7,7 @@ use tower_service::Service;
 
 use super::future::ResponseFuture;
 use super::gate::{Attempt, Gate, Pass};
+use crate::answer::Answer;
 use crate::lookup::KeyLookup;
 use crate::reject::ResponseBody;
 use crate::validate::Rules;
@@ -96,13 +97,23 @@ where
                 return ResponseFuture::rejected(gate.reject(rejection, &req));
             }
         };
-        if let Some(answer) = gate.lookup.lookup_ready(&found.hash) {
+        let later = match gate.lookup.lookup(&found.hash) {
             // Answered at once (cache hit, in-memory store): no state to carry.
-            return match gate.settle(answer, &mut req, &self.rules, &found, Attempt::Free, false) {
-                Ok(()) => ResponseFuture::inner(self.inner.call(req)),
-                Err(rejection) => ResponseFuture::rejected(gate.reject(rejection, &req)),
-            };
-        }
+            Answer::Now(answer) => {
+                return match gate.settle(
+                    answer,
+                    &mut req,
+                    &self.rules,
+                    &found,
+                    Attempt::Free,
+                    false,
+                ) {
+                    Ok(()) => ResponseFuture::inner(self.inner.call(req)),
+                    Err(rejection) => ResponseFuture::rejected(gate.reject(rejection, &req)),
+                }
+            }
+            Answer::Later(future) => future,
+        };
         // The lookup must be awaited: the failed-attempt budget is taken first, so that a
         // burst of made-up keys cannot all reach the backend at once.
         let attempt = match gate.before_lookup(&req, &found.hash) {
@@ -114,7 +125,7 @@ where
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
         ResponseFuture::lookup(
-            gate.lookup.lookup(&found.hash),
+            later,
             ready,
             req,
             Arc::clone(&self.gate),

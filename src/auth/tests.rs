@@ -11,6 +11,7 @@ use http_body_util::{BodyExt, Full};
 use tower::{service_fn, Layer, Service, ServiceBuilder, ServiceExt};
 
 use super::*;
+use crate::answer::Answer;
 use crate::clock::FakeClock;
 use crate::error::BoxError;
 use crate::extract::Scheme;
@@ -667,12 +668,12 @@ impl KeyLookup for Broken {
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = LookupResult<BoxError>> + Send>>;
 
-    fn lookup(&self, _: &KeyHash) -> Self::Future {
-        if self.hang {
+    fn lookup(&self, _: &KeyHash) -> Answer<LookupResult<BoxError>, Self::Future> {
+        Answer::Later(if self.hang {
             Box::pin(std::future::pending())
         } else {
             Box::pin(async { Err("connection refused".into()) })
-        }
+        })
     }
 }
 
@@ -709,7 +710,7 @@ async fn route_variants_share_one_cache() {
         let store = store.clone();
         move |hash: KeyHash| {
             calls.fetch_add(1, Ordering::SeqCst);
-            let answer = store.lookup_ready(&hash).unwrap_or(Ok(None));
+            let answer = store.lookup(&hash).now().ok().unwrap_or(Ok(None));
             async move { answer }
         }
     };

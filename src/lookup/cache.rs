@@ -9,7 +9,8 @@ use std::sync::atomic::Ordering;
 
 use quick_cache::sync::Cache;
 
-use super::{KeyLookup, LookupResult};
+use super::{ChangeFeed, KeyLookup, LookupResult};
+use crate::answer::Answer;
 use crate::clock::{Clock, CoarseClock};
 use crate::error::BoxError;
 use crate::error::ConfigError;
@@ -119,14 +120,6 @@ impl<L: KeyLookup> CachedLookup<L> {
         }
     }
 
-    /// Reads time from `clock` (a [`FakeClock`](crate::clock::FakeClock) in tests). Clones
-    /// made afterwards use it too; the cache itself stays shared.
-    #[must_use]
-    pub fn with_clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
-        self
-    }
-
     fn build(backend: L, settings: Settings, clock: Arc<dyn Clock>) -> Self {
         let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         Self {
@@ -148,7 +141,7 @@ impl<L: KeyLookup> CachedLookup<L> {
     /// [`build_over_store`](CachedLookupBuilder::build_over_store).
     pub fn over_store(store: L) -> Self
     where
-        L: crate::store::KeyStore,
+        L: ChangeFeed,
     {
         let cache = Self::new(store);
         cache.subscribe();
@@ -158,12 +151,12 @@ impl<L: KeyLookup> CachedLookup<L> {
     /// Registers this cache with its store's change listeners.
     fn subscribe(&self)
     where
-        L: crate::store::KeyStore,
+        L: ChangeFeed,
     {
         let weak = Arc::downgrade(&self.inner);
         self.inner
             .backend
-            .on_change(Arc::new(move |hash: &KeyHash| {
+            .subscribe(Arc::new(move |hash: &KeyHash| {
                 if let Some(inner) = weak.upgrade() {
                     inner.forget(hash);
                 }
@@ -281,7 +274,7 @@ impl<L: KeyLookup> CachedLookupBuilder<L> {
     /// [`ConfigError::Zero`] when the capacity or a TTL is zero.
     pub fn build_over_store(self) -> Result<CachedLookup<L>, ConfigError>
     where
-        L: crate::store::KeyStore,
+        L: ChangeFeed,
     {
         let cache = self.build()?;
         cache.subscribe();
@@ -366,55 +359,22 @@ impl<L: KeyLookup> KeyLookup for CachedLookup<L> {
     type Error = BoxError;
     type Future = CachedFuture;
 
-    fn lookup(&self, hash: &KeyHash) -> CachedFuture {
+    fn lookup(&self, hash: &KeyHash) -> Answer<LookupResult<BoxError>, CachedFuture> {
         if let Some(hit) = self.inner.fresh(hash, self.clock.now_nanos()) {
-            return CachedFuture(Kind::Ready(Some(Ok(hit))));
+            return Answer::Now(Ok(hit));
         }
         let miss = Arc::clone(&self.inner).miss(*hash, Arc::clone(&self.clock));
-        CachedFuture(Kind::Miss(Box::pin(miss)))
-    }
-
-    fn touch(&self, record: &crate::record::KeyRecord, now: std::time::SystemTime) {
-        self.inner.backend.touch(record, now);
-    }
-
-    fn lookup_ready(&self, hash: &KeyHash) -> Option<LookupResult<BoxError>> {
-        let now = self.clock.now_nanos();
-        if let Some(hit) = self.inner.fresh(hash, now) {
-            return Some(Ok(hit));
-        }
-        // The backend may answer at once too (an in-memory store); cache what it says,
-        // unless an invalidation came in meanwhile.
-        let generation = self.inner.generation.load(Ordering::Acquire);
-        let answer = self.inner.backend.lookup_ready(hash)?;
-        Some(match answer {
-            Ok(record) => {
-                if self.inner.generation.load(Ordering::Acquire) == generation {
-                    self.inner
-                        .cache
-                        .insert(*hash, self.inner.entry(record.clone(), now));
-                }
-                Ok(record)
-            }
-            Err(e) => Err(e.into()),
-        })
+        Answer::Later(CachedFuture(Box::pin(miss)))
     }
 }
 
-/// The future of a [`CachedLookup`]: ready on a hit, boxed on a miss.
-pub struct CachedFuture(Kind);
-
-enum Kind {
-    Ready(Option<LookupResult<BoxError>>),
-    Miss(Pin<Box<dyn Future<Output = LookupResult<BoxError>> + Send>>),
-}
+/// The future of a [`CachedLookup`] miss: one backend call for every concurrent miss of a
+/// key, its answer cached. (A hit is answered at once and has no future.)
+pub struct CachedFuture(Pin<Box<dyn Future<Output = LookupResult<BoxError>> + Send>>);
 
 impl fmt::Debug for CachedFuture {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self.0 {
-            Kind::Ready(_) => "CachedFuture::Ready",
-            Kind::Miss(_) => "CachedFuture::Miss",
-        })
+        f.write_str("CachedFuture")
     }
 }
 
@@ -422,14 +382,7 @@ impl Future for CachedFuture {
     type Output = LookupResult<BoxError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match &mut self.0 {
-            Kind::Ready(answer) => Poll::Ready(
-                answer
-                    .take()
-                    .unwrap_or_else(|| Err("CachedFuture polled after completion".into())),
-            ),
-            Kind::Miss(future) => future.as_mut().poll(cx),
-        }
+        self.0.as_mut().poll(cx)
     }
 }
 
@@ -464,18 +417,18 @@ mod tests {
         type Error = BoxError;
         type Future = Pin<Box<dyn Future<Output = LookupResult<BoxError>> + Send>>;
 
-        fn lookup(&self, hash: &KeyHash) -> Self::Future {
+        fn lookup(&self, hash: &KeyHash) -> Answer<LookupResult<BoxError>, Self::Future> {
             self.calls.fetch_add(1, Ordering::SeqCst);
             let found = (*hash == self.known).then(record);
             let fail = self.fail.load(Ordering::SeqCst);
-            Box::pin(async move {
+            Answer::Later(Box::pin(async move {
                 tokio::task::yield_now().await;
                 if fail {
                     Err("backend down".into())
                 } else {
                     Ok(found)
                 }
-            })
+            }))
         }
     }
 
@@ -501,18 +454,18 @@ mod tests {
         let (cache, backend, clock) = setup();
         let known = KeyHash::of("known");
         assert!(
-            cache.lookup_ready(&known).is_none(),
+            cache.lookup(&known).now().ok().is_none(),
             "cold cache must not answer"
         );
         assert!(cache.lookup(&known).await.unwrap().is_some());
         assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
         clock.advance(Duration::from_secs(29));
-        assert!(cache.lookup_ready(&known).unwrap().unwrap().is_some());
+        assert!(cache.lookup(&known).now().ok().unwrap().unwrap().is_some());
         assert!(cache.lookup(&known).await.unwrap().is_some());
         assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
         clock.advance(Duration::from_secs(1));
         assert!(
-            cache.lookup_ready(&known).is_none(),
+            cache.lookup(&known).now().ok().is_none(),
             "expired at exactly the TTL"
         );
         assert!(cache.lookup(&known).await.unwrap().is_some());
@@ -525,10 +478,10 @@ mod tests {
         let unknown = KeyHash::of("unknown");
         assert!(cache.lookup(&unknown).await.unwrap().is_none());
         clock.advance(Duration::from_secs(4));
-        assert!(matches!(cache.lookup_ready(&unknown), Some(Ok(None))));
+        assert!(matches!(cache.lookup(&unknown).now().ok(), Some(Ok(None))));
         assert_eq!(backend.calls.load(Ordering::SeqCst), 1);
         clock.advance(Duration::from_secs(1));
-        assert!(cache.lookup_ready(&unknown).is_none());
+        assert!(cache.lookup(&unknown).now().ok().is_none());
     }
 
     #[tokio::test]
@@ -537,7 +490,7 @@ mod tests {
         let known = KeyHash::of("known");
         cache.lookup(&known).await.unwrap();
         clock.rewind(Duration::from_secs(3600));
-        assert!(cache.lookup_ready(&known).is_none());
+        assert!(cache.lookup(&known).now().ok().is_none());
     }
 
     #[tokio::test]
@@ -548,8 +501,8 @@ mod tests {
         cache.lookup(&known).await.unwrap();
         cache.lookup(&unknown).await.unwrap();
         cache.invalidate(&known);
-        assert!(cache.lookup_ready(&known).is_none());
-        assert!(cache.lookup_ready(&unknown).is_some());
+        assert!(cache.lookup(&known).now().ok().is_none());
+        assert!(cache.lookup(&unknown).now().ok().is_some());
         cache.lookup(&known).await.unwrap();
         assert_eq!(backend.calls.load(Ordering::SeqCst), 3);
         cache.invalidate_all();
@@ -562,7 +515,7 @@ mod tests {
         let known = KeyHash::of("known");
         backend.fail.store(true, Ordering::SeqCst);
         assert!(cache.lookup(&known).await.is_err());
-        assert!(cache.lookup_ready(&known).is_none());
+        assert!(cache.lookup(&known).now().ok().is_none());
         backend.fail.store(false, Ordering::SeqCst);
         assert!(cache.lookup(&known).await.unwrap().is_some());
         assert_eq!(backend.calls.load(Ordering::SeqCst), 2);
@@ -639,11 +592,11 @@ mod tests {
         }
         clock.advance(Duration::from_secs(5));
         assert!(
-            cache.lookup_ready(&KeyHash::of("deleted")).is_none(),
+            cache.lookup(&KeyHash::of("deleted")).now().ok().is_none(),
             "gone with the negative TTL"
         );
         assert!(
-            cache.lookup_ready(&KeyHash::of("active")).is_some(),
+            cache.lookup(&KeyHash::of("active")).now().ok().is_some(),
             "kept for the TTL"
         );
     }
@@ -659,7 +612,9 @@ mod tests {
             .issue(Owner::new("o", "o"), Environment::Live, |r| r)
             .unwrap();
         let id = store
-            .lookup_ready(&key.hash())
+            .lookup(&key.hash())
+            .now()
+            .ok()
             .unwrap()
             .unwrap()
             .unwrap()

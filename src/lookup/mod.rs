@@ -8,9 +8,10 @@
 //! use std::future::Future;
 //! use std::pin::Pin;
 //! use std::sync::Arc;
+//! use keygate::answer::Answer;
+//! use keygate::error::BoxError;
 //! use keygate::key::KeyHash;
-//! use keygate::lookup::{KeyLookup};
-//! use keygate::error::{BoxError};
+//! use keygate::lookup::KeyLookup;
 //! use keygate::record::KeyRecord;
 //!
 //! #[derive(Clone)]
@@ -27,10 +28,10 @@
 //!     type Error = BoxError;
 //!     type Future = Pin<Box<dyn Future<Output = Result<Option<Arc<KeyRecord>>, BoxError>> + Send>>;
 //!
-//!     fn lookup(&self, hash: &KeyHash) -> Self::Future {
+//!     fn lookup(&self, hash: &KeyHash) -> Answer<Result<Option<Arc<KeyRecord>>, BoxError>, Self::Future> {
 //!         let db = self.clone();
 //!         let hash = *hash;
-//!         Box::pin(async move { Ok(db.find(hash).await?.map(Arc::new)) })
+//!         Answer::Later(Box::pin(async move { Ok(db.find(hash).await?.map(Arc::new)) }))
 //!     }
 //! }
 //! ```
@@ -39,9 +40,9 @@
 //!
 //! ```
 //! use std::sync::Arc;
+//! use keygate::error::BoxError;
 //! use keygate::key::KeyHash;
-//! use keygate::lookup::{KeyLookup};
-//! use keygate::error::{BoxError};
+//! use keygate::lookup::KeyLookup;
 //! use keygate::record::KeyRecord;
 //!
 //! let lookup = |hash: KeyHash| async move {
@@ -59,6 +60,7 @@ pub use cache::{CachedFuture, CachedLookup, CachedLookupBuilder};
 use std::future::Future;
 use std::sync::Arc;
 
+use crate::answer::Answer;
 use crate::error::BoxError;
 use crate::key::KeyHash;
 use crate::record::KeyRecord;
@@ -67,84 +69,49 @@ use crate::record::KeyRecord;
 /// the layers turn into 503 `auth_unavailable`, never into a 401).
 pub type LookupResult<E> = Result<Option<Arc<KeyRecord>>, E>;
 
-/// Finds a key's record by its hash.
+/// Finds a key's record by its hash: at once when the answer is at hand (an in-memory
+/// store, a cache hit), as a future otherwise. One method serves both; the layers take the
+/// answer at hand without boxing or polling anything.
 ///
 /// Shared by every clone of a layer; implementations hold their own `Arc`s so that the
 /// futures they return are `'static`.
 pub trait KeyLookup: Send + Sync + 'static {
     /// The backend's error.
-    type Error: Into<BoxError>;
-    /// The future of one lookup.
+    type Error: Into<BoxError> + Send;
+    /// The future of a lookup that cannot answer at once.
     type Future: Future<Output = LookupResult<Self::Error>> + Send + 'static;
 
     /// Looks a key up.
-    fn lookup(&self, hash: &KeyHash) -> Self::Future;
-
-    /// Answers at once when the answer is at hand (an in-memory store, a cache hit), so that
-    /// the layer can skip the asynchronous path altogether. The default never does.
-    fn lookup_ready(&self, hash: &KeyHash) -> Option<LookupResult<Self::Error>> {
-        let _ = hash;
-        None
-    }
-
-    /// Told of every request a key was accepted for, so that a store can keep
-    /// `last_used_at`. Called on the request path: implementations must return at once
-    /// (throttle, then write in the background). The default does nothing.
-    fn touch(&self, record: &KeyRecord, now: std::time::SystemTime) {
-        let _ = (record, now);
-    }
-}
-
-/// Decides, cheaply and in bounded memory, when a key's last use is due to be written again
-/// (at most once per [`LAST_USED_RESOLUTION`](crate::store::LAST_USED_RESOLUTION)).
-pub(crate) struct UseThrottle {
-    written: quick_cache::sync::Cache<crate::key::KeyId, u64>,
-}
-
-impl UseThrottle {
-    pub(crate) fn new() -> Self {
-        Self {
-            written: quick_cache::sync::Cache::new(100_000),
-        }
-    }
-
-    /// Whether to write now; if so, remembers that it was.
-    pub(crate) fn due(&self, record: &KeyRecord, now: std::time::SystemTime) -> bool {
-        let resolution = crate::store::LAST_USED_RESOLUTION;
-        // The record itself may already say it was used lately.
-        let recent = |at: std::time::SystemTime| {
-            now.duration_since(at).is_ok_and(|since| since < resolution)
-        };
-        if record.last_used_at.is_some_and(recent) {
-            return false;
-        }
-        let now_ns = crate::clock::nanos_since_epoch(now);
-        let window = u64::try_from(resolution.as_nanos()).unwrap_or(u64::MAX);
-        if let Some(last) = self.written.get(&record.id) {
-            if now_ns.saturating_sub(last) < window && now_ns >= last {
-                return false;
-            }
-        }
-        self.written.insert(record.id.clone(), now_ns);
-        true
-    }
+    ///
+    /// A future returned here must do nothing until it is polled (as `async` blocks and
+    /// database clients' futures do): the auth layer may drop it unpolled, when the
+    /// failed-attempt limiter turns the client away, and a lookup that has started by then
+    /// has reached the store all the same.
+    fn lookup(&self, hash: &KeyHash) -> Answer<LookupResult<Self::Error>, Self::Future>;
 }
 
 impl<F, Fut, E> KeyLookup for F
 where
     F: Fn(KeyHash) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = LookupResult<E>> + Send + 'static,
-    E: Into<BoxError>,
+    E: Into<BoxError> + Send,
 {
     type Error = E;
     type Future = Fut;
 
-    fn lookup(&self, hash: &KeyHash) -> Fut {
-        self(*hash)
+    fn lookup(&self, hash: &KeyHash) -> Answer<LookupResult<E>, Fut> {
+        Answer::Later(self(*hash))
     }
 }
 
-/// A lookup that did not finish in time.
-#[derive(Debug, Clone, Copy, thiserror::Error)]
-#[error("the key lookup timed out")]
-pub struct LookupTimeout;
+/// Told of every key hash whose lookup answer may have changed. See [`ChangeFeed`].
+pub type ChangeListener = Arc<dyn Fn(&KeyHash) + Send + Sync>;
+
+/// A backend that can tell which keys' answers changed: the stores, whose every write names
+/// the hashes it affects. [`CachedLookup::over_store`] subscribes, so that the cache drops
+/// those keys at once.
+pub trait ChangeFeed {
+    /// Registers a listener, told in this process of every hash a change (through this
+    /// backend or its clones) may have affected.
+    fn subscribe(&self, listener: ChangeListener);
+}

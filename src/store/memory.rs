@@ -1,23 +1,23 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
-use std::future::{ready, Ready};
+use std::future::Ready;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
-use super::{CreatedKey, KeyStore, KeyUpdate, NewKey, Page, StoreError, LAST_USED_RESOLUTION};
-use crate::clock::{Clock, SystemClock};
-use crate::key::Environment;
-use crate::key::{ApiKey, KeyFormat, KeyHash, KeyId};
-use crate::lookup::{KeyLookup, LookupResult};
-use crate::record::{KeyRecord, Owner, Status};
+use std::sync::Weak;
 
-use super::ChangeListener as Listener;
+use super::{CreatedKey, KeyStore, KeyUpdate, NewKey, OwnerStore, Page, StoreError};
+use crate::answer::Answer;
+use crate::clock::{Clock, SystemClock};
+use crate::key::{ApiKey, Environment, KeyFormat, KeyHash, KeyId};
+use crate::lookup::{ChangeFeed, ChangeListener, KeyLookup, LookupResult};
+use crate::record::{KeyRecord, Owner, Status, UsageSink, LAST_USED_RESOLUTION};
 
 /// Keys and owners in memory. Clones share one store.
 ///
-/// It implements [`KeyLookup`] (answering at once, through `lookup_ready`) and
-/// [`KeyStore`]. The quickstart uses it; so can tests and single-process services whose
-/// keys are made at start-up.
+/// It implements [`KeyLookup`] (answering at once: [`Answer::Now`]), [`KeyStore`] and
+/// [`OwnerStore`]. Tests use it, and so can single-process services whose keys are made at
+/// start-up.
 ///
 /// ```
 /// use keygate::record::{Owner};
@@ -33,10 +33,36 @@ use super::ChangeListener as Listener;
 #[derive(Clone)]
 pub struct MemoryStore {
     state: Arc<RwLock<State>>,
-    uses: Arc<crate::lookup::UseThrottle>,
+    usage: Arc<MemoryUsage>,
     listeners: Arc<super::Listeners>,
     format: KeyFormat,
     clock: Arc<dyn Clock>,
+}
+
+/// The store's [`UsageSink`]: writes a key's last use into its record, under the lock,
+/// at most once a minute per key (the records' own throttle sees to that).
+struct MemoryUsage {
+    state: Weak<RwLock<State>>,
+}
+
+impl UsageSink for MemoryUsage {
+    fn used(&self, key: &KeyId, at: SystemTime) {
+        let Some(state) = self.state.upgrade() else {
+            return;
+        };
+        let Ok(mut state) = state.write() else { return };
+        if let Some(stored) = state.keys.get_mut(key) {
+            let recent = stored.record.last_used_at.is_some_and(|last| {
+                at.duration_since(last)
+                    .is_ok_and(|since| since < LAST_USED_RESOLUTION)
+            });
+            if !recent {
+                let mut record = (*stored.record).clone();
+                record.last_used_at = Some(at);
+                stored.record = Arc::new(record);
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -86,13 +112,22 @@ impl MemoryStore {
 
     /// An empty store issuing keys in `format`.
     pub fn with_format(format: KeyFormat) -> Self {
+        let state: Arc<RwLock<State>> = Arc::default();
         Self {
-            state: Arc::default(),
-            uses: Arc::new(crate::lookup::UseThrottle::new()),
+            usage: Arc::new(MemoryUsage {
+                state: Arc::downgrade(&state),
+            }),
+            state,
             listeners: Arc::default(),
             format,
             clock: Arc::new(SystemClock),
         }
+    }
+
+    /// A record as this store keeps it: shared, with the store's usage hook.
+    fn filed(&self, record: KeyRecord) -> Arc<KeyRecord> {
+        let usage: Arc<dyn UsageSink> = self.usage.clone();
+        Arc::new(record.with_usage(usage))
     }
 
     /// Reads the time (creation, grace periods, last use) from `clock`.
@@ -117,7 +152,8 @@ impl MemoryStore {
 
     /// Generates a key for `owner`, stores its record (shaped by `edit`) under the key's
     /// hash, and returns the secret: the only time it is seen. The owner is registered (with
-    /// no password) if it is new.
+    /// no password) if it is new. The quick way to set up keys in tests and at start-up;
+    /// [`KeyStore::create`] is the same act with the store's checks.
     ///
     /// # Errors
     ///
@@ -128,68 +164,61 @@ impl MemoryStore {
         environment: Environment,
         edit: impl FnOnce(KeyRecord) -> KeyRecord,
     ) -> Result<ApiKey, StoreError> {
-        let key = self.format.generate(environment)?;
-        let mut record = edit(KeyRecord::new(KeyId::generate()?, owner, environment));
-        record.created_at.get_or_insert(self.clock.now());
-        self.insert(key.hash(), record)?;
-        Ok(key)
+        let record = edit(KeyRecord::new(KeyId::generate()?, owner, environment));
+        let name = record.owner.as_ref().map(|o| o.name.clone());
+        let created = self.file_new(record, name, true)?;
+        Ok(created.secret)
     }
 
-    /// Stores a record under a hash, replacing any earlier one with that hash.
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Poisoned`] when the lock is poisoned.
-    pub fn insert(&self, hash: KeyHash, record: KeyRecord) -> Result<(), StoreError> {
-        let owner_name = record
-            .owner
-            .as_ref()
-            .map(|o| o.name.clone())
-            .unwrap_or_default();
+    /// The one way a key is made: a secret, its hash filed under the record's id, the
+    /// record kept (its owner registered first when `register_owner`), the caches told.
+    fn file_new(
+        &self,
+        mut record: KeyRecord,
+        owner_name: Option<String>,
+        register_owner: bool,
+    ) -> Result<CreatedKey, StoreError> {
+        let secret = self.format.generate(record.environment)?;
+        let hash = secret.hash();
+        record.created_at.get_or_insert(self.clock.now());
+        let id = record.id.clone();
         {
             let mut state = self.write()?;
-            if let Some(owner) = &record.owner {
-                state
-                    .owners
-                    .entry(owner.name.clone())
-                    .or_insert_with(|| StoredOwner {
-                        owner: owner.clone(),
-                        password: None,
-                    });
+            let owner_name = owner_name.unwrap_or_default();
+            match (&record.owner, state.owners.get(&owner_name)) {
+                // `issue`: the record's owner as given, registered if new.
+                (Some(owner), None) if register_owner => {
+                    state.owners.insert(
+                        owner_name.clone(),
+                        StoredOwner {
+                            owner: owner.clone(),
+                            password: None,
+                        },
+                    );
+                }
+                (Some(_), Some(_)) if register_owner => {}
+                // `create`: the registered owner.
+                (_, Some(stored)) => record.owner = Some(stored.owner.clone()),
+                _ => return Err(StoreError::OwnerNotFound(owner_name)),
             }
             state.hashes.insert(
                 hash,
                 HashEntry {
-                    id: record.id.clone(),
+                    id: id.clone(),
                     valid_until: None,
                 },
             );
             state.keys.insert(
-                record.id.clone(),
+                id,
                 StoredKey {
-                    record: Arc::new(record),
+                    record: self.filed(record.clone()),
                     owner_name,
                 },
             );
         }
+        // A cache may hold this hash as unknown.
         self.notify(&[hash]);
-        Ok(())
-    }
-
-    /// Forgets a hash altogether (no audit record is kept: prefer
-    /// [`KeyStore::set_status`] with [`Status::Deleted`]).
-    ///
-    /// # Errors
-    ///
-    /// [`StoreError::Poisoned`] when the lock is poisoned.
-    pub fn remove(&self, hash: &KeyHash) -> Result<Option<Arc<KeyRecord>>, StoreError> {
-        let removed = {
-            let mut state = self.write()?;
-            let entry = state.hashes.remove(hash);
-            entry.and_then(|e| state.keys.get(&e.id).map(|k| Arc::clone(&k.record)))
-        };
-        self.notify(&[*hash]);
-        Ok(removed)
+        Ok(CreatedKey { record, secret })
     }
 
     fn get_hash(&self, hash: &KeyHash) -> LookupResult<StoreError> {
@@ -236,7 +265,7 @@ impl MemoryStore {
             let mut record = (*stored.record).clone();
             edit(&mut record)?;
             record.version += 1;
-            stored.record = Arc::new(record.clone());
+            stored.record = self.filed(record.clone());
             (record, Self::hashes_of(&state, id))
         };
         self.notify(&hashes);
@@ -264,7 +293,7 @@ impl MemoryStore {
                     let mut record = (*stored.record).clone();
                     record.owner = Some(owner.clone());
                     record.version += 1;
-                    stored.record = Arc::new(record);
+                    stored.record = self.filed(record);
                 }
                 hashes.extend(Self::hashes_of(&state, id));
             }
@@ -279,22 +308,18 @@ impl KeyLookup for MemoryStore {
     type Error = StoreError;
     type Future = Ready<LookupResult<StoreError>>;
 
-    fn lookup(&self, hash: &KeyHash) -> Self::Future {
-        ready(self.get_hash(hash))
-    }
-
-    fn lookup_ready(&self, hash: &KeyHash) -> Option<LookupResult<StoreError>> {
-        Some(self.get_hash(hash))
-    }
-
-    fn touch(&self, record: &KeyRecord, now: SystemTime) {
-        if self.uses.due(record, now) {
-            let _ = self.mark_used(&record.id, now);
-        }
+    fn lookup(&self, hash: &KeyHash) -> Answer<LookupResult<StoreError>, Self::Future> {
+        Answer::Now(self.get_hash(hash))
     }
 }
 
-impl KeyStore for MemoryStore {
+impl ChangeFeed for MemoryStore {
+    fn subscribe(&self, listener: ChangeListener) {
+        self.listeners.add(listener);
+    }
+}
+
+impl OwnerStore for MemoryStore {
     async fn add_owner(&self, name: &str, password: Option<&str>) -> Result<Owner, StoreError> {
         let (owner, password) = super::new_owner(name, password)?;
         let mut state = self.write()?;
@@ -325,48 +350,26 @@ impl KeyStore for MemoryStore {
     async fn set_owner_active(&self, name: &str, active: bool) -> Result<Owner, StoreError> {
         self.owner_edit(name, active)
     }
+}
 
+impl KeyStore for MemoryStore {
     async fn create(&self, new: NewKey) -> Result<CreatedKey, StoreError> {
         new.check()?;
-        let secret = self.format.generate(new.environment)?;
-        let id = KeyId::generate()?;
-        let hash = secret.hash();
-        let record = {
-            let mut state = self.write()?;
-            let owner = state
-                .owners
-                .get(&new.owner)
-                .map(|o| o.owner.clone())
-                .ok_or_else(|| StoreError::OwnerNotFound(new.owner.clone()))?;
-            let mut record = KeyRecord::new(id.clone(), owner, new.environment);
-            record.name = new.name;
-            record.description = new.description;
-            record.use_case = new.use_case;
-            record.scopes = new.scopes;
-            record.restrictions = new.restrictions;
-            record.quotas = new.quotas;
-            record.expires_at = new.expires_at;
-            record.metadata = new.metadata;
-            record.created_at = Some(self.clock.now());
-            state.hashes.insert(
-                hash,
-                HashEntry {
-                    id: id.clone(),
-                    valid_until: None,
-                },
-            );
-            state.keys.insert(
-                id,
-                StoredKey {
-                    record: Arc::new(record.clone()),
-                    owner_name: new.owner,
-                },
-            );
-            record
-        };
-        // A cache may hold this hash as unknown.
-        self.notify(&[hash]);
-        Ok(CreatedKey { record, secret })
+        // The owner's record is filled in from the registered owner.
+        let mut record = KeyRecord::new(
+            KeyId::generate()?,
+            Owner::new(String::new(), new.owner.clone()),
+            new.environment,
+        );
+        record.name = new.name;
+        record.description = new.description;
+        record.use_case = new.use_case;
+        record.scopes = new.scopes;
+        record.restrictions = new.restrictions;
+        record.quotas = new.quotas;
+        record.expires_at = new.expires_at;
+        record.metadata = new.metadata;
+        self.file_new(record, Some(new.owner), false)
     }
 
     async fn get(&self, id: &KeyId) -> Result<KeyRecord, StoreError> {
@@ -442,7 +445,7 @@ impl KeyStore for MemoryStore {
             }
             let mut record = (*key.record).clone();
             record.version += 1;
-            key.record = Arc::new(record.clone());
+            key.record = self.filed(record.clone());
             let old: Vec<KeyHash> = Self::hashes_of(&state, id);
             let until = now.checked_add(grace).unwrap_or(now);
             for hash in &old {
@@ -490,7 +493,7 @@ impl KeyStore for MemoryStore {
                     let mut record = (*stored.record).clone();
                     record.status = Status::Revoked;
                     record.version += 1;
-                    stored.record = Arc::new(record);
+                    stored.record = self.filed(record);
                 }
                 hashes.extend(Self::hashes_of(&state, id));
             }
@@ -500,37 +503,8 @@ impl KeyStore for MemoryStore {
         Ok(count)
     }
 
-    async fn record_use(&self, id: &KeyId) -> Result<(), StoreError> {
-        self.mark_used(id, self.clock.now())
-    }
-
-    fn on_change(&self, listener: Listener) {
-        self.listeners.add(listener);
-    }
-}
-
-impl MemoryStore {
-    fn mark_used(&self, id: &KeyId, now: SystemTime) -> Result<(), StoreError> {
-        {
-            let state = self.read()?;
-            let key = state
-                .keys
-                .get(id)
-                .ok_or_else(|| StoreError::KeyNotFound(id.clone()))?;
-            let recent = key.record.last_used_at.is_some_and(|last| {
-                now.duration_since(last)
-                    .is_ok_and(|since| since < LAST_USED_RESOLUTION)
-            });
-            if recent {
-                return Ok(());
-            }
-        }
-        let mut state = self.write()?;
-        if let Some(stored) = state.keys.get_mut(id) {
-            let mut record = (*stored.record).clone();
-            record.last_used_at = Some(now);
-            stored.record = Arc::new(record);
-        }
+    async fn flush_usage(&self) -> Result<(), StoreError> {
+        // Written as they are reported: nothing waits.
         Ok(())
     }
 }

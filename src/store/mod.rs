@@ -1,13 +1,13 @@
-//! Where keys live: the [`KeyStore`] management trait beside [`KeyLookup`], and
-//! [`MemoryStore`], which keeps keys in the process (the quickstart's store, and the
-//! fastest [`KeyLookup`] there is).
+//! Where keys live: the [`KeyStore`] trait (keys) and its [`OwnerStore`] sub-trait
+//! (owners), and [`MemoryStore`], which keeps both in the process (the fastest
+//! [`KeyLookup`] there is); `SqlStore` keeps them in SQLite or PostgreSQL.
 //!
 //! A store knows keys only by their [`KeyHash`](crate::key::KeyHash): the secret is returned
 //! once, by [`KeyStore::create`] and [`KeyStore::rotate`], and never again.
 //!
 //! ```
 //! # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
-//! use keygate::store::{KeyStore, MemoryStore, NewKey};
+//! use keygate::store::{KeyStore, MemoryStore, NewKey, OwnerStore};
 //! use keygate::key::Environment;
 //!
 //! let store = MemoryStore::new();
@@ -33,12 +33,9 @@ use std::time::{Duration, SystemTime};
 
 use crate::key::Environment;
 use crate::key::{ApiKey, KeyId};
-use crate::lookup::KeyLookup;
+use crate::lookup::{ChangeFeed, ChangeListener, KeyLookup};
 use crate::quota::Quota;
 use crate::record::{KeyRecord, Owner, Restrictions, Scopes, Status};
-
-/// `last_used_at` is written at most this often per key.
-pub const LAST_USED_RESOLUTION: Duration = Duration::from_secs(60);
 
 /// Why a store refused or failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -327,38 +324,17 @@ pub struct Page {
     pub limit: usize,
 }
 
-/// Managing keys and owners. Every implementation runs the same conformance suite
-/// (`tests/store_conformance.rs`).
+/// Managing keys. Every implementation runs the same conformance suite
+/// (`tests/conformance/`); owners are managed through [`OwnerStore`].
 ///
-/// Changes take effect for lookups through the same store at once; a
-/// [`CachedLookup`](crate::lookup::CachedLookup) built with
-/// [`CachedLookup::over_store`](crate::lookup::CachedLookup::over_store) is told of every
-/// change made in this process. Another process sees a change once its cache entry
-/// expires (the cache TTL, 30 s by default).
-pub trait KeyStore: KeyLookup + Clone {
-    /// Adds an owner, with an optional password (hashed with argon2id).
-    fn add_owner(
-        &self,
-        name: &str,
-        password: Option<&str>,
-    ) -> impl Future<Output = Result<Owner, StoreError>> + Send;
-
-    /// Checks an owner's credentials in constant time; an unknown name and a wrong password
-    /// take the same time and give the same [`StoreError::InvalidCredentials`].
-    fn verify_owner(
-        &self,
-        name: &str,
-        password: &str,
-    ) -> impl Future<Output = Result<Owner, StoreError>> + Send;
-
-    /// Enables or disables an owner (every key of a disabled owner fails with
-    /// `owner_inactive`).
-    fn set_owner_active(
-        &self,
-        name: &str,
-        active: bool,
-    ) -> impl Future<Output = Result<Owner, StoreError>> + Send;
-
+/// A store is also a [`KeyLookup`] (the layers read keys through it) and a [`ChangeFeed`]:
+/// every write names the key hashes it affects, so that a
+/// [`CachedLookup::over_store`](crate::lookup::CachedLookup::over_store) in this process
+/// drops them at once. Another process sees a change once its cache entry expires (the
+/// cache TTL, 30 s by default). The records a store hands out carry its
+/// [`UsageSink`](crate::record::UsageSink), through which accepted requests record the
+/// key's last use.
+pub trait KeyStore: KeyLookup + ChangeFeed + Clone {
     /// Creates a key and returns its secret, the only time it is seen.
     fn create(&self, new: NewKey) -> impl Future<Output = Result<CreatedKey, StoreError>> + Send;
 
@@ -409,17 +385,38 @@ pub trait KeyStore: KeyLookup + Clone {
     /// Revokes every key of an owner; returns how many.
     fn revoke_all(&self, owner: &str) -> impl Future<Output = Result<usize, StoreError>> + Send;
 
-    /// Notes that a key was used now; written at most once per [`LAST_USED_RESOLUTION`].
-    fn record_use(&self, id: &KeyId) -> impl Future<Output = Result<(), StoreError>> + Send;
-
-    /// Registers a listener told, in this process, of every key hash whose lookup answer a
-    /// change made through this store (or its clones) may have changed: the hook that keeps
-    /// a [`CachedLookup`](crate::lookup::CachedLookup) honest.
-    fn on_change(&self, listener: ChangeListener);
+    /// Writes the last uses reported so far and not yet written (the store batches them off
+    /// the request path): call it before shutting down, or in a test before reading
+    /// [`last_used_at`](KeyRecord::last_used_at) back.
+    fn flush_usage(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
-/// See [`KeyStore::on_change`].
-pub type ChangeListener = std::sync::Arc<dyn Fn(&crate::key::KeyHash) + Send + Sync>;
+/// The owners keys belong to: an ability of the stores that keep them (both stores here),
+/// apart from the keys themselves.
+pub trait OwnerStore: KeyStore {
+    /// Adds an owner, with an optional password (hashed with argon2id).
+    fn add_owner(
+        &self,
+        name: &str,
+        password: Option<&str>,
+    ) -> impl Future<Output = Result<Owner, StoreError>> + Send;
+
+    /// Checks an owner's credentials in constant time; an unknown name and a wrong password
+    /// take the same time and give the same [`StoreError::InvalidCredentials`].
+    fn verify_owner(
+        &self,
+        name: &str,
+        password: &str,
+    ) -> impl Future<Output = Result<Owner, StoreError>> + Send;
+
+    /// Enables or disables an owner (every key of a disabled owner fails with
+    /// `owner_inactive`).
+    fn set_owner_active(
+        &self,
+        name: &str,
+        active: bool,
+    ) -> impl Future<Output = Result<Owner, StoreError>> + Send;
+}
 
 /// The listeners of one store (shared by its clones).
 #[derive(Default)]

@@ -10,14 +10,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Connection as _, Row};
 
-use super::{
-    ChangeListener, CreatedKey, KeyStore, KeyUpdate, NewKey, Page, StoreError, LAST_USED_RESOLUTION,
-};
+use super::{CreatedKey, KeyStore, KeyUpdate, NewKey, OwnerStore, Page, StoreError};
+use crate::answer::Answer;
 use crate::clock::{nanos_since_epoch, Clock, SystemClock};
 use crate::key::Environment;
 use crate::key::{KeyFormat, KeyHash, KeyId};
+use crate::lookup::{ChangeFeed, ChangeListener};
 use crate::lookup::{KeyLookup, LookupResult};
 use crate::record::{KeyRecord, Owner, Status};
+use crate::record::{UsageSink, LAST_USED_RESOLUTION};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Backend {
@@ -35,7 +36,7 @@ enum Backend {
 #[derive(Clone)]
 pub struct SqlStore {
     pool: AnyPool,
-    uses: Arc<crate::lookup::UseThrottle>,
+    usage: Arc<SqlUsage>,
     backend: Backend,
     format: KeyFormat,
     clock: Arc<dyn Clock>,
@@ -185,8 +186,8 @@ impl SqlStore {
             .await
             .map_err(|e| StoreError::Backend(format!("cannot open the database: {e}")))?;
         let store = Self {
+            usage: SqlUsage::new(pool.clone()),
             pool,
-            uses: Arc::new(crate::lookup::UseThrottle::new()),
             backend,
             format: KeyFormat::default(),
             clock: Arc::new(SystemClock),
@@ -280,7 +281,7 @@ impl SqlStore {
             .await
             .map_err(db)?;
         let Some(row) = row else { return Ok(None) };
-        let mut record = record_from(&row)?;
+        let mut record = record_from(&row)?.with_usage(self.usage.clone());
         let valid_until: Option<i64> = row.try_get("valid_until").map_err(db)?;
         if let Some(until) = valid_until.map(from_nanos) {
             record.expires_at = Some(record.expires_at.map_or(until, |e| e.min(until)));
@@ -464,31 +465,141 @@ impl KeyLookup for SqlStore {
     type Error = StoreError;
     type Future = Pin<Box<dyn Future<Output = LookupResult<StoreError>> + Send>>;
 
-    fn lookup(&self, hash: &KeyHash) -> Self::Future {
+    fn lookup(&self, hash: &KeyHash) -> Answer<LookupResult<StoreError>, Self::Future> {
         let store = self.clone();
         let hash = *hash;
-        Box::pin(async move { store.find_hash(hash).await })
-    }
-
-    fn touch(&self, record: &KeyRecord, now: SystemTime) {
-        // At most once a minute per key, written in the background.
-        if !self.uses.due(record, now) {
-            return;
-        }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let store = self.clone();
-        let id = record.id.clone();
-        runtime.spawn(async move {
-            if let Err(error) = store.record_use(&id).await {
-                tracing::warn!(target: "keygate", key_id = %id, error = %error, "could not record a key's last use");
-            }
-        });
+        Answer::Later(Box::pin(async move { store.find_hash(hash).await }))
     }
 }
 
-impl KeyStore for SqlStore {
+impl ChangeFeed for SqlStore {
+    fn subscribe(&self, listener: ChangeListener) {
+        self.listeners.add(listener);
+    }
+}
+
+/// The most last uses waiting to be written; past it new ones are dropped (and said so).
+const MAX_PENDING_USES: usize = 100_000;
+
+/// The store's [`UsageSink`]: uses are queued from the request path and written in
+/// batches, one transaction each, by a task spawned when the first one of a batch arrives
+/// (or by [`KeyStore::flush_usage`]).
+struct SqlUsage {
+    pool: AnyPool,
+    pending: std::sync::Mutex<std::collections::HashMap<KeyId, SystemTime>>,
+    scheduled: std::sync::atomic::AtomicBool,
+    warned: std::sync::atomic::AtomicBool,
+    /// One writer at a time: a flush waits for the batch in flight before its own.
+    writer: tokio::sync::Mutex<()>,
+    me: std::sync::Weak<SqlUsage>,
+}
+
+impl SqlUsage {
+    fn new(pool: AnyPool) -> Arc<Self> {
+        Arc::new_cyclic(|me| Self {
+            pool,
+            pending: std::sync::Mutex::default(),
+            scheduled: std::sync::atomic::AtomicBool::new(false),
+            warned: std::sync::atomic::AtomicBool::new(false),
+            writer: tokio::sync::Mutex::new(()),
+            me: me.clone(),
+        })
+    }
+
+    fn warn_once(&self, message: &str) {
+        if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(target: "keygate", "{message}");
+        }
+    }
+
+    /// Starts a writer unless one is on its way (needs a Tokio runtime; without one, uses
+    /// wait for [`KeyStore::flush_usage`]).
+    fn schedule(&self) {
+        use std::sync::atomic::Ordering;
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let Some(usage) = self.me.upgrade() else {
+            return;
+        };
+        runtime.spawn(async move {
+            loop {
+                // Let the uses of the requests in flight join this batch.
+                tokio::task::yield_now().await;
+                if let Err(error) = usage.flush().await {
+                    tracing::warn!(target: "keygate", error = %error, "could not record keys' last use");
+                }
+                usage.scheduled.store(false, Ordering::Release);
+                let more = usage.pending.lock().map(|p| !p.is_empty()).unwrap_or(false);
+                if !more || usage.scheduled.swap(true, Ordering::AcqRel) {
+                    break;
+                }
+            }
+        });
+    }
+
+    /// Writes every queued use, in one transaction. On failure the uses are queued again.
+    async fn flush(&self) -> Result<(), StoreError> {
+        let _writer = self.writer.lock().await;
+        let batch: Vec<(KeyId, SystemTime)> = match self.pending.lock() {
+            Ok(mut pending) => pending.drain().collect(),
+            Err(_) => return Err(StoreError::Poisoned),
+        };
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let written = self.write(&batch).await;
+        if written.is_err() {
+            if let Ok(mut pending) = self.pending.lock() {
+                for (id, at) in batch {
+                    let at = pending.get(&id).map_or(at, |later| (*later).max(at));
+                    pending.insert(id, at);
+                }
+            }
+        }
+        written
+    }
+
+    async fn write(&self, batch: &[(KeyId, SystemTime)]) -> Result<(), StoreError> {
+        let mut tx = self.pool.begin().await.map_err(db)?;
+        for (id, at) in batch {
+            let before = at.checked_sub(LAST_USED_RESOLUTION).unwrap_or(UNIX_EPOCH);
+            sqlx::query(
+                "UPDATE keygate_keys SET last_used_at = $1 \
+                 WHERE id = $2 AND (last_used_at IS NULL OR last_used_at <= $3)",
+            )
+            .bind(to_nanos(*at))
+            .bind(id.as_str().to_owned())
+            .bind(to_nanos(before))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+}
+
+impl UsageSink for SqlUsage {
+    fn used(&self, key: &KeyId, at: SystemTime) {
+        {
+            let Ok(mut pending) = self.pending.lock() else {
+                return;
+            };
+            if pending.len() >= MAX_PENDING_USES && !pending.contains_key(key) {
+                drop(pending);
+                self.warn_once("too many last uses waiting to be written: some are dropped");
+                return;
+            }
+            pending.insert(key.clone(), at);
+        }
+        self.schedule();
+    }
+}
+
+impl OwnerStore for SqlStore {
     async fn add_owner(&self, name: &str, password: Option<&str>) -> Result<Owner, StoreError> {
         let (owner, password) = super::new_owner(name, password)?;
         let done = sqlx::query(
@@ -551,7 +662,9 @@ impl KeyStore for SqlStore {
         owner.active = active;
         Ok(owner)
     }
+}
 
+impl KeyStore for SqlStore {
     async fn create(&self, new: NewKey) -> Result<CreatedKey, StoreError> {
         new.check()?;
         let owner_id = self.owner_id(&new.owner).await?;
@@ -719,27 +832,7 @@ impl KeyStore for SqlStore {
         Ok(usize::try_from(done.rows_affected()).unwrap_or(usize::MAX))
     }
 
-    async fn record_use(&self, id: &KeyId) -> Result<(), StoreError> {
-        let now = self.clock.now();
-        let before = now.checked_sub(LAST_USED_RESOLUTION).unwrap_or(UNIX_EPOCH);
-        let done = sqlx::query(
-            "UPDATE keygate_keys SET last_used_at = $1 \
-             WHERE id = $2 AND (last_used_at IS NULL OR last_used_at <= $3)",
-        )
-        .bind(to_nanos(now))
-        .bind(id.as_str().to_owned())
-        .bind(to_nanos(before))
-        .execute(&self.pool)
-        .await
-        .map_err(db)?;
-        if done.rows_affected() == 0 {
-            // Either used within the minute, or no such key.
-            self.get(id).await?;
-        }
-        Ok(())
-    }
-
-    fn on_change(&self, listener: ChangeListener) {
-        self.listeners.add(listener);
+    async fn flush_usage(&self) -> Result<(), StoreError> {
+        self.usage.flush().await
     }
 }

@@ -13,13 +13,13 @@ use keygate::lookup::{CachedLookup, KeyLookup};
 use keygate::ratelimit::Quota;
 use keygate::record::{Restrictions, Scopes, Status};
 use keygate::reject::Reason;
-use keygate::store::{KeyStore, KeyUpdate, NewKey, Page, StoreError};
+use keygate::store::{KeyUpdate, NewKey, OwnerStore, Page, StoreError};
 use keygate::validate::{check, Rules};
 
 /// Runs the whole suite; `open` gives two handles on one empty store.
 pub async fn run<S, F, Fut>(open: F)
 where
-    S: KeyStore + 'static,
+    S: OwnerStore + 'static,
     F: Fn(FakeClock) -> Fut,
     Fut: Future<Output = (S, S)>,
 {
@@ -57,7 +57,7 @@ async fn verdict<L: KeyLookup>(
     }
 }
 
-async fn owner_and_key<S: KeyStore>(
+async fn owner_and_key<S: OwnerStore>(
     store: &S,
     owner: &str,
 ) -> (keygate::store::CreatedKey, NewKey) {
@@ -68,7 +68,7 @@ async fn owner_and_key<S: KeyStore>(
     (created, new)
 }
 
-async fn owners<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
+async fn owners<S: OwnerStore>(store: &S, _: &S, clock: &FakeClock) {
     let ada = store.add_owner("ada", Some("correct horse")).await.unwrap();
     assert_eq!(ada.name, "ada");
     assert!(ada.active);
@@ -122,7 +122,7 @@ async fn owners<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
     );
 }
 
-async fn create_and_look_up<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
+async fn create_and_look_up<S: OwnerStore>(store: &S, _: &S, clock: &FakeClock) {
     store.add_owner("ada", None).await.unwrap();
     let mut new = NewKey::new("ada", "billing", Environment::Test);
     new.description = "nightly export".into();
@@ -170,7 +170,7 @@ async fn create_and_look_up<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
     );
 }
 
-async fn bad_input_writes_nothing<S: KeyStore>(store: &S, _: &S, _: &FakeClock) {
+async fn bad_input_writes_nothing<S: OwnerStore>(store: &S, _: &S, _: &FakeClock) {
     assert_eq!(
         store
             .create(NewKey::new("ghost", "k", Environment::Live))
@@ -238,7 +238,7 @@ async fn bad_input_writes_nothing<S: KeyStore>(store: &S, _: &S, _: &FakeClock) 
     assert!(keys[0].restrictions.sites.is_empty());
 }
 
-async fn list_pages<S: KeyStore>(store: &S, _: &S, _: &FakeClock) {
+async fn list_pages<S: OwnerStore>(store: &S, _: &S, _: &FakeClock) {
     store.add_owner("ada", None).await.unwrap();
     store.add_owner("bob", None).await.unwrap();
     let mut ids = Vec::new();
@@ -275,7 +275,7 @@ async fn list_pages<S: KeyStore>(store: &S, _: &S, _: &FakeClock) {
     );
 }
 
-async fn update_mutable_fields_only<S: KeyStore>(store: &S, _: &S, _: &FakeClock) {
+async fn update_mutable_fields_only<S: OwnerStore>(store: &S, _: &S, _: &FakeClock) {
     let (created, _) = owner_and_key(store, "ada").await;
     let id = &created.record.id;
     let mut update = KeyUpdate::default();
@@ -329,7 +329,7 @@ async fn update_mutable_fields_only<S: KeyStore>(store: &S, _: &S, _: &FakeClock
     );
 }
 
-async fn disable_enable_delete<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
+async fn disable_enable_delete<S: OwnerStore>(store: &S, _: &S, clock: &FakeClock) {
     let (created, _) = owner_and_key(store, "ada").await;
     let id = &created.record.id;
     store.set_status(id, Status::Disabled).await.unwrap();
@@ -367,7 +367,7 @@ async fn disable_enable_delete<S: KeyStore>(store: &S, _: &S, clock: &FakeClock)
     assert!(err.to_string().contains("deleted"), "{err}");
 }
 
-async fn rotation_with_grace<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
+async fn rotation_with_grace<S: OwnerStore>(store: &S, _: &S, clock: &FakeClock) {
     let (created, _) = owner_and_key(store, "ada").await;
     let id = &created.record.id;
     let rotated = store
@@ -450,7 +450,7 @@ async fn rotation_with_grace<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
     );
 }
 
-async fn concurrent_rotations_conflict<S: KeyStore + 'static>(a: &S, b: &S, clock: &FakeClock) {
+async fn concurrent_rotations_conflict<S: OwnerStore + 'static>(a: &S, b: &S, clock: &FakeClock) {
     let (created, _) = owner_and_key(a, "ada").await;
     let id = created.record.id.clone();
 
@@ -496,7 +496,7 @@ async fn concurrent_rotations_conflict<S: KeyStore + 'static>(a: &S, b: &S, cloc
     );
 }
 
-async fn revoke_all<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
+async fn revoke_all<S: OwnerStore>(store: &S, _: &S, clock: &FakeClock) {
     let (one, _) = owner_and_key(store, "ada").await;
     let two = store
         .create(NewKey::new("ada", "two", Environment::Test))
@@ -519,26 +519,47 @@ async fn revoke_all<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
     assert_eq!(verdict(store, &fresh.secret, clock).await, Ok(()));
 }
 
-async fn last_used_once_a_minute<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
+async fn last_used_once_a_minute<S: OwnerStore>(store: &S, _: &S, clock: &FakeClock) {
+    use tower::{Layer, ServiceExt};
     let (created, _) = owner_and_key(store, "ada").await;
     let id = &created.record.id;
+    // Through the layers, as in production: an accepted request reports the use to the
+    // store's hook; the store writes it off the request path (flushed here).
+    let svc = keygate::AuthLayer::builder(store.clone())
+        .clock(clock.clone())
+        .build()
+        .unwrap()
+        .layer(tower::service_fn(|_: http::Request<String>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
+        }));
+    let send = || {
+        let req = http::Request::get("/v1/health")
+            .header("x-api-key", created.secret.expose_secret())
+            .body(String::new())
+            .unwrap();
+        let svc = svc.clone();
+        async move { svc.oneshot(req).await.unwrap().status() }
+    };
     assert_eq!(store.get(id).await.unwrap().last_used_at, None);
-    store.record_use(id).await.unwrap();
+    assert_eq!(send().await, 200);
+    store.flush_usage().await.unwrap();
     let first = clock.now();
     assert_eq!(store.get(id).await.unwrap().last_used_at, Some(first));
     clock.advance(Duration::from_secs(59));
-    store.record_use(id).await.unwrap();
+    assert_eq!(send().await, 200);
+    store.flush_usage().await.unwrap();
     assert_eq!(
         store.get(id).await.unwrap().last_used_at,
         Some(first),
         "not rewritten within a minute"
     );
     clock.advance(Duration::from_secs(1));
-    store.record_use(id).await.unwrap();
+    assert_eq!(send().await, 200);
+    store.flush_usage().await.unwrap();
     assert_eq!(store.get(id).await.unwrap().last_used_at, Some(clock.now()));
 }
 
-async fn two_handles_see_each_other<S: KeyStore>(a: &S, b: &S, clock: &FakeClock) {
+async fn two_handles_see_each_other<S: OwnerStore>(a: &S, b: &S, clock: &FakeClock) {
     a.add_owner("ada", None).await.unwrap();
     let created = b
         .create(NewKey::new("ada", "k", Environment::Live))
@@ -554,8 +575,11 @@ async fn two_handles_see_each_other<S: KeyStore>(a: &S, b: &S, clock: &FakeClock
     );
 }
 
-async fn a_cache_over_the_store_stays_honest<S: KeyStore>(store: &S, _: &S, clock: &FakeClock) {
-    let cache = CachedLookup::over_store(store.clone()).with_clock(clock.clone());
+async fn a_cache_over_the_store_stays_honest<S: OwnerStore>(store: &S, _: &S, clock: &FakeClock) {
+    let cache = CachedLookup::builder(store.clone())
+        .clock(clock.clone())
+        .build_over_store()
+        .unwrap();
     let (created, _) = owner_and_key(store, "ada").await;
     assert_eq!(verdict(&cache, &created.secret, clock).await, Ok(()));
     store
