@@ -10,6 +10,20 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::ConfigError;
 
+/// The numbers a limiter reports for the most restrictive window of a key: the
+/// `X-RateLimit-*` headers, and a 429's `data`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct RateLimit {
+    /// The window's capacity.
+    pub limit: u64,
+    /// Requests left now.
+    pub remaining: u64,
+    /// Unix seconds when the bucket is full again (rounded up).
+    pub reset: u64,
+    /// Whole seconds to wait before a retry can succeed (rounded up; 0 when admitted).
+    pub retry_after: u64,
+}
+
 /// The most windows (quotas) one key may have, e.g. 10 a second and 1000 an hour.
 pub const MAX_WINDOWS: usize = 8;
 

@@ -22,8 +22,9 @@ use keygate::extract::{ExtractError, Extractor, Scheme, SchemeKind, DEFAULT_MAX_
 use keygate::head::RequestHead;
 use keygate::key::Environment;
 use keygate::key::{ApiKey, FormatError, KeyFormat, KeyId, CHECKSUM_LEN, RANDOM_LEN};
+use keygate::quota::RateLimit;
 use keygate::record::{Owner, Restrictions, Status};
-use keygate::reject::{JsonEnvelope, ProblemJson, RateLimitInfo, Reason, Rejection, Renderer};
+use keygate::reject::{JsonEnvelope, ProblemJson, Reason, Rejection, Renderer};
 use keygate::store::MemoryStore;
 use keygate::validate::{PeerAddr, SiteResolver};
 use keygate::{AuthLayer, Principal};
@@ -959,9 +960,9 @@ fn check_response(
         let grpc_status = res.headers().get("grpc-status").expect("grpc-status");
         prop_assert_eq!(
             grpc_status.to_str().unwrap(),
-            rejection.grpc_code().to_string()
+            rejection.grpc_code().as_u8().to_string()
         );
-        prop_assert!([3u8, 7, 8, 14, 16].contains(&rejection.grpc_code()));
+        prop_assert!([3u8, 7, 8, 14, 16].contains(&rejection.grpc_code().as_u8()));
         prop_assert!(res.headers().contains_key("grpc-message"));
         return Ok(());
     }
@@ -1075,9 +1076,9 @@ fn the_layer_answers_every_request_from_the_table() {
 // Rendering
 // ---------------------------------------------------------------------------------------
 
-fn rate_limit_info() -> impl Strategy<Value = RateLimitInfo> {
+fn rate_limit_info() -> impl Strategy<Value = RateLimit> {
     (any::<u64>(), any::<u64>(), any::<u64>(), any::<u64>()).prop_map(
-        |(limit, remaining, reset, retry_after)| RateLimitInfo {
+        |(limit, remaining, reset, retry_after)| RateLimit {
             limit,
             remaining,
             reset,

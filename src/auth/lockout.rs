@@ -199,7 +199,7 @@ impl Lockout {
                 Ok(decision) => {
                     self.give_back(taken);
                     return Err(Rejection::new(Reason::TooManyFailedAttempts)
-                        .with_rate_limit(decision.info()));
+                        .with_rate_limit(decision.numbers));
                 }
                 Err(LimiterError::Full) if taken.scopes.iter().any(Option::is_some) => {
                     // The host cannot be tracked, its site is: the site's budget bounds it.

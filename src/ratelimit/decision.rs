@@ -1,6 +1,6 @@
 use super::gcra::Step;
 use super::Quota;
-use crate::reject::RateLimitInfo;
+use crate::quota::RateLimit;
 
 const SEC: u64 = 1_000_000_000;
 
@@ -11,12 +11,8 @@ pub struct Decision {
     pub allowed: bool,
     /// The reported window.
     pub quota: Quota,
-    /// Requests left in that window.
-    pub remaining: u64,
-    /// Unix seconds when that window is full again (rounded up).
-    pub reset: u64,
-    /// Whole seconds until the request could pass (rounded up; 0 when allowed).
-    pub retry_after: u64,
+    /// Its numbers: limit, remaining, reset, retry after.
+    pub numbers: RateLimit,
     /// Seconds from now until `reset` (rounded up), for the IETF `RateLimit` field.
     pub reset_in: u64,
 }
@@ -26,20 +22,13 @@ impl Decision {
         Self {
             allowed: step.allowed,
             quota: *quota,
-            remaining: step.remaining,
-            reset: step.full_at.div_ceil(SEC),
-            retry_after: step.retry_after.div_ceil(SEC),
+            numbers: RateLimit {
+                limit: u64::from(quota.capacity().get()),
+                remaining: step.remaining,
+                reset: step.full_at.div_ceil(SEC),
+                retry_after: step.retry_after.div_ceil(SEC),
+            },
             reset_in: step.full_at.saturating_sub(now).div_ceil(SEC),
-        }
-    }
-
-    /// The numbers for a 429 body.
-    pub fn info(&self) -> RateLimitInfo {
-        RateLimitInfo {
-            limit: u64::from(self.quota.capacity().get()),
-            remaining: self.remaining,
-            reset: self.reset,
-            retry_after: self.retry_after,
         }
     }
 }

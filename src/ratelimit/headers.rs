@@ -48,12 +48,9 @@ impl HeaderStyle {
     /// inner, more specific limiter's numbers win over an outer one's.
     pub fn apply(self, decision: &Decision, headers: &mut HeaderMap) {
         if matches!(self, Self::Legacy | Self::Both) && !headers.contains_key(&X_LIMIT) {
-            headers.insert(
-                X_LIMIT.clone(),
-                number(u64::from(decision.quota.capacity().get())),
-            );
-            headers.insert(X_REMAINING.clone(), number(decision.remaining));
-            headers.insert(X_RESET.clone(), HeaderValue::from(decision.reset));
+            headers.insert(X_LIMIT.clone(), number(decision.numbers.limit));
+            headers.insert(X_REMAINING.clone(), number(decision.numbers.remaining));
+            headers.insert(X_RESET.clone(), HeaderValue::from(decision.numbers.reset));
         }
         if matches!(self, Self::Ietf | Self::Both) && !headers.contains_key(&RATELIMIT) {
             let name = decision.quota.to_string();
@@ -64,7 +61,7 @@ impl HeaderStyle {
             );
             let limit = format!(
                 "\"{name}\";r={};t={}",
-                decision.remaining, decision.reset_in
+                decision.numbers.remaining, decision.reset_in
             );
             if let (Ok(policy), Ok(limit)) =
                 (HeaderValue::try_from(policy), HeaderValue::try_from(limit))

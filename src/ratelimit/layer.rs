@@ -303,7 +303,7 @@ impl<F: KeyFn, St: LimiterStore<F::Key>> Shared<F, St> {
             Ok(decision) => {
                 tracing::debug!(target: "keygate", outcome = "rate_limited", "request rate limited");
                 let rejection =
-                    Rejection::new(Reason::RateLimited).with_rate_limit(decision.info());
+                    Rejection::new(Reason::RateLimited).with_rate_limit(decision.numbers);
                 let mut res = self.responder.respond(rejection, is_grpc(headers));
                 self.style.apply(&decision, res.headers_mut());
                 Err(res)

@@ -31,12 +31,15 @@ fn keys_are_isolated_and_a_refusal_takes_nothing() {
     }
     let refused = limiter.decide(&"a", &q, 1).unwrap();
     assert!(!refused.allowed);
-    assert_eq!((refused.remaining, refused.retry_after), (0, 20));
+    assert_eq!(
+        (refused.numbers.remaining, refused.numbers.retry_after),
+        (0, 20)
+    );
     assert!(
         limiter.decide(&"b", &q, 1).unwrap().allowed,
         "b has its own bucket"
     );
-    assert_eq!(limiter.decide(&"b", &q, 1).unwrap().remaining, 1);
+    assert_eq!(limiter.decide(&"b", &q, 1).unwrap().numbers.remaining, 1);
 }
 
 #[test]

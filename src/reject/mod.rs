@@ -32,123 +32,74 @@ pub(crate) use respond::Responder;
 use http::StatusCode;
 
 use crate::key::KeyId;
+use crate::quota::RateLimit;
 
-/// Why a request was refused. The rows of the table in the [module docs](self).
+/// The gRPC status codes the table uses (a subset of gRPC's `Code`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
-pub enum Reason {
-    /// No key in any configured scheme.
-    MissingApiKey,
-    /// Malformed, bad checksum, unknown, revoked or deleted key.
-    InvalidApiKey,
-    /// Expired key.
-    ApiKeyExpired,
-    /// Disabled key.
-    ApiKeyDisabled,
-    /// Owner missing or inactive.
-    OwnerInactive,
-    /// Two different keys in one request.
-    AmbiguousCredentials,
-    /// Client IP not in the key's allowlist.
-    IpNotAllowed,
-    /// Site not in the key's allowlist.
-    SiteNotAllowed,
-    /// A scope the route requires is missing.
-    InsufficientScope,
-    /// Test key on a live-only route, or the reverse.
-    EnvironmentMismatch,
-    /// Rate limit exceeded.
-    RateLimited,
-    /// Too many invalid keys from one client IP.
-    TooManyFailedAttempts,
-    /// Lookup or limiter backend failed or timed out.
-    AuthUnavailable,
+#[repr(u8)]
+pub enum GrpcCode {
+    /// `INVALID_ARGUMENT` (3).
+    InvalidArgument = 3,
+    /// `PERMISSION_DENIED` (7).
+    PermissionDenied = 7,
+    /// `RESOURCE_EXHAUSTED` (8).
+    ResourceExhausted = 8,
+    /// `UNAVAILABLE` (14).
+    Unavailable = 14,
+    /// `UNAUTHENTICATED` (16).
+    Unauthenticated = 16,
 }
 
-/// gRPC status codes used by the table.
-pub mod grpc_code {
-    /// `INVALID_ARGUMENT`
-    pub const INVALID_ARGUMENT: u8 = 3;
-    /// `PERMISSION_DENIED`
-    pub const PERMISSION_DENIED: u8 = 7;
-    /// `RESOURCE_EXHAUSTED`
-    pub const RESOURCE_EXHAUSTED: u8 = 8;
-    /// `UNAVAILABLE`
-    pub const UNAVAILABLE: u8 = 14;
-    /// `UNAUTHENTICATED`
-    pub const UNAUTHENTICATED: u8 = 16;
-}
-
-impl Reason {
-    /// Every reason, in table order.
-    pub const ALL: [Reason; 13] = [
-        Self::MissingApiKey,
-        Self::InvalidApiKey,
-        Self::ApiKeyExpired,
-        Self::ApiKeyDisabled,
-        Self::OwnerInactive,
-        Self::AmbiguousCredentials,
-        Self::IpNotAllowed,
-        Self::SiteNotAllowed,
-        Self::InsufficientScope,
-        Self::EnvironmentMismatch,
-        Self::RateLimited,
-        Self::TooManyFailedAttempts,
-        Self::AuthUnavailable,
-    ];
-
-    /// The HTTP status.
-    pub const fn status(self) -> StatusCode {
-        match self {
-            Self::MissingApiKey
-            | Self::InvalidApiKey
-            | Self::ApiKeyExpired
-            | Self::ApiKeyDisabled
-            | Self::OwnerInactive => StatusCode::UNAUTHORIZED,
-            Self::AmbiguousCredentials => StatusCode::BAD_REQUEST,
-            Self::IpNotAllowed
-            | Self::SiteNotAllowed
-            | Self::InsufficientScope
-            | Self::EnvironmentMismatch => StatusCode::FORBIDDEN,
-            Self::RateLimited | Self::TooManyFailedAttempts => StatusCode::TOO_MANY_REQUESTS,
-            Self::AuthUnavailable => StatusCode::SERVICE_UNAVAILABLE,
-        }
+impl GrpcCode {
+    /// The code's number, as `grpc-status` carries it.
+    pub const fn as_u8(self) -> u8 {
+        self as u8
     }
 
-    /// The gRPC status code.
-    pub const fn grpc_code(self) -> u8 {
+    /// The code's number as text, for the `grpc-status` header.
+    pub(crate) const fn as_str(self) -> &'static str {
         match self {
-            Self::MissingApiKey
-            | Self::InvalidApiKey
-            | Self::ApiKeyExpired
-            | Self::ApiKeyDisabled
-            | Self::OwnerInactive => grpc_code::UNAUTHENTICATED,
-            Self::AmbiguousCredentials => grpc_code::INVALID_ARGUMENT,
-            Self::IpNotAllowed
-            | Self::SiteNotAllowed
-            | Self::InsufficientScope
-            | Self::EnvironmentMismatch => grpc_code::PERMISSION_DENIED,
-            Self::RateLimited | Self::TooManyFailedAttempts => grpc_code::RESOURCE_EXHAUSTED,
-            Self::AuthUnavailable => grpc_code::UNAVAILABLE,
-        }
-    }
-
-    /// The reason a client sees when 401s are folded into `invalid_api_key`.
-    pub const fn opaque(self) -> Self {
-        match self {
-            Self::ApiKeyExpired | Self::ApiKeyDisabled | Self::OwnerInactive => Self::InvalidApiKey,
-            other => other,
+            Self::InvalidArgument => "3",
+            Self::PermissionDenied => "7",
+            Self::ResourceExhausted => "8",
+            Self::Unavailable => "14",
+            Self::Unauthenticated => "16",
         }
     }
 }
 
-/// One row per reason: its code and message, and the static JSON envelope made of both.
-macro_rules! texts {
-    ($($reason:ident => $code:literal, $message:literal;)*) => {
+/// The rejection table: one row per reason, with its HTTP status, code, gRPC code and
+/// message together. Nothing about a reason is written anywhere else.
+macro_rules! reasons {
+    ($(
+        $(#[$doc:meta])*
+        $reason:ident => $status:ident, $code:literal, $grpc:ident, $message:literal;
+    )*) => {
+        /// Why a request was refused. The rows of the table in the [module docs](self).
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[non_exhaustive]
+        pub enum Reason {
+            $($(#[$doc])* $reason,)*
+        }
+
         impl Reason {
+            /// Every reason, in table order.
+            pub const ALL: &'static [Reason] = &[$(Self::$reason),*];
+
+            /// The HTTP status.
+            pub const fn status(self) -> StatusCode {
+                match self { $(Self::$reason => StatusCode::$status,)* }
+            }
+
             /// The machine-readable code, e.g. `missing_api_key`.
             pub const fn code(self) -> &'static str {
                 match self { $(Self::$reason => $code,)* }
+            }
+
+            /// The gRPC status code.
+            pub const fn grpc_code(self) -> GrpcCode {
+                match self { $(Self::$reason => GrpcCode::$grpc,)* }
             }
 
             /// A human sentence for the client.
@@ -168,33 +119,43 @@ macro_rules! texts {
     };
 }
 
-texts! {
-    MissingApiKey => "missing_api_key", "No API key was provided.";
-    InvalidApiKey => "invalid_api_key", "The API key is not valid.";
-    ApiKeyExpired => "api_key_expired", "The API key has expired.";
-    ApiKeyDisabled => "api_key_disabled", "The API key is disabled.";
-    OwnerInactive => "owner_inactive", "The account that owns this API key is not active.";
-    AmbiguousCredentials => "ambiguous_credentials", "The request carries more than one different API key.";
-    IpNotAllowed => "ip_not_allowed", "The API key may not be used from this IP address.";
-    SiteNotAllowed => "site_not_allowed", "The API key may not be used for this site.";
-    InsufficientScope => "insufficient_scope", "The API key lacks a scope this route requires.";
-    EnvironmentMismatch => "environment_mismatch", "The API key's environment does not match this route.";
-    RateLimited => "rate_limited", "Too many requests; retry later.";
-    TooManyFailedAttempts => "too_many_failed_attempts", "Too many invalid API keys from this client; retry later.";
-    AuthUnavailable => "auth_unavailable", "Authentication is temporarily unavailable; retry later.";
+reasons! {
+    /// No key in any configured scheme.
+    MissingApiKey => UNAUTHORIZED, "missing_api_key", Unauthenticated, "No API key was provided.";
+    /// Malformed, bad checksum, unknown, revoked or deleted key.
+    InvalidApiKey => UNAUTHORIZED, "invalid_api_key", Unauthenticated, "The API key is not valid.";
+    /// Expired key.
+    ApiKeyExpired => UNAUTHORIZED, "api_key_expired", Unauthenticated, "The API key has expired.";
+    /// Disabled key.
+    ApiKeyDisabled => UNAUTHORIZED, "api_key_disabled", Unauthenticated, "The API key is disabled.";
+    /// Owner missing or inactive.
+    OwnerInactive => UNAUTHORIZED, "owner_inactive", Unauthenticated, "The account that owns this API key is not active.";
+    /// Two different keys in one request.
+    AmbiguousCredentials => BAD_REQUEST, "ambiguous_credentials", InvalidArgument, "The request carries more than one different API key.";
+    /// Client IP not in the key's allowlist.
+    IpNotAllowed => FORBIDDEN, "ip_not_allowed", PermissionDenied, "The API key may not be used from this IP address.";
+    /// Site not in the key's allowlist.
+    SiteNotAllowed => FORBIDDEN, "site_not_allowed", PermissionDenied, "The API key may not be used for this site.";
+    /// A scope the route requires is missing.
+    InsufficientScope => FORBIDDEN, "insufficient_scope", PermissionDenied, "The API key lacks a scope this route requires.";
+    /// Test key on a live-only route, or the reverse.
+    EnvironmentMismatch => FORBIDDEN, "environment_mismatch", PermissionDenied, "The API key's environment does not match this route.";
+    /// Rate limit exceeded.
+    RateLimited => TOO_MANY_REQUESTS, "rate_limited", ResourceExhausted, "Too many requests; retry later.";
+    /// Too many invalid keys from one client IP.
+    TooManyFailedAttempts => TOO_MANY_REQUESTS, "too_many_failed_attempts", ResourceExhausted, "Too many invalid API keys from this client; retry later.";
+    /// Lookup or limiter backend failed or timed out.
+    AuthUnavailable => SERVICE_UNAVAILABLE, "auth_unavailable", Unavailable, "Authentication is temporarily unavailable; retry later.";
 }
 
-/// The numbers behind a 429: reported in `data` and in the rate-limit headers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-pub struct RateLimitInfo {
-    /// The window's capacity.
-    pub limit: u64,
-    /// Requests left now.
-    pub remaining: u64,
-    /// Unix seconds when the bucket is full again.
-    pub reset: u64,
-    /// Whole seconds to wait before a retry can succeed (rounded up).
-    pub retry_after: u64,
+impl Reason {
+    /// The reason a client sees when 401s are folded into `invalid_api_key`.
+    pub const fn opaque(self) -> Self {
+        match self {
+            Self::ApiKeyExpired | Self::ApiKeyDisabled | Self::OwnerInactive => Self::InvalidApiKey,
+            other => other,
+        }
+    }
 }
 
 /// A refused request, as a typed value: rendered into the response and also put into the
@@ -205,7 +166,7 @@ pub struct Rejection {
     opaque: bool,
     credentials_sent: bool,
     key_id: Option<KeyId>,
-    rate_limit: Option<RateLimitInfo>,
+    rate_limit: Option<RateLimit>,
 }
 
 impl Rejection {
@@ -229,7 +190,7 @@ impl Rejection {
 
     /// Attaches the rate-limit numbers of a 429.
     #[must_use]
-    pub fn with_rate_limit(mut self, info: RateLimitInfo) -> Self {
+    pub fn with_rate_limit(mut self, info: RateLimit) -> Self {
         self.rate_limit = Some(info);
         self
     }
@@ -272,7 +233,7 @@ impl Rejection {
     }
 
     /// gRPC status code.
-    pub fn grpc_code(&self) -> u8 {
+    pub fn grpc_code(&self) -> GrpcCode {
         self.public_reason().grpc_code()
     }
 
@@ -287,7 +248,7 @@ impl Rejection {
     }
 
     /// The rate-limit numbers of a 429.
-    pub fn rate_limit(&self) -> Option<&RateLimitInfo> {
+    pub fn rate_limit(&self) -> Option<&RateLimit> {
         self.rate_limit.as_ref()
     }
 }
@@ -306,8 +267,13 @@ mod tests {
 
     #[test]
     fn the_table() {
-        use grpc_code::*;
-        let table: [(Reason, u16, &str, u8); 13] = [
+        use GrpcCode::*;
+        const UNAUTHENTICATED: GrpcCode = Unauthenticated;
+        const INVALID_ARGUMENT: GrpcCode = InvalidArgument;
+        const PERMISSION_DENIED: GrpcCode = PermissionDenied;
+        const RESOURCE_EXHAUSTED: GrpcCode = ResourceExhausted;
+        const UNAVAILABLE: GrpcCode = Unavailable;
+        let table: [(Reason, u16, &str, GrpcCode); 13] = [
             (
                 Reason::MissingApiKey,
                 401,
@@ -382,7 +348,7 @@ mod tests {
                 UNAVAILABLE,
             ),
         ];
-        assert_eq!(table.map(|row| row.0), Reason::ALL);
+        assert_eq!(table.map(|row| row.0).as_slice(), Reason::ALL);
         for (reason, status, code, grpc) in table {
             assert_eq!(reason.status().as_u16(), status, "{code}");
             assert_eq!(reason.code(), code);
@@ -393,7 +359,7 @@ mod tests {
 
     #[test]
     fn opaque_folds_only_the_401_details() {
-        for reason in Reason::ALL {
+        for &reason in Reason::ALL {
             let r = Rejection::new(reason).opaque(true);
             let expect = match reason {
                 Reason::ApiKeyExpired | Reason::ApiKeyDisabled | Reason::OwnerInactive => {

@@ -156,11 +156,11 @@ impl Renderer for ProblemJson {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reject::RateLimitInfo;
+    use crate::quota::RateLimit;
 
     #[test]
     fn envelope_for_every_reason() {
-        for reason in Reason::ALL {
+        for &reason in Reason::ALL {
             let res = JsonEnvelope.render(&Rejection::new(reason));
             assert_eq!(res.status(), reason.status());
             assert_eq!(res.headers()[CONTENT_TYPE], "application/json");
@@ -174,7 +174,7 @@ mod tests {
 
     #[test]
     fn envelope_429_carries_the_numbers() {
-        let info = RateLimitInfo {
+        let info = RateLimit {
             limit: 60,
             remaining: 0,
             reset: 1_708_345_200,

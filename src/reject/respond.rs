@@ -141,23 +141,13 @@ fn grpc_response<B>(rejection: &Rejection, content_type: HeaderValue) -> Respons
     headers.insert(CONTENT_TYPE, content_type);
     headers.insert(
         GRPC_STATUS.clone(),
-        grpc_status_value(rejection.grpc_code()),
+        HeaderValue::from_static(rejection.grpc_code().as_str()),
     );
     headers.insert(
         GRPC_MESSAGE.clone(),
         grpc_message_value(rejection.message()),
     );
     res
-}
-
-fn grpc_status_value(code: u8) -> HeaderValue {
-    const DIGITS: [&str; 17] = [
-        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
-    ];
-    DIGITS.get(usize::from(code)).map_or_else(
-        || HeaderValue::from(u16::from(code)),
-        |d| HeaderValue::from_static(d),
-    )
 }
 
 /// The gRPC spec's percent-encoding: every byte outside `0x20..=0x7E`, and `%`.
@@ -179,7 +169,8 @@ fn grpc_message_value(message: &'static str) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::reject::{JsonEnvelope, RateLimitInfo};
+    use crate::quota::RateLimit;
+    use crate::reject::JsonEnvelope;
     use http::HeaderMap;
 
     fn responder(bearer: bool) -> Responder {
@@ -188,7 +179,7 @@ mod tests {
 
     #[test]
     fn headers_for_every_reason_http_and_grpc() {
-        for reason in Reason::ALL {
+        for &reason in Reason::ALL {
             let res: Response<ResponseBody<String>> =
                 responder(true).respond(Rejection::new(reason), None);
             assert_eq!(res.status(), reason.status(), "{reason:?}");
@@ -223,7 +214,7 @@ mod tests {
             assert_eq!(res.headers()[CONTENT_TYPE], "application/grpc");
             assert_eq!(
                 res.headers()["grpc-status"],
-                reason.grpc_code().to_string().as_str()
+                reason.grpc_code().as_u8().to_string().as_str()
             );
             assert_eq!(res.headers()["grpc-message"], reason.message());
             assert!(res.headers().get(WWW_AUTHENTICATE).is_none());
@@ -239,7 +230,7 @@ mod tests {
 
     #[test]
     fn retry_after_on_429() {
-        let info = RateLimitInfo {
+        let info = RateLimit {
             limit: 1,
             remaining: 0,
             reset: 10,
