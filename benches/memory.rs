@@ -64,7 +64,10 @@ fn measure(mode: &str) {
     match mode {
         "keygate-1" | "keygate-2" => {
             let quotas: &[Quota] = if mode == "keygate-1" { &one } else { &two };
-            let limiter = MemoryLimiter::new().with_max_buckets(2 * N).expect("cap");
+            let limiter = MemoryLimiter::builder()
+                .max_buckets(2 * N)
+                .build()
+                .expect("cap");
             for id in &ids {
                 black_box(limiter.decide(id, quotas, 1).expect("decide"));
             }

@@ -38,9 +38,6 @@ pub enum ConfigError {
     /// A quota that does not parse or is zero.
     #[error("invalid quota {0:?}: expected COUNT/UNIT such as 60/min, 10/s, 1000/hour, 5000/day, optionally ;burst=N, all above zero")]
     InvalidQuota(String),
-    /// `build_with_store` without a `limiter_store`.
-    #[error("no limiter store: call limiter_store(…) before build_with_store(), or use build()")]
-    MissingLimiterStore,
     /// A realm or other value that must be a valid header value.
     #[error("invalid {0}: it must be visible ASCII without quotes or backslashes")]
     InvalidValue(&'static str),

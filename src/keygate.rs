@@ -1,15 +1,12 @@
 //! The usual stack in one layer: authentication, then per-key rate limiting.
 //!
 //! ```
-//! use std::num::NonZeroU32;
 //! use axum::{routing::{get, post}, Router};
 //! use keygate::{Keygate, Principal};
-//! use keygate::ratelimit::Quota;
 //! use keygate::store::MemoryStore;
 //!
-//! let sixty = NonZeroU32::new(60).unwrap();
 //! let keygate = Keygate::builder(MemoryStore::new())
-//!     .default_quota(Quota::per_minute(sixty))
+//!     .default_quota("60/min".parse()?)
 //!     .build()?;
 //! let app: Router = Router::new()
 //!     .route("/v1/health", get(|| async { "ok" }))
@@ -22,6 +19,9 @@
 //!     .layer(keygate);
 //! # Ok::<_, keygate::ConfigError>(())
 //! ```
+//!
+//! [`Keygate::builder`] returns the very builder [`AuthLayer::builder`] returns, with the
+//! rate limit's settings added: every authentication setting is there, by construction.
 //!
 //! Every request to `/v1/health` takes one token from its key's bucket (60 a minute unless
 //! the key's record has quotas of its own). A `POST /v1/messages` takes five in all: the
@@ -39,25 +39,20 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tower_layer::Layer;
 
 use crate::auth::{AuthBuilder, AuthLayer, AuthService};
-use crate::bypass::Bypass;
-use crate::clock::{Clock, CoarseClock};
+use crate::clock::Clock;
 use crate::error::ConfigError;
-use crate::extract::Scheme;
-use crate::key::Environment;
-use crate::key::{KeyFormat, KeyId};
+use crate::key::{Environment, KeyId};
 use crate::lookup::KeyLookup;
+use crate::quota::{nonzero, Quota};
 use crate::ratelimit::{
-    nonzero, HeaderStyle, LimiterStore, MemoryLimiter, PerKey, Quota, RateLimitLayer,
-    RateLimitService,
+    HeaderStyle, LimiterStore, MemoryLimiter, PerKey, RateLimitLayer, RateLimitService,
 };
 use crate::record::Scopes;
-use crate::reject::{JsonEnvelope, Renderer};
-use crate::validate::{ClientIp, SiteResolver};
+use crate::reject::Renderer;
 
 /// The bucket key of the per-key limiter: the key id and an optional bucket name.
 pub type KeyBucket = (KeyId, Option<Arc<str>>);
@@ -70,181 +65,116 @@ impl Keygate {
     /// Starts from the defaults of [`AuthLayer::new`], 60 requests a minute per key, the
     /// in-memory bucket store, `X-RateLimit-*` headers, and 20 invalid keys a minute per
     /// client IP before it is turned away.
-    pub fn builder<L: KeyLookup>(lookup: L) -> KeygateBuilder<L, MemoryLimiter<KeyBucket>> {
-        KeygateBuilder {
-            auth: AuthLayer::builder(lookup).failed_attempts(Some(Quota::per_minute(nonzero(20)))),
-            quotas: vec![Quota::per_minute(nonzero(60))],
-            style: HeaderStyle::default(),
-            store: None,
-            renderer: Arc::new(JsonEnvelope),
-            opaque: false,
-            clock: Arc::new(CoarseClock),
-        }
+    pub fn builder<L: KeyLookup>(lookup: L) -> KeygateBuilder<L> {
+        AuthBuilder::starting(
+            lookup,
+            Limits {
+                quotas: vec![Quota::per_minute(nonzero(60))],
+                style: HeaderStyle::default(),
+                store: InMemory,
+            },
+        )
+        .failed_attempts(Some(Quota::per_minute(nonzero(20))))
     }
 }
 
-/// Settings for a [`KeygateLayer`]: those of [`AuthBuilder`] and the rate limit's.
-#[must_use]
-pub struct KeygateBuilder<L, St> {
-    auth: AuthBuilder<L>,
+/// The builder of a [`KeygateLayer`]: [`AuthBuilder`] with the rate limit's settings, its
+/// buckets in `St` ([`InMemory`] until [`limiter_store`](AuthBuilder::limiter_store)).
+pub type KeygateBuilder<L, St = InMemory> = AuthBuilder<L, Limits<St>>;
+
+/// The rate limit's settings in a [`KeygateBuilder`].
+#[derive(Debug, Clone)]
+pub struct Limits<St> {
     quotas: Vec<Quota>,
     style: HeaderStyle,
-    store: Option<St>,
-    renderer: Arc<dyn Renderer>,
-    opaque: bool,
-    clock: Arc<dyn Clock>,
+    store: St,
 }
 
-impl<L, St> fmt::Debug for KeygateBuilder<L, St> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KeygateBuilder")
-            .field("auth", &self.auth)
-            .field("quotas", &self.quotas)
-            .field("style", &self.style)
-            .finish_non_exhaustive()
+/// The default bucket store of a [`KeygateBuilder`]: a [`MemoryLimiter`] on the builder's
+/// clock, made when the layer is built.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct InMemory;
+
+/// What a [`KeygateBuilder`] keeps its buckets in: [`InMemory`], or any [`LimiterStore`].
+pub trait BucketStore {
+    /// The store the layer gets.
+    type Store: LimiterStore<KeyBucket> + Clone;
+
+    /// Makes it, on the builder's clock where it keeps time itself.
+    fn into_store(self, clock: Arc<dyn Clock>) -> Self::Store;
+}
+
+impl BucketStore for InMemory {
+    type Store = MemoryLimiter<KeyBucket>;
+
+    fn into_store(self, clock: Arc<dyn Clock>) -> MemoryLimiter<KeyBucket> {
+        MemoryLimiter::build(crate::ratelimit::DEFAULT_MAX_BUCKETS, clock)
     }
 }
 
-macro_rules! forward {
-    ($($(#[$doc:meta])* $name:ident($arg:ident: $ty:ty);)*) => {
-        $(
-            $(#[$doc])*
-            pub fn $name(mut self, $arg: $ty) -> Self {
-                self.auth = self.auth.$name($arg);
-                self
-            }
-        )*
-    };
+impl<St: LimiterStore<KeyBucket> + Clone> BucketStore for St {
+    type Store = St;
+
+    fn into_store(self, _: Arc<dyn Clock>) -> St {
+        self
+    }
 }
 
-impl<L: KeyLookup, St> KeygateBuilder<L, St> {
-    forward! {
-        /// See [`AuthBuilder::schemes`].
-        schemes(schemes: Vec<Scheme>);
-        /// See [`AuthBuilder::max_key_len`].
-        max_key_len(max_len: usize);
-        /// See [`AuthBuilder::format`].
-        format(format: KeyFormat);
-        /// See [`AuthBuilder::client_ip`].
-        client_ip(client_ip: ClientIp);
-        /// See [`AuthBuilder::site`].
-        site(site: SiteResolver);
-        /// See [`AuthBuilder::lookup_timeout`].
-        lookup_timeout(timeout: Option<Duration>);
-        /// See [`AuthBuilder::realm`].
-        realm(realm: String);
-        /// See [`AuthBuilder::failed_attempts`] (default 20 a minute; `None` turns it off).
-        failed_attempts(quota: Option<Quota>);
-    }
-
-    /// See [`AuthBuilder::bypass`].
-    pub fn bypass(mut self, bypass: impl Bypass) -> Self {
-        self.auth = self.auth.bypass(bypass);
-        self
-    }
-
-    /// How rejections are rendered, for authentication and rate limiting alike.
-    pub fn renderer(mut self, renderer: impl Renderer) -> Self {
-        self.renderer = Arc::new(renderer);
-        self
-    }
-
-    /// See [`AuthBuilder::opaque_errors`].
-    pub fn opaque_errors(mut self, opaque: bool) -> Self {
-        self.opaque = opaque;
-        self
-    }
-
-    /// The clock of expiry checks, failed attempts and (with the in-memory store) buckets.
-    pub fn clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
-        self
-    }
-
+impl<L, St> AuthBuilder<L, Limits<St>> {
     /// The windows of keys whose record has none (default 60 a minute), replacing earlier
     /// ones. Call once per window: `.default_quota(a).and_quota(b)`.
     pub fn default_quota(mut self, quota: Quota) -> Self {
-        self.quotas = vec![quota];
+        self.limits.quotas = vec![quota];
         self
     }
 
     /// Adds a default window.
     pub fn and_quota(mut self, quota: Quota) -> Self {
-        self.quotas.push(quota);
+        self.limits.quotas.push(quota);
         self
     }
 
-    /// Which rate-limit headers to send.
+    /// Which rate-limit headers to send (default [`HeaderStyle::Legacy`]).
     pub fn header_style(mut self, style: HeaderStyle) -> Self {
-        self.style = style;
+        self.limits.style = style;
         self
     }
 
-    /// Keeps buckets in `store` (a network store shared by several instances).
-    pub fn limiter_store<St2>(self, store: St2) -> KeygateBuilder<L, St2> {
-        KeygateBuilder {
-            auth: self.auth,
-            quotas: self.quotas,
-            style: self.style,
-            store: Some(store),
-            renderer: self.renderer,
-            opaque: self.opaque,
-            clock: self.clock,
-        }
-    }
-}
-
-impl<L: KeyLookup> KeygateBuilder<L, MemoryLimiter<KeyBucket>> {
-    /// Builds the layer with the in-memory bucket store.
-    ///
-    /// # Errors
-    ///
-    /// A [`ConfigError`] naming the first setting that cannot be used.
-    pub fn build(mut self) -> Result<KeygateLayer<L, MemoryLimiter<KeyBucket>>, ConfigError> {
-        let store = match self.store.take() {
-            Some(store) => store,
-            None => MemoryLimiter::new().with_clock(Arc::clone(&self.clock)),
-        };
-        self.limiter_store(store).build_with_store()
-    }
-}
-
-impl<L: KeyLookup, St: LimiterStore<KeyBucket> + Clone> KeygateBuilder<L, St> {
-    /// Builds the layer with the store given to [`limiter_store`](Self::limiter_store).
-    ///
-    /// # Errors
-    ///
-    /// A [`ConfigError`] naming the first setting that cannot be used, or no store.
-    pub fn build_with_store(self) -> Result<KeygateLayer<L, St>, ConfigError> {
-        let store = self.store.ok_or(ConfigError::MissingLimiterStore)?;
-        let auth = self
-            .auth
-            .renderer(ArcRenderer(Arc::clone(&self.renderer)))
-            .opaque_errors(self.opaque)
-            .clock(Arc::clone(&self.clock))
-            .build()?;
-        let limit = RateLimitLayer::with_options(
-            PerKey::new(),
+    /// Keeps buckets in `store` (a network store shared by several instances) instead of
+    /// in memory.
+    pub fn limiter_store<St2: LimiterStore<KeyBucket> + Clone>(
+        self,
+        store: St2,
+    ) -> AuthBuilder<L, Limits<St2>> {
+        self.with_limits(|limits| Limits {
+            quotas: limits.quotas,
+            style: limits.style,
             store,
-            self.quotas,
-            self.style,
-            Arc::clone(&self.renderer),
-            self.opaque,
-        )?;
-        Ok(KeygateLayer {
-            auth,
-            limit,
-            renderer: self.renderer,
-            opaque: self.opaque,
         })
     }
 }
 
-struct ArcRenderer(Arc<dyn Renderer>);
-
-impl Renderer for ArcRenderer {
-    fn render(&self, rejection: &crate::reject::Rejection) -> http::Response<bytes::Bytes> {
-        self.0.render(rejection)
+impl<L: KeyLookup, St: BucketStore> AuthBuilder<L, Limits<St>> {
+    /// Checks the settings and builds the layer.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the first setting that cannot be used.
+    pub fn build(self) -> Result<KeygateLayer<L, St::Store>, ConfigError> {
+        let clock = self.shared_clock();
+        let renderer = self.shared_renderer();
+        let (gate, limits) = self.try_into_gate()?;
+        let limit = RateLimitLayer::builder(PerKey::new(), limits.store.into_store(clock))
+            .quotas(limits.quotas)
+            .header_style(limits.style)
+            .shared_renderer(Arc::clone(&renderer))
+            .build()?;
+        Ok(KeygateLayer {
+            auth: AuthLayer::from_gate(gate),
+            limit,
+            renderer,
+            style: limits.style,
+        })
     }
 }
 
@@ -254,7 +184,7 @@ pub struct KeygateLayer<L, St> {
     auth: AuthLayer<L>,
     limit: RateLimitLayer<PerKey, St>,
     renderer: Arc<dyn Renderer>,
-    opaque: bool,
+    style: HeaderStyle,
 }
 
 impl<L, St> Clone for KeygateLayer<L, St> {
@@ -263,7 +193,7 @@ impl<L, St> Clone for KeygateLayer<L, St> {
             auth: self.auth.clone(),
             limit: self.limit.clone(),
             renderer: Arc::clone(&self.renderer),
-            opaque: self.opaque,
+            style: self.style,
         }
     }
 }
@@ -369,21 +299,20 @@ impl<L: KeyLookup, St: LimiterStore<KeyBucket> + Clone> KeygateRoute<'_, L, St> 
         }
         let limit = match self.bucket {
             None => self.base.limit.cost(self.cost)?,
-            Some((name, quotas)) => RateLimitLayer::with_options(
-                PerKey::bucket(name),
-                self.base.limit.store().clone(),
-                quotas,
-                self.base.limit.style(),
-                Arc::clone(&self.base.renderer),
-                self.base.opaque,
-            )?
-            .cost(self.cost)?,
+            Some((name, quotas)) => {
+                RateLimitLayer::builder(PerKey::bucket(name), self.base.limit.store().clone())
+                    .quotas(quotas)
+                    .header_style(self.base.style)
+                    .shared_renderer(Arc::clone(&self.base.renderer))
+                    .build()?
+                    .cost(self.cost)?
+            }
         };
         Ok(KeygateLayer {
             auth,
             limit,
             renderer: Arc::clone(&self.base.renderer),
-            opaque: self.base.opaque,
+            style: self.base.style,
         })
     }
 }

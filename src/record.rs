@@ -401,43 +401,12 @@ impl KeyRecord {
 #[derive(Clone)]
 pub struct Principal {
     record: Arc<KeyRecord>,
-    /// The address of the layer state that accepted it (0: built by hand), so that inner
-    /// route layers sharing that state need not check the key again.
-    origin: usize,
-    /// Tokens charged to the key's main bucket for this request so far, and by which
-    /// limiter (its state's address): another limiter's charge is not this one's.
-    charged: (usize, u32),
 }
 
 impl Principal {
     /// Wraps an accepted record.
     pub fn new(record: Arc<KeyRecord>) -> Self {
-        Self::accepted_by(record, 0)
-    }
-
-    pub(crate) fn accepted_by(record: Arc<KeyRecord>, origin: usize) -> Self {
-        Self {
-            record,
-            origin,
-            charged: (0, 0),
-        }
-    }
-
-    pub(crate) fn origin(&self) -> usize {
-        self.origin
-    }
-
-    pub(crate) fn charged(&self, by: usize) -> u32 {
-        if self.charged.0 == by {
-            self.charged.1
-        } else {
-            0
-        }
-    }
-
-    pub(crate) fn add_charge(&mut self, by: usize, cost: u32) {
-        let prior = self.charged(by);
-        self.charged = (by, prior.saturating_add(cost));
+        Self { record }
     }
 
     /// The key's public identifier.

@@ -16,6 +16,7 @@ use crate::head::is_grpc;
 use crate::head::RequestHead;
 use crate::key::{KeyFormat, KeyHash};
 use crate::lookup::{KeyLookup, LookupResult};
+use crate::passage::{Accepted, LayerId};
 use crate::record::Principal;
 use crate::reject::{Reason, Rejection, Responder, ResponseBody};
 use crate::validate::{self, ClientIp, Rules, SiteResolver};
@@ -34,6 +35,11 @@ pub(crate) struct Gate<L> {
     pub(crate) clock: Arc<dyn Clock>,
     pub(crate) lockout: Option<Lockout>,
     pub(crate) preflight_warned: AtomicBool,
+    /// Names this state in the requests it accepts.
+    pub(crate) id: LayerId,
+    /// Set once a route variant shares this state: only then do accepted requests carry an
+    /// [`Accepted`] marker (an extension insert the plain stack does without).
+    pub(crate) nested: AtomicBool,
 }
 
 impl<L> fmt::Debug for Gate<L> {
@@ -70,11 +76,6 @@ pub(crate) enum Pass {
 }
 
 impl<L: KeyLookup> Gate<L> {
-    /// This state's address: tells its own principals from others'.
-    fn origin(&self) -> usize {
-        std::ptr::from_ref(self).cast::<()>() as usize
-    }
-
     /// When an outer layer sharing this state has accepted the request already (a
     /// `route_layer` inside a `Router::layer`), only the route's rules are left to check.
     pub(crate) fn already_accepted<B>(
@@ -82,11 +83,14 @@ impl<L: KeyLookup> Gate<L> {
         req: &Request<B>,
         rules: &Rules,
     ) -> Option<Result<(), Rejection>> {
-        let principal = req.extensions().get::<Principal>()?;
-        if principal.origin() != self.origin() {
+        if !self.nested.load(Ordering::Relaxed) {
             return None;
         }
-        let record = principal.record();
+        let Accepted(by) = req.extensions().get::<Accepted>()?;
+        if *by != self.id {
+            return None;
+        }
+        let record = req.extensions().get::<Principal>()?.record();
         Some(
             validate::check_route(record, rules)
                 .map_err(|reason| Rejection::new(reason).with_key_id(record.id.clone())),
@@ -218,8 +222,11 @@ impl<L: KeyLookup> Gate<L> {
         record.note_use(now);
         self.extractor
             .mark_sensitive(req.headers_mut(), found.places);
-        req.extensions_mut()
-            .insert(Principal::accepted_by(record, self.origin()));
+        let extensions = req.extensions_mut();
+        extensions.insert(Principal::new(record));
+        if self.nested.load(Ordering::Relaxed) {
+            extensions.insert(Accepted(self.id));
+        }
         Ok(())
     }
 

@@ -1,5 +1,5 @@
 use std::fmt;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,6 +15,7 @@ use crate::extract::{Extractor, Scheme};
 use crate::key::Environment;
 use crate::key::KeyFormat;
 use crate::lookup::KeyLookup;
+use crate::passage::LayerId;
 use crate::quota::Quota;
 use crate::record::Scopes;
 use crate::reject::{JsonEnvelope, Renderer, Responder};
@@ -54,12 +55,15 @@ impl<L> fmt::Debug for AuthLayer<L> {
 
 impl<L: KeyLookup> AuthLayer<L> {
     /// A layer with every default: `X-API-KEY`, Bearer and Basic; the `kg_live_`/`kg_test_`
-    /// format; the JSON envelope; OPTIONS and `/swagger` bypassed; no trusted proxies.
+    /// format; the JSON envelope; CORS preflights and `/swagger` bypassed; no trusted
+    /// proxies; no failed-attempt limit.
     pub fn new(lookup: L) -> Self {
-        let bearer = Extractor::default().uses_bearer();
+        // The defaults, which cannot fail: no setting to check.
+        let extractor = Extractor::default();
+        let bearer = extractor.uses_bearer();
         Self::from_gate(Gate {
             lookup,
-            extractor: Extractor::default(),
+            extractor,
             format: KeyFormat::default(),
             responder: Responder::default_for(Arc::new(JsonEnvelope), bearer),
             opaque: false,
@@ -70,29 +74,17 @@ impl<L: KeyLookup> AuthLayer<L> {
             clock: Arc::new(CoarseClock),
             lockout: None,
             preflight_warned: AtomicBool::new(false),
+            id: LayerId::next(),
+            nested: AtomicBool::new(false),
         })
     }
 
     /// A builder starting from the defaults of [`AuthLayer::new`].
     pub fn builder(lookup: L) -> AuthBuilder<L> {
-        AuthBuilder {
-            lookup,
-            schemes: None,
-            max_len: None,
-            format: KeyFormat::default(),
-            renderer: Arc::new(JsonEnvelope),
-            bypass: Box::new(DefaultBypass::default()),
-            client_ip: ClientIp::default(),
-            site: None,
-            lookup_timeout: Some(DEFAULT_LOOKUP_TIMEOUT),
-            opaque: false,
-            realm: "api".to_owned(),
-            clock: Arc::new(CoarseClock),
-            failed: None,
-        }
+        AuthBuilder::starting(lookup, NoLimits)
     }
 
-    fn from_gate(gate: Gate<L>) -> Self {
+    pub(crate) fn from_gate(gate: Gate<L>) -> Self {
         Self {
             gate: Arc::new(gate),
             rules: Arc::new(Rules::default()),
@@ -110,6 +102,7 @@ impl<L> AuthLayer<L> {
     /// this layer's state.
     #[must_use]
     pub fn require_scopes(&self, scopes: impl Into<Scopes>) -> Self {
+        self.gate.nested.store(true, Ordering::Relaxed);
         Self {
             gate: Arc::clone(&self.gate),
             rules: Arc::new((*self.rules).clone().scopes(scopes)),
@@ -120,6 +113,7 @@ impl<L> AuthLayer<L> {
     /// this layer's state.
     #[must_use]
     pub fn require_environment(&self, environment: Environment) -> Self {
+        self.gate.nested.store(true, Ordering::Relaxed);
         Self {
             gate: Arc::clone(&self.gate),
             rules: Arc::new((*self.rules).clone().environment(environment)),
@@ -140,10 +134,16 @@ impl<S, L> Layer<S> for AuthLayer<L> {
     }
 }
 
-/// Settings for an [`AuthLayer`]. Every setter consumes and returns the builder;
-/// [`build`](Self::build) checks the whole.
+/// What [`AuthLayer::builder`] builds: the auth layer alone.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoLimits;
+
+/// Settings for an [`AuthLayer`] or, with rate limits (`X` = the rate limit's settings),
+/// for a [`KeygateLayer`](crate::KeygateLayer): one builder, so both take the same
+/// authentication settings by construction. Every setter consumes and returns the
+/// builder; `build` checks the whole and names the first setting that cannot be used.
 #[must_use]
-pub struct AuthBuilder<L> {
+pub struct AuthBuilder<L, X = NoLimits> {
     lookup: L,
     schemes: Option<Vec<Scheme>>,
     max_len: Option<usize>,
@@ -157,9 +157,11 @@ pub struct AuthBuilder<L> {
     realm: String,
     clock: Arc<dyn Clock>,
     failed: Option<Quota>,
+    /// The rate limit's settings, for the stack.
+    pub(crate) limits: X,
 }
 
-impl<L> fmt::Debug for AuthBuilder<L> {
+impl<L, X: fmt::Debug> fmt::Debug for AuthBuilder<L, X> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AuthBuilder")
             .field("schemes", &self.schemes)
@@ -169,11 +171,32 @@ impl<L> fmt::Debug for AuthBuilder<L> {
             .field("lookup_timeout", &self.lookup_timeout)
             .field("opaque", &self.opaque)
             .field("realm", &self.realm)
+            .field("failed_attempts", &self.failed)
+            .field("limits", &self.limits)
             .finish_non_exhaustive()
     }
 }
 
-impl<L: KeyLookup> AuthBuilder<L> {
+impl<L, X> AuthBuilder<L, X> {
+    pub(crate) fn starting(lookup: L, limits: X) -> Self {
+        Self {
+            lookup,
+            schemes: None,
+            max_len: None,
+            format: KeyFormat::default(),
+            renderer: Arc::new(JsonEnvelope),
+            bypass: Box::new(DefaultBypass::default()),
+            client_ip: ClientIp::default(),
+            site: None,
+            lookup_timeout: Some(DEFAULT_LOOKUP_TIMEOUT),
+            opaque: false,
+            realm: "api".to_owned(),
+            clock: Arc::new(CoarseClock),
+            failed: None,
+            limits,
+        }
+    }
+
     /// Reads the key from these schemes, in order (replacing the default `X-API-KEY`,
     /// Bearer, Basic).
     pub fn schemes(mut self, schemes: impl IntoIterator<Item = Scheme>) -> Self {
@@ -194,13 +217,14 @@ impl<L: KeyLookup> AuthBuilder<L> {
         self
     }
 
-    /// How rejections are rendered (default [`JsonEnvelope`]).
+    /// How rejections are rendered (default [`JsonEnvelope`]); in the stack, the rate
+    /// limit's too.
     pub fn renderer(mut self, renderer: impl Renderer) -> Self {
         self.renderer = Arc::new(renderer);
         self
     }
 
-    /// Which requests need no key (default OPTIONS and `/swagger`).
+    /// Which requests need no key (default: real CORS preflights and `/swagger`).
     pub fn bypass(mut self, bypass: impl Bypass) -> Self {
         self.bypass = Box::new(bypass);
         self
@@ -241,8 +265,8 @@ impl<L: KeyLookup> AuthBuilder<L> {
 
     /// Turns away, with 429 `too_many_failed_attempts` and before any lookup, a client IP
     /// (an IPv6 /64) that sent more invalid keys than `quota` allows (e.g. 20 a minute), so
-    /// that a key-guessing flood never reaches the store. Off by default here; on in
-    /// [`Keygate`](crate::Keygate).
+    /// that a key-guessing flood never reaches the store. Off by default in an
+    /// [`AuthLayer`]; 20 a minute in [`Keygate`](crate::Keygate) (`None` turns it off).
     ///
     /// The budget is taken before a lookup and given back when the key is usable, so at most
     /// `quota` made-up keys reach the store however concurrent the burst. Keys the layer has
@@ -256,18 +280,44 @@ impl<L: KeyLookup> AuthBuilder<L> {
         self
     }
 
-    /// The clock for expiry checks (a [`FakeClock`](crate::clock::FakeClock) in tests).
+    /// The clock of expiry checks and failed attempts (and, in the stack, of in-memory
+    /// buckets): a [`FakeClock`](crate::clock::FakeClock) in tests.
     pub fn clock(mut self, clock: impl Clock) -> Self {
         self.clock = Arc::new(clock);
         self
     }
 
-    /// Checks the settings and builds the layer.
-    ///
-    /// # Errors
-    ///
-    /// A [`ConfigError`] naming the first setting that cannot be used.
-    pub fn build(self) -> Result<AuthLayer<L>, ConfigError> {
+    pub(crate) fn shared_clock(&self) -> Arc<dyn Clock> {
+        Arc::clone(&self.clock)
+    }
+
+    pub(crate) fn shared_renderer(&self) -> Arc<dyn Renderer> {
+        Arc::clone(&self.renderer)
+    }
+
+    /// Swaps the rate limit's settings (the stack's builder changes its store's type).
+    pub(crate) fn with_limits<Y>(self, limits: impl FnOnce(X) -> Y) -> AuthBuilder<L, Y> {
+        AuthBuilder {
+            lookup: self.lookup,
+            schemes: self.schemes,
+            max_len: self.max_len,
+            format: self.format,
+            renderer: self.renderer,
+            bypass: self.bypass,
+            client_ip: self.client_ip,
+            site: self.site,
+            lookup_timeout: self.lookup_timeout,
+            opaque: self.opaque,
+            realm: self.realm,
+            clock: self.clock,
+            failed: self.failed,
+            limits: limits(self.limits),
+        }
+    }
+
+    /// Checks the authentication settings and makes the layer's state; the rate limit's
+    /// settings come back as they are.
+    pub(crate) fn try_into_gate(self) -> Result<(Gate<L>, X), ConfigError> {
         let mut extractor = match self.schemes {
             Some(schemes) => Extractor::new(schemes)?,
             None => Extractor::default(),
@@ -284,7 +334,7 @@ impl<L: KeyLookup> AuthBuilder<L> {
             extractor.uses_bearer(),
             &self.realm,
         )?;
-        Ok(AuthLayer::from_gate(Gate {
+        let gate = Gate {
             lookup: self.lookup,
             extractor,
             format: self.format,
@@ -299,6 +349,21 @@ impl<L: KeyLookup> AuthBuilder<L> {
                 .map(|quota| Lockout::new(quota, Arc::clone(&self.clock))),
             clock: self.clock,
             preflight_warned: AtomicBool::new(false),
-        }))
+            id: LayerId::next(),
+            nested: AtomicBool::new(false),
+        };
+        Ok((gate, self.limits))
+    }
+}
+
+impl<L: KeyLookup> AuthBuilder<L, NoLimits> {
+    /// Checks the settings and builds the layer.
+    ///
+    /// # Errors
+    ///
+    /// A [`ConfigError`] naming the first setting that cannot be used.
+    pub fn build(self) -> Result<AuthLayer<L>, ConfigError> {
+        let (gate, NoLimits) = self.try_into_gate()?;
+        Ok(AuthLayer::from_gate(gate))
     }
 }

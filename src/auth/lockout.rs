@@ -119,22 +119,14 @@ impl Lockout {
     }
 
     fn tracking(quota: Quota, clock: Arc<dyn Clock>, most: usize) -> Self {
-        let limiter = MemoryLimiter::new().with_clock(Arc::clone(&clock));
-        let limiter = limiter.clone().with_max_buckets(most).unwrap_or(limiter);
         let wide = Quota::new(
             quota.capacity().saturating_mul(crate::quota::nonzero(WIDE)),
             quota.period(),
         )
         .unwrap_or(quota);
         Self {
-            limiter,
-            overflow: {
-                let overflow = MemoryLimiter::new().with_clock(clock);
-                overflow
-                    .clone()
-                    .with_max_buckets(COARSE_CAPACITY)
-                    .unwrap_or(overflow)
-            },
+            limiter: MemoryLimiter::build(most.max(1), Arc::clone(&clock)),
+            overflow: MemoryLimiter::build(COARSE_CAPACITY, Arc::clone(&clock)),
             host: [quota],
             wide: [wide],
             known_good: quick_cache::sync::Cache::new(KNOWN_GOOD_CAPACITY),

@@ -5,9 +5,10 @@ use std::task::{Context, Poll};
 use http::{Request, Response};
 use tower_service::Service;
 
-use super::future::ResponseFuture;
+use super::future::{Awaited, ResponseFuture};
 use super::gate::{Attempt, Gate, Pass};
 use crate::answer::Answer;
+use crate::flow::Flow;
 use crate::lookup::KeyLookup;
 use crate::reject::ResponseBody;
 use crate::validate::Rules;
@@ -75,63 +76,59 @@ where
 
     fn call(&mut self, mut req: Request<ReqBody>) -> Self::Future {
         let gate = &*self.gate;
+        let answer = |response| ResponseFuture::new(Flow::answer(response));
         match gate.bypasses(&req) {
             Some(Pass::Inner) => {
                 // A client that sends its key everywhere sends it to /swagger too.
                 gate.mark_sensitive(&mut req);
-                return ResponseFuture::inner(self.inner.call(req));
+                return ResponseFuture::new(Flow::call(self.inner.call(req), None));
             }
-            Some(Pass::Preflight) => return ResponseFuture::rejected(gate.preflight()),
+            Some(Pass::Preflight) => return answer(gate.preflight()),
             None => {}
         }
         if let Some(verdict) = gate.already_accepted(&req, &self.rules) {
             return match verdict {
-                Ok(()) => ResponseFuture::inner(self.inner.call(req)),
-                Err(rejection) => ResponseFuture::rejected(gate.reject(rejection, &req)),
+                Ok(()) => ResponseFuture::new(Flow::call(self.inner.call(req), None)),
+                Err(rejection) => answer(gate.reject(rejection, &req)),
             };
         }
         let found = match gate.hash_of(&req) {
             Ok(found) => found,
             Err(rejection) => {
                 let rejection = gate.refuse_early(rejection, &req);
-                return ResponseFuture::rejected(gate.reject(rejection, &req));
+                return answer(gate.reject(rejection, &req));
             }
         };
         let later = match gate.lookup.lookup(&found.hash) {
             // Answered at once (cache hit, in-memory store): no state to carry.
-            Answer::Now(answer) => {
-                return match gate.settle(
-                    answer,
-                    &mut req,
-                    &self.rules,
-                    &found,
-                    Attempt::Free,
-                    false,
-                ) {
-                    Ok(()) => ResponseFuture::inner(self.inner.call(req)),
-                    Err(rejection) => ResponseFuture::rejected(gate.reject(rejection, &req)),
-                }
+            Answer::Now(lookup) => {
+                let settled =
+                    gate.settle(lookup, &mut req, &self.rules, &found, Attempt::Free, false);
+                return match settled {
+                    Ok(()) => ResponseFuture::new(Flow::call(self.inner.call(req), None)),
+                    Err(rejection) => answer(gate.reject(rejection, &req)),
+                };
             }
             Answer::Later(future) => future,
         };
         // The lookup must be awaited: the failed-attempt budget is taken first, so that a
-        // burst of made-up keys cannot all reach the backend at once.
+        // burst of made-up keys cannot all reach the backend at once (the future was not
+        // polled yet: nothing reached the backend).
         let attempt = match gate.before_lookup(&req, &found.hash) {
             Ok(attempt) => attempt,
-            Err(rejection) => return ResponseFuture::rejected(gate.reject(rejection, &req)),
+            Err(rejection) => return answer(gate.reject(rejection, &req)),
         };
         // Carry the ready service into the future and keep a fresh clone here (tower's rule
         // for services that call later).
         let clone = self.inner.clone();
         let ready = std::mem::replace(&mut self.inner, clone);
-        ResponseFuture::lookup(
+        let awaited = Awaited::new(
             later,
-            ready,
-            req,
             Arc::clone(&self.gate),
             Arc::clone(&self.rules),
             found,
             attempt,
-        )
+        );
+        ResponseFuture::new(Flow::decide(awaited, ready, req))
     }
 }

@@ -1,5 +1,5 @@
 use std::fmt;
-use std::future::{ready, Ready};
+use std::future::Ready;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -7,6 +7,7 @@ use super::decision::most_restrictive;
 use super::gcra::{is_full, step, Step};
 use super::store::{BucketKey, LimiterStore};
 use super::{Decision, Quota};
+use crate::answer::Answer;
 use crate::clock::{Clock, CoarseClock};
 use crate::error::ConfigError;
 use crate::quota::MAX_WINDOWS;
@@ -27,7 +28,7 @@ const SWEEP_EVERY: usize = 1024;
 /// - **Eviction is built in.** A full bucket holds no information (it reads the same as no
 ///   bucket), so every 1024 new buckets a shard drops its full ones; no task to spawn,
 ///   no sweep to call.
-/// - **Hard cap** ([`with_max_buckets`](Self::with_max_buckets), default 1 000 000). At the
+/// - **Hard cap** ([`max_buckets`](MemoryLimiterBuilder::max_buckets), default 1 000 000). At the
 ///   cap the whole store is swept for full buckets (at most once a second); if none was
 ///   full, the new key is refused with [`LimiterError::Full`] (the layers answer 503
 ///   `auth_unavailable` and log a warning) rather than grow without bound or forget the
@@ -97,6 +98,48 @@ pub enum LimiterError {
     Windows(usize),
 }
 
+/// Settings for a [`MemoryLimiter`], from [`MemoryLimiter::builder`].
+#[must_use]
+pub struct MemoryLimiterBuilder<K> {
+    max: usize,
+    clock: Arc<dyn Clock>,
+    key: std::marker::PhantomData<fn(K)>,
+}
+
+impl<K> fmt::Debug for MemoryLimiterBuilder<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryLimiterBuilder")
+            .field("max_buckets", &self.max)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: BucketKey> MemoryLimiterBuilder<K> {
+    /// The most buckets tracked at once (default [`DEFAULT_MAX_BUCKETS`]).
+    pub fn max_buckets(mut self, max: usize) -> Self {
+        self.max = max;
+        self
+    }
+
+    /// Reads time from `clock` (a [`FakeClock`](crate::clock::FakeClock) in tests).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Builds the store.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] when the cap is 0.
+    pub fn build(self) -> Result<MemoryLimiter<K>, ConfigError> {
+        if self.max == 0 {
+            return Err(ConfigError::Zero("max buckets"));
+        }
+        Ok(MemoryLimiter::build(self.max, self.clock))
+    }
+}
+
 impl<K> Clone for MemoryLimiter<K> {
     fn clone(&self) -> Self {
         Self {
@@ -126,25 +169,17 @@ impl<K: BucketKey> MemoryLimiter<K> {
         Self::build(DEFAULT_MAX_BUCKETS, Arc::new(CoarseClock))
     }
 
-    /// Caps the number of tracked buckets.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::Zero`] when `max` is 0.
-    pub fn with_max_buckets(self, max: usize) -> Result<Self, ConfigError> {
-        if max == 0 {
-            return Err(ConfigError::Zero("max buckets"));
+    /// A store with settings of your own: its cap, its clock.
+    pub fn builder() -> MemoryLimiterBuilder<K> {
+        MemoryLimiterBuilder {
+            max: DEFAULT_MAX_BUCKETS,
+            clock: Arc::new(CoarseClock),
+            key: std::marker::PhantomData,
         }
-        Ok(Self::build(max, Arc::clone(&self.inner.clock)))
     }
 
-    /// Reads time from `clock` (a [`FakeClock`](crate::clock::FakeClock) in tests).
-    #[must_use]
-    pub fn with_clock(self, clock: impl Clock) -> Self {
-        Self::build(self.inner.max, Arc::new(clock))
-    }
-
-    fn build(max: usize, clock: Arc<dyn Clock>) -> Self {
+    /// A store capped at `max` (above 0) on `clock`.
+    pub(crate) fn build(max: usize, clock: Arc<dyn Clock>) -> Self {
         let hasher = ahash::RandomState::new();
         let shards = (0..SHARDS)
             .map(|_| Shard {
@@ -359,17 +394,13 @@ impl<K: BucketKey> LimiterStore<K> for MemoryLimiter<K> {
     type Error = LimiterError;
     type Future = Ready<Result<Decision, LimiterError>>;
 
-    fn check(&self, key: &K, quotas: &[Quota], cost: u32) -> Self::Future {
-        ready(self.decide(key, quotas, cost))
-    }
-
-    fn check_ready(
+    fn check(
         &self,
         key: &K,
         quotas: &[Quota],
         cost: u32,
-    ) -> Option<Result<Decision, LimiterError>> {
-        Some(self.decide(key, quotas, cost))
+    ) -> Answer<Result<Decision, LimiterError>, Self::Future> {
+        Answer::Now(self.decide(key, quotas, cost))
     }
 
     fn refund(&self, key: &K, quotas: &[Quota], cost: u32) {

@@ -14,19 +14,25 @@
 //! IP, a header), for apps without keys.
 
 mod decision;
+mod future;
 mod gcra;
 mod headers;
+mod key_fn;
 mod layer;
 mod memory;
+mod service;
 mod store;
 
-pub(crate) use crate::quota::nonzero;
-pub use crate::quota::{Quota, MAX_REFILL, MAX_WINDOWS};
 pub use decision::Decision;
+pub use future::RateLimitFuture;
 pub use headers::HeaderStyle;
-pub use layer::{KeyFn, PerKey, RateLimitFuture, RateLimitLayer, RateLimitService};
-pub use memory::{LimiterError, MemoryLimiter, DEFAULT_MAX_BUCKETS};
+pub use key_fn::{KeyFn, PerKey};
+pub use layer::{RateLimitBuilder, RateLimitLayer};
+pub use memory::{LimiterError, MemoryLimiter, MemoryLimiterBuilder, DEFAULT_MAX_BUCKETS};
+pub use service::RateLimitService;
 pub use store::{BucketKey, LimiterStore};
+
+pub use crate::quota::{Quota, MAX_REFILL, MAX_WINDOWS};
 
 #[cfg(test)]
 mod tests;

@@ -2,34 +2,26 @@ use std::future::Future;
 use std::hash::Hash;
 
 use super::{Decision, Quota};
+use crate::answer::Answer;
 use crate::error::BoxError;
 
 /// Where buckets live. The in-memory store ([`MemoryLimiter`](super::MemoryLimiter))
-/// answers at once; a network store (Redis) returns a future, and the layers await it
-/// without any change.
-///
-/// `check` charges `cost` tokens to every window of `key`'s bucket if every window can
-/// take them, and charges nothing otherwise.
+/// answers at once ([`Answer::Now`]); a network store (Redis) answers later, and the layers
+/// await it without any change.
 pub trait LimiterStore<K>: Send + Sync + 'static {
     /// The backend's error: the layers answer 503 `auth_unavailable`.
-    type Error: Into<BoxError>;
-    /// The future of one decision.
+    type Error: Into<BoxError> + Send;
+    /// The future of a decision that cannot be taken at once.
     type Future: Future<Output = Result<Decision, Self::Error>> + Send + 'static;
 
-    /// Decides a request. `quotas` is not empty.
-    fn check(&self, key: &K, quotas: &[Quota], cost: u32) -> Self::Future;
-
-    /// Decides at once when the store can (an in-memory store always can), so the layers
-    /// skip the asynchronous path. The default never does.
-    fn check_ready(
+    /// Decides a request: charges `cost` tokens to every window of `key`'s bucket if every
+    /// window can take them, and charges nothing otherwise. `quotas` is not empty.
+    fn check(
         &self,
         key: &K,
         quotas: &[Quota],
         cost: u32,
-    ) -> Option<Result<Decision, Self::Error>> {
-        let _ = (key, quotas, cost);
-        None
-    }
+    ) -> Answer<Result<Decision, Self::Error>, Self::Future>;
 
     /// Gives back `cost` tokens charged earlier to every window (best effort), when a
     /// request admitted here is refused further in. The default does nothing.

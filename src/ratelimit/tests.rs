@@ -24,7 +24,8 @@ fn clock() -> FakeClock {
 
 #[test]
 fn keys_are_isolated_and_a_refusal_takes_nothing() {
-    let limiter: MemoryLimiter<&'static str> = MemoryLimiter::new().with_clock(clock());
+    let limiter: MemoryLimiter<&'static str> =
+        MemoryLimiter::builder().clock(clock()).build().unwrap();
     let q = [Quota::per_minute(nz(3))];
     for _ in 0..3 {
         assert!(limiter.decide(&"a", &q, 1).unwrap().allowed);
@@ -45,7 +46,7 @@ fn keys_are_isolated_and_a_refusal_takes_nothing() {
 #[test]
 fn every_window_must_admit_and_refusals_roll_back() {
     let c = clock();
-    let limiter: MemoryLimiter<u32> = MemoryLimiter::new().with_clock(c.clone());
+    let limiter: MemoryLimiter<u32> = MemoryLimiter::builder().clock(c.clone()).build().unwrap();
     // 10 a second and 15 a minute.
     let q = [Quota::per_second(nz(10)), Quota::per_minute(nz(15))];
     let admitted = (0..20)
@@ -67,7 +68,7 @@ fn every_window_must_admit_and_refusals_roll_back() {
 
 #[test]
 fn cost_above_capacity_creates_no_bucket() {
-    let limiter: MemoryLimiter<u32> = MemoryLimiter::new().with_clock(clock());
+    let limiter: MemoryLimiter<u32> = MemoryLimiter::builder().clock(clock()).build().unwrap();
     let d = limiter.decide(&1, &[Quota::per_second(nz(5))], 6).unwrap();
     assert!(!d.allowed);
     assert!(limiter.is_empty());
@@ -84,7 +85,8 @@ fn windows_out_of_range_are_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_requests_on_one_key_admit_exactly_the_capacity() {
     // The clock is frozen: nothing refills while 8 tasks hammer one key.
-    let limiter: MemoryLimiter<&'static str> = MemoryLimiter::new().with_clock(clock());
+    let limiter: MemoryLimiter<&'static str> =
+        MemoryLimiter::builder().clock(clock()).build().unwrap();
     let q = [Quota::per_minute(nz(1000))];
     let tasks: Vec<_> = (0..8)
         .map(|_| {
@@ -111,10 +113,11 @@ async fn concurrent_requests_on_one_key_admit_exactly_the_capacity() {
 #[test]
 fn a_million_keys_stay_under_the_cap_and_idle_buckets_go() {
     let c = clock();
-    let limiter: MemoryLimiter<u64> = MemoryLimiter::new()
-        .with_max_buckets(64 * 1024)
-        .unwrap()
-        .with_clock(c.clone());
+    let limiter: MemoryLimiter<u64> = MemoryLimiter::builder()
+        .max_buckets(64 * 1024)
+        .clock(c.clone())
+        .build()
+        .unwrap();
     let q = [Quota::per_second(nz(10))];
     let mut max_seen = 0;
     for i in 0..1_000_000u64 {
@@ -134,10 +137,11 @@ fn a_million_keys_stay_under_the_cap_and_idle_buckets_go() {
 #[test]
 fn at_the_cap_new_keys_are_refused_not_tracked() {
     // A frozen clock: no bucket refills, none can be evicted.
-    let limiter: MemoryLimiter<u64> = MemoryLimiter::new()
-        .with_max_buckets(1000)
-        .unwrap()
-        .with_clock(clock());
+    let limiter: MemoryLimiter<u64> = MemoryLimiter::builder()
+        .max_buckets(1000)
+        .clock(clock())
+        .build()
+        .unwrap();
     let q = [Quota::per_minute(nz(10))];
     let mut full = 0;
     for i in 0..10_000u64 {
@@ -174,8 +178,11 @@ fn by_header() -> impl KeyFn<Key = String> + Clone {
 #[tokio::test]
 async fn standalone_layer_headers_429_and_grpc() {
     let c = clock();
-    let store = MemoryLimiter::new().with_clock(c.clone());
-    let layer = RateLimitLayer::new(by_header(), store, [Quota::per_minute(nz(2))]).unwrap();
+    let store = MemoryLimiter::builder().clock(c.clone()).build().unwrap();
+    let layer = RateLimitLayer::builder(by_header(), store)
+        .quotas([Quota::per_minute(nz(2))])
+        .build()
+        .unwrap();
     let svc = layer.layer(service_fn(|_: Request<Body>| async {
         Ok::<_, Infallible>(Response::new(Body::default()))
     }));
@@ -248,13 +255,14 @@ async fn header_styles() {
         (HeaderStyle::None, false, false),
     ];
     for (style, legacy, ietf) in cases {
-        let layer = RateLimitLayer::new(
+        let layer = RateLimitLayer::builder(
             by_header(),
-            MemoryLimiter::new().with_clock(clock()),
-            [Quota::per_minute(nz(60))],
+            MemoryLimiter::builder().clock(clock()).build().unwrap(),
         )
-        .unwrap()
-        .header_style(style);
+        .quotas([Quota::per_minute(nz(60))])
+        .header_style(style)
+        .build()
+        .unwrap();
         let svc = layer.layer(service_fn(|_: Request<Body>| async {
             Ok::<_, Infallible>(Response::new(Body::default()))
         }));
@@ -282,11 +290,12 @@ async fn header_styles() {
 
 #[tokio::test]
 async fn route_cost() {
-    let layer = RateLimitLayer::new(
+    let layer = RateLimitLayer::builder(
         by_header(),
-        MemoryLimiter::new().with_clock(clock()),
-        [Quota::per_minute(nz(10))],
+        MemoryLimiter::builder().clock(clock()).build().unwrap(),
     )
+    .quotas([Quota::per_minute(nz(10))])
+    .build()
     .unwrap();
     let expensive = layer
         .cost(5)
@@ -308,14 +317,17 @@ async fn route_cost() {
     );
     assert_eq!(expensive.oneshot(req()).await.unwrap().status(), 429);
     assert!(layer.cost(0).is_err());
-    assert!(RateLimitLayer::new(by_header(), MemoryLimiter::new(), []).is_err());
+    assert!(RateLimitLayer::builder(by_header(), MemoryLimiter::new())
+        .quotas([])
+        .build()
+        .is_err());
     let _ = Arc::new(0);
 }
 
 #[test]
 fn three_windows_live_on_the_heap_and_still_all_apply() {
     let c = clock();
-    let limiter: MemoryLimiter<u8> = MemoryLimiter::new().with_clock(c.clone());
+    let limiter: MemoryLimiter<u8> = MemoryLimiter::builder().clock(c.clone()).build().unwrap();
     let q = [
         Quota::per_second(nz(5)),
         Quota::per_minute(nz(7)),
@@ -344,17 +356,19 @@ async fn nested_per_key_limiters_with_different_stores_both_apply() {
     use crate::record::{KeyRecord, Owner, Principal};
     // Two independent limiters (1000 an hour app-wide, 2 a minute on one route): the inner
     // one must not take the outer one's charge for its own.
-    let outer = RateLimitLayer::new(
-        layer::PerKey::new(),
-        MemoryLimiter::new().with_clock(clock()),
-        [Quota::per_hour(nz(1000))],
+    let outer = RateLimitLayer::builder(
+        crate::ratelimit::PerKey::new(),
+        MemoryLimiter::builder().clock(clock()).build().unwrap(),
     )
+    .quotas([Quota::per_hour(nz(1000))])
+    .build()
     .unwrap();
-    let inner = RateLimitLayer::new(
-        layer::PerKey::new(),
-        MemoryLimiter::new().with_clock(clock()),
-        [Quota::per_minute(nz(2))],
+    let inner = RateLimitLayer::builder(
+        crate::ratelimit::PerKey::new(),
+        MemoryLimiter::builder().clock(clock()).build().unwrap(),
     )
+    .quotas([Quota::per_minute(nz(2))])
+    .build()
     .unwrap();
     let svc = outer.layer(inner.layer(service_fn(|_: Request<Body>| async {
         Ok::<_, Infallible>(Response::new(Body::default()))
@@ -378,7 +392,7 @@ async fn nested_per_key_limiters_with_different_stores_both_apply() {
 
 #[test]
 fn a_bucket_changing_shape_under_concurrent_requests_never_panics() {
-    let limiter: MemoryLimiter<u8> = MemoryLimiter::new().with_clock(clock());
+    let limiter: MemoryLimiter<u8> = MemoryLimiter::builder().clock(clock()).build().unwrap();
     let one = [Quota::per_hour(nz(1_000_000))];
     let two = [
         Quota::per_hour(nz(1_000_000)),
@@ -398,7 +412,7 @@ fn a_bucket_changing_shape_under_concurrent_requests_never_panics() {
 
 #[test]
 fn extreme_quotas_still_limit() {
-    let limiter: MemoryLimiter<u8> = MemoryLimiter::new().with_clock(clock());
+    let limiter: MemoryLimiter<u8> = MemoryLimiter::builder().clock(clock()).build().unwrap();
     let longest = Quota::new(nz(1), MAX_REFILL).unwrap();
     assert!(limiter.decide(&1, &[longest], 1).unwrap().allowed);
     assert!(!limiter.decide(&1, &[longest], 1).unwrap().allowed);

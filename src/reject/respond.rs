@@ -91,10 +91,6 @@ impl Responder {
         }
     }
 
-    pub(crate) fn set_opaque(&mut self, opaque: bool) {
-        self.opaque = opaque;
-    }
-
     /// The full response for a rejection.
     pub(crate) fn respond<B>(
         &self,
