@@ -147,7 +147,7 @@ impl Bypass for CorsPreflight {
 
 /// Bypass a path and everything below it, on whole segments: `PathPrefix::new("/swagger")`
 /// matches `/swagger`, `/swagger/` and `/swagger/openapi.json`, never `/swaggerx`, and
-/// never a path that [`is_unambiguous_path`] refuses.
+/// never a path a router or a proxy could read differently (see the [module docs](self)).
 #[derive(Debug, Clone)]
 pub struct PathPrefix {
     prefix: Box<str>,
@@ -189,7 +189,7 @@ impl Bypass for PathPrefix {
 /// segment is empty (except a trailing one), `.` or `..` (also percent-encoded), and there is
 /// no `\`, `;`, control character, encoded `/`, encoded `\`, encoded `;`, encoded `%` or
 /// encoded control character.
-pub fn is_unambiguous_path(path: &str) -> bool {
+pub(crate) fn is_unambiguous_path(path: &str) -> bool {
     let Some(rest) = path.strip_prefix('/') else {
         return false;
     };

@@ -31,7 +31,7 @@ pub trait Clock: Send + Sync + 'static {
 }
 
 /// Nanoseconds since the Unix epoch, 0 before it, saturating at `u64::MAX`.
-pub fn nanos_since_epoch(time: SystemTime) -> u64 {
+pub(crate) fn nanos_since_epoch(time: SystemTime) -> u64 {
     time.duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
         .unwrap_or(0)

@@ -11,12 +11,6 @@ pub enum ConfigError {
     /// environments.
     #[error("invalid key prefix {0:?}: it must be 1 to 32 visible ASCII characters, distinct per environment")]
     InvalidPrefix(String),
-    /// A stored key hash that is not 64 hex digits.
-    #[error("invalid key hash: expected 64 hex digits")]
-    InvalidKeyHash,
-    /// The OS random source failed.
-    #[error("the OS random source failed: {0}")]
-    Random(String),
     /// A header name that HTTP does not allow.
     #[error("invalid header name {0:?}")]
     InvalidHeaderName(String),

@@ -33,7 +33,7 @@ use http::{HeaderMap, Request, Uri};
 use crate::error::ConfigError;
 
 /// Default bound on a presented key's length, in bytes.
-pub const DEFAULT_MAX_LEN: usize = 256;
+pub(crate) const DEFAULT_MAX_LEN: usize = 256;
 
 /// One place a key can be found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -213,7 +213,7 @@ impl Extractor {
         })
     }
 
-    /// Sets the longest key accepted, in bytes (default [`DEFAULT_MAX_LEN`]).
+    /// Sets the longest key accepted, in bytes (default 256).
     ///
     /// # Errors
     ///

@@ -38,11 +38,11 @@ use serde::{Deserialize, Serialize};
 
 const ALPHABET: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 /// Random characters in a generated key: 24 × log2(62) ≈ 142.9 bits of entropy.
-pub const RANDOM_LEN: usize = 24;
+pub(crate) const RANDOM_LEN: usize = 24;
 /// Checksum characters in a generated key: the CRC-32 of prefix and random part in base62.
-pub const CHECKSUM_LEN: usize = 6;
+pub(crate) const CHECKSUM_LEN: usize = 6;
 /// Longest prefix [`KeyFormat`] accepts.
-pub const MAX_PREFIX_LEN: usize = 32;
+pub(crate) const MAX_PREFIX_LEN: usize = 32;
 
 /// An API key as a client presents it: the secret.
 ///
@@ -127,16 +127,16 @@ impl KeyHash {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::InvalidKeyHash`] when the text is not 64 hex digits.
-    pub fn from_hex(text: &str) -> Result<Self, ConfigError> {
+    /// [`InvalidHash`] when the text is not 64 hex digits.
+    pub fn from_hex(text: &str) -> Result<Self, InvalidHash> {
         let bytes = text.as_bytes();
         if bytes.len() != 64 {
-            return Err(ConfigError::InvalidKeyHash);
+            return Err(InvalidHash);
         }
         let mut out = [0u8; 32];
         for (slot, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-            let hi = hex_value(pair[0]).ok_or(ConfigError::InvalidKeyHash)?;
-            let lo = hex_value(pair[1]).ok_or(ConfigError::InvalidKeyHash)?;
+            let hi = hex_value(pair[0]).ok_or(InvalidHash)?;
+            let lo = hex_value(pair[1]).ok_or(InvalidHash)?;
             *slot = (hi << 4) | lo;
         }
         Ok(Self(out))
@@ -195,8 +195,8 @@ impl KeyId {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Random`] when the OS random source fails.
-    pub fn generate() -> Result<Self, ConfigError> {
+    /// [`RandomError`] when the OS random source fails.
+    pub fn generate() -> Result<Self, RandomError> {
         let mut id = String::with_capacity(20);
         id.push_str("key_");
         push_random(&mut id, 16)?;
@@ -220,6 +220,16 @@ impl fmt::Display for KeyId {
         f.write_str(&self.0)
     }
 }
+
+/// The OS random source failed (keys and ids come from it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the OS random source failed")]
+pub struct RandomError(#[source] pub getrandom::Error);
+
+/// A key hash that is not 64 hex digits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("invalid key hash: expected 64 hex digits")]
+pub struct InvalidHash;
 
 /// Why [`KeyFormat::check`] refused a string.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -268,7 +278,7 @@ impl KeyFormat {
     /// # Errors
     ///
     /// [`ConfigError::InvalidPrefix`] when a prefix is empty, longer than
-    /// [`MAX_PREFIX_LEN`], not visible ASCII, or both prefixes are equal.
+    /// 32 bytes, not visible ASCII, or both prefixes are equal.
     pub fn new(live_prefix: &str, test_prefix: &str) -> Result<Self, ConfigError> {
         for prefix in [live_prefix, test_prefix] {
             if prefix.is_empty()
@@ -309,8 +319,8 @@ impl KeyFormat {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Random`] when the OS random source fails.
-    pub fn generate(&self, environment: Environment) -> Result<ApiKey, ConfigError> {
+    /// [`RandomError`] when the OS random source fails.
+    pub fn generate(&self, environment: Environment) -> Result<ApiKey, RandomError> {
         let prefix = self.prefix(environment);
         let mut key = String::with_capacity(prefix.len() + RANDOM_LEN + CHECKSUM_LEN);
         key.push_str(prefix);
@@ -379,11 +389,11 @@ fn base62_value(byte: u8) -> Option<u8> {
 }
 
 /// Appends `n` uniformly random base62 characters (rejection sampling, no modulo bias).
-fn push_random(out: &mut String, n: usize) -> Result<(), ConfigError> {
+fn push_random(out: &mut String, n: usize) -> Result<(), RandomError> {
     let mut pushed = 0;
     let mut buf = [0u8; 64];
     while pushed < n {
-        getrandom::fill(&mut buf).map_err(|e| ConfigError::Random(e.to_string()))?;
+        getrandom::fill(&mut buf).map_err(RandomError)?;
         for byte in buf {
             // 248 = 4 × 62: bytes at or above it would bias the alphabet.
             if byte < 248 {

@@ -60,7 +60,7 @@ pub struct Quota {
 
 /// The longest a bucket may take to refill: 100 years. Time arithmetic stays far from
 /// overflow, and no sensible quota needs more.
-pub const MAX_REFILL: Duration = Duration::from_secs(100 * 365 * 86_400);
+pub(crate) const MAX_REFILL: Duration = Duration::from_secs(100 * 365 * 86_400);
 const MAX_REFILL_NS: u64 = 100 * 365 * 86_400 * 1_000_000_000;
 
 /// `n`, or 1 for 0: for defaults written as literals.
@@ -86,7 +86,7 @@ impl Quota {
     /// # Errors
     ///
     /// [`ConfigError::Zero`] when `period` is zero, [`ConfigError::InvalidQuota`] when it is
-    /// longer than [`MAX_REFILL`].
+    /// longer than 100 years.
     pub fn new(n: NonZeroU32, period: Duration) -> Result<Self, ConfigError> {
         if period.is_zero() {
             return Err(ConfigError::Zero("quota period"));
@@ -131,7 +131,7 @@ impl Quota {
     }
 
     /// The same refill rate with a different burst. A burst whose refill would take longer
-    /// than [`MAX_REFILL`] is lowered to the largest that does not.
+    /// than 100 years is lowered to the largest that does not.
     #[must_use]
     pub const fn with_burst(mut self, capacity: NonZeroU32) -> Self {
         let most = MAX_REFILL_NS / self.interval_ns;

@@ -18,10 +18,16 @@ use http::header::{AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, WWW_AUTHENTICATE}
 use http::{HeaderName, HeaderValue, Method, Request, Response, Uri};
 use http_body_util::{BodyExt, Full};
 use keygate::bypass::{Bypass, DefaultBypass};
-use keygate::extract::{ExtractError, Extractor, Scheme, SchemeKind, DEFAULT_MAX_LEN};
+use keygate::extract::{ExtractError, Extractor, Scheme, SchemeKind};
 use keygate::head::RequestHead;
 use keygate::key::Environment;
-use keygate::key::{ApiKey, FormatError, KeyFormat, KeyId, CHECKSUM_LEN, RANDOM_LEN};
+use keygate::key::{ApiKey, FormatError, KeyFormat, KeyId};
+
+/// The documented shape of a key: 24 random base62 characters, then a 6-character checksum.
+const RANDOM_LEN: usize = 24;
+const CHECKSUM_LEN: usize = 6;
+/// The documented default bound on a key's length.
+const DEFAULT_MAX_LEN: usize = 256;
 use keygate::quota::RateLimit;
 use keygate::record::{Owner, Restrictions, Status};
 use keygate::reject::{JsonEnvelope, ProblemJson, Reason, Rejection, Renderer};

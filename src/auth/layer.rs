@@ -22,7 +22,7 @@ use crate::reject::{JsonEnvelope, Renderer, Responder};
 use crate::validate::{ClientIp, Rules, SiteResolver};
 
 /// Default time a lookup may take before the request is answered 503 `auth_unavailable`.
-pub const DEFAULT_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+pub(crate) const DEFAULT_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Authenticates API keys in front of a service. See the [module docs](crate::auth).
 ///

@@ -109,7 +109,7 @@ mod lockout;
 mod service;
 
 pub use future::ResponseFuture;
-pub use layer::{AuthBuilder, AuthLayer, NoLimits, DEFAULT_LOOKUP_TIMEOUT};
+pub use layer::{AuthBuilder, AuthLayer, NoLimits};
 pub use service::AuthService;
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use crate::error::ConfigError;
 use crate::quota::MAX_WINDOWS;
 
 /// Buckets tracked at most by default.
-pub const DEFAULT_MAX_BUCKETS: usize = 1_000_000;
+pub(crate) const DEFAULT_MAX_BUCKETS: usize = 1_000_000;
 
 const SHARDS: usize = 64;
 /// A shard is swept for full buckets every this many new buckets.
@@ -115,7 +115,7 @@ impl<K> fmt::Debug for MemoryLimiterBuilder<K> {
 }
 
 impl<K: BucketKey> MemoryLimiterBuilder<K> {
-    /// The most buckets tracked at once (default [`DEFAULT_MAX_BUCKETS`]).
+    /// The most buckets tracked at once (default 1 000 000).
     pub fn max_buckets(mut self, max: usize) -> Self {
         self.max = max;
         self
@@ -164,7 +164,7 @@ impl<K: BucketKey> Default for MemoryLimiter<K> {
 }
 
 impl<K: BucketKey> MemoryLimiter<K> {
-    /// A store on the system clock, capped at [`DEFAULT_MAX_BUCKETS`].
+    /// A store on the system clock, capped at 1 000 000 buckets.
     pub fn new() -> Self {
         Self::build(DEFAULT_MAX_BUCKETS, Arc::new(CoarseClock))
     }

@@ -28,11 +28,12 @@ pub use future::RateLimitFuture;
 pub use headers::HeaderStyle;
 pub use key_fn::{KeyFn, PerKey};
 pub use layer::{RateLimitBuilder, RateLimitLayer};
-pub use memory::{LimiterError, MemoryLimiter, MemoryLimiterBuilder, DEFAULT_MAX_BUCKETS};
+pub(crate) use memory::DEFAULT_MAX_BUCKETS;
+pub use memory::{LimiterError, MemoryLimiter, MemoryLimiterBuilder};
 pub use service::RateLimitService;
 pub use store::{BucketKey, LimiterStore};
 
-pub use crate::quota::{Quota, MAX_REFILL, MAX_WINDOWS};
+pub use crate::quota::{Quota, MAX_WINDOWS};
 
 #[cfg(test)]
 mod tests;

@@ -413,7 +413,7 @@ fn a_bucket_changing_shape_under_concurrent_requests_never_panics() {
 #[test]
 fn extreme_quotas_still_limit() {
     let limiter: MemoryLimiter<u8> = MemoryLimiter::builder().clock(clock()).build().unwrap();
-    let longest = Quota::new(nz(1), MAX_REFILL).unwrap();
+    let longest = Quota::new(nz(1), crate::quota::MAX_REFILL).unwrap();
     assert!(limiter.decide(&1, &[longest], 1).unwrap().allowed);
     assert!(!limiter.decide(&1, &[longest], 1).unwrap().allowed);
     let huge = Quota::per_day(nz(1)).with_burst(NonZeroU32::MAX);

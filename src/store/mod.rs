@@ -44,9 +44,9 @@ pub enum StoreError {
     /// A thread panicked while holding the store's lock.
     #[error("the in-memory store's lock is poisoned")]
     Poisoned,
-    /// A bad setting or the OS random source failing.
+    /// The OS random source failed (a new secret or id could not be made).
     #[error(transparent)]
-    Config(#[from] crate::error::ConfigError),
+    Random(#[from] crate::key::RandomError),
     /// No key with this id (or it is deleted).
     #[error("no key with id {0}")]
     KeyNotFound(KeyId),
@@ -76,10 +76,65 @@ pub enum StoreError {
         /// What is wrong with it.
         reason: String,
     },
-    /// The database failed.
+    /// The database failed; its own error is the [`source`](std::error::Error::source).
     #[error("store backend: {0}")]
-    Backend(String),
+    Backend(BackendError),
 }
+
+/// What failed in a store's backend, with the driver's error as its source.
+#[derive(Debug, Clone)]
+pub struct BackendError {
+    context: std::borrow::Cow<'static, str>,
+    source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync>>,
+}
+
+impl BackendError {
+    /// `context` ("cannot open the database"), caused by `source`.
+    #[cfg_attr(not(any(feature = "sqlite", feature = "postgres")), allow(dead_code))]
+    pub(crate) fn caused(
+        context: impl Into<std::borrow::Cow<'static, str>>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            context: context.into(),
+            source: Some(std::sync::Arc::new(source)),
+        }
+    }
+
+    /// A failure found by the store itself (a corrupt record).
+    pub(crate) fn plain(context: impl Into<std::borrow::Cow<'static, str>>) -> Self {
+        Self {
+            context: context.into(),
+            source: None,
+        }
+    }
+}
+
+impl std::fmt::Display for BackendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.source {
+            Some(source) => write!(f, "{}: {source}", self.context),
+            None => f.write_str(&self.context),
+        }
+    }
+}
+
+impl std::error::Error for BackendError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn std::error::Error + 'static))
+    }
+}
+
+/// Two backend errors are equal when they say the same.
+impl PartialEq for BackendError {
+    fn eq(&self, other: &Self) -> bool {
+        self.to_string() == other.to_string()
+    }
+}
+
+impl Eq for BackendError {}
 
 impl StoreError {
     /// A deleted key: kept for audit (`get` and `list` show it), never changed again.

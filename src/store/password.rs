@@ -6,18 +6,19 @@ use std::sync::OnceLock;
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use argon2::Argon2;
 
-use super::StoreError;
-use crate::error::ConfigError;
+use super::{BackendError, StoreError};
+use crate::key::RandomError;
 
 /// A PHC string (`$argon2id$v=19$…`) for `password`, with a fresh random salt.
 pub(crate) fn hash(password: &str) -> Result<String, StoreError> {
     let mut salt = [0u8; 16];
-    getrandom::fill(&mut salt).map_err(|e| ConfigError::Random(e.to_string()))?;
-    let salt = SaltString::encode_b64(&salt).map_err(|e| StoreError::Backend(e.to_string()))?;
+    getrandom::fill(&mut salt).map_err(RandomError)?;
+    let salt = SaltString::encode_b64(&salt)
+        .map_err(|e| StoreError::Backend(BackendError::plain(format!("argon2 salt: {e}"))))?;
     Argon2::default()
         .hash_password(password.as_bytes(), &salt)
         .map(|h| h.to_string())
-        .map_err(|e| StoreError::Backend(e.to_string()))
+        .map_err(|e| StoreError::Backend(BackendError::plain(format!("argon2: {e}"))))
 }
 
 /// Whether `password` matches `stored`. With no stored hash (an unknown owner, or an owner

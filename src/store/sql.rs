@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Connection as _, Row};
 
-use super::{CreatedKey, KeyStore, KeyUpdate, NewKey, OwnerStore, Page, StoreError};
+use super::{BackendError, CreatedKey, KeyStore, KeyUpdate, NewKey, OwnerStore, Page, StoreError};
 use crate::answer::Answer;
 use crate::clock::{nanos_since_epoch, Clock, SystemClock};
 use crate::key::Environment;
@@ -53,11 +53,13 @@ impl fmt::Debug for SqlStore {
 }
 
 fn db(error: sqlx::Error) -> StoreError {
-    StoreError::Backend(error.to_string())
+    StoreError::Backend(BackendError::caused("the database failed", error))
 }
 
 fn corrupt(what: &str) -> StoreError {
-    StoreError::Backend(format!("a stored record is corrupt: {what}"))
+    StoreError::Backend(BackendError::plain(format!(
+        "a stored record is corrupt: {what}"
+    )))
 }
 
 fn to_nanos(time: SystemTime) -> i64 {
@@ -181,10 +183,9 @@ impl SqlStore {
                 url.to_owned()
             }
         };
-        let pool = options
-            .connect(&url)
-            .await
-            .map_err(|e| StoreError::Backend(format!("cannot open the database: {e}")))?;
+        let pool = options.connect(&url).await.map_err(|e| {
+            StoreError::Backend(BackendError::caused("cannot open the database", e))
+        })?;
         let store = Self {
             usage: SqlUsage::new(pool.clone()),
             pool,
@@ -243,8 +244,9 @@ impl SqlStore {
         let committed = tx.commit().await;
         self.notify(changed);
         committed.map_err(|e| {
-            StoreError::Backend(format!(
-                "the commit's outcome is unknown (check the key): {e}"
+            StoreError::Backend(BackendError::caused(
+                "the commit's outcome is unknown (check the key)",
+                e,
             ))
         })
     }
@@ -262,9 +264,9 @@ impl SqlStore {
             .await;
         match row {
             Ok(Some(_)) => Ok(()),
-            Ok(None) => Err(StoreError::Backend(
-                "the change was not committed; nothing was written".to_owned(),
-            )),
+            Ok(None) => Err(StoreError::Backend(BackendError::plain(
+                "the change was not committed; nothing was written",
+            ))),
             Err(_) => Err(error),
         }
     }
@@ -386,7 +388,7 @@ fn with_param(url: &str, param: &str) -> String {
 async fn open_once(url: &str) -> Result<sqlx::AnyConnection, StoreError> {
     sqlx::AnyConnection::connect(url)
         .await
-        .map_err(|e| StoreError::Backend(format!("cannot open the database: {e}")))
+        .map_err(|e| StoreError::Backend(BackendError::caused("cannot open the database", e)))
 }
 
 /// Files a key's current secret (by hash) under its id.
@@ -405,7 +407,8 @@ async fn insert_hash(
 }
 
 fn json<T: serde::Serialize>(value: &T) -> Result<String, StoreError> {
-    serde_json::to_string(value).map_err(|e| StoreError::Backend(e.to_string()))
+    serde_json::to_string(value)
+        .map_err(|e| StoreError::Backend(BackendError::caused("cannot encode a record", e)))
 }
 
 fn parse<T: serde::de::DeserializeOwned>(row: &AnyRow, column: &str) -> Result<T, StoreError> {

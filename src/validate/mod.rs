@@ -108,7 +108,7 @@ pub fn check<'a>(
 /// # Errors
 ///
 /// [`Reason::EnvironmentMismatch`] or [`Reason::InsufficientScope`].
-pub fn check_route(record: &KeyRecord, rules: &Rules) -> Result<(), Reason> {
+pub(crate) fn check_route(record: &KeyRecord, rules: &Rules) -> Result<(), Reason> {
     if rules
         .environment
         .is_some_and(|env| env != record.environment)
