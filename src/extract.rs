@@ -12,7 +12,9 @@
 //! use http::Request;
 //! use keygate::extract::{Extractor, Scheme, ExtractError};
 //!
-//! let extractor = Extractor::new([Scheme::header("X-Mobid-Key")?, Scheme::Bearer])?;
+//! let extractor = Extractor::builder()
+//!     .schemes([Scheme::header("X-Mobid-Key")?, Scheme::Bearer])
+//!     .build()?;
 //! let req = Request::get("/v1/health")
 //!     .header("x-mobid-key", "qk_abc")
 //!     .header("authorization", "Bearer qk_abc")
@@ -189,41 +191,63 @@ impl Default for Extractor {
     }
 }
 
-impl Extractor {
-    /// An extractor over `schemes`, read in order.
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::NoSchemes`] when `schemes` is empty.
-    pub fn new(schemes: impl IntoIterator<Item = Scheme>) -> Result<Self, ConfigError> {
-        let mut list: Vec<Scheme> = Vec::new();
+/// Settings for an [`Extractor`], from [`Extractor::builder`].
+#[derive(Debug, Clone)]
+#[must_use]
+pub struct ExtractorBuilder {
+    schemes: Vec<Scheme>,
+    max_len: usize,
+}
+
+impl ExtractorBuilder {
+    /// Reads these schemes, in order, replacing earlier ones (a scheme given twice counts
+    /// once).
+    pub fn schemes(mut self, schemes: impl IntoIterator<Item = Scheme>) -> Self {
+        self.schemes.clear();
         for scheme in schemes {
-            if !list.contains(&scheme) {
-                list.push(scheme);
+            if !self.schemes.contains(&scheme) {
+                self.schemes.push(scheme);
             }
         }
-        if list.is_empty() {
-            return Err(ConfigError::NoSchemes);
-        }
-        Ok(Self {
-            bearer: list.contains(&Scheme::Bearer),
-            basic: list.contains(&Scheme::Basic),
-            schemes: list,
-            max_len: DEFAULT_MAX_LEN,
-        })
+        self
     }
 
-    /// Sets the longest key accepted, in bytes (default 256).
+    /// The longest key accepted, in bytes (default 256).
+    pub fn max_len(mut self, max_len: usize) -> Self {
+        self.max_len = max_len;
+        self
+    }
+
+    /// Checks the settings and builds the extractor.
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Zero`] when `max_len` is 0.
-    pub fn with_max_len(mut self, max_len: usize) -> Result<Self, ConfigError> {
-        if max_len == 0 {
+    /// [`ConfigError::NoSchemes`] without any scheme, [`ConfigError::Zero`] for a zero
+    /// length.
+    pub fn build(self) -> Result<Extractor, ConfigError> {
+        if self.schemes.is_empty() {
+            return Err(ConfigError::NoSchemes);
+        }
+        if self.max_len == 0 {
             return Err(ConfigError::Zero("max_len"));
         }
-        self.max_len = max_len;
-        Ok(self)
+        Ok(Extractor {
+            bearer: self.schemes.contains(&Scheme::Bearer),
+            basic: self.schemes.contains(&Scheme::Basic),
+            schemes: self.schemes,
+            max_len: self.max_len,
+        })
+    }
+}
+
+impl Extractor {
+    /// An extractor of your own: its schemes, in order, and the longest key it accepts.
+    pub fn builder() -> ExtractorBuilder {
+        let defaults = Self::default();
+        ExtractorBuilder {
+            schemes: defaults.schemes,
+            max_len: defaults.max_len,
+        }
     }
 
     /// The longest key accepted, in bytes.
@@ -472,14 +496,16 @@ mod tests {
     }
 
     fn all_schemes() -> Extractor {
-        Extractor::new([
-            Scheme::x_api_key(),
-            Scheme::header("X-Mobid-Key").unwrap(),
-            Scheme::Bearer,
-            Scheme::Basic,
-            Scheme::query("api_key").unwrap(),
-        ])
-        .unwrap()
+        Extractor::builder()
+            .schemes([
+                Scheme::x_api_key(),
+                Scheme::header("X-Mobid-Key").unwrap(),
+                Scheme::Bearer,
+                Scheme::Basic,
+                Scheme::query("api_key").unwrap(),
+            ])
+            .build()
+            .unwrap()
     }
 
     #[test]
@@ -787,9 +813,12 @@ mod tests {
 
     #[test]
     fn config_errors() {
-        assert_eq!(Extractor::new([]).unwrap_err(), ConfigError::NoSchemes);
+        assert_eq!(
+            Extractor::builder().schemes([]).build().unwrap_err(),
+            ConfigError::NoSchemes
+        );
         assert!(Scheme::header("bad header").is_err());
         assert!(Scheme::query("").is_err());
-        assert!(Extractor::default().with_max_len(0).is_err());
+        assert!(Extractor::builder().max_len(0).build().is_err());
     }
 }

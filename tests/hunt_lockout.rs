@@ -130,7 +130,12 @@ async fn a_store_outage_turns_a_valid_key_into_a_failed_attempt_lockout() {
 #[tokio::test]
 async fn a_non_ascii_byte_in_x_forwarded_for_escapes_the_clients_budget() {
     let svc = AuthLayer::builder(MemoryStore::new())
-        .client_ip(ClientIp::new().trusted_proxies(["10.0.0.0/8"]).unwrap())
+        .client_ip(
+            ClientIp::builder()
+                .trusted_proxies(["10.0.0.0/8"])
+                .build()
+                .unwrap(),
+        )
         .failed_attempts(Some(Quota::per_minute(nz(5))))
         .clock(clock())
         .build()
@@ -169,7 +174,10 @@ async fn a_non_ascii_byte_in_x_forwarded_for_escapes_the_clients_budget() {
 /// hop parses, yet no client address is found.
 #[test]
 fn the_rightmost_hop_is_read_whatever_the_client_put_before_it() {
-    let resolver = ClientIp::new().trusted_proxies(["10.0.0.0/8"]).unwrap();
+    let resolver = ClientIp::builder()
+        .trusted_proxies(["10.0.0.0/8"])
+        .build()
+        .unwrap();
     let mut r = Request::get("/").body(()).unwrap();
     r.headers_mut().insert(
         "x-forwarded-for",

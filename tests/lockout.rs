@@ -419,7 +419,12 @@ async fn an_unknown_client_is_counted_and_the_layer_says_so_once() {
 #[tokio::test]
 async fn an_unreadable_forwarded_hop_is_counted_under_the_proxy() {
     let svc = AuthLayer::builder(MemoryStore::new())
-        .client_ip(ClientIp::new().trusted_proxies(["10.0.0.0/8"]).unwrap())
+        .client_ip(
+            ClientIp::builder()
+                .trusted_proxies(["10.0.0.0/8"])
+                .build()
+                .unwrap(),
+        )
         .failed_attempts(Some(Quota::per_minute(nz(5))))
         .clock(clock())
         .build()

@@ -268,7 +268,7 @@ proptest! {
         authorizations in vec(authorization_value(), 0..3),
         uri in query_uri(),
     ) {
-        let extractor = Extractor::new(schemes).unwrap().with_max_len(max_len).unwrap();
+        let extractor = Extractor::builder().schemes(schemes).max_len(max_len).build().unwrap();
         let mut req = Request::builder().uri(uri).body(()).unwrap();
         for value in api_keys {
             req.headers_mut().append("x-api-key", value);
@@ -311,7 +311,7 @@ proptest! {
         gap in "[ \t]{1,3}",
         trail in "[ \t]{0,2}",
     ) {
-        let extractor = Extractor::new(all_schemes()).unwrap();
+        let extractor = Extractor::builder().schemes(all_schemes()).build().unwrap();
         let mut builder = Request::builder().uri("/p");
         for place in &places {
             builder = match place {
@@ -343,7 +343,7 @@ proptest! {
         place_b in 0u8..4,
     ) {
         prop_assume!(a != b);
-        let extractor = Extractor::new(all_schemes()).unwrap();
+        let extractor = Extractor::builder().schemes(all_schemes()).build().unwrap();
         let mut req = Request::builder().uri("/p").body(()).unwrap();
         let mut query = Vec::new();
         for (key, place) in [(&a, place_a), (&b, place_b)] {

@@ -476,7 +476,7 @@ async fn ietf_headers_and_grpc_resource_exhausted() {
 async fn accepted_requests_record_last_use_at_most_once_a_minute() {
     use keygate::store::{KeyStore, NewKey, OwnerStore};
     let c = clock();
-    let store = MemoryStore::new().with_clock(c.clone());
+    let store = MemoryStore::builder().clock(c.clone()).build();
     store.add_owner("ada", None).await.unwrap();
     let created = store
         .create(NewKey::new("ada", "ci", Environment::Live))

@@ -7,7 +7,7 @@ use keygate::store::MemoryStore;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_store_conforms() {
     conformance::run(|clock| async move {
-        let store = MemoryStore::new().with_clock(clock);
+        let store = MemoryStore::builder().clock(clock).build();
         (store.clone(), store)
     })
     .await;

@@ -38,14 +38,16 @@ async fn postgres_store_conforms_and_keeps_no_secret() {
         let url = url.clone();
         async move {
             reset(&url).await;
-            let a = SqlStore::connect(&url)
+            let a = SqlStore::builder(url.as_str())
+                .clock(clock.clone())
+                .connect()
                 .await
-                .expect("connect")
-                .with_clock(clock.clone());
-            let b = SqlStore::connect(&url)
+                .expect("connect");
+            let b = SqlStore::builder(url.as_str())
+                .clock(clock)
+                .connect()
                 .await
-                .expect("connect")
-                .with_clock(clock);
+                .expect("connect");
             (a, b)
         }
     })

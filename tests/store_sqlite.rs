@@ -29,14 +29,16 @@ async fn sqlite_store_conforms() {
         let path = dir.join(format!("case{}.db", counter.fetch_add(1, Ordering::SeqCst)));
         async move {
             let url = format!("sqlite://{}", path.display());
-            let a = SqlStore::connect(&url)
+            let a = SqlStore::builder(url.as_str())
+                .clock(clock.clone())
+                .connect()
                 .await
-                .expect("connect")
-                .with_clock(clock.clone());
-            let b = SqlStore::connect(&url)
+                .expect("connect");
+            let b = SqlStore::builder(url.as_str())
+                .clock(clock)
+                .connect()
                 .await
-                .expect("connect")
-                .with_clock(clock);
+                .expect("connect");
             (a, b)
         }
     })

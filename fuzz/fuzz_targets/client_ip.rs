@@ -32,14 +32,14 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     req.extensions_mut().insert(PeerAddr(peer));
-    let Ok(trusting) = ClientIp::new().trusted_proxies(["10.0.0.0/8", "fd00::/8"]) else {
+    let trusting = || ClientIp::builder().trusted_proxies(["10.0.0.0/8", "fd00::/8"]);
+    let (Ok(xff), Ok(forwarded)) = (
+        trusting().build(),
+        trusting().header(ForwardedHeader::Forwarded).build(),
+    ) else {
         return;
     };
-    for resolver in [
-        ClientIp::new(),
-        trusting.clone(),
-        trusting.header(ForwardedHeader::Forwarded),
-    ] {
+    for resolver in [ClientIp::new(), xff, forwarded] {
         let found = resolver.resolve(&RequestHead::of(&req));
         if selector & 1 == 1 {
             assert_eq!(found, Some(peer.ip()), "an untrusted peer is the client");

@@ -28,7 +28,9 @@ fuzz_target!(|data: &[u8]| {
     };
     for extractor in [
         Extractor::default(),
-        Extractor::new([Scheme::x_api_key(), Scheme::Bearer, Scheme::Basic, custom, query])
+        Extractor::builder()
+            .schemes([Scheme::x_api_key(), Scheme::Bearer, Scheme::Basic, custom, query])
+            .build()
             .unwrap_or_default(),
     ] {
         if let Ok(credential) = extractor.extract_parts(&headers, &uri) {

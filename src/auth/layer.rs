@@ -318,13 +318,14 @@ impl<L, X> AuthBuilder<L, X> {
     /// Checks the authentication settings and makes the layer's state; the rate limit's
     /// settings come back as they are.
     pub(crate) fn try_into_gate(self) -> Result<(Gate<L>, X), ConfigError> {
-        let mut extractor = match self.schemes {
-            Some(schemes) => Extractor::new(schemes)?,
-            None => Extractor::default(),
-        };
-        if let Some(max_len) = self.max_len {
-            extractor = extractor.with_max_len(max_len)?;
+        let mut extractor = Extractor::builder();
+        if let Some(schemes) = self.schemes {
+            extractor = extractor.schemes(schemes);
         }
+        if let Some(max_len) = self.max_len {
+            extractor = extractor.max_len(max_len);
+        }
+        let extractor = extractor.build()?;
         if self.lookup_timeout.is_some_and(|t| t.is_zero()) {
             return Err(ConfigError::Zero("lookup timeout"));
         }

@@ -635,7 +635,9 @@ async fn opaque_errors_fold_the_401_details() {
 
 #[tokio::test]
 async fn custom_header_and_prefix_as_in_the_mid_docs() {
-    let store = MemoryStore::with_format(KeyFormat::new("mid_live_", "qk_").unwrap());
+    let store = MemoryStore::builder()
+        .format(KeyFormat::new("mid_live_", "qk_").unwrap())
+        .build();
     let key = store
         .issue(Owner::new("o", "o"), Environment::Test, |r| r)
         .unwrap();

@@ -104,22 +104,59 @@ impl Default for MemoryStore {
     }
 }
 
-impl MemoryStore {
-    /// An empty store issuing keys in the default format.
-    pub fn new() -> Self {
-        Self::with_format(KeyFormat::default())
+/// Settings for a [`MemoryStore`], from [`MemoryStore::builder`].
+#[must_use]
+pub struct MemoryStoreBuilder {
+    format: KeyFormat,
+    clock: Arc<dyn Clock>,
+}
+
+impl fmt::Debug for MemoryStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStoreBuilder")
+            .field("format", &self.format)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MemoryStoreBuilder {
+    /// Issues keys in `format` (default `kg_live_`/`kg_test_`).
+    pub fn format(mut self, format: KeyFormat) -> Self {
+        self.format = format;
+        self
     }
 
-    /// An empty store issuing keys in `format`.
-    pub fn with_format(format: KeyFormat) -> Self {
+    /// Reads the time (creation, grace periods, last use) from `clock`.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// An empty store with these settings (none can be wrong).
+    pub fn build(self) -> MemoryStore {
         let state: Arc<RwLock<State>> = Arc::default();
-        Self {
+        MemoryStore {
             usage: Arc::new(MemoryUsage {
                 state: Arc::downgrade(&state),
             }),
             state,
             listeners: Arc::default(),
-            format,
+            format: self.format,
+            clock: self.clock,
+        }
+    }
+}
+
+impl MemoryStore {
+    /// An empty store issuing keys in the default format, on the system clock.
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// A store with settings of your own: its key format, its clock.
+    pub fn builder() -> MemoryStoreBuilder {
+        MemoryStoreBuilder {
+            format: KeyFormat::default(),
             clock: Arc::new(SystemClock),
         }
     }
@@ -128,13 +165,6 @@ impl MemoryStore {
     fn filed(&self, record: KeyRecord) -> Arc<KeyRecord> {
         let usage: Arc<dyn UsageSink> = self.usage.clone();
         Arc::new(record.with_usage(usage))
-    }
-
-    /// Reads the time (creation, grace periods, last use) from `clock`.
-    #[must_use]
-    pub fn with_clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
-        self
     }
 
     fn read(&self) -> Result<RwLockReadGuard<'_, State>, StoreError> {

@@ -24,9 +24,9 @@ mod password;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod sql;
 
-pub use memory::MemoryStore;
+pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
-pub use sql::SqlStore;
+pub use sql::{SqlStore, SqlStoreBuilder};
 
 use std::future::Future;
 use std::time::{Duration, SystemTime};

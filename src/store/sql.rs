@@ -115,14 +115,71 @@ const KEY_COLUMNS: &str = "k.id, k.name, k.description, k.use_case, k.environmen
     k.expires_at, k.scopes, k.restrictions, k.quotas, k.metadata, k.created_at, \
     k.last_used_at, k.version, o.id AS owner_id, o.name AS owner_name, o.active AS owner_active";
 
+/// Settings for a [`SqlStore`], from [`SqlStore::builder`].
+#[must_use]
+pub struct SqlStoreBuilder {
+    url: String,
+    format: KeyFormat,
+    clock: Arc<dyn Clock>,
+}
+
+impl fmt::Debug for SqlStoreBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Never the URL: it may hold a password.
+        f.debug_struct("SqlStoreBuilder")
+            .field("format", &self.format)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqlStoreBuilder {
+    /// Issues keys in `format` (default `kg_live_`/`kg_test_`).
+    pub fn format(mut self, format: KeyFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Reads the time (creation, grace periods, last use) from `clock`.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Connects and applies the migrations.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Invalid`] for a URL that is neither `sqlite:` nor `postgres:` (or whose
+    /// feature is off); [`StoreError::Backend`] when the database cannot be reached.
+    pub async fn connect(self) -> Result<SqlStore, StoreError> {
+        let mut store = SqlStore::open(&self.url).await?;
+        store.format = self.format;
+        store.clock = self.clock;
+        Ok(store)
+    }
+}
+
 impl SqlStore {
-    /// Connects to `url` and applies the migrations.
+    /// Connects to `url` with the default settings and applies the migrations.
     ///
     /// # Errors
     ///
     /// [`StoreError::Invalid`] for a URL that is neither `sqlite:` nor `postgres:` (or whose
     /// feature is off); [`StoreError::Backend`] when the database cannot be reached.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::open(url).await
+    }
+
+    /// A store with settings of your own: its key format, its clock.
+    pub fn builder(url: impl Into<String>) -> SqlStoreBuilder {
+        SqlStoreBuilder {
+            url: url.into(),
+            format: KeyFormat::default(),
+            clock: Arc::new(SystemClock),
+        }
+    }
+
+    async fn open(url: &str) -> Result<Self, StoreError> {
         let backend = if url.starts_with("sqlite:") {
             if !cfg!(feature = "sqlite") {
                 return Err(StoreError::invalid(
@@ -196,20 +253,6 @@ impl SqlStore {
         };
         store.migrate().await?;
         Ok(store)
-    }
-
-    /// Issues keys in `format`.
-    #[must_use]
-    pub fn with_format(mut self, format: KeyFormat) -> Self {
-        self.format = format;
-        self
-    }
-
-    /// Reads the time (creation, grace periods, last use) from `clock`.
-    #[must_use]
-    pub fn with_clock(mut self, clock: impl Clock) -> Self {
-        self.clock = Arc::new(clock);
-        self
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {

@@ -45,7 +45,7 @@ pub enum ForwardedHeader {
 /// use keygate::validate::{ClientIp, PeerAddr};
 /// use keygate::head::RequestHead;
 ///
-/// let resolver = ClientIp::new().trusted_proxies(["10.0.0.0/8"]).unwrap();
+/// let resolver = ClientIp::builder().trusted_proxies(["10.0.0.0/8"]).build().unwrap();
 /// let mut req = http::Request::get("/")
 ///     .header("x-forwarded-for", "198.51.100.7, 203.0.113.9, 10.0.0.3")
 ///     .body(())
@@ -61,33 +61,59 @@ pub struct ClientIp {
     header: ForwardedHeader,
 }
 
-impl ClientIp {
-    /// The peer address, no proxies trusted.
-    pub fn new() -> Self {
-        Self::default()
-    }
+/// Settings for a [`ClientIp`], from [`ClientIp::builder`].
+#[derive(Debug, Clone, Default)]
+#[must_use]
+pub struct ClientIpBuilder {
+    trusted: Vec<String>,
+    header: ForwardedHeader,
+}
 
-    /// Trusts proxies in these networks (addresses or CIDR blocks).
-    ///
-    /// # Errors
-    ///
-    /// [`ConfigError::InvalidNetwork`] naming the first entry that does not parse.
-    pub fn trusted_proxies<I, S>(mut self, networks: I) -> Result<Self, ConfigError>
+impl ClientIpBuilder {
+    /// Trusts proxies in these networks (addresses or CIDR blocks), added to earlier ones.
+    pub fn trusted_proxies<I, S>(mut self, networks: I) -> Self
     where
         I: IntoIterator<Item = S>,
         S: AsRef<str>,
     {
-        for net in networks {
-            self.trusted
-                .push(Restrictions::parse_network(net.as_ref())?);
-        }
-        Ok(self)
+        self.trusted
+            .extend(networks.into_iter().map(|n| n.as_ref().to_owned()));
+        self
     }
 
     /// Reads this header from trusted proxies (default `X-Forwarded-For`).
     pub fn header(mut self, header: ForwardedHeader) -> Self {
         self.header = header;
         self
+    }
+
+    /// Checks the networks and builds the resolver.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::InvalidNetwork`] naming the first network that does not parse.
+    pub fn build(self) -> Result<ClientIp, ConfigError> {
+        let trusted = self
+            .trusted
+            .iter()
+            .map(|net| Restrictions::parse_network(net))
+            .collect::<Result<_, _>>()?;
+        Ok(ClientIp {
+            trusted,
+            header: self.header,
+        })
+    }
+}
+
+impl ClientIp {
+    /// The peer address, no proxies trusted.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A resolver that trusts proxies of your own.
+    pub fn builder() -> ClientIpBuilder {
+        ClientIpBuilder::default()
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
@@ -242,10 +268,15 @@ mod tests {
     #[allow(clippy::type_complexity)]
     fn client_ip_table() {
         let none = ClientIp::new();
-        let proxies = ClientIp::new()
+        let proxies = ClientIp::builder()
             .trusted_proxies(["10.0.0.0/8", "fd00::/8"])
+            .build()
             .unwrap();
-        let fwd = proxies.clone().header(ForwardedHeader::Forwarded);
+        let fwd = ClientIp::builder()
+            .trusted_proxies(["10.0.0.0/8", "fd00::/8"])
+            .header(ForwardedHeader::Forwarded)
+            .build()
+            .unwrap();
         let xff = "x-forwarded-for";
         let cases: Vec<(
             &str,
@@ -375,8 +406,9 @@ mod tests {
 
     #[test]
     fn bad_proxy_networks() {
-        let err = ClientIp::new()
+        let err = ClientIp::builder()
             .trusted_proxies(["10.0.0.0/8", "nope"])
+            .build()
             .unwrap_err();
         assert_eq!(err, ConfigError::InvalidNetwork("nope".into()));
     }

@@ -25,7 +25,7 @@ mod client_ip;
 mod site;
 
 pub(crate) use client_ip::Walk;
-pub use client_ip::{ClientIp, ForwardedHeader, PeerAddr};
+pub use client_ip::{ClientIp, ClientIpBuilder, ForwardedHeader, PeerAddr};
 pub use site::SiteResolver;
 
 use std::borrow::Cow;
