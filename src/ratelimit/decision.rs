@@ -1,5 +1,5 @@
 use super::gcra::Step;
-use super::Quota;
+use crate::quota::Quota;
 use crate::quota::RateLimit;
 
 const SEC: u64 = 1_000_000_000;

@@ -2,7 +2,7 @@
 //! in nanoseconds since the Unix epoch. The bucket is full when `TAT <= now` and empty when
 //! `TAT >= now + burst`; a request of cost `c` moves TAT forward by `c × interval`.
 
-use super::Quota;
+use crate::quota::Quota;
 
 /// One window's verdict for one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

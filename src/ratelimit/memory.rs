@@ -4,12 +4,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use super::decision::most_restrictive;
+use super::decision::Decision;
 use super::gcra::{is_full, step, Step};
 use super::store::{BucketKey, LimiterStore};
-use super::{Decision, Quota};
 use crate::answer::Answer;
 use crate::clock::{Clock, CoarseClock};
 use crate::error::ConfigError;
+use crate::quota::Quota;
 use crate::quota::MAX_WINDOWS;
 
 /// Buckets tracked at most by default.

@@ -1,9 +1,10 @@
 use std::future::Future;
 use std::hash::Hash;
 
-use super::{Decision, Quota};
+use super::decision::Decision;
 use crate::answer::Answer;
 use crate::error::BoxError;
+use crate::quota::Quota;
 
 /// Where buckets live. The in-memory store ([`MemoryLimiter`](super::MemoryLimiter))
 /// answers at once ([`Answer::Now`]); a network store (Redis) answers later, and the layers
