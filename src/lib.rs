@@ -7,7 +7,7 @@
 //!              ▼
 //!         Extract key (ordered schemes) ─▶ format + checksum check (no I/O)
 //!              ▼
-//!         Lookup by SHA-256 hash (async trait, behind a cache) ─▶ KeyRecord
+//!         Lookup by hash (now or later, behind a cache) ─▶ KeyRecord
 //!              ▼
 //!         Validate (status, owner, expiry, IP, site, scopes, environment) ─▶ Principal
 //!              ▼
@@ -20,16 +20,13 @@
 //! # Quick look
 //!
 //! ```
-//! use std::num::NonZeroU32;
 //! use axum::{routing::{get, post}, Router};
 //! use keygate::{Keygate, Principal};
 //! use keygate::lookup::CachedLookup;
-//! use keygate::ratelimit::Quota;
 //! use keygate::store::MemoryStore;
 //!
-//! let sixty = NonZeroU32::new(60).unwrap();
 //! let keygate = Keygate::builder(CachedLookup::new(MemoryStore::new()))
-//!     .default_quota(Quota::per_minute(sixty))
+//!     .default_quota("60/min".parse()?)
 //!     .build()?;
 //! let app: Router = Router::new()
 //!     .route("/v1/messages", post(|| async { "sent" })
@@ -44,22 +41,28 @@
 //! bucket store. Each layer also works alone: [`AuthLayer`] for authentication only,
 //! [`ratelimit::RateLimitLayer`] keyed by any function of the request.
 //!
-//! # Modules
+//! # Modules, in floors
 //!
-//! | module | owns |
-//! | --- | --- |
-//! | [`key`] | the secret, its hash, the key format |
-//! | [`extract`] | where keys are read from |
-//! | [`lookup`] | the async lookup trait and its cache |
-//! | [`record`] | key records and the principal |
-//! | [`validate`] | the validity rules, client IP and site |
-//! | [`reject`] | the rejection table and renderers |
-//! | [`bypass`] | requests that need no key |
-//! | [`auth`] | the authentication layer |
-//! | [`ratelimit`] | quotas, token buckets, the limiter store trait, the rate-limit layer |
-//! | [`mod@keygate`] | both as one layer, with per-route variants |
-//! | [`store`] | where keys live |
-//! | [`clock`] | time, real or fake |
+//! Each module imports only from its own floor and those below; no two modules import
+//! each other (`tests/layers.rs` checks it).
+//!
+//! | floor | module | owns |
+//! | --- | --- | --- |
+//! | values | [`key`] | the secret, its hash, its id, the key format, the environment |
+//! | values | [`record`] | key records, owners, the principal, the usage hook |
+//! | values | [`quota`] | quotas and the rate-limit numbers |
+//! | values | [`head`] | the head of a request, as policies see it |
+//! | values | [`answer`] | "ready now, or a future": what backends return |
+//! | values | [`clock`], [`error`] | time, real or fake; configuration errors |
+//! | policy | [`extract`] | where keys are read from |
+//! | policy | [`bypass`] | requests that need no key |
+//! | policy | [`validate`] | the validity rules, client IP and site |
+//! | policy | [`reject`] | the rejection table and renderers |
+//! | backends | [`lookup`] | the lookup trait and its cache |
+//! | backends | [`store`] | where keys live: memory, SQLite, PostgreSQL |
+//! | backends, layers | [`ratelimit`] | token buckets and their stores; the rate-limit layer |
+//! | layers | [`auth`] | the authentication layer and its failed-attempt lockout |
+//! | layers | [`mod@keygate`] | both as one layer, with per-route variants |
 //!
 //! # Feature flags
 //!
