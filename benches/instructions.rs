@@ -4,32 +4,46 @@
 //! `bash scripts/instructions.sh`, which builds this in release and runs it under
 //! callgrind with 0 and N requests per mode, and prints the difference divided by N.
 //!
-//! `instructions N MODE`: N requests (cache hits) through `MODE`: `bare` (the service
-//! alone), `x-api-key` or `bearer` (keygate's auth layer over a warm `CachedLookup`).
+//! `instructions N MODE KEYS`: N requests through `MODE`, cycling through KEYS keys with a
+//! large stride:
+//! - `bare`: the service alone;
+//! - `x-api-key`, `bearer`: keygate's auth layer over a warm `CachedLookup`, the key sent
+//!   that way;
+//! - `stack`: `Keygate` (auth, per-key limit, `X-RateLimit-*` headers) over the same;
+//! - `governor`: tower_governor keyed by the `x-api-key` header, its headers on.
+//!
 //! Without arguments (as `cargo test --benches` runs it) a few requests of each mode, so
 //! that it cannot rot.
 
 use std::convert::Infallible;
-use std::future::{ready, Future, Ready};
+use std::future::{ready, Future, IntoFuture, Ready};
 use std::net::SocketAddr;
+use std::num::NonZeroU32;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
 use http_body_util::Full;
 use keygate::key::Environment;
 use keygate::lookup::{CachedLookup, KeyLookup};
+use keygate::ratelimit::Quota;
 use keygate::record::Owner;
 use keygate::store::MemoryStore;
 use keygate::validate::PeerAddr;
-use keygate::AuthLayer;
+use keygate::{AuthLayer, Keygate};
 use tower::{Layer, Service};
+use tower_governor::governor::GovernorConfigBuilder;
+use tower_governor::key_extractor::KeyExtractor;
+use tower_governor::{GovernorError, GovernorLayer};
 
 type Body = Full<Bytes>;
 
-fn bare(_: Request<Body>) -> Ready<Result<Response<Body>, Infallible>> {
-    ready(Ok(Response::new(Body::default())))
+/// The service every mode wraps. It answers with axum's body, which tower_governor's
+/// rejections convert into, so all modes run the same inner service.
+fn bare(_: Request<Body>) -> Ready<Result<Response<axum::body::Body>, Infallible>> {
+    ready(Ok(Response::new(axum::body::Body::empty())))
 }
 
 fn now<F: Future>(future: F) -> F::Output {
@@ -42,38 +56,100 @@ fn now<F: Future>(future: F) -> F::Output {
     }
 }
 
-fn run(n: usize, mode: &str) {
+fn status<S, B>(svc: &mut S, req: Request<Body>) -> StatusCode
+where
+    S: Service<Request<Body>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+{
+    now(std::future::poll_fn(|cx| svc.poll_ready(cx))).expect("ready");
+    now(svc.call(req)).expect("response").status()
+}
+
+/// tower_governor keyed by the `x-api-key` header.
+#[derive(Clone)]
+struct HeaderKey;
+
+impl KeyExtractor for HeaderKey {
+    type Key = String;
+
+    fn extract<T>(&self, req: &Request<T>) -> Result<String, GovernorError> {
+        req.headers()
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or(GovernorError::UnableToExtractKey)
+    }
+}
+
+fn run(n: usize, mode: &str, keys: usize) {
     let store = MemoryStore::new();
-    let key = store
-        .issue(Owner::new("o", "o"), Environment::Live, |r| r)
-        .expect("key");
-    let lookup = CachedLookup::new(store);
-    now(std::future::IntoFuture::into_future(
-        lookup.lookup(&key.hash()),
-    ))
-    .expect("warm");
-    let (name, value) = match mode {
-        "bearer" => ("authorization", format!("Bearer {}", key.expose_secret())),
-        _ => ("x-api-key", key.expose_secret().to_owned()),
-    };
-    let mut auth = AuthLayer::new(lookup).layer(tower::service_fn(bare));
+    let secrets: Vec<String> = (0..keys.max(1))
+        .map(|_| {
+            store
+                .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+                .expect("key")
+                .expose_secret()
+                .to_owned()
+        })
+        .collect();
+    let lookup = CachedLookup::builder(store.clone())
+        .capacity(keys.max(1) * 2)
+        .ttl(Duration::from_secs(3600))
+        .build()
+        .expect("cache");
+    for secret in &secrets {
+        let hash = keygate::key::KeyHash::of(secret);
+        now(lookup.lookup(&hash).into_future()).expect("warm");
+    }
+    // Never refuses: 4 294 967 295 tokens, refilled over a month.
+    let never = Quota::new(NonZeroU32::MAX, Duration::from_secs(30 * 86_400)).expect("quota");
+    let mut auth = AuthLayer::new(lookup.clone()).layer(tower::service_fn(bare));
+    let mut stack = Keygate::builder(lookup)
+        .default_quota(never)
+        .build()
+        .expect("keygate")
+        .layer(tower::service_fn(bare));
+    let config = GovernorConfigBuilder::default()
+        .per_second(1)
+        .burst_size(u32::MAX)
+        .key_extractor(HeaderKey)
+        .use_headers()
+        .finish()
+        .expect("governor");
+    let mut governor = GovernorLayer::new(config).layer(tower::service_fn(bare));
     let mut plain = tower::service_fn(bare);
     let peer: SocketAddr = "198.51.100.1:4000".parse().expect("peer");
-    let mut ok = 0usize;
-    for _ in 0..n {
+    let request = |secret: &str| {
+        let (name, value) = match mode {
+            "bearer" => ("authorization", format!("Bearer {secret}")),
+            _ => ("x-api-key", secret.to_owned()),
+        };
         let mut req = Request::get("/v1/health")
-            .header(name, value.as_str())
+            .header(name, value)
             .header("user-agent", "bench/1.0")
             .header("accept", "application/json")
             .body(Body::default())
             .expect("request");
         req.extensions_mut().insert(PeerAddr(peer));
-        let status = if mode == "bare" {
-            now(plain.call(req)).map(|r| r.status())
-        } else {
-            now(auth.call(req)).map(|r| r.status())
+        req
+    };
+    // Every bucket and cache entry made before counting starts.
+    for secret in &secrets {
+        let _ = status(&mut stack, request(secret));
+        let _ = status(&mut governor, request(secret));
+    }
+    let mut ok = 0usize;
+    let mut i = 0usize;
+    for _ in 0..n {
+        i = (i + 7919) % secrets.len();
+        let req = request(&secrets[i]);
+        let answer = match mode {
+            "bare" => status(&mut plain, req),
+            "stack" => status(&mut stack, req),
+            "governor" => status(&mut governor, req),
+            _ => status(&mut auth, req),
         };
-        ok += usize::from(status == Ok(StatusCode::OK));
+        ok += usize::from(answer == StatusCode::OK);
     }
     assert_eq!(ok, n, "every request admitted");
 }
@@ -81,10 +157,11 @@ fn run(n: usize, mode: &str) {
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.as_slice() {
-        [n, mode] => run(n.parse().expect("N"), mode),
+        [n, mode, keys] => run(n.parse().expect("N"), mode, keys.parse().expect("KEYS")),
+        [n, mode] => run(n.parse().expect("N"), mode, 1),
         _ => {
-            for mode in ["bare", "x-api-key", "bearer"] {
-                run(10, mode);
+            for mode in ["bare", "x-api-key", "bearer", "stack", "governor"] {
+                run(10, mode, 3);
             }
         }
     }

@@ -1,26 +1,28 @@
 #!/usr/bin/env bash
 # Instructions per request under callgrind (valgrind): the steady measure on a noisy VM.
 # For each mode, runs benches/instructions.rs with 0 and N requests and prints
-# (I(N) - I(0)) / N, and keygate's addition over the bare service.
+# (I(N) - I(0)) / N, and what each layer adds over the bare service.
 #
-#   bash scripts/instructions.sh          # N=20000
+#   bash scripts/instructions.sh          # N=20000, KEYS=1 (also try KEYS=10000)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-20000}
+KEYS=${KEYS:-1}
 command -v valgrind >/dev/null || {
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind) >/dev/null
 }
 bin=$(cargo bench --bench instructions --no-run 2>&1 | sed -n 's/.*Executable benches\/instructions.rs (\(.*\))/\1/p' | tail -1)
 count() {
-  valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bin" "$1" "$2" 2>&1 |
+  valgrind --tool=callgrind --callgrind-out-file=/dev/null "$bin" "$1" "$2" "$KEYS" 2>&1 |
     sed -n 's/.*Collected : \([0-9]*\).*/\1/p'
 }
 declare -A per
-for mode in bare x-api-key bearer; do
+for mode in bare x-api-key bearer stack governor; do
   zero=$(count 0 "$mode"); many=$(count "$N" "$mode")
   per[$mode]=$(( (many - zero) / N ))
   printf '%-10s %7d instructions/request\n' "$mode" "${per[$mode]}"
 done
-for mode in x-api-key bearer; do
-  printf 'keygate (%s) adds %d instructions over the bare service\n' "$mode" $(( per[$mode] - per[bare] ))
+echo "keys: $KEYS"
+for mode in x-api-key bearer stack governor; do
+  printf '%-10s adds %6d over the bare service\n' "$mode" $(( per[$mode] - per[bare] ))
 done
