@@ -99,7 +99,7 @@ fn run(n: usize, mode: &str, keys: usize) {
         .expect("cache");
     for secret in &secrets {
         let hash = keygate::key::KeyHash::of(secret);
-        now(lookup.lookup(&hash).into_future()).expect("warm");
+        now(lookup.lookup(&hash.into()).into_future()).expect("warm");
     }
     // Never refuses: 4 294 967 295 tokens, refilled over a month.
     let never = Quota::new(NonZeroU32::MAX, Duration::from_secs(30 * 86_400)).expect("quota");

@@ -555,7 +555,10 @@ async fn run(args: Vec<String>) -> Result<(), Fail> {
             let verdict = if KeyFormat::default().check(secret).is_err() {
                 Err(Reason::InvalidApiKey)
             } else {
-                match store.lookup(&keygate::key::KeyHash::of(secret)).await? {
+                match store
+                    .lookup(&keygate::key::KeyHash::of(secret).into())
+                    .await?
+                {
                     None => Err(Reason::InvalidApiKey),
                     Some(record) => check(
                         &record,

@@ -52,7 +52,7 @@ async fn serve() -> App {
         let lookups = Arc::clone(&lookups);
         move |hash: KeyHash| {
             lookups.fetch_add(1, Ordering::SeqCst);
-            let answer = store.lookup(&hash).now().ok().unwrap_or(Ok(None));
+            let answer = store.lookup(&hash.into()).now().ok().unwrap_or(Ok(None));
             async move { answer.map_err(BoxError::from) }
         }
     };

@@ -90,7 +90,7 @@ fn database(store: MemoryStore, delay: Duration) -> (impl KeyLookup + Clone, Arc
                 return Err(BoxError::from("connection reset by peer"));
             }
             store
-                .lookup(&hash)
+                .lookup(&hash.into())
                 .now()
                 .ok()
                 .unwrap_or(Ok(None))
@@ -255,7 +255,7 @@ async fn a_deleted_key_that_was_known_good_is_told_from_an_unknown_one() {
         .issue(Owner::new("o", "o"), Environment::Live, |r| r)
         .unwrap();
     let id = store
-        .lookup(&key.hash())
+        .lookup(&key.presented())
         .now()
         .ok()
         .unwrap()
@@ -331,7 +331,7 @@ async fn a_deleted_key_is_cached_longer_than_an_unknown_one() {
         .issue(Owner::new("o", "o"), Environment::Live, |r| r)
         .unwrap();
     let id = store
-        .lookup(&key.hash())
+        .lookup(&key.presented())
         .now()
         .ok()
         .unwrap()

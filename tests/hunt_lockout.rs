@@ -71,7 +71,7 @@ fn flaky(store: MemoryStore) -> (impl KeyLookup + Clone, Arc<AtomicBool>, Arc<At
     let (d, c) = (Arc::clone(&down), Arc::clone(&calls));
     let lookup = move |hash: KeyHash| {
         let failing = d.load(Ordering::SeqCst);
-        let answer = store.lookup(&hash).now().ok().unwrap_or(Ok(None));
+        let answer = store.lookup(&hash.into()).now().ok().unwrap_or(Ok(None));
         let calls = Arc::clone(&c);
         async move {
             calls.fetch_add(1, Ordering::SeqCst);
@@ -244,7 +244,7 @@ async fn a_slow_store_turns_a_valid_key_into_a_failed_attempt_lockout() {
     let s = Arc::clone(&slow);
     let backend = move |hash: KeyHash| {
         let slow = s.load(Ordering::SeqCst);
-        let answer = store.lookup(&hash).now().ok().unwrap_or(Ok(None));
+        let answer = store.lookup(&hash.into()).now().ok().unwrap_or(Ok(None));
         async move {
             if slow {
                 tokio::time::sleep(Duration::from_secs(10)).await;

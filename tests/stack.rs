@@ -78,7 +78,7 @@ fn counted(store: MemoryStore) -> (impl KeyLookup, Arc<AtomicUsize>) {
     let calls = Arc::new(AtomicUsize::new(0));
     let c = Arc::clone(&calls);
     let lookup = move |hash: KeyHash| {
-        let answer = store.lookup(&hash).now().ok().unwrap_or(Ok(None));
+        let answer = store.lookup(&hash.into()).now().ok().unwrap_or(Ok(None));
         let calls = Arc::clone(&c);
         async move {
             // Counted when polled: when the lookup reaches the store.

@@ -24,7 +24,10 @@ async fn setup(url: &str) -> (SqlStore, CachedLookup<SqlStore>, KeyRecord, ApiKe
         .await
         .expect("create");
     let cache = CachedLookup::over_store(store.clone());
-    let cached = cache.lookup(&created.secret.hash()).await.expect("lookup");
+    let cached = cache
+        .lookup(&created.secret.presented())
+        .await
+        .expect("lookup");
     assert_eq!(cached.expect("found").status, Status::Active);
     (store, cache, created.record, created.secret)
 }
@@ -51,7 +54,7 @@ where
     );
     heal().await;
     // The cache was not told of a change that did not happen, and still agrees.
-    let seen = cache.lookup(&secret.hash()).await.unwrap().unwrap();
+    let seen = cache.lookup(&secret.presented()).await.unwrap().unwrap();
     assert_eq!(seen.status, Status::Active);
 
     // A rotation whose read-back fails leaves the old secret working.
@@ -59,7 +62,7 @@ where
     let result = store.rotate(&record.id, Duration::ZERO, None).await;
     assert!(result.is_err(), "reported success");
     heal().await;
-    let found = store.lookup(&secret.hash()).await.unwrap();
+    let found = store.lookup(&secret.presented()).await.unwrap();
     assert!(
         found.is_some(),
         "the old secret died, and no new one was handed out"
@@ -71,15 +74,15 @@ where
         .await
         .unwrap();
     assert_eq!(disabled.status, Status::Disabled, "the record as committed");
-    let seen = cache.lookup(&secret.hash()).await.unwrap().unwrap();
+    let seen = cache.lookup(&secret.presented()).await.unwrap().unwrap();
     assert_eq!(seen.status, Status::Disabled);
     let rotated = store
         .rotate(&record.id, Duration::ZERO, None)
         .await
         .unwrap();
-    assert!(cache.lookup(&secret.hash()).await.unwrap().is_none());
+    assert!(cache.lookup(&secret.presented()).await.unwrap().is_none());
     assert!(cache
-        .lookup(&rotated.secret.hash())
+        .lookup(&rotated.secret.presented())
         .await
         .unwrap()
         .is_some());

@@ -112,7 +112,7 @@ async fn an_in_memory_sqlite_database_works_too() {
         .create(NewKey::new("ada", "k", Environment::Live))
         .await
         .unwrap();
-    let found = keygate::lookup::KeyLookup::lookup(&store, &created.secret.hash())
+    let found = keygate::lookup::KeyLookup::lookup(&store, &created.secret.presented())
         .await
         .unwrap()
         .unwrap();

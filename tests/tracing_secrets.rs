@@ -567,7 +567,7 @@ async fn every_outcome_through_a_cached_lookup_logs_key_ids_and_no_secret() {
         let calls = Arc::clone(&calls);
         move |hash: KeyHash| {
             calls.fetch_add(1, Ordering::SeqCst);
-            let answer = store.lookup(&hash);
+            let answer = store.lookup(&hash.into());
             async move {
                 tokio::task::yield_now().await;
                 answer.await

@@ -11,10 +11,10 @@ use super::lockout::{Lockout, Taken};
 use crate::bypass::{Bypass, CorsPreflight};
 use crate::clock::Clock;
 use crate::error::BoxError;
-use crate::extract::{ExtractError, Extractor, Places};
+use crate::extract::{Credential, ExtractError, Extractor, Places};
 use crate::head::is_grpc;
 use crate::head::RequestHead;
-use crate::key::{KeyFormat, KeyHash};
+use crate::key::{Fingerprint, KeyFormat};
 use crate::lookup::{KeyLookup, LookupResult};
 use crate::passage::{Accepted, LayerId};
 use crate::record::Principal;
@@ -132,7 +132,7 @@ impl<L: KeyLookup> Gate<L> {
     }
 
     /// Extracts the key and checks its format: no I/O, no allocation for header schemes.
-    pub(crate) fn hash_of<B>(&self, req: &Request<B>) -> Result<Found, Rejection> {
+    pub(crate) fn extract<'r, B>(&self, req: &'r Request<B>) -> Result<Credential<'r>, Rejection> {
         let credential = self.extractor.extract(req).map_err(|e| {
             Rejection::new(match e {
                 ExtractError::Missing => Reason::MissingApiKey,
@@ -143,10 +143,7 @@ impl<L: KeyLookup> Gate<L> {
         if self.format.check(credential.secret()).is_err() {
             return Err(Rejection::new(Reason::InvalidApiKey));
         }
-        Ok(Found {
-            hash: KeyHash::of(credential.secret()),
-            places: credential.places(),
-        })
+        Ok(credential)
     }
 
     /// Before a lookup that must be awaited: takes an attempt from the client's budget
@@ -154,12 +151,12 @@ impl<L: KeyLookup> Gate<L> {
     pub(crate) fn before_lookup<B>(
         &self,
         req: &Request<B>,
-        hash: &KeyHash,
+        key: &Fingerprint,
     ) -> Result<Attempt, Rejection> {
         let Some(lockout) = &self.lockout else {
             return Ok(Attempt::Free);
         };
-        if lockout.is_known_good(hash) {
+        if lockout.is_known_good(key) {
             return Ok(Attempt::Free);
         }
         let client = lockout.client(&self.client_ip, &RequestHead::of(req));
@@ -184,7 +181,7 @@ impl<L: KeyLookup> Gate<L> {
         attempt: Attempt,
         backend: bool,
     ) -> Result<(), Rejection> {
-        let hash = &found.hash;
+        let hash = &found.fingerprint;
         let record = match answer {
             Ok(Some(record)) => record,
             Ok(None) => {
@@ -256,7 +253,7 @@ impl<L: KeyLookup> Gate<L> {
 
     /// A key that is no guess: the attempt it took goes back, and a key found valid by a
     /// lookup is remembered as known good.
-    fn usable(&self, hash: &KeyHash, attempt: Attempt, remember: bool) {
+    fn usable(&self, hash: &Fingerprint, attempt: Attempt, remember: bool) {
         let Some(lockout) = &self.lockout else { return };
         if let Attempt::Charged(taken) = attempt {
             lockout.give_back(taken);
@@ -271,7 +268,7 @@ impl<L: KeyLookup> Gate<L> {
     fn failed<B>(
         &self,
         rejection: Rejection,
-        hash: &KeyHash,
+        hash: &Fingerprint,
         req: &Request<B>,
         attempt: Attempt,
     ) -> Rejection {
@@ -331,9 +328,9 @@ impl<L: KeyLookup> Gate<L> {
     }
 }
 
-/// A well-formed key found in a request: its hash, and the headers that carried it.
+/// A well-formed key found in a request: its fingerprint, and the headers that carried it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Found {
-    pub(crate) hash: KeyHash,
+    pub(crate) fingerprint: Fingerprint,
     pub(crate) places: Places,
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use crate::clock::Clock;
 use crate::head::RequestHead;
-use crate::key::KeyHash;
+use crate::key::Fingerprint;
 use crate::ratelimit::{LimiterError, MemoryLimiter, Quota};
 use crate::reject::{Reason, Rejection};
 use crate::validate::{ClientIp, Walk};
@@ -108,7 +108,7 @@ pub(crate) struct Lockout {
     overflow: MemoryLimiter<Coarse>,
     host: [Quota; 1],
     wide: [Quota; 1],
-    known_good: quick_cache::sync::Cache<KeyHash, ()>,
+    known_good: quick_cache::sync::Cache<Fingerprint, ()>,
     warned: AtomicBool,
     warned_full: AtomicBool,
 }
@@ -240,18 +240,18 @@ impl Lockout {
     }
 
     /// Whether a lookup found this key usable before.
-    pub(crate) fn is_known_good(&self, hash: &KeyHash) -> bool {
-        self.known_good.get(hash).is_some()
+    pub(crate) fn is_known_good(&self, key: &Fingerprint) -> bool {
+        self.known_good.get(key).is_some()
     }
 
     /// Remembers a key found usable.
-    pub(crate) fn remember(&self, hash: &KeyHash) {
-        self.known_good.insert(*hash, ());
+    pub(crate) fn remember(&self, key: &Fingerprint) {
+        self.known_good.insert(*key, ());
     }
 
     /// Forgets a key found unusable.
-    pub(crate) fn forget(&self, hash: &KeyHash) {
-        self.known_good.remove(hash);
+    pub(crate) fn forget(&self, key: &Fingerprint) {
+        self.known_good.remove(key);
     }
 }
 

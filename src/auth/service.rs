@@ -6,9 +6,10 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use super::future::{Awaited, ResponseFuture};
-use super::gate::{Attempt, Gate, Pass};
+use super::gate::{Attempt, Found, Gate, Pass};
 use crate::answer::Answer;
 use crate::flow::Flow;
+use crate::key::PresentedKey;
 use crate::lookup::KeyLookup;
 use crate::reject::ResponseBody;
 use crate::validate::Rules;
@@ -92,14 +93,21 @@ where
                 Err(rejection) => answer(gate.reject(rejection, &req)),
             };
         }
-        let found = match gate.hash_of(&req) {
-            Ok(found) => found,
+        let (lookup, found) = match gate.extract(&req) {
+            Ok(credential) => {
+                let key = PresentedKey::new(credential.secret());
+                let found = Found {
+                    fingerprint: key.fingerprint(),
+                    places: credential.places(),
+                };
+                (gate.lookup.lookup(&key), found)
+            }
             Err(rejection) => {
                 let rejection = gate.refuse_early(rejection, &req);
                 return answer(gate.reject(rejection, &req));
             }
         };
-        let later = match gate.lookup.lookup(&found.hash) {
+        let later = match lookup {
             // Answered at once (cache hit, in-memory store): no state to carry.
             Answer::Now(lookup) => {
                 let settled =
@@ -114,7 +122,7 @@ where
         // The lookup must be awaited: the failed-attempt budget is taken first, so that a
         // burst of made-up keys cannot all reach the backend at once (the future was not
         // polled yet: nothing reached the backend).
-        let attempt = match gate.before_lookup(&req, &found.hash) {
+        let attempt = match gate.before_lookup(&req, &found.fingerprint) {
             Ok(attempt) => attempt,
             Err(rejection) => return answer(gate.reject(rejection, &req)),
         };

@@ -16,7 +16,7 @@ use crate::clock::FakeClock;
 use crate::error::BoxError;
 use crate::extract::Scheme;
 use crate::key::Environment;
-use crate::key::{ApiKey, KeyFormat, KeyHash};
+use crate::key::{ApiKey, KeyFormat, KeyHash, PresentedKey};
 use crate::lookup::{CachedLookup, KeyLookup, LookupResult};
 use crate::record::{KeyRecord, Owner, Principal, Restrictions, Status};
 use crate::reject::{ProblemJson, Rejection};
@@ -670,7 +670,7 @@ impl KeyLookup for Broken {
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = LookupResult<BoxError>> + Send>>;
 
-    fn lookup(&self, _: &KeyHash) -> Answer<LookupResult<BoxError>, Self::Future> {
+    fn lookup(&self, _: &PresentedKey<'_>) -> Answer<LookupResult<BoxError>, Self::Future> {
         Answer::Later(if self.hang {
             Box::pin(std::future::pending())
         } else {
@@ -712,7 +712,7 @@ async fn route_variants_share_one_cache() {
         let store = store.clone();
         move |hash: KeyHash| {
             calls.fetch_add(1, Ordering::SeqCst);
-            let answer = store.lookup(&hash).now().ok().unwrap_or(Ok(None));
+            let answer = store.lookup(&hash.into()).now().ok().unwrap_or(Ok(None));
             async move { answer }
         }
     };

@@ -1,20 +1,23 @@
+use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
+use std::hash::{BuildHasher, Hasher};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use std::sync::atomic::Ordering;
-
 use quick_cache::sync::Cache;
+use quick_cache::{Lifecycle, UnitWeighter};
 
 use super::{ChangeFeed, KeyLookup, LookupResult};
 use crate::answer::Answer;
 use crate::clock::{Clock, CoarseClock};
 use crate::error::BoxError;
 use crate::error::ConfigError;
-use crate::key::KeyHash;
+use crate::key::{Fingerprint, KeyHash, PresentedKey};
+use crate::record::{KeyRecord, Status};
 
 /// A bounded cache in front of a [`KeyLookup`].
 ///
@@ -25,11 +28,14 @@ use crate::key::KeyHash;
 ///   process, and a deleted key's refusal is cached exactly as long as an unknown key's.
 /// - At most [`capacity`](CachedLookup::capacity) entries (default 100 000). Eviction is
 ///   S3-FIFO ([quick_cache]), which keeps hot keys when a flood of never-repeated keys
-///   passes through.
+///   passes through. Size it to the keys in use within a TTL: when a usable key is evicted
+///   while fresh, the cache logs a warning once, naming the setting.
+/// - Entries are found by the key's per-process fingerprint (see [`PresentedKey`]): a hit
+///   computes no SHA-256; the hash is computed on a miss only, for the backend.
 /// - Many concurrent requests for one uncached key make one backend call; the others wait
 ///   for its answer.
 /// - [`invalidate`](CachedLookup::invalidate) drops one key at once (the stores call it on
-///   every change).
+///   every change), found by its hash through an index kept beside the entries.
 /// - Backend errors are not cached.
 ///
 /// Clones share one cache.
@@ -44,23 +50,171 @@ pub struct CachedLookup<L> {
     clock: Arc<dyn Clock>,
 }
 
+type Entries = Cache<Fingerprint, Entry, UnitWeighter, ByFingerprint, Evictions>;
+
 struct Inner<L> {
     backend: L,
-    cache: Cache<KeyHash, Entry>,
+    cache: Entries,
+    /// Which fingerprint each cached hash is under, so that a change named by its hash
+    /// finds its entry.
+    index: Arc<Index>,
     ttl: u64,
     negative_ttl: u64,
     /// Bumped by every invalidation: an answer read from the backend before one is not
-    /// cached after it (it may be the very answer the invalidation was about).
-    generation: std::sync::atomic::AtomicU64,
+    /// kept after it (it may be the very answer the invalidation was about).
+    generation: AtomicU64,
 }
 
 #[derive(Clone)]
 struct Entry {
-    record: Option<Arc<crate::record::KeyRecord>>,
+    record: Option<Arc<KeyRecord>>,
+    /// The first 64 bits of the key's hash: its place in the index.
+    slot: u64,
     /// Nanoseconds since the epoch; an entry is fresh in `inserted..expires`, so a clock
     /// stepping backwards cannot keep it alive.
     inserted: u64,
     expires: u64,
+}
+
+/// Hash prefix → fingerprint, in shards. One fingerprint per prefix: when two cached keys'
+/// hashes share 64 bits (about never), the older entry is dropped, so that no change can
+/// miss a cached key.
+struct Index {
+    shards: Box<[Mutex<HashMap<u64, Fingerprint, ByFingerprint>>]>,
+}
+
+const INDEX_SHARDS: usize = 16;
+
+impl Index {
+    fn new() -> Self {
+        Self {
+            shards: (0..INDEX_SHARDS)
+                .map(|_| Mutex::new(HashMap::with_hasher(ByFingerprint)))
+                .collect(),
+        }
+    }
+
+    fn shard(
+        &self,
+        slot: u64,
+    ) -> std::sync::MutexGuard<'_, HashMap<u64, Fingerprint, ByFingerprint>> {
+        // The top bits pick the shard; the map hashes with the low ones.
+        let i = (slot >> 60) as usize % INDEX_SHARDS;
+        self.shards[i]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Files `fingerprint` under `slot`; the fingerprint it replaces, if another.
+    fn insert(&self, slot: u64, fingerprint: Fingerprint) -> Option<Fingerprint> {
+        self.shard(slot)
+            .insert(slot, fingerprint)
+            .filter(|old| *old != fingerprint)
+    }
+
+    fn take(&self, slot: u64) -> Option<Fingerprint> {
+        self.shard(slot).remove(&slot)
+    }
+
+    /// Unfiles `slot` if it still names `fingerprint`.
+    fn unfile(&self, slot: u64, fingerprint: Fingerprint) {
+        let mut shard = self.shard(slot);
+        if shard.get(&slot) == Some(&fingerprint) {
+            shard.remove(&slot);
+        }
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len())
+            .sum()
+    }
+
+    fn clear(&self) {
+        for shard in self.shards.iter() {
+            shard.lock().unwrap_or_else(PoisonError::into_inner).clear();
+        }
+    }
+}
+
+/// Fingerprints and hash prefixes are uniformly distributed already: hashing them again
+/// would only cost time.
+#[derive(Clone, Copy, Default)]
+struct ByFingerprint;
+
+impl BuildHasher for ByFingerprint {
+    type Hasher = Folded;
+
+    fn build_hasher(&self) -> Folded {
+        Folded(0)
+    }
+}
+
+struct Folded(u64);
+
+impl Hasher for Folded {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Not reached for `u64` and `Fingerprint` keys; kept correct for any other.
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 = (self.0.rotate_left(5) ^ u64::from_le_bytes(word))
+                .wrapping_mul(0x517c_c1b7_2722_0a95);
+        }
+    }
+
+    fn write_u64(&mut self, value: u64) {
+        self.0 ^= value;
+    }
+
+    fn write_u128(&mut self, value: u128) {
+        self.0 ^= value as u64 ^ (value >> 64) as u64;
+    }
+}
+
+/// Keeps the index in step with the cache's own evictions, once the cache's lock is
+/// released, and says once when usable keys are evicted while fresh.
+#[derive(Clone)]
+struct Evictions {
+    index: Arc<Index>,
+    clock: Arc<dyn Clock>,
+    warned: Arc<AtomicBool>,
+}
+
+impl Lifecycle<Fingerprint, Entry> for Evictions {
+    type RequestState = Vec<(Fingerprint, Entry)>;
+
+    fn begin_request(&self) -> Self::RequestState {
+        Vec::new()
+    }
+
+    fn on_evict(&self, state: &mut Self::RequestState, key: Fingerprint, value: Entry) {
+        state.push((key, value));
+    }
+
+    fn end_request(&self, state: Self::RequestState) {
+        if state.is_empty() {
+            return;
+        }
+        let now = self.clock.now_nanos();
+        for (fingerprint, entry) in state {
+            self.index.unfile(entry.slot, fingerprint);
+            let fresh = (entry.inserted..entry.expires).contains(&now);
+            if fresh && entry.record.is_some() && !self.warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    target: "keygate",
+                    "the key cache is full: keys in use are evicted before their TTL and looked \
+                     up again; raise CachedLookupBuilder::capacity to the keys in use within a TTL"
+                );
+            }
+        }
+    }
 }
 
 impl<L> Clone for CachedLookup<L> {
@@ -122,13 +276,27 @@ impl<L: KeyLookup> CachedLookup<L> {
 
     fn build(backend: L, settings: Settings, clock: Arc<dyn Clock>) -> Self {
         let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        let index = Arc::new(Index::new());
+        let evictions = Evictions {
+            index: Arc::clone(&index),
+            clock: Arc::clone(&clock),
+            warned: Arc::default(),
+        };
+        let capacity = u64::try_from(settings.capacity).unwrap_or(u64::MAX);
         Self {
             inner: Arc::new(Inner {
                 backend,
-                cache: Cache::new(settings.capacity),
+                cache: Cache::with(
+                    settings.capacity,
+                    capacity,
+                    UnitWeighter,
+                    ByFingerprint,
+                    evictions,
+                ),
+                index,
                 ttl: nanos(settings.ttl),
                 negative_ttl: nanos(settings.negative_ttl),
-                generation: std::sync::atomic::AtomicU64::new(0),
+                generation: AtomicU64::new(0),
             }),
             clock,
         }
@@ -195,8 +363,9 @@ impl<L: KeyLookup> CachedLookup<L> {
 
     /// Drops every key.
     pub fn invalidate_all(&self) {
-        self.inner.generation.fetch_add(1, Ordering::AcqRel);
+        self.inner.generation.fetch_add(1, Ordering::SeqCst);
         self.inner.cache.clear();
+        self.inner.index.clear();
     }
 
     /// The backend behind the cache.
@@ -293,27 +462,41 @@ impl Default for Settings {
 }
 
 impl<L> Inner<L> {
+    /// Drops the key with this hash, wherever it is cached.
     fn forget(&self, hash: &KeyHash) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.cache.remove(hash);
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        if let Some(fingerprint) = self.index.take(hash.prefix()) {
+            self.cache.remove(&fingerprint);
+        }
     }
-}
 
-impl<L: KeyLookup> Inner<L> {
-    fn fresh(&self, hash: &KeyHash, now: u64) -> Option<Option<Arc<crate::record::KeyRecord>>> {
-        let entry = self.cache.get(hash)?;
+    /// Drops one entry and its index line.
+    fn drop_entry(&self, fingerprint: Fingerprint, slot: u64) {
+        self.cache.remove(&fingerprint);
+        self.index.unfile(slot, fingerprint);
+    }
+
+    /// Files a new entry in the index (dropping an older one filed under the same prefix).
+    fn file(&self, fingerprint: Fingerprint, slot: u64) {
+        if let Some(older) = self.index.insert(slot, fingerprint) {
+            self.cache.remove(&older);
+        }
+    }
+
+    fn fresh(&self, fingerprint: &Fingerprint, now: u64) -> Option<Option<Arc<KeyRecord>>> {
+        let entry = self.cache.get(fingerprint)?;
         (entry.inserted..entry.expires)
             .contains(&now)
             .then_some(entry.record)
     }
 
-    fn entry(&self, record: Option<Arc<crate::record::KeyRecord>>, now: u64) -> Entry {
+    fn entry(&self, record: Option<Arc<KeyRecord>>, slot: u64, now: u64) -> Entry {
         // Only a key that can be used gets the long TTL. A record that cannot (deleted,
         // revoked, disabled, expired, its owner inactive) is kept no longer than an unknown
         // key: the two must not be told apart by how long their refusals are cached, and a
         // key switched back on works again as soon as an unknown one would.
         let usable = record.as_deref().is_some_and(|r| {
-            r.status == crate::record::Status::Active
+            r.status == Status::Active
                 && r.owner.as_ref().is_some_and(|o| o.active)
                 && r.expires_at
                     .is_none_or(|at| crate::clock::nanos_since_epoch(at) > now)
@@ -321,36 +504,71 @@ impl<L: KeyLookup> Inner<L> {
         let ttl = if usable { self.ttl } else { self.negative_ttl };
         Entry {
             record,
+            slot,
             inserted: now,
             expires: now.saturating_add(ttl),
         }
     }
+}
 
-    async fn miss(self: Arc<Self>, hash: KeyHash, clock: Arc<dyn Clock>) -> LookupResult<BoxError> {
+impl<L: KeyLookup> Inner<L> {
+    /// Asks the backend, with the generation read before: an invalidation after that
+    /// point may concern the answer.
+    async fn ask(&self, hash: KeyHash) -> (LookupResult<BoxError>, u64) {
+        let generation = self.generation.load(Ordering::SeqCst);
+        let answer = self
+            .backend
+            .lookup(&PresentedKey::from_hash(hash))
+            .await
+            .map_err(Into::into);
+        (answer, generation)
+    }
+
+    /// After an answer read at `generation` was cached under `fingerprint`: if any
+    /// invalidation came since, the entry goes (it may hold the old answer). Filed in the
+    /// index before this check, so that an invalidation after it finds the entry.
+    fn settle(&self, fingerprint: Fingerprint, slot: u64, generation: u64) {
+        if self.generation.load(Ordering::SeqCst) != generation {
+            self.drop_entry(fingerprint, slot);
+        }
+    }
+
+    async fn miss(
+        self: Arc<Self>,
+        fingerprint: Fingerprint,
+        hash: KeyHash,
+        clock: Arc<dyn Clock>,
+    ) -> LookupResult<BoxError> {
+        let slot = hash.prefix();
         // A stale entry is removed and the guard taken again; after a few rounds of racing
         // other removers, ask the backend directly rather than spin.
         for _ in 0..3 {
-            match self.cache.get_value_or_guard_async(&hash).await {
+            match self.cache.get_value_or_guard_async(&fingerprint).await {
                 Ok(entry) => {
                     let now = clock.now_nanos();
                     if (entry.inserted..entry.expires).contains(&now) {
                         return Ok(entry.record);
                     }
-                    self.cache.remove(&hash);
+                    self.drop_entry(fingerprint, slot);
                 }
                 Err(guard) => {
-                    let record = self.backend.lookup(&hash).await.map_err(Into::into)?;
-                    let _ = guard.insert(self.entry(record.clone(), clock.now_nanos()));
+                    let (answer, generation) = self.ask(hash).await;
+                    let record = answer?;
+                    self.file(fingerprint, slot);
+                    let _ = guard.insert(self.entry(record.clone(), slot, clock.now_nanos()));
+                    self.settle(fingerprint, slot, generation);
                     return Ok(record);
                 }
             }
         }
-        let generation = self.generation.load(Ordering::Acquire);
-        let record = self.backend.lookup(&hash).await.map_err(Into::into)?;
-        if self.generation.load(Ordering::Acquire) == generation {
-            self.cache
-                .insert(hash, self.entry(record.clone(), clock.now_nanos()));
-        }
+        let (answer, generation) = self.ask(hash).await;
+        let record = answer?;
+        self.file(fingerprint, slot);
+        self.cache.insert(
+            fingerprint,
+            self.entry(record.clone(), slot, clock.now_nanos()),
+        );
+        self.settle(fingerprint, slot, generation);
         Ok(record)
     }
 }
@@ -359,11 +577,12 @@ impl<L: KeyLookup> KeyLookup for CachedLookup<L> {
     type Error = BoxError;
     type Future = CachedFuture;
 
-    fn lookup(&self, hash: &KeyHash) -> Answer<LookupResult<BoxError>, CachedFuture> {
-        if let Some(hit) = self.inner.fresh(hash, self.clock.now_nanos()) {
+    fn lookup(&self, key: &PresentedKey<'_>) -> Answer<LookupResult<BoxError>, CachedFuture> {
+        let fingerprint = key.fingerprint();
+        if let Some(hit) = self.inner.fresh(&fingerprint, self.clock.now_nanos()) {
             return Answer::Now(Ok(hit));
         }
-        let miss = Arc::clone(&self.inner).miss(*hash, Arc::clone(&self.clock));
+        let miss = Arc::clone(&self.inner).miss(fingerprint, *key.hash(), Arc::clone(&self.clock));
         Answer::Later(CachedFuture(Box::pin(miss)))
     }
 }
@@ -417,9 +636,9 @@ mod tests {
         type Error = BoxError;
         type Future = Pin<Box<dyn Future<Output = LookupResult<BoxError>> + Send>>;
 
-        fn lookup(&self, hash: &KeyHash) -> Answer<LookupResult<BoxError>, Self::Future> {
+        fn lookup(&self, key: &PresentedKey<'_>) -> Answer<LookupResult<BoxError>, Self::Future> {
             self.calls.fetch_add(1, Ordering::SeqCst);
-            let found = (*hash == self.known).then(record);
+            let found = (*key.hash() == self.known).then(record);
             let fail = self.fail.load(Ordering::SeqCst);
             Answer::Later(Box::pin(async move {
                 tokio::task::yield_now().await;
@@ -452,7 +671,7 @@ mod tests {
     #[tokio::test]
     async fn hits_skip_the_backend_until_the_ttl_ends() {
         let (cache, backend, clock) = setup();
-        let known = KeyHash::of("known");
+        let known = PresentedKey::new("known");
         assert!(
             cache.lookup(&known).now().ok().is_none(),
             "cold cache must not answer"
@@ -475,7 +694,7 @@ mod tests {
     #[tokio::test]
     async fn unknown_keys_are_cached_for_the_shorter_ttl() {
         let (cache, backend, clock) = setup();
-        let unknown = KeyHash::of("unknown");
+        let unknown = PresentedKey::new("unknown");
         assert!(cache.lookup(&unknown).await.unwrap().is_none());
         clock.advance(Duration::from_secs(4));
         assert!(matches!(cache.lookup(&unknown).now().ok(), Some(Ok(None))));
@@ -487,7 +706,7 @@ mod tests {
     #[tokio::test]
     async fn a_clock_stepping_back_does_not_extend_an_entry() {
         let (cache, _backend, clock) = setup();
-        let known = KeyHash::of("known");
+        let known = PresentedKey::new("known");
         cache.lookup(&known).await.unwrap();
         clock.rewind(Duration::from_secs(3600));
         assert!(cache.lookup(&known).now().ok().is_none());
@@ -496,11 +715,11 @@ mod tests {
     #[tokio::test]
     async fn invalidate_drops_one_key() {
         let (cache, backend, _clock) = setup();
-        let known = KeyHash::of("known");
-        let unknown = KeyHash::of("unknown");
+        let known = PresentedKey::new("known");
+        let unknown = PresentedKey::new("unknown");
         cache.lookup(&known).await.unwrap();
         cache.lookup(&unknown).await.unwrap();
-        cache.invalidate(&known);
+        cache.invalidate(known.hash());
         assert!(cache.lookup(&known).now().ok().is_none());
         assert!(cache.lookup(&unknown).now().ok().is_some());
         cache.lookup(&known).await.unwrap();
@@ -512,7 +731,7 @@ mod tests {
     #[tokio::test]
     async fn errors_are_not_cached() {
         let (cache, backend, _clock) = setup();
-        let known = KeyHash::of("known");
+        let known = PresentedKey::new("known");
         backend.fail.store(true, Ordering::SeqCst);
         assert!(cache.lookup(&known).await.is_err());
         assert!(cache.lookup(&known).now().ok().is_none());
@@ -524,11 +743,13 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_misses_make_one_backend_call() {
         let (cache, backend, _clock) = setup();
-        let known = KeyHash::of("known");
         let tasks: Vec<_> = (0..64)
             .map(|_| {
                 let cache = cache.clone();
-                tokio::spawn(async move { cache.lookup(&known).await.map(|r| r.is_some()) })
+                tokio::spawn(async move {
+                    let answer = cache.lookup(&PresentedKey::new("known"));
+                    answer.await.map(|r| r.is_some())
+                })
             })
             .collect();
         for task in tasks {
@@ -546,7 +767,10 @@ mod tests {
             .build()
             .unwrap();
         for i in 0..10_000 {
-            cache.lookup(&KeyHash::of(&i.to_string())).await.unwrap();
+            cache
+                .lookup(&PresentedKey::new(&i.to_string()))
+                .await
+                .unwrap();
         }
         assert!(cache.len() <= 110, "{} entries", cache.len());
     }
@@ -588,15 +812,23 @@ mod tests {
             .build()
             .unwrap();
         for key in ["deleted", "active"] {
-            cache.lookup(&KeyHash::of(key)).await.unwrap();
+            cache.lookup(&PresentedKey::new(key)).await.unwrap();
         }
         clock.advance(Duration::from_secs(5));
         assert!(
-            cache.lookup(&KeyHash::of("deleted")).now().ok().is_none(),
+            cache
+                .lookup(&PresentedKey::new("deleted"))
+                .now()
+                .ok()
+                .is_none(),
             "gone with the negative TTL"
         );
         assert!(
-            cache.lookup(&KeyHash::of("active")).now().ok().is_some(),
+            cache
+                .lookup(&PresentedKey::new("active"))
+                .now()
+                .ok()
+                .is_some(),
             "kept for the TTL"
         );
     }
@@ -612,7 +844,7 @@ mod tests {
             .issue(Owner::new("o", "o"), Environment::Live, |r| r)
             .unwrap();
         let id = store
-            .lookup(&key.hash())
+            .lookup(&key.presented())
             .now()
             .ok()
             .unwrap()
@@ -625,14 +857,104 @@ mod tests {
             .ttl(Duration::from_secs(3600))
             .build_over_store()
             .unwrap();
-        let record = cache.lookup(&key.hash()).await.unwrap().unwrap();
+        let record = cache.lookup(&key.presented()).await.unwrap().unwrap();
         assert_eq!(record.status, Status::Active);
         store.set_status(&id, Status::Disabled).await.unwrap();
-        let record = cache.lookup(&key.hash()).await.unwrap().unwrap();
+        let record = cache.lookup(&key.presented()).await.unwrap().unwrap();
         assert_eq!(
             record.status,
             Status::Disabled,
             "the change reached the cache"
         );
+    }
+
+    #[tokio::test]
+    async fn a_hit_computes_no_sha256() {
+        let (cache, _backend, _clock) = setup();
+        let first = PresentedKey::new("known");
+        assert!(cache.lookup(&first).await.unwrap().is_some());
+        assert!(first.is_hashed(), "a miss hashes, for the backend");
+        let again = PresentedKey::new("known");
+        assert!(cache.lookup(&again).now().ok().unwrap().unwrap().is_some());
+        assert!(
+            !again.is_hashed(),
+            "a hit found the key by its fingerprint alone"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_key_cached_twice_under_one_hash_is_dropped_by_one_change() {
+        // Looked up by its secret and by its hash: two fingerprints, one hash. A change
+        // named by the hash must leave neither answer in the cache.
+        let (cache, backend, _clock) = setup();
+        let by_secret = PresentedKey::new("known");
+        let by_hash = PresentedKey::from_hash(KeyHash::of("known"));
+        cache.lookup(&by_secret).await.unwrap();
+        cache.lookup(&by_hash).await.unwrap();
+        cache.invalidate(&KeyHash::of("known"));
+        assert!(cache.lookup(&by_secret).now().ok().is_none());
+        assert!(cache.lookup(&by_hash).now().ok().is_none());
+        assert_eq!(backend.calls.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_change_during_a_backend_read_is_not_cached_over() {
+        // The backend reads the old record, the store changes and says so, then the read
+        // returns: its answer must not be cached.
+        let release = Arc::new(tokio::sync::Notify::new());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (r, c) = (Arc::clone(&release), Arc::clone(&calls));
+        let backend = move |_: KeyHash| {
+            let (release, calls) = (Arc::clone(&r), Arc::clone(&c));
+            async move {
+                if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    release.notified().await;
+                }
+                Ok::<_, BoxError>(Some(record()))
+            }
+        };
+        let cache = CachedLookup::builder(backend).build().unwrap();
+        let slow = tokio::spawn({
+            let cache = cache.clone();
+            async move {
+                cache
+                    .lookup(&PresentedKey::new("k"))
+                    .await
+                    .map(|r| r.is_some())
+            }
+        });
+        while calls.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        cache.invalidate(&KeyHash::of("k"));
+        release.notify_one();
+        assert!(slow.await.unwrap().unwrap());
+        assert!(
+            cache.lookup(&PresentedKey::new("k")).now().ok().is_none(),
+            "the answer read before the change was dropped"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_index_follows_evictions() {
+        let backend = |_: KeyHash| async { Ok::<_, BoxError>(None) };
+        let cache = CachedLookup::builder(backend)
+            .capacity(100)
+            .negative_ttl(Duration::from_secs(30))
+            .build()
+            .unwrap();
+        for i in 0..10_000 {
+            cache
+                .lookup(&PresentedKey::new(&i.to_string()))
+                .await
+                .unwrap();
+        }
+        let (entries, filed) = (cache.len(), cache.inner.index.len());
+        assert!(
+            filed <= entries + 2,
+            "{filed} index lines for {entries} entries"
+        );
+        cache.invalidate_all();
+        assert_eq!(cache.inner.index.len(), 0);
     }
 }

@@ -1,8 +1,8 @@
 //! Finding a key's record: the async [`KeyLookup`] trait, and [`CachedLookup`] in front of
 //! any implementation.
 //!
-//! A lookup gets only the [`KeyHash`]; it never sees the secret. Implement it on a struct
-//! over your database client:
+//! A lookup gets the [`PresentedKey`], and asks it for the [`KeyHash`] to look up: it never
+//! sees the secret. Implement it on a struct over your database client:
 //!
 //! ```
 //! use std::future::Future;
@@ -10,7 +10,7 @@
 //! use std::sync::Arc;
 //! use keygate::answer::Answer;
 //! use keygate::error::BoxError;
-//! use keygate::key::KeyHash;
+//! use keygate::key::{KeyHash, PresentedKey};
 //! use keygate::lookup::KeyLookup;
 //! use keygate::record::KeyRecord;
 //!
@@ -28,9 +28,9 @@
 //!     type Error = BoxError;
 //!     type Future = Pin<Box<dyn Future<Output = Result<Option<Arc<KeyRecord>>, BoxError>> + Send>>;
 //!
-//!     fn lookup(&self, hash: &KeyHash) -> Answer<Result<Option<Arc<KeyRecord>>, BoxError>, Self::Future> {
+//!     fn lookup(&self, key: &PresentedKey<'_>) -> Answer<Result<Option<Arc<KeyRecord>>, BoxError>, Self::Future> {
 //!         let db = self.clone();
-//!         let hash = *hash;
+//!         let hash = *key.hash();
 //!         Answer::Later(Box::pin(async move { Ok(db.find(hash).await?.map(Arc::new)) }))
 //!     }
 //! }
@@ -62,7 +62,7 @@ use std::sync::Arc;
 
 use crate::answer::Answer;
 use crate::error::BoxError;
-use crate::key::KeyHash;
+use crate::key::{KeyHash, PresentedKey};
 use crate::record::KeyRecord;
 
 /// What a lookup answers: the record, `None` for an unknown key, or a backend error (which
@@ -87,7 +87,7 @@ pub trait KeyLookup: Send + Sync + 'static {
     /// database clients' futures do): the auth layer may drop it unpolled, when the
     /// failed-attempt limiter turns the client away, and a lookup that has started by then
     /// has reached the store all the same.
-    fn lookup(&self, hash: &KeyHash) -> Answer<LookupResult<Self::Error>, Self::Future>;
+    fn lookup(&self, key: &PresentedKey<'_>) -> Answer<LookupResult<Self::Error>, Self::Future>;
 }
 
 impl<F, Fut, E> KeyLookup for F
@@ -99,8 +99,8 @@ where
     type Error = E;
     type Future = Fut;
 
-    fn lookup(&self, hash: &KeyHash) -> Answer<LookupResult<E>, Fut> {
-        Answer::Later(self(*hash))
+    fn lookup(&self, key: &PresentedKey<'_>) -> Answer<LookupResult<E>, Fut> {
+        Answer::Later(self(*key.hash()))
     }
 }
 

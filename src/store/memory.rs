@@ -9,7 +9,7 @@ use std::sync::Weak;
 use super::{CreatedKey, KeyStore, KeyUpdate, NewKey, OwnerStore, Page, StoreError};
 use crate::answer::Answer;
 use crate::clock::{Clock, SystemClock};
-use crate::key::{ApiKey, Environment, KeyFormat, KeyHash, KeyId};
+use crate::key::{ApiKey, Environment, KeyFormat, KeyHash, KeyId, PresentedKey};
 use crate::lookup::{ChangeFeed, ChangeListener, KeyLookup, LookupResult};
 use crate::record::{KeyRecord, Owner, Status, UsageSink, LAST_USED_RESOLUTION};
 
@@ -338,8 +338,8 @@ impl KeyLookup for MemoryStore {
     type Error = StoreError;
     type Future = Ready<LookupResult<StoreError>>;
 
-    fn lookup(&self, hash: &KeyHash) -> Answer<LookupResult<StoreError>, Self::Future> {
-        Answer::Now(self.get_hash(hash))
+    fn lookup(&self, key: &PresentedKey<'_>) -> Answer<LookupResult<StoreError>, Self::Future> {
+        Answer::Now(self.get_hash(key.hash()))
     }
 }
 

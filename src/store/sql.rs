@@ -14,7 +14,7 @@ use super::{BackendError, CreatedKey, KeyStore, KeyUpdate, NewKey, OwnerStore, P
 use crate::answer::Answer;
 use crate::clock::{nanos_since_epoch, Clock, SystemClock};
 use crate::key::Environment;
-use crate::key::{KeyFormat, KeyHash, KeyId};
+use crate::key::{KeyFormat, KeyHash, KeyId, PresentedKey};
 use crate::lookup::{ChangeFeed, ChangeListener};
 use crate::lookup::{KeyLookup, LookupResult};
 use crate::record::{KeyRecord, Owner, Status};
@@ -511,9 +511,9 @@ impl KeyLookup for SqlStore {
     type Error = StoreError;
     type Future = Pin<Box<dyn Future<Output = LookupResult<StoreError>> + Send>>;
 
-    fn lookup(&self, hash: &KeyHash) -> Answer<LookupResult<StoreError>, Self::Future> {
+    fn lookup(&self, key: &PresentedKey<'_>) -> Answer<LookupResult<StoreError>, Self::Future> {
         let store = self.clone();
-        let hash = *hash;
+        let hash = *key.hash();
         Answer::Later(Box::pin(async move { store.find_hash(hash).await }))
     }
 }

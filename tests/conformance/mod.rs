@@ -50,7 +50,7 @@ async fn verdict<L: KeyLookup>(
     secret: &ApiKey,
     clock: &FakeClock,
 ) -> Result<(), Reason> {
-    match lookup.lookup(&secret.hash()).await {
+    match lookup.lookup(&secret.presented()).await {
         Ok(Some(record)) => check(&record, &Rules::default(), clock.now(), || None, || None),
         Ok(None) => Err(Reason::InvalidApiKey),
         Err(_) => Err(Reason::AuthUnavailable),
@@ -145,7 +145,7 @@ async fn create_and_look_up<S: OwnerStore>(store: &S, _: &S, clock: &FakeClock) 
     assert_eq!(record.owner.as_ref().unwrap().name, "ada");
     assert_eq!(record.created_at, Some(clock.now()));
     let found = store
-        .lookup(&created.secret.hash())
+        .lookup(&created.secret.presented())
         .await
         .ok()
         .flatten()
@@ -162,7 +162,10 @@ async fn create_and_look_up<S: OwnerStore>(store: &S, _: &S, clock: &FakeClock) 
     let stranger = keygate::key::KeyFormat::default()
         .generate(Environment::Live)
         .unwrap();
-    assert!(matches!(store.lookup(&stranger.hash()).await, Ok(None)));
+    assert!(matches!(
+        store.lookup(&stranger.presented()).await,
+        Ok(None)
+    ));
     let missing = keygate::key::KeyId::new("key_missing");
     assert_eq!(
         store.get(&missing).await.unwrap_err(),

@@ -1,5 +1,6 @@
-//! Key material: the secret as presented ([`ApiKey`]), its stored form ([`KeyHash`]), the
-//! public identifier ([`KeyId`]) and the key format ([`KeyFormat`]).
+//! Key material: the secret ([`ApiKey`]), its stored form ([`KeyHash`]), the key on its way
+//! to a lookup ([`PresentedKey`]), the public identifier ([`KeyId`]) and the key format
+//! ([`KeyFormat`]).
 //!
 //! A generated key reads `<prefix><24 random characters><6 checksum characters>`, for
 //! example `kg_live_4fJ0qkVd9sLq2mXcB7tRwZ1a0k3XyB`. The random part comes from the OS
@@ -23,6 +24,11 @@
 //! // Stores keep only the hash.
 //! assert_eq!(key.hash(), KeyHash::of(key.expose_secret()));
 //! ```
+
+mod presented;
+
+pub(crate) use presented::Fingerprint;
+pub use presented::PresentedKey;
 
 use std::fmt;
 use std::sync::Arc;
@@ -75,6 +81,11 @@ impl ApiKey {
     pub fn hash(&self) -> KeyHash {
         KeyHash::of(&self.0)
     }
+
+    /// The key as a lookup takes it.
+    pub fn presented(&self) -> PresentedKey<'_> {
+        PresentedKey::new(&self.0)
+    }
 }
 
 impl fmt::Debug for ApiKey {
@@ -111,6 +122,13 @@ impl KeyHash {
     /// The raw bytes.
     pub const fn as_bytes(&self) -> &[u8; 32] {
         &self.0
+    }
+
+    /// The first 64 bits: uniformly distributed, a hash table's hash as they are.
+    pub(crate) fn prefix(&self) -> u64 {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&self.0[..8]);
+        u64::from_le_bytes(word)
     }
 
     /// Lower-case hex, 64 characters.
