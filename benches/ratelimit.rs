@@ -7,9 +7,9 @@
 //!   stride, so consecutive requests touch different buckets);
 //! - two threads on one key and on distinct keys, beside one thread.
 //!
-//! Both limiters get the same quota: a burst of 4 294 967 295, one token a second. Nothing
-//! is refused, so the admitted path is what is measured, and buckets stay tracked between
-//! visits as they do in production.
+//! Both limiters get the same quota: 1000 requests, refilled fast enough that nothing is
+//! refused (the admitted path is what is measured) and slow enough that buckets stay
+//! tracked between visits, as they do in production (see `period`).
 //! Futures are polled with a no-op waker (every path here completes in one poll).
 
 use std::convert::Infallible;
@@ -125,12 +125,9 @@ fn fixture(n: usize) -> Fixture {
         .ttl(Duration::from_secs(3600))
         .build()
         .expect("cache");
-    // 4 294 967 295 tokens a month, one more every 0.6 ms: never refuses here, and a
-    // bucket used once stays tracked (not full) for a while, as real buckets do.
-    let never_refuse = never_refuse();
     let auth = keygate::AuthLayer::new(lookup.clone()).layer(tower::service_fn(bare as fn(_) -> _));
     let layer = Keygate::builder(lookup)
-        .default_quota(never_refuse)
+        .default_quota(quota(n))
         .build()
         .expect("keygate");
     let mut keygate = layer.layer(tower::service_fn(bare as fn(_) -> _));
@@ -150,9 +147,10 @@ fn governor(
     keys: &[String],
 ) -> impl Service<Request<ReqBody>, Response = Response<AxumBody>, Error = Infallible> + Clone + Send
 {
+    let replenish = period(keys.len()) / BURST;
     let config = GovernorConfigBuilder::default()
-        .per_second(1)
-        .burst_size(u32::MAX)
+        .per_nanosecond(u64::try_from(replenish.as_nanos()).expect("ns"))
+        .burst_size(BURST)
         .key_extractor(HeaderKey)
         .use_headers()
         .finish()
@@ -274,7 +272,7 @@ fn threads(c: &mut Criterion) {
 fn breakdown(c: &mut Criterion) {
     use keygate::key::KeyId;
     use keygate::ratelimit::{HeaderStyle, MemoryLimiter};
-    let quota = [never_refuse()];
+    let quota = [quota(1)];
     let limiter = MemoryLimiter::new();
     let key: keygate::keygate::KeyBucket = (KeyId::new("key_0123456789abcdef"), None);
     let decision = limiter.decide(&key, &quota, 1).expect("decide");
@@ -334,8 +332,23 @@ criterion_group! {
 }
 criterion_main!(benches);
 
-/// A quota no bench exhausts: 4 294 967 295 tokens, refilled over 30 days (the quota
-/// refuses refills longer than 100 years).
-fn never_refuse() -> Quota {
-    Quota::new(NonZeroU32::MAX, Duration::from_secs(30 * 86_400)).expect("quota")
+/// The quota both limiters get: 1000 requests, as a real API would set (so the headers
+/// carry real-sized numbers), refilled over `period(keys)`.
+const BURST: u32 = 1000;
+
+/// With one key (or a few, each sent to at over a million requests a second), the bucket
+/// refills ten times faster than that: nothing is refused. With many keys, each visited
+/// once every `keys` requests, a token comes back every other visit: the bucket is never
+/// full between visits, so it stays tracked as real buckets do, and the 1000 tokens last
+/// 2000 visits of each key, more than any bench here makes.
+fn period(keys: usize) -> Duration {
+    if keys <= 64 {
+        Duration::from_micros(100)
+    } else {
+        Duration::from_millis(2) * u32::try_from(keys).expect("keys")
+    }
+}
+
+fn quota(keys: usize) -> Quota {
+    Quota::new(NonZeroU32::new(BURST).expect("burst"), period(keys)).expect("quota")
 }

@@ -1,6 +1,8 @@
-//! The server of `scripts/e2e.sh`: `GET /v1/health` bare (`KEYGATE_MODE=bare`) or behind the
+//! The server of `scripts/e2e.sh`: `GET /v1/health` bare (`KEYGATE_MODE=bare`), behind the
 //! full keygate stack (`KEYGATE_MODE=stack`: auth on a cached lookup, per-key rate limit
-//! set high enough never to refuse, `X-RateLimit-*` headers).
+//! set high enough never to refuse, `X-RateLimit-*` headers), or behind the peer,
+//! tower_governor keyed by the same `X-API-KEY` header with its headers on and a limit as
+//! high (`KEYGATE_MODE=governor`: limits only, no key is checked).
 //!
 //! Prints `KEY=<key>` and `listening on http://<addr>` (`KEYGATE_ADDR`, default
 //! `127.0.0.1:3001`). One runtime thread, so that CPU time per request is easy to read.
@@ -61,8 +63,23 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        "governor" => {
+            let config = tower_governor::governor::GovernorConfigBuilder::default()
+                .per_nanosecond(1)
+                .burst_size(u32::MAX)
+                .key_extractor(HeaderKey)
+                .use_headers()
+                .finish();
+            match config {
+                Some(config) => app.layer(tower_governor::GovernorLayer::new(config)),
+                None => {
+                    eprintln!("bad governor configuration");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         other => {
-            eprintln!("KEYGATE_MODE={other:?}: expected bare or stack");
+            eprintln!("KEYGATE_MODE={other:?}: expected bare, stack or governor");
             return ExitCode::from(2);
         }
     };
@@ -85,4 +102,23 @@ async fn main() -> ExitCode {
         return ExitCode::FAILURE;
     }
     ExitCode::SUCCESS
+}
+
+/// tower_governor's key: the `X-API-KEY` header, as keygate's buckets are keyed by the key.
+#[derive(Clone)]
+struct HeaderKey;
+
+impl tower_governor::key_extractor::KeyExtractor for HeaderKey {
+    type Key = String;
+
+    fn extract<T>(
+        &self,
+        req: &axum::http::Request<T>,
+    ) -> Result<String, tower_governor::GovernorError> {
+        req.headers()
+            .get("x-api-key")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+            .ok_or(tower_governor::GovernorError::UnableToExtractKey)
+    }
 }

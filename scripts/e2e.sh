@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # End-to-end load: a bare axum server against the same server behind the full keygate
-# stack, on loopback, with wrk. Release build; server pinned to core 0 and wrk to core 1
+# stack and behind tower_governor (the peer, keyed by the same header), on loopback, with wrk. Release build; server pinned to core 0 and wrk to core 1
 # where taskset exists. Reports requests/s and, the steadier figure on a small machine,
 # the server's CPU time per request (utime + stime from /proc/PID/stat over the run).
 #
@@ -48,19 +48,24 @@ run() { # mode -> prints "requests cpu_seconds"
   echo "$requests $(( after - before ))"
 }
 
-printf '%-6s %-6s %12s %10s %16s\n' round mode requests req/s "cpu µs/request"
+printf '%-6s %-9s %12s %10s %16s\n' round mode requests req/s "cpu µs/request"
 declare -A total_req total_cpu
 for round in $(seq "$ROUNDS"); do
-  for mode in bare stack; do
+  for mode in ${MODES:-bare stack governor}; do
     read -r requests cpu <<<"$(run "$mode")"
     total_req[$mode]=$(( ${total_req[$mode]:-0} + requests ))
     total_cpu[$mode]=$(( ${total_cpu[$mode]:-0} + cpu ))
     awk -v r="$round" -v m="$mode" -v n="$requests" -v c="$cpu" -v t="$ticks" -v d="$DURATION" \
-      'BEGIN { printf "%-6s %-6s %12d %10.0f %16.2f\n", r, m, n, n / d, c / t / n * 1e6 }'
+      'BEGIN { printf "%-6s %-9s %12d %10.0f %16.2f\n", r, m, n, n / d, c / t / n * 1e6 }'
   done
 done
-awk -v br="${total_req[bare]}" -v bc="${total_cpu[bare]}" -v sr="${total_req[stack]}" -v sc="${total_cpu[stack]}" \
-  -v t="$ticks" 'BEGIN {
-    b = bc / t / br * 1e6; s = sc / t / sr * 1e6;
-    printf "\nall rounds: bare %.2f µs CPU/request, stack %.2f µs CPU/request, ratio %.3f; throughput ratio %.3f\n", b, s, s / b, sr / br
-  }'
+bare_cpu=$(awk -v r="${total_req[bare]}" -v c="${total_cpu[bare]}" -v t="$ticks" 'BEGIN { print c / t / r * 1e6 }')
+echo
+echo "all rounds (ratios against bare, measured in the same run):"
+for mode in ${MODES:-bare stack governor}; do
+  awk -v m="$mode" -v r="${total_req[$mode]}" -v c="${total_cpu[$mode]}" -v t="$ticks" \
+    -v br="${total_req[bare]}" -v b="$bare_cpu" 'BEGIN {
+      s = c / t / r * 1e6;
+      printf "%-9s %8.2f µs CPU/request  CPU ratio %.3f  throughput ratio %.3f\n", m, s, s / b, r / br
+    }'
+done
