@@ -373,13 +373,22 @@ impl KeyFormat {
                 .map(|rest| (env, rest))
         })
         .ok_or(FormatError::Shape)?;
-        let mut checksum: u64 = 0;
-        for (i, byte) in rest.bytes().enumerate() {
-            let value = base62_value(byte).ok_or(FormatError::Alphabet)?;
-            if i >= RANDOM_LEN {
-                checksum = checksum * 62 + u64::from(value);
-            }
+        // One branch-free pass over the body: an out-of-alphabet byte maps to 0xff, whose
+        // top bit no digit value (below 62) has.
+        let outside = rest
+            .bytes()
+            .fold(0u8, |acc, byte| acc | BASE62[usize::from(byte)]);
+        if outside & 0x80 != 0 {
+            return Err(FormatError::Alphabet);
         }
+        let checksum = rest
+            .as_bytes()
+            .get(RANDOM_LEN..)
+            .unwrap_or(&[])
+            .iter()
+            .fold(0u64, |sum, &byte| {
+                sum * 62 + u64::from(BASE62[usize::from(byte)])
+            });
         let body = &candidate[..candidate.len() - CHECKSUM_LEN];
         let expected = u64::from(crc32fast::hash(body.as_bytes()));
         if bool::from(checksum.ct_eq(&expected)) {
@@ -400,11 +409,6 @@ const BASE62: [u8; 256] = {
     }
     table
 };
-
-fn base62_value(byte: u8) -> Option<u8> {
-    let value = BASE62[usize::from(byte)];
-    (value != 0xff).then_some(value)
-}
 
 /// Appends `n` uniformly random base62 characters (rejection sampling, no modulo bias).
 fn push_random(out: &mut String, n: usize) -> Result<(), RandomError> {
