@@ -70,18 +70,27 @@ struct Entry {
     record: Option<Arc<KeyRecord>>,
     /// The first 64 bits of the key's hash: its place in the index.
     slot: u64,
+    /// Which filing in the index this entry is: an eviction unfiles its own line only,
+    /// never a later one for the same key (the same fingerprint, cached again meanwhile).
+    filing: u64,
     /// Nanoseconds since the epoch; an entry is fresh in `inserted..expires`, so a clock
     /// stepping backwards cannot keep it alive.
     inserted: u64,
     expires: u64,
 }
 
-/// Hash prefix → fingerprint, in shards. One fingerprint per prefix: when two cached keys'
-/// hashes share 64 bits (about never), the older entry is dropped, so that no change can
-/// miss a cached key.
+/// Hash prefix → (fingerprint, filing), in shards. One fingerprint per prefix: when two
+/// cached keys' hashes share 64 bits (about never), the older entry is dropped, so that no
+/// change can miss a cached key. Each filing has its own number, so that removing an old
+/// entry (evicted, replaced, found stale) never unfiles the line of a newer entry for the
+/// same key.
 struct Index {
-    shards: Box<[Mutex<HashMap<u64, Fingerprint, ByFingerprint>>]>,
+    shards: Box<[Mutex<Lines>]>,
+    filings: AtomicU64,
 }
+
+/// One shard of the index: hash prefix → (fingerprint, filing number).
+type Lines = HashMap<u64, (Fingerprint, u64), ByFingerprint>;
 
 const INDEX_SHARDS: usize = 16;
 
@@ -91,13 +100,14 @@ impl Index {
             shards: (0..INDEX_SHARDS)
                 .map(|_| Mutex::new(HashMap::with_hasher(ByFingerprint)))
                 .collect(),
+            filings: AtomicU64::new(0),
         }
     }
 
     fn shard(
         &self,
         slot: u64,
-    ) -> std::sync::MutexGuard<'_, HashMap<u64, Fingerprint, ByFingerprint>> {
+    ) -> std::sync::MutexGuard<'_, Lines> {
         // The top bits pick the shard; the map hashes with the low ones.
         let i = (slot >> 60) as usize % INDEX_SHARDS;
         self.shards[i]
@@ -105,21 +115,28 @@ impl Index {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Files `fingerprint` under `slot`; the fingerprint it replaces, if another.
-    fn insert(&self, slot: u64, fingerprint: Fingerprint) -> Option<Fingerprint> {
-        self.shard(slot)
-            .insert(slot, fingerprint)
-            .filter(|old| *old != fingerprint)
+    /// Files `fingerprint` under `slot` as a new filing: its number, and the fingerprint
+    /// it replaces, if another.
+    fn insert(&self, slot: u64, fingerprint: Fingerprint) -> (u64, Option<Fingerprint>) {
+        let filing = self.filings.fetch_add(1, Ordering::Relaxed);
+        let older = self
+            .shard(slot)
+            .insert(slot, (fingerprint, filing))
+            .map(|(old, _)| old)
+            .filter(|old| *old != fingerprint);
+        (filing, older)
     }
 
     fn take(&self, slot: u64) -> Option<Fingerprint> {
-        self.shard(slot).remove(&slot)
+        self.shard(slot)
+            .remove(&slot)
+            .map(|(fingerprint, _)| fingerprint)
     }
 
-    /// Unfiles `slot` if it still names `fingerprint`.
-    fn unfile(&self, slot: u64, fingerprint: Fingerprint) {
+    /// Unfiles `slot` if it still holds this very filing of `fingerprint`.
+    fn unfile(&self, slot: u64, fingerprint: Fingerprint, filing: u64) {
         let mut shard = self.shard(slot);
-        if shard.get(&slot) == Some(&fingerprint) {
+        if shard.get(&slot) == Some(&(fingerprint, filing)) {
             shard.remove(&slot);
         }
     }
@@ -204,7 +221,7 @@ impl Lifecycle<Fingerprint, Entry> for Evictions {
         }
         let now = self.clock.now_nanos();
         for (fingerprint, entry) in state {
-            self.index.unfile(entry.slot, fingerprint);
+            self.index.unfile(entry.slot, fingerprint, entry.filing);
             let fresh = (entry.inserted..entry.expires).contains(&now);
             if fresh && entry.record.is_some() && !self.warned.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
@@ -470,17 +487,20 @@ impl<L> Inner<L> {
         }
     }
 
-    /// Drops one entry and its index line.
-    fn drop_entry(&self, fingerprint: Fingerprint, slot: u64) {
+    /// Drops one entry and its index line (if that line is still this filing's).
+    fn drop_entry(&self, fingerprint: Fingerprint, slot: u64, filing: u64) {
         self.cache.remove(&fingerprint);
-        self.index.unfile(slot, fingerprint);
+        self.index.unfile(slot, fingerprint, filing);
     }
 
-    /// Files a new entry in the index (dropping an older one filed under the same prefix).
-    fn file(&self, fingerprint: Fingerprint, slot: u64) {
-        if let Some(older) = self.index.insert(slot, fingerprint) {
+    /// Files a new entry in the index (dropping an older one filed under the same prefix);
+    /// the filing's number, for the entry to carry.
+    fn file(&self, fingerprint: Fingerprint, slot: u64) -> u64 {
+        let (filing, older) = self.index.insert(slot, fingerprint);
+        if let Some(older) = older {
             self.cache.remove(&older);
         }
+        filing
     }
 
     fn fresh(&self, fingerprint: &Fingerprint, now: u64) -> Option<Option<Arc<KeyRecord>>> {
@@ -490,7 +510,7 @@ impl<L> Inner<L> {
             .then_some(entry.record)
     }
 
-    fn entry(&self, record: Option<Arc<KeyRecord>>, slot: u64, now: u64) -> Entry {
+    fn entry(&self, record: Option<Arc<KeyRecord>>, slot: u64, filing: u64, now: u64) -> Entry {
         // Only a key that can be used gets the long TTL. A record that cannot (deleted,
         // revoked, disabled, expired, its owner inactive) is kept no longer than an unknown
         // key: the two must not be told apart by how long their refusals are cached, and a
@@ -505,6 +525,7 @@ impl<L> Inner<L> {
         Entry {
             record,
             slot,
+            filing,
             inserted: now,
             expires: now.saturating_add(ttl),
         }
@@ -527,9 +548,9 @@ impl<L: KeyLookup> Inner<L> {
     /// After an answer read at `generation` was cached under `fingerprint`: if any
     /// invalidation came since, the entry goes (it may hold the old answer). Filed in the
     /// index before this check, so that an invalidation after it finds the entry.
-    fn settle(&self, fingerprint: Fingerprint, slot: u64, generation: u64) {
+    fn settle(&self, fingerprint: Fingerprint, slot: u64, filing: u64, generation: u64) {
         if self.generation.load(Ordering::SeqCst) != generation {
-            self.drop_entry(fingerprint, slot);
+            self.drop_entry(fingerprint, slot, filing);
         }
     }
 
@@ -549,26 +570,26 @@ impl<L: KeyLookup> Inner<L> {
                     if (entry.inserted..entry.expires).contains(&now) {
                         return Ok(entry.record);
                     }
-                    self.drop_entry(fingerprint, slot);
+                    self.drop_entry(fingerprint, slot, entry.filing);
                 }
                 Err(guard) => {
                     let (answer, generation) = self.ask(hash).await;
                     let record = answer?;
-                    self.file(fingerprint, slot);
-                    let _ = guard.insert(self.entry(record.clone(), slot, clock.now_nanos()));
-                    self.settle(fingerprint, slot, generation);
+                    let filing = self.file(fingerprint, slot);
+                    let now = clock.now_nanos();
+                    let _ = guard.insert(self.entry(record.clone(), slot, filing, now));
+                    self.settle(fingerprint, slot, filing, generation);
                     return Ok(record);
                 }
             }
         }
         let (answer, generation) = self.ask(hash).await;
         let record = answer?;
-        self.file(fingerprint, slot);
-        self.cache.insert(
-            fingerprint,
-            self.entry(record.clone(), slot, clock.now_nanos()),
-        );
-        self.settle(fingerprint, slot, generation);
+        let filing = self.file(fingerprint, slot);
+        let now = clock.now_nanos();
+        self.cache
+            .insert(fingerprint, self.entry(record.clone(), slot, filing, now));
+        self.settle(fingerprint, slot, filing, generation);
         Ok(record)
     }
 }
@@ -956,5 +977,282 @@ mod tests {
         );
         cache.invalidate_all();
         assert_eq!(cache.inner.index.len(), 0);
+    }
+
+    // The third hunt's attacks on the index: evictions and interleavings.
+
+    /// A fake clock that runs a hook on a read of the time: the hook says whether it fired
+    /// (then it is dropped) or should be tried again on the next read. The hook is taken out
+    /// while it runs, so that reads of the time inside it do not run it again. It stands for
+    /// another thread that runs exactly between two steps of the cache.
+    #[derive(Clone)]
+    struct HookClock {
+        time: FakeClock,
+        hook: Arc<Mutex<Option<Hook>>>,
+    }
+
+    type Hook = Box<dyn FnMut() -> bool + Send>;
+
+    impl HookClock {
+        fn new() -> Self {
+            Self {
+                time: FakeClock::new(UNIX_EPOCH + Duration::from_secs(1_000_000)),
+                hook: Arc::default(),
+            }
+        }
+
+        fn arm(&self, hook: impl FnMut() -> bool + Send + 'static) {
+            *self.hook.lock().unwrap() = Some(Box::new(hook));
+        }
+
+        fn armed(&self) -> bool {
+            self.hook.lock().unwrap().is_some()
+        }
+    }
+
+    impl Clock for HookClock {
+        fn now(&self) -> std::time::SystemTime {
+            self.time.now()
+        }
+
+        fn now_nanos(&self) -> u64 {
+            let hook = self.hook.lock().unwrap().take();
+            if let Some(mut hook) = hook {
+                if !hook() {
+                    let mut slot = self.hook.lock().unwrap();
+                    if slot.is_none() {
+                        *slot = Some(hook);
+                    }
+                }
+            }
+            self.time.now_nanos()
+        }
+    }
+
+    /// Polls a future once (every backend here answers at once).
+    fn at_once<F: std::future::IntoFuture>(future: F) -> F::Output {
+        let mut future = std::pin::pin!(future.into_future());
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match future.as_mut().poll(&mut cx) {
+            Poll::Ready(value) => value,
+            Poll::Pending => panic!("the lookup did not answer at once"),
+        }
+    }
+
+    /// Found by the third hunt, fixed by filing numbers. Request A's insert evicts key K's entry; the eviction's index line is unfiled
+    /// in `end_request`, after the cache's lock is released. Request B for K runs in that
+    /// window (here: inside A's read of the time, which `end_request` does before unfiling):
+    /// a miss, K read from the store and cached again under the same fingerprint, filed under
+    /// the same index line. Then A unfiles that line, because it still names K's fingerprint.
+    /// K's fresh entry is now in the cache with no index line: disabling K in the store drops
+    /// nothing, and the disabled key keeps being answered as active for the whole TTL.
+    #[tokio::test]
+    async fn an_eviction_unfiling_after_a_refill_leaves_a_disabled_key_cached() {
+        use crate::store::{KeyStore, MemoryStore};
+
+        let store = MemoryStore::new();
+        let secret = store
+            .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+            .unwrap();
+        let id = store
+            .lookup(&secret.presented())
+            .now()
+            .ok()
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .id
+            .clone();
+        let clock = HookClock::new();
+        let cache = CachedLookup::builder(store.clone())
+            .capacity(64)
+            .ttl(Duration::from_secs(3600))
+            .negative_ttl(Duration::from_secs(3600))
+            .clock(clock.clone())
+            .build_over_store()
+            .unwrap();
+        let key = secret.presented();
+        let fingerprint = key.fingerprint();
+        assert!(cache.lookup(&key).await.unwrap().is_some());
+
+        // Armed: on the first read of the time after K's entry is gone (the evicting insert's
+        // `end_request`), request B looks K up again.
+        let b = cache.clone();
+        let refill = secret.expose_secret().to_owned();
+        clock.arm(move || {
+            if b.inner.cache.peek(&fingerprint).is_some() {
+                return false;
+            }
+            let found = at_once(b.lookup(&PresentedKey::new(&refill)))
+                .unwrap()
+                .is_some();
+            assert!(found, "B finds K in the store");
+            true
+        });
+        // Other requests fill the cache until K is evicted: unknown keys, each sent twice
+        // (a hit marks an entry referenced, and S3-FIFO promotes it to the hot queue, which
+        // must then give up its oldest unreferenced entry: K).
+        let mut i = 0;
+        while clock.armed() {
+            i += 1;
+            assert!(i < 10_000, "K was never evicted");
+            for _ in 0..2 {
+                if !clock.armed() {
+                    break;
+                }
+                cache
+                    .lookup(&PresentedKey::new(&format!("unknown-{i}")))
+                    .await
+                    .unwrap();
+            }
+        }
+        assert!(
+            cache.inner.cache.peek(&fingerprint).is_some(),
+            "B's entry for K is cached"
+        );
+
+        store.set_status(&id, Status::Disabled).await.unwrap();
+        let record = cache.lookup(&key).await.unwrap().unwrap();
+        assert_eq!(
+            record.status,
+            Status::Disabled,
+            "the store's change must reach a key cached again during its eviction"
+        );
+    }
+
+    /// Held in the third hunt. A lookup by the secret and one by the hash of the same key (two
+    /// fingerprints, one index line) interleaved: the second runs entirely between the
+    /// first's filing and its insert. Filing the second drops the first's placeholder, so
+    /// the first answer is not cached over it; a change then leaves no answer in the cache.
+    #[tokio::test]
+    async fn a_lookup_by_hash_inside_a_lookup_by_secret_leaves_nothing_a_change_misses() {
+        use crate::store::{KeyStore, MemoryStore};
+
+        let store = MemoryStore::new();
+        let secret = store
+            .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+            .unwrap();
+        let hash = secret.hash();
+        let id = store
+            .lookup(&secret.presented())
+            .now()
+            .ok()
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .id
+            .clone();
+        let clock = HookClock::new();
+        let cache = CachedLookup::builder(store.clone())
+            .ttl(Duration::from_secs(3600))
+            .clock(clock.clone())
+            .build_over_store()
+            .unwrap();
+        let by_secret = secret.presented();
+        let by_hash = PresentedKey::from_hash(hash);
+        let (f1, f2) = (by_secret.fingerprint(), by_hash.fingerprint());
+        // Fires on the first read of the time once the secret's fingerprint is filed: that
+        // is the miss's read for its entry, between `file` and the guard's insert.
+        let c = cache.clone();
+        clock.arm(move || {
+            if c.inner
+                .index
+                .shard(hash.prefix())
+                .get(&hash.prefix())
+                .map(|(f, _)| *f)
+                != Some(f1)
+            {
+                return false;
+            }
+            assert!(at_once(c.lookup(&PresentedKey::from_hash(hash)))
+                .unwrap()
+                .is_some());
+            true
+        });
+        assert!(cache.lookup(&by_secret).await.unwrap().is_some());
+        assert!(!clock.armed(), "the hash lookup ran inside the secret's");
+        let cached = [f1, f2]
+            .iter()
+            .filter(|f| cache.inner.cache.peek(*f).is_some())
+            .count();
+        assert!(cached <= 1, "two entries under one index line");
+
+        store.set_status(&id, Status::Disabled).await.unwrap();
+        for key in [&by_secret, &by_hash] {
+            let record = cache.lookup(key).await.unwrap().unwrap();
+            assert_eq!(record.status, Status::Disabled);
+        }
+    }
+
+    /// Held in the third hunt. Every presented form of one key (X-API-KEY, Bearer, Basic) is the
+    /// same secret, so one fingerprint: a change drops the one entry all of them hit.
+    #[tokio::test]
+    async fn every_header_form_of_a_key_hits_one_entry_that_a_change_drops() {
+        use crate::extract::Extractor;
+        use crate::store::{KeyStore, MemoryStore};
+        use base64::Engine as _;
+
+        let store = MemoryStore::new();
+        let secret = store
+            .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+            .unwrap();
+        let id = store
+            .lookup(&secret.presented())
+            .now()
+            .ok()
+            .unwrap()
+            .unwrap()
+            .unwrap()
+            .id
+            .clone();
+        let cache = CachedLookup::builder(store.clone())
+            .ttl(Duration::from_secs(3600))
+            .build_over_store()
+            .unwrap();
+        let s = secret.expose_secret();
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("{s}:"));
+        let requests: Vec<http::Request<()>> = vec![
+            http::Request::get("/")
+                .header("x-api-key", s)
+                .body(())
+                .unwrap(),
+            http::Request::get("/")
+                .header("authorization", format!("Bearer {s}"))
+                .body(())
+                .unwrap(),
+            http::Request::get("/")
+                .header("authorization", format!("bearer   {s}"))
+                .body(())
+                .unwrap(),
+            http::Request::get("/")
+                .header("authorization", format!("Basic {basic}"))
+                .body(())
+                .unwrap(),
+        ];
+        let extractor = Extractor::default();
+        let mut fingerprints = Vec::new();
+        for req in &requests {
+            let Ok(credential) = extractor.extract(req) else {
+                continue;
+            };
+            let key = PresentedKey::new(credential.secret());
+            fingerprints.push(key.fingerprint());
+            assert!(cache.lookup(&key).await.unwrap().is_some());
+        }
+        assert!(fingerprints.len() >= 3);
+        assert!(fingerprints.iter().all(|f| *f == fingerprints[0]));
+        assert_eq!(cache.len(), 1);
+        store.set_status(&id, Status::Disabled).await.unwrap();
+        for req in &requests {
+            let Ok(credential) = extractor.extract(req) else {
+                continue;
+            };
+            let record = cache
+                .lookup(&PresentedKey::new(credential.secret()))
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(record.status, Status::Disabled);
+        }
     }
 }
