@@ -838,3 +838,61 @@ async fn works_inside_service_builder_with_other_layers() {
         .unwrap();
     assert_eq!(svc.oneshot(req).await.unwrap().status(), 200);
 }
+
+/// Held in the third hunt. A route variant inside an outer layer of the same state
+/// trusts the outer acceptance only through the private `Accepted` marker: a `Principal`
+/// planted in the request (a key holding the route's scope) neither stands in for a key nor
+/// lends its scopes to the key actually presented.
+#[tokio::test]
+async fn a_planted_principal_lends_no_scopes_to_a_nested_route() {
+    let store = MemoryStore::new();
+    let reader = store
+        .issue(Owner::new("o", "o"), Environment::Live, |r| {
+            r.with_scopes(["read"])
+        })
+        .unwrap();
+    let writer = store
+        .issue(Owner::new("o", "o"), Environment::Live, |r| {
+            r.with_scopes(["read", "write"])
+        })
+        .unwrap();
+    let writer_record = store
+        .lookup(&writer.presented())
+        .now()
+        .ok()
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let base = AuthLayer::new(store.clone());
+    let route = base.require_scopes(["write"]);
+    let nested = base.layer(route.layer(service_fn(echo)));
+    let alone = route.layer(service_fn(echo));
+    let planted = |key: Option<&ApiKey>| {
+        let mut req = Request::get("/");
+        if let Some(key) = key {
+            req = req.header("x-api-key", key.expose_secret());
+        }
+        let mut req = req.body(Body::default()).unwrap();
+        req.extensions_mut()
+            .insert(Principal::new(Arc::clone(&writer_record)));
+        req
+    };
+    async fn call<S, B>(svc: &S, req: Request<Body>) -> (StatusCode, String)
+    where
+        S: Service<Request<Body>, Response = Response<B>, Error = Infallible> + Clone,
+        B: http_body::Body<Data = Bytes>,
+        B::Error: std::fmt::Debug,
+    {
+        let res = svc.clone().oneshot(req).await.unwrap();
+        let status = res.status();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&bytes).into_owned())
+    }
+    assert_eq!(call(&nested, planted(None)).await.0, 401);
+    assert_eq!(call(&alone, planted(None)).await.0, 401);
+    assert_eq!(call(&nested, planted(Some(&reader))).await.0, 403);
+    assert_eq!(call(&alone, planted(Some(&reader))).await.0, 403);
+    let (status, body) = call(&nested, planted(Some(&writer))).await;
+    assert_eq!(status, 200);
+    assert_eq!(body, writer_record.id.to_string());
+}

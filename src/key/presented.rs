@@ -189,4 +189,35 @@ mod tests {
         let text = format!("{:?}", PresentedKey::new("kg_live_abc"));
         assert!(!text.contains("abc"), "{text}");
     }
+
+    /// Held in the third hunt. The fingerprint is a per-process secret-derived value:
+    /// its `Debug` (reached through the auth layer's `Found`) prints none of its bits, and a
+    /// cache's `Debug` shows neither the secrets nor the hashes it holds.
+    #[test]
+    fn fingerprints_and_caches_print_nothing_of_their_keys() {
+        let key = PresentedKey::new("kg_live_abc");
+        let fingerprint = key.fingerprint();
+        let text = format!("{fingerprint:?} {key:?}");
+        for shown in [
+            fingerprint.0.to_string(),
+            format!("{:x}", fingerprint.0),
+            format!("{:x}", fingerprint.0 as u64),
+            (fingerprint.0 as u64).to_string(),
+        ] {
+            assert!(!text.contains(&shown), "{text}");
+        }
+        let cache = crate::lookup::CachedLookup::new(|_: KeyHash| async {
+            Ok::<_, crate::error::BoxError>(None)
+        });
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            use crate::lookup::KeyLookup;
+            cache.lookup(&key).await.unwrap();
+        });
+        let text = format!("{cache:?}");
+        assert!(!text.contains("abc"), "{text}");
+        assert!(!text.contains(&key.hash().to_hex()[..12]), "{text}");
+    }
 }

@@ -57,27 +57,110 @@ struct Shard<K> {
     created: AtomicUsize,
 }
 
-/// One key's windows. Up to two live inside the map entry itself (no allocation of their
-/// own, one cache line fewer per request); more go to the heap.
+/// One key's windows, each cell tagged with the quota it counts (see [`tag`]), so that
+/// requests naming different sets of windows for one bucket (two routes sharing a bucket
+/// name, a key's quotas changed) each charge the cells of their own quotas and share the
+/// ones they have in common, instead of starting the bucket afresh. Up to two cells live
+/// inside the map entry itself (no allocation of their own, one cache line fewer per
+/// request); more go to the heap.
 enum Bucket {
-    Inline([AtomicU64; 2], usize),
-    Heap(Box<[AtomicU64]>),
+    /// Tag 0: no window in that cell.
+    Inline([AtomicU64; 2], [u32; 2]),
+    /// One pointer, so that the two-window bucket stays as small as it was.
+    Heap(Box<HeapCells>),
+}
+
+/// More than two windows: their cells and tags.
+type HeapCells = (Box<[AtomicU64]>, Box<[u32]>);
+
+/// A quota's tag in a bucket: the two numbers its GCRA steps depend on, mixed into 32
+/// bits, never 0. Two different quotas of one bucket sharing a tag (about one chance in
+/// four billion) would share a cell: each still limits, by the stricter state.
+fn tag(quota: &Quota) -> u32 {
+    let mixed = (u64::from(quota.capacity().get()) ^ quota.interval_ns().rotate_left(29))
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    ((mixed >> 32) as u32).max(1)
 }
 
 impl Bucket {
-    fn new(windows: usize) -> Self {
-        if windows <= 2 {
-            Self::Inline([AtomicU64::new(0), AtomicU64::new(0)], windows)
+    /// A bucket of these windows, each starting from `tats` (0: full).
+    fn with(windows: impl ExactSizeIterator<Item = (u32, u64)>) -> Self {
+        if windows.len() <= 2 {
+            let mut cells = [AtomicU64::new(0), AtomicU64::new(0)];
+            let mut tags = [0; 2];
+            for (i, (tag, tat)) in windows.enumerate().take(2) {
+                tags[i] = tag;
+                cells[i] = AtomicU64::new(tat);
+            }
+            Self::Inline(cells, tags)
         } else {
-            Self::Heap((0..windows).map(|_| AtomicU64::new(0)).collect())
+            let (tags, cells): (Vec<u32>, Vec<AtomicU64>) =
+                windows.map(|(tag, tat)| (tag, AtomicU64::new(tat))).unzip();
+            Self::Heap(Box::new((
+                cells.into_boxed_slice(),
+                tags.into_boxed_slice(),
+            )))
         }
+    }
+
+    fn new(quotas: &[Quota]) -> Self {
+        Self::with(quotas.iter().map(|q| (tag(q), 0)))
     }
 
     fn cells(&self) -> &[AtomicU64] {
         match self {
-            Self::Inline(cells, len) => cells.get(..*len).unwrap_or(cells),
-            Self::Heap(cells) => cells,
+            Self::Inline(cells, tags) => {
+                let len = tags.iter().take_while(|t| **t != 0).count();
+                cells.get(..len).unwrap_or(cells)
+            }
+            Self::Heap(heap) => &heap.0,
         }
+    }
+
+    fn tags(&self) -> &[u32] {
+        match self {
+            Self::Inline(_, tags) => {
+                let len = tags.iter().take_while(|t| **t != 0).count();
+                tags.get(..len).unwrap_or(tags)
+            }
+            Self::Heap(heap) => &heap.1,
+        }
+    }
+
+    /// The cell of each quota, in order; `None` when one has no cell here.
+    fn positions(&self, quotas: &[Quota]) -> Option<[usize; MAX_WINDOWS]> {
+        let tags = self.tags();
+        let mut at = [0; MAX_WINDOWS];
+        for (slot, quota) in at.iter_mut().zip(quotas) {
+            let tag = tag(quota);
+            *slot = tags.iter().position(|t| *t == tag)?;
+        }
+        Some(at)
+    }
+
+    /// This bucket with a cell for each of `quotas` added: the cells it has keep their
+    /// state; if that makes more than [`MAX_WINDOWS`], cells no quota here names go first.
+    fn widened(&self, quotas: &[Quota]) -> Self {
+        let mut windows: Vec<(u32, u64)> = quotas
+            .iter()
+            .map(|q| {
+                let tag = tag(q);
+                let tat = self
+                    .tags()
+                    .iter()
+                    .position(|t| *t == tag)
+                    .and_then(|i| self.cells().get(i))
+                    .map_or(0, |c| c.load(Ordering::Acquire));
+                (tag, tat)
+            })
+            .collect();
+        for (tag, cell) in self.tags().iter().zip(self.cells()) {
+            if windows.len() < MAX_WINDOWS && !windows.iter().any(|(t, _)| t == tag) {
+                windows.push((*tag, cell.load(Ordering::Acquire)));
+            }
+        }
+        windows.dedup_by_key(|(t, _)| *t);
+        Self::with(windows.into_iter())
     }
 
     fn is_full(&self, now: u64) -> bool {
@@ -257,41 +340,46 @@ impl<K: BucketKey> MemoryLimiter<K> {
         let now = self.inner.clock.now_nanos();
         let shard = self.shard(key);
         let map = shard.map.pin();
-        // The bucket must have one cell per window. Another request may put in a bucket of
-        // another shape at any moment (a key's quotas changed): check after every get or
-        // insert, and start the key afresh when the shape differs.
-        let mut bucket = None;
+        // The bucket must have a cell for each window. Another request may put in a bucket
+        // of another shape at any moment: check after every get or insert, and widen the
+        // bucket (keeping the state of the cells it has) when a window has no cell.
+        let mut found = None;
         for _ in 0..3 {
             match map.get(key) {
-                Some(found) if found.cells().len() == quotas.len() => {
-                    bucket = Some(found);
-                    break;
-                }
-                existing => {
+                Some(bucket) => match bucket.positions(quotas) {
+                    Some(at) => {
+                        found = Some((bucket, at));
+                        break;
+                    }
+                    None => {
+                        let _ = map.insert(key.clone(), bucket.widened(quotas));
+                    }
+                },
+                None => {
                     // A refusal against a full bucket needs no state: decide first.
                     let fresh =
                         most_restrictive(quotas.iter().map(|q| (q, step(0, now, q, cost))), now);
                     if let Some(decision) = fresh.filter(|d| !d.allowed) {
                         return Ok(decision);
                     }
-                    if existing.is_none() {
-                        self.make_room(shard, now)?;
-                        if map
-                            .try_insert_with(key.clone(), || Bucket::new(quotas.len()))
-                            .is_ok()
-                        {
-                            self.inner.total.fetch_add(1, Ordering::Relaxed);
-                        }
-                    } else {
-                        map.insert(key.clone(), Bucket::new(quotas.len()));
+                    self.make_room(shard, now)?;
+                    if map
+                        .try_insert_with(key.clone(), || Bucket::new(quotas))
+                        .is_ok()
+                    {
+                        self.inner.total.fetch_add(1, Ordering::Relaxed);
                     }
                 }
             }
         }
-        let bucket = bucket.ok_or(LimiterError::Windows(quotas.len()))?;
+        let (bucket, at) = found.ok_or(LimiterError::Windows(quotas.len()))?;
+        let cells = bucket.cells();
+        let cell_of = |i: usize| at.get(i).and_then(|&c| cells.get(c));
         let mut steps = [Step::NONE; MAX_WINDOWS];
         for (i, quota) in quotas.iter().enumerate() {
-            let cell = &bucket.cells()[i];
+            let Some(cell) = cell_of(i) else {
+                return Err(LimiterError::Windows(quotas.len()));
+            };
             let mut tat = cell.load(Ordering::Acquire);
             loop {
                 let s = step(tat, now, quota, cost);
@@ -306,11 +394,15 @@ impl<K: BucketKey> MemoryLimiter<K> {
                         );
                     }
                     // Give back what earlier windows took, then report the refusal.
-                    give_back(&bucket.cells()[..i], quotas, cost);
-                    let current = quotas
-                        .iter()
-                        .zip(bucket.cells().iter())
-                        .map(|(q, c)| (q, step(c.load(Ordering::Acquire), now, q, cost)));
+                    for (j, earlier) in quotas.iter().enumerate().take(i) {
+                        if let Some(cell) = cell_of(j) {
+                            give_back(cell, earlier, cost);
+                        }
+                    }
+                    let current = quotas.iter().enumerate().filter_map(|(j, q)| {
+                        let tat = cell_of(j)?.load(Ordering::Acquire);
+                        Some((q, step(tat, now, q, cost)))
+                    });
                     return most_restrictive(current, now).ok_or(LimiterError::Windows(0));
                 }
                 match cell.compare_exchange_weak(
@@ -334,7 +426,14 @@ impl<K: BucketKey> MemoryLimiter<K> {
     pub fn refund(&self, key: &K, quotas: &[Quota], cost: u32) {
         let map = self.shard(key).map.pin();
         if let Some(bucket) = map.get(key) {
-            give_back(bucket.cells(), quotas, cost);
+            let Some(at) = bucket.positions(quotas) else {
+                return;
+            };
+            for (quota, i) in quotas.iter().zip(at) {
+                if let Some(cell) = bucket.cells().get(i) {
+                    give_back(cell, quota, cost);
+                }
+            }
         }
     }
 
@@ -344,10 +443,12 @@ impl<K: BucketKey> MemoryLimiter<K> {
         let now = self.inner.clock.now_nanos();
         let map = self.shard(key).map.pin();
         let bucket = map.get(key)?;
-        let steps = quotas
-            .iter()
-            .zip(bucket.cells().iter())
-            .map(|(q, c)| (q, step(c.load(Ordering::Acquire), now, q, cost)));
+        let at = bucket.positions(quotas)?;
+        let cells = bucket.cells();
+        let steps = quotas.iter().zip(at).filter_map(|(q, i)| {
+            let tat = cells.get(i)?.load(Ordering::Acquire);
+            Some((q, step(tat, now, q, cost)))
+        });
         most_restrictive(steps, now)
     }
 
@@ -378,13 +479,11 @@ impl<K: BucketKey> MemoryLimiter<K> {
     }
 }
 
-fn give_back(cells: &[AtomicU64], quotas: &[Quota], cost: u32) {
-    for (cell, quota) in cells.iter().zip(quotas) {
-        let charge = quota.interval_ns().saturating_mul(u64::from(cost));
-        let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
-            Some(t.saturating_sub(charge))
-        });
-    }
+fn give_back(cell: &AtomicU64, quota: &Quota, cost: u32) {
+    let charge = quota.interval_ns().saturating_mul(u64::from(cost));
+    let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+        Some(t.saturating_sub(charge))
+    });
 }
 
 impl Step {

@@ -423,3 +423,139 @@ fn extreme_quotas_still_limit() {
     assert_eq!(admitted as u32, huge.capacity().get().min(200_000));
     assert!(limiter.decide(&3, &[huge], u32::MAX).is_ok());
 }
+
+// The third hunt's attacks on buckets and markers.
+
+/// Found by the third hunt, fixed by tagging each cell with its quota. Two routes that name one bucket (`KeygateRoute::bucket("export", …)`, as
+/// `KeygateRoute::bucket` builds it: `PerKey::bucket` over the layer's store) with a different
+/// number of windows. The in-memory store starts a bucket afresh whenever a request comes
+/// with another number of windows than the bucket has, so a client that alternates between
+/// the two routes finds a fresh, full bucket on every request: the limit never applies.
+#[tokio::test]
+async fn routes_with_different_windows_share_the_cells_of_one_bucket() {
+    use crate::key::Environment;
+    use crate::key::KeyId;
+    use crate::record::{KeyRecord, Owner, Principal};
+
+    let store: MemoryLimiter<(KeyId, Option<Arc<str>>)> =
+        MemoryLimiter::builder().clock(clock()).build().unwrap();
+    let ok = || {
+        service_fn(|_: Request<Body>| async { Ok::<_, Infallible>(Response::new(Body::default())) })
+    };
+    // 2 a minute on both routes; the second also caps the day.
+    let one = RateLimitLayer::builder(crate::ratelimit::PerKey::bucket("export"), store.clone())
+        .quotas([Quota::per_minute(nz(2))])
+        .build()
+        .unwrap()
+        .layer(ok());
+    let two = RateLimitLayer::builder(crate::ratelimit::PerKey::bucket("export"), store.clone())
+        .quotas([Quota::per_minute(nz(2)), Quota::per_day(nz(100))])
+        .build()
+        .unwrap()
+        .layer(ok());
+    let record = Arc::new(KeyRecord::new(
+        KeyId::new("key_1"),
+        Owner::new("o", "o"),
+        Environment::Live,
+    ));
+    let req = || {
+        let mut req = Request::get("/").body(Body::default()).unwrap();
+        req.extensions_mut()
+            .insert(Principal::new(Arc::clone(&record)));
+        req
+    };
+    let mut admitted = 0;
+    for i in 0..20 {
+        let status = if i % 2 == 0 {
+            one.clone().oneshot(req()).await.unwrap().status()
+        } else {
+            two.clone().oneshot(req()).await.unwrap().status()
+        };
+        if status == StatusCode::OK {
+            admitted += 1;
+        }
+    }
+    assert!(
+        admitted <= 2,
+        "{admitted} of 20 requests admitted in one minute by a bucket of 2 a minute"
+    );
+}
+
+/// Held in the third hunt. A handler-visible `Principal` put into the request before the auth
+/// layer (by a client-facing middleware, or a forged one) neither passes auth nor picks the
+/// rate-limit bucket: without a key the request is refused, and with a key the accepted key
+/// replaces it, so its bucket is charged, not the planted one's.
+#[tokio::test]
+async fn a_principal_planted_before_keygate_neither_authenticates_nor_picks_the_bucket() {
+    use crate::key::Environment;
+    use crate::lookup::KeyLookup;
+    use crate::record::{Owner, Principal};
+    use crate::store::MemoryStore;
+
+    let store = MemoryStore::new();
+    let victim = store
+        .issue(Owner::new("v", "victim"), Environment::Live, |r| r)
+        .unwrap();
+    let attacker = store
+        .issue(Owner::new("a", "attacker"), Environment::Live, |r| r)
+        .unwrap();
+    let victim_record = store
+        .lookup(&victim.presented())
+        .now()
+        .ok()
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let keygate = crate::Keygate::builder(store.clone())
+        .default_quota(Quota::per_minute(nz(3)))
+        .failed_attempts(None)
+        .clock(clock())
+        .build()
+        .unwrap();
+    let svc = keygate.layer(service_fn(|req: Request<Body>| async move {
+        let who = req
+            .extensions()
+            .get::<Principal>()
+            .map(|p| p.key_id().to_string())
+            .unwrap_or_default();
+        Ok::<_, Infallible>(Response::new(Body::from(who)))
+    }));
+    let planted = |key: Option<&str>| {
+        let mut req = Request::get("/v1/x");
+        if let Some(key) = key {
+            req = req.header("x-api-key", key);
+        }
+        let mut req = req.body(Body::default()).unwrap();
+        req.extensions_mut()
+            .insert(Principal::new(Arc::clone(&victim_record)));
+        req
+    };
+    let res = svc.clone().oneshot(planted(None)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    // The attacker's own key, with the victim's Principal planted: the attacker's bucket.
+    for _ in 0..3 {
+        let res = svc
+            .clone()
+            .oneshot(planted(Some(attacker.expose_secret())))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let body = res.into_body().collect().await.unwrap().to_bytes();
+        assert_ne!(&body[..], victim_record.id.as_str().as_bytes());
+    }
+    let res = svc
+        .clone()
+        .oneshot(planted(Some(attacker.expose_secret())))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    // The victim's bucket is untouched.
+    let mut req = Request::get("/v1/x")
+        .header("x-api-key", victim.expose_secret())
+        .body(Body::default())
+        .unwrap();
+    req.extensions_mut().insert(());
+    let res = svc.clone().oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["x-ratelimit-remaining"], "2");
+}
