@@ -102,14 +102,18 @@ fn run(n: usize, mode: &str, keys: usize) {
         let hash = keygate::key::KeyHash::of(secret);
         now(lookup.lookup(&hash.into()).into_future()).expect("warm");
     }
-    // 1000 requests, as a real API would set; refilled fast enough that nothing is refused,
-    // slow enough that buckets stay tracked between visits (as benches/ratelimit.rs).
-    let period = if keys <= 64 {
-        Duration::from_micros(100)
+    // The quota of benches/ratelimit.rs (see there): with few keys a million over 100 ms
+    // (the coarse clock moves every few milliseconds, so the burst must outlast a tick's
+    // requests), with many 1000, a token back every other visit.
+    let (burst, period) = if keys <= 64 {
+        (1_000_000u32, Duration::from_millis(100))
     } else {
-        Duration::from_millis(2) * u32::try_from(keys).expect("keys")
+        (
+            1000,
+            Duration::from_millis(2) * u32::try_from(keys).expect("keys"),
+        )
     };
-    let never = Quota::new(NonZeroU32::new(1000).expect("burst"), period).expect("quota");
+    let never = Quota::new(NonZeroU32::new(burst).expect("burst"), period).expect("quota");
     let mut auth = AuthLayer::new(lookup.clone()).layer(tower::service_fn(bare));
     let mut stack = Keygate::builder(lookup)
         .default_quota(never)
@@ -120,8 +124,8 @@ fn run(n: usize, mode: &str, keys: usize) {
     // first use.
     let mut governor = (mode == "governor").then(|| {
         let config = GovernorConfigBuilder::default()
-            .per_nanosecond(u64::try_from((period / 1000).as_nanos()).expect("ns"))
-            .burst_size(1000)
+            .per_nanosecond(u64::try_from((period / burst).as_nanos()).expect("ns"))
+            .burst_size(burst)
             .key_extractor(HeaderKey)
             .use_headers()
             .finish()
