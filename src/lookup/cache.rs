@@ -104,10 +104,7 @@ impl Index {
         }
     }
 
-    fn shard(
-        &self,
-        slot: u64,
-    ) -> std::sync::MutexGuard<'_, Lines> {
+    fn shard(&self, slot: u64) -> std::sync::MutexGuard<'_, Lines> {
         // The top bits pick the shard; the map hashes with the low ones.
         let i = (slot >> 60) as usize % INDEX_SHARDS;
         self.shards[i]
