@@ -37,6 +37,7 @@ const FLOORS: &[(&str, &[&str])] = &[
             "ratelimit/key_fn",
             "ratelimit/layer",
             "ratelimit/service",
+            "ratelimit/shared",
             "ratelimit/future",
             "keygate",
             "axum",

@@ -7,8 +7,7 @@ use http::{Request, Response};
 use pin_project_lite::pin_project;
 use tower_service::Service;
 
-use super::layer::Shared;
-use super::service::note_charge;
+use super::shared::Shared;
 use super::{Decision, HeaderStyle, KeyFn, LimiterStore, Quota};
 use crate::flow::{After, Decide, Flow};
 use crate::reject::ResponseBody;
@@ -133,7 +132,7 @@ where
         let shared = &**this.shared;
         Poll::Ready(match shared.verdict(answer, request.headers()) {
             Ok(decision) => {
-                note_charge(shared, request, *this.total);
+                shared.note_charge(request, *this.total);
                 Ok(Stamp::new(decision, shared.style))
             }
             Err(response) => {

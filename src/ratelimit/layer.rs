@@ -2,15 +2,14 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use http::Response;
 use tower_layer::Layer;
 
 use super::service::RateLimitService;
-use super::{Decision, HeaderStyle, KeyFn, LimiterStore, Quota};
-use crate::error::{BoxError, ConfigError};
-use crate::head::is_grpc;
+use super::shared::Shared;
+use super::{HeaderStyle, KeyFn, LimiterStore, Quota};
+use crate::error::ConfigError;
 use crate::passage::LayerId;
-use crate::reject::{JsonEnvelope, Reason, Rejection, Renderer, Responder, ResponseBody};
+use crate::reject::{JsonEnvelope, Renderer, Responder};
 
 /// Limits requests with token buckets. See the [module docs](super).
 ///
@@ -35,19 +34,6 @@ use crate::reject::{JsonEnvelope, Reason, Rejection, Renderer, Responder, Respon
 pub struct RateLimitLayer<F, St> {
     shared: Arc<Shared<F, St>>,
     cost: u32,
-}
-
-pub(crate) struct Shared<F, St> {
-    pub(crate) key_fn: F,
-    pub(crate) store: St,
-    pub(crate) quotas: Vec<Quota>,
-    pub(crate) style: HeaderStyle,
-    responder: Responder,
-    /// Names this state in the requests it charges.
-    pub(crate) id: LayerId,
-    /// Set once a route variant shares this state: only then do charged requests carry a
-    /// `Charged` marker.
-    pub(crate) nested: AtomicBool,
 }
 
 impl<F, St> Clone for RateLimitLayer<F, St> {
@@ -191,35 +177,5 @@ impl<F: KeyFn, St: LimiterStore<F::Key>> RateLimitBuilder<F, St> {
             }),
             cost: 1,
         })
-    }
-}
-
-impl<F: KeyFn, St: LimiterStore<F::Key>> Shared<F, St> {
-    /// An admission, or the response of a refusal (429, or 503 when the store failed). The
-    /// refusal is returned by value, once: boxing it would put an allocation on the
-    /// rejection path.
-    #[allow(clippy::result_large_err)]
-    pub(crate) fn verdict<ResBody>(
-        &self,
-        answer: Result<Decision, BoxError>,
-        headers: &http::HeaderMap,
-    ) -> Result<Decision, Response<ResponseBody<ResBody>>> {
-        match answer {
-            Ok(decision) if decision.allowed => Ok(decision),
-            Ok(decision) => {
-                tracing::debug!(target: "keygate", outcome = "rate_limited", "request rate limited");
-                let rejection =
-                    Rejection::new(Reason::RateLimited).with_rate_limit(decision.numbers);
-                let mut res = self.responder.respond(rejection, is_grpc(headers));
-                self.style.apply(&decision, res.headers_mut());
-                Err(res)
-            }
-            Err(error) => {
-                tracing::warn!(target: "keygate", error = %error, "rate limiter failed");
-                Err(self
-                    .responder
-                    .respond(Rejection::new(Reason::AuthUnavailable), is_grpc(headers)))
-            }
-        }
     }
 }

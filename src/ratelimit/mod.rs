@@ -21,6 +21,7 @@ mod key_fn;
 mod layer;
 mod memory;
 mod service;
+mod shared;
 mod store;
 
 pub use decision::Decision;

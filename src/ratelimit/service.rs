@@ -1,5 +1,4 @@
 use std::fmt;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -7,7 +6,7 @@ use http::{Request, Response};
 use tower_service::Service;
 
 use super::future::{Checked, RateLimitFuture, Stamp};
-use super::layer::Shared;
+use super::shared::Shared;
 use super::{KeyFn, LimiterStore, Quota};
 use crate::answer::Answer;
 use crate::flow::Flow;
@@ -51,28 +50,6 @@ impl<S: fmt::Debug, F, St> fmt::Debug for RateLimitService<S, F, St> {
     }
 }
 
-/// Notes, for route variants further in, what this limiter charged the request so far.
-pub(crate) fn note_charge<F, St, B>(shared: &Shared<F, St>, req: &mut Request<B>, total: u32) {
-    if !shared.nested.load(Ordering::Relaxed) {
-        return;
-    }
-    let extensions = req.extensions_mut();
-    match extensions.get_mut::<Charged>() {
-        Some(charged) => {
-            *charged = Charged {
-                by: shared.id,
-                tokens: total,
-            }
-        }
-        None => {
-            extensions.insert(Charged {
-                by: shared.id,
-                tokens: total,
-            });
-        }
-    }
-}
-
 impl<S, F, St, ReqBody, ResBody> Service<Request<ReqBody>> for RateLimitService<S, F, St>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>> + Clone,
@@ -107,7 +84,7 @@ where
             Answer::Now(answer) => {
                 match shared.verdict(answer.map_err(Into::into), req.headers()) {
                     Ok(decision) => {
-                        note_charge(shared, &mut req, prior + cost);
+                        shared.note_charge(&mut req, prior + cost);
                         let stamp = Stamp::new(decision, shared.style);
                         RateLimitFuture::new(Flow::call(self.inner.call(req), Some(stamp)))
                     }
