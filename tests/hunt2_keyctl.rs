@@ -3,35 +3,9 @@
 //! plain `cargo test` does).
 #![cfg(feature = "sqlite")]
 
-use std::process::{Command, Stdio};
+mod common;
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn keyctl_raw(args: &[&str]) -> Out {
-    let exe = std::env::current_exe().expect("test path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir
-        .join("examples")
-        .join(format!("keyctl{}", std::env::consts::EXE_SUFFIX));
-    assert!(bin.exists(), "{} not built", bin.display());
-    let out = Command::new(bin)
-        .args(args)
-        .env_remove("KEYGATE_DATABASE_URL")
-        .env("RUST_BACKTRACE", "1")
-        .current_dir(std::env::temp_dir())
-        .stdin(Stdio::null())
-        .output()
-        .expect("run keyctl");
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
+use common::keyctl::keyctl_raw;
 
 fn scratch(tag: &str) -> (std::path::PathBuf, String) {
     let dir = std::env::temp_dir().join(format!("keygate-hunt2-{tag}-{}", std::process::id()));
@@ -49,7 +23,7 @@ fn scratch(tag: &str) -> (std::path::PathBuf, String) {
 #[test]
 fn option_values_are_echoed_in_error_messages() {
     let (dir, url) = scratch("values");
-    let o = keyctl_raw(&["--database-url", &url, "owner", "add", "ada"]);
+    let o = keyctl_raw(&["--database-url", &url, "owner", "add", "ada"], None);
     assert_eq!(o.code, 0, "{}", o.stderr);
     let pw = "Tr0ub4dor&3";
     let flag = |name: &str| format!("--{name}={pw}");
@@ -93,7 +67,7 @@ fn option_values_are_echoed_in_error_messages() {
     for case in &cases {
         let mut args = vec!["--database-url", url.as_str()];
         args.extend(case.iter().map(String::as_str));
-        let o = keyctl_raw(&args);
+        let o = keyctl_raw(&args, None);
         assert_ne!(o.code, 0, "{case:?}");
         if o.stderr.contains("Tr0ub4dor") || o.stdout.contains("Tr0ub4dor") {
             echoed.push(format!("{} -> {}", case.join(" "), o.stderr.trim()));
@@ -108,19 +82,22 @@ fn option_values_are_echoed_in_error_messages() {
 #[test]
 fn a_huge_expires_in_panics() {
     let (dir, url) = scratch("expiry");
-    let o = keyctl_raw(&["--database-url", &url, "owner", "add", "ada"]);
+    let o = keyctl_raw(&["--database-url", &url, "owner", "add", "ada"], None);
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let o = keyctl_raw(&[
-        "--database-url",
-        &url,
-        "create",
-        "--owner",
-        "ada",
-        "--name",
-        "ci",
-        "--expires-in",
-        "18446744073709551615",
-    ]);
+    let o = keyctl_raw(
+        &[
+            "--database-url",
+            &url,
+            "create",
+            "--owner",
+            "ada",
+            "--name",
+            "ci",
+            "--expires-in",
+            "18446744073709551615",
+        ],
+        None,
+    );
     let _ = std::fs::remove_dir_all(dir);
     assert_eq!(
         (o.code, o.stderr.lines().count()),
@@ -136,16 +113,19 @@ fn a_huge_expires_in_panics() {
 /// keyctl repeats because it is a plain word: `unknown command "horse"`.
 #[test]
 fn a_passphrase_split_from_its_url_is_echoed_as_the_command() {
-    let o = keyctl_raw(&[
-        "--database-url",
-        "postgres://admin:correct",
-        "horse",
-        "battery",
-        "staple@db.internal/keys",
-        "list",
-        "--owner",
-        "x",
-    ]);
+    let o = keyctl_raw(
+        &[
+            "--database-url",
+            "postgres://admin:correct",
+            "horse",
+            "battery",
+            "staple@db.internal/keys",
+            "list",
+            "--owner",
+            "x",
+        ],
+        None,
+    );
     assert_ne!(o.code, 0);
     assert!(
         !o.stderr.contains("horse") && !o.stdout.contains("horse"),

@@ -7,70 +7,23 @@
 //! never differs; the remaining timing difference is documented), or cached longer (now: as
 //! long as an unknown key).
 
-use std::convert::Infallible;
+mod common;
+
+use common::layered::{clock, nz, ok, req, req_at, status_and_body, unknown};
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use keygate::clock::FakeClock;
 use keygate::error::BoxError;
 use keygate::key::Environment;
-use keygate::key::{ApiKey, KeyFormat, KeyHash};
+use keygate::key::KeyHash;
 use keygate::lookup::KeyLookup;
 use keygate::ratelimit::Quota;
 use keygate::record::{Owner, Status};
 use keygate::store::{KeyStore, MemoryStore};
-use keygate::validate::PeerAddr;
 use keygate::{AuthLayer, Keygate};
-use tower::{service_fn, Layer, Service, ServiceExt};
-
-type Body = Full<Bytes>;
-
-fn nz(n: u32) -> NonZeroU32 {
-    NonZeroU32::new(n).unwrap()
-}
-
-async fn ok(_: Request<Body>) -> Result<Response<Body>, Infallible> {
-    Ok(Response::new(Body::default()))
-}
-
-fn clock() -> FakeClock {
-    FakeClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
-}
-
-fn unknown() -> ApiKey {
-    KeyFormat::default().generate(Environment::Live).unwrap()
-}
-
-fn req_at(key: &str, peer: SocketAddr) -> Request<Body> {
-    let mut req = Request::get("/v1/health")
-        .header("x-api-key", key)
-        .body(Body::default())
-        .unwrap();
-    req.extensions_mut().insert(PeerAddr(peer));
-    req
-}
-
-fn req(key: &str, peer: &str) -> Request<Body> {
-    req_at(key, peer.parse().unwrap())
-}
-
-async fn status_and_body<S, B>(svc: &S, req: Request<Body>) -> (StatusCode, String)
-where
-    S: Service<Request<Body>, Response = Response<B>, Error = Infallible> + Clone,
-    B: http_body::Body<Data = Bytes>,
-    B::Error: std::fmt::Debug,
-{
-    let res = svc.clone().oneshot(req).await.unwrap();
-    let status = res.status();
-    let bytes = res.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&bytes).into_owned())
-}
+use tower::{service_fn, Layer, Service};
 
 /// A database-like backend: never answers at once, takes `delay` (under tokio's clock),
 /// fails while `down` is set.

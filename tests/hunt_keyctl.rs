@@ -3,38 +3,12 @@
 //! and stored text forging lines in its listings. Found by the hunt of issue 7.
 #![cfg(feature = "sqlite")]
 
-use std::process::{Command, Stdio};
+mod common;
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-fn keyctl_raw(args: &[&str]) -> Out {
-    let exe = std::env::current_exe().expect("test path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir
-        .join("examples")
-        .join(format!("keyctl{}", std::env::consts::EXE_SUFFIX));
-    assert!(bin.exists(), "{} not built", bin.display());
-    let out = Command::new(bin)
-        .args(args)
-        .env_remove("KEYGATE_DATABASE_URL")
-        // Never the default sqlite://keygate.db in the repository.
-        .current_dir(std::env::temp_dir())
-        .stdin(Stdio::null())
-        .output()
-        .expect("run keyctl");
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
+use common::keyctl::keyctl_raw;
 
 fn assert_not_printed(args: &[&str], secret: &str) {
-    let o = keyctl_raw(args);
+    let o = keyctl_raw(args, None);
     assert_ne!(o.code, 0, "{args:?}");
     for out in [&o.stdout, &o.stderr] {
         assert!(!out.contains(secret), "{args:?} printed {secret:?}: {out}");
@@ -87,14 +61,17 @@ fn an_owner_password_given_as_an_option_is_echoed() {
     let dir = std::env::temp_dir().join(format!("keygate-hunt-kc2-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let url = format!("sqlite://{}", dir.join("keys.db").display());
-    let o = keyctl_raw(&[
-        "--database-url",
-        &url,
-        "owner",
-        "add",
-        "ada",
-        "--password=Tr0ub4dor-3",
-    ]);
+    let o = keyctl_raw(
+        &[
+            "--database-url",
+            &url,
+            "owner",
+            "add",
+            "ada",
+            "--password=Tr0ub4dor-3",
+        ],
+        None,
+    );
     let _ = std::fs::remove_dir_all(dir);
     assert_ne!(o.code, 0);
     assert!(
@@ -150,7 +127,7 @@ async fn a_site_with_a_newline_forges_lines_in_keyctl_list() {
         .await
         .unwrap();
     raw.close().await;
-    let o = keyctl_raw(&["--database-url", &url, "list", "--owner", "tenant"]);
+    let o = keyctl_raw(&["--database-url", &url, "list", "--owner", "tenant"], None);
     assert_eq!(o.code, 0, "{}", o.stderr);
     let _ = std::fs::remove_dir_all(&dir);
     assert_eq!(

@@ -2,67 +2,24 @@
 //! lockout as first written): store trouble counted as invalid keys, a forwarded-for line
 //! spoiled by one byte, the client-tracking cap filled from IPv6 /64s.
 
-use std::convert::Infallible;
-use std::net::SocketAddr;
-use std::num::NonZeroU32;
+mod common;
+
+use common::layered::{clock, nz, ok, req, status_and_body, unknown, Body};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use bytes::Bytes;
-use http::{HeaderValue, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use keygate::clock::FakeClock;
+use http::{HeaderValue, Request};
 use keygate::error::BoxError;
 use keygate::key::Environment;
-use keygate::key::{ApiKey, KeyFormat, KeyHash};
+use keygate::key::{ApiKey, KeyHash};
 use keygate::lookup::KeyLookup;
 use keygate::ratelimit::Quota;
 use keygate::record::Owner;
 use keygate::store::MemoryStore;
 use keygate::validate::{ClientIp, PeerAddr};
 use keygate::{AuthLayer, Keygate};
-use tower::{service_fn, Layer, Service, ServiceExt};
-
-type Body = Full<Bytes>;
-
-fn nz(n: u32) -> NonZeroU32 {
-    NonZeroU32::new(n).unwrap()
-}
-
-async fn ok(_: Request<Body>) -> Result<Response<Body>, Infallible> {
-    Ok(Response::new(Body::default()))
-}
-
-fn clock() -> FakeClock {
-    FakeClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
-}
-
-fn unknown() -> ApiKey {
-    KeyFormat::default().generate(Environment::Live).unwrap()
-}
-
-fn req(key: &str, peer: &str) -> Request<Body> {
-    let mut req = Request::get("/v1/health")
-        .header("x-api-key", key)
-        .body(Body::default())
-        .unwrap();
-    req.extensions_mut()
-        .insert(PeerAddr(peer.parse::<SocketAddr>().unwrap()));
-    req
-}
-
-async fn status_and_body<S, B>(svc: &S, req: Request<Body>) -> (StatusCode, String)
-where
-    S: Service<Request<Body>, Response = Response<B>, Error = Infallible> + Clone,
-    B: http_body::Body<Data = Bytes>,
-    B::Error: std::fmt::Debug,
-{
-    let res = svc.clone().oneshot(req).await.unwrap();
-    let status = res.status();
-    let bytes = res.into_body().collect().await.unwrap().to_bytes();
-    (status, String::from_utf8_lossy(&bytes).into_owned())
-}
+use tower::{service_fn, Layer, Service};
 
 /// A database-like backend (never answers at once) that fails while `down` is set.
 fn flaky(store: MemoryStore) -> (impl KeyLookup + Clone, Arc<AtomicBool>, Arc<AtomicUsize>) {

@@ -3,66 +3,14 @@
 //! of bad input answered with a clear message, a non-zero exit and nothing written.
 #![cfg(feature = "sqlite")]
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+mod common;
 
-struct Out {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl Out {
-    fn value(&self, name: &str) -> String {
-        self.stdout
-            .lines()
-            .find_map(|l| l.strip_prefix(&format!("{name}=")))
-            .unwrap_or_else(|| panic!("no {name}= in {:?}", self.stdout))
-            .to_owned()
-    }
-}
+use common::keyctl::{keyctl_raw, Out};
 
 fn keyctl(url: &str, args: &[&str], stdin: Option<&str>) -> Out {
     let mut all = vec!["--database-url", url];
     all.extend_from_slice(args);
     keyctl_raw(&all, stdin)
-}
-
-/// keyctl with exactly these arguments.
-fn keyctl_raw(args: &[&str], stdin: Option<&str>) -> Out {
-    let exe = std::env::current_exe().expect("test path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
-    let bin = dir
-        .join("examples")
-        .join(format!("keyctl{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.exists(),
-        "{} not built: run cargo test --features sqlite,postgres",
-        bin.display()
-    );
-    let mut child = Command::new(bin)
-        .args(args)
-        .env_remove("KEYGATE_DATABASE_URL")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run keyctl");
-    if let Some(input) = stdin {
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(input.as_bytes())
-            .expect("write");
-    }
-    drop(child.stdin.take());
-    let out = child.wait_with_output().expect("keyctl output");
-    Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
 }
 
 fn session(url: &str) {

@@ -2,22 +2,24 @@
 //! of concurrent made-up keys, deleted keys told from unknown ones, clients whose address
 //! cannot be learned. Each test here failed on the lockout as it was first written.
 
+mod common;
+
+use common::layered::{clock, nz, ok, unknown, Body};
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use keygate::clock::{Clock, FakeClock};
 use keygate::error::BoxError;
 use keygate::key::Environment;
-use keygate::key::{ApiKey, KeyFormat, KeyHash};
+use keygate::key::{ApiKey, KeyHash};
 use keygate::lookup::{CachedLookup, KeyLookup};
 use keygate::ratelimit::Quota;
 use keygate::record::{KeyRecord, Owner, Status};
@@ -26,20 +28,6 @@ use keygate::validate::{ClientIp, PeerAddr};
 use keygate::{AuthLayer, Keygate};
 use tower::{service_fn, Layer, Service, ServiceExt};
 use tracing_subscriber::fmt::MakeWriter;
-
-type Body = Full<Bytes>;
-
-fn nz(n: u32) -> NonZeroU32 {
-    NonZeroU32::new(n).unwrap()
-}
-
-async fn ok(_: Request<Body>) -> Result<Response<Body>, Infallible> {
-    Ok(Response::new(Body::default()))
-}
-
-fn clock() -> FakeClock {
-    FakeClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
-}
 
 fn req(key: &str, peer: Option<&str>, headers: &[(&str, &str)]) -> Request<Body> {
     let mut builder = Request::get("/v1/health").header("x-api-key", key);
@@ -106,10 +94,6 @@ fn awaited(store: MemoryStore) -> (impl KeyLookup + Clone, Arc<AtomicUsize>) {
         }
     };
     (lookup, calls)
-}
-
-fn unknown() -> ApiKey {
-    KeyFormat::default().generate(Environment::Live).unwrap()
 }
 
 /// A legitimate user shares an address with a client that sends one invalid key every

@@ -2,20 +2,20 @@
 //! per-route costs and buckets from one base, failed-attempt limiting, and no limiter state
 //! for keys that never authenticate.
 
+mod common;
+
+use common::layered::{clock, nz, ok, req, Body};
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
-use std::num::NonZeroU32;
 use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
-use keygate::clock::FakeClock;
+use http_body_util::BodyExt;
 use keygate::error::BoxError;
 use keygate::key::Environment;
 use keygate::key::{ApiKey, KeyFormat, KeyHash};
@@ -23,33 +23,8 @@ use keygate::lookup::KeyLookup;
 use keygate::ratelimit::{HeaderStyle, Quota};
 use keygate::record::Owner;
 use keygate::store::MemoryStore;
-use keygate::validate::PeerAddr;
 use keygate::Keygate;
 use tower::{service_fn, Layer, Service, ServiceExt};
-
-type Body = Full<Bytes>;
-
-fn nz(n: u32) -> NonZeroU32 {
-    NonZeroU32::new(n).unwrap()
-}
-
-async fn ok(_: Request<Body>) -> Result<Response<Body>, Infallible> {
-    Ok(Response::new(Body::default()))
-}
-
-fn clock() -> FakeClock {
-    FakeClock::new(SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
-}
-
-fn req(key: &str, peer: &str) -> Request<Body> {
-    let mut req = Request::get("/v1/health")
-        .header("x-api-key", key)
-        .body(Body::default())
-        .unwrap();
-    req.extensions_mut()
-        .insert(PeerAddr(peer.parse::<SocketAddr>().unwrap()));
-    req
-}
 
 async fn json(
     res: Response<impl http_body::Body<Data = Bytes, Error = Infallible>>,

@@ -1,6 +1,9 @@
 //! Helpers shared by the integration tests: a small HTTP client over a real socket.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod keyctl;
+pub mod layered;
+
 use std::net::SocketAddr;
 
 use bytes::Bytes;
