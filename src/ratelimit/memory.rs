@@ -13,6 +13,9 @@ use crate::error::ConfigError;
 use crate::quota::Quota;
 use crate::quota::MAX_WINDOWS;
 
+/// Cells one bucket holds at most: the windows of two routes that share it.
+const MAX_CELLS: usize = 2 * MAX_WINDOWS;
+
 /// Buckets tracked at most by default.
 pub(crate) const DEFAULT_MAX_BUCKETS: usize = 1_000_000;
 
@@ -139,7 +142,9 @@ impl Bucket {
     }
 
     /// This bucket with a cell for each of `quotas` added: the cells it has keep their
-    /// state; if that makes more than [`MAX_WINDOWS`], cells no quota here names go first.
+    /// state. A bucket holds up to [`MAX_CELLS`], so that two routes of up to
+    /// [`MAX_WINDOWS`] windows each share one bucket for good; past that (a third set of
+    /// windows on one bucket), cells no quota here names go first.
     fn widened(&self, quotas: &[Quota]) -> Self {
         let mut windows: Vec<(u32, u64)> = quotas
             .iter()
@@ -155,7 +160,7 @@ impl Bucket {
             })
             .collect();
         for (tag, cell) in self.tags().iter().zip(self.cells()) {
-            if windows.len() < MAX_WINDOWS && !windows.iter().any(|(t, _)| t == tag) {
+            if windows.len() < MAX_CELLS && !windows.iter().any(|(t, _)| t == tag) {
                 windows.push((*tag, cell.load(Ordering::Acquire)));
             }
         }
@@ -539,5 +544,37 @@ mod tests {
             "{} of 1024 home slots in one shard",
             homes.len()
         );
+    }
+
+    /// Two routes of a full set of windows each share one bucket name: every window keeps
+    /// its cell whichever route comes, so the strict one limits (with at most
+    /// `MAX_WINDOWS` cells a bucket, each route's visit dropped the other's cells and the
+    /// next visit found its minute window full again).
+    #[test]
+    fn two_full_sets_of_windows_share_one_bucket_for_good() {
+        use std::num::NonZeroU32;
+        use std::time::{Duration, UNIX_EPOCH};
+
+        use crate::clock::FakeClock;
+
+        let nz = |n| NonZeroU32::new(n).unwrap();
+        let limiter: MemoryLimiter<u32> = MemoryLimiter::builder()
+            .clock(FakeClock::new(
+                UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            ))
+            .build()
+            .unwrap();
+        let strict: Vec<Quota> = std::iter::once(Quota::per_minute(nz(2)))
+            .chain((0..MAX_WINDOWS as u32 - 1).map(|i| Quota::per_hour(nz(1000 + i))))
+            .collect();
+        let other: Vec<Quota> = (0..MAX_WINDOWS as u32)
+            .map(|i| Quota::per_day(nz(5000 + i)))
+            .collect();
+        let mut admitted = 0;
+        for _ in 0..10 {
+            admitted += usize::from(limiter.decide(&7, &strict, 1).unwrap().allowed);
+            assert!(limiter.decide(&7, &other, 1).unwrap().allowed);
+        }
+        assert_eq!(admitted, 2, "2 a minute, whatever the other route does");
     }
 }
