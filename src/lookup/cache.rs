@@ -338,10 +338,12 @@ impl<L: KeyLookup> CachedLookup<L> {
         let weak = Arc::downgrade(&self.inner);
         self.inner
             .backend
-            .subscribe(Arc::new(move |hash: &KeyHash| {
-                if let Some(inner) = weak.upgrade() {
+            .subscribe(Arc::new(move |hash: &KeyHash| match weak.upgrade() {
+                Some(inner) => {
                     inner.forget(hash);
+                    true
                 }
+                None => false,
             }));
     }
 

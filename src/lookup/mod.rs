@@ -104,8 +104,10 @@ where
     }
 }
 
-/// Told of every key hash whose lookup answer may have changed. See [`ChangeFeed`].
-pub type ChangeListener = Arc<dyn Fn(&KeyHash) + Send + Sync>;
+/// Told of every key hash whose lookup answer may have changed. See [`ChangeFeed`]. It
+/// answers whether it still listens: `false` once what it served is gone (a dropped cache),
+/// and the feed forgets it.
+pub type ChangeListener = Arc<dyn Fn(&KeyHash) -> bool + Send + Sync>;
 
 /// A backend that can tell which keys' answers changed: the stores, whose every write names
 /// the hashes it affects. [`CachedLookup::over_store`] subscribes, so that the cache drops

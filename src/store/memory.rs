@@ -538,3 +538,27 @@ impl KeyStore for MemoryStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lookup::CachedLookup;
+    use crate::record::Owner;
+
+    /// Caches built over a store and dropped leave nothing behind in it: the next change
+    /// forgets their listeners (each used to stay for the life of the store).
+    #[test]
+    fn dropped_caches_leave_no_listener_behind() {
+        let store = MemoryStore::new();
+        let kept = CachedLookup::over_store(store.clone());
+        for _ in 0..100 {
+            drop(CachedLookup::over_store(store.clone()));
+        }
+        assert_eq!(store.listeners.len(), 101);
+        store
+            .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+            .unwrap();
+        assert_eq!(store.listeners.len(), 1);
+        drop(kept);
+    }
+}

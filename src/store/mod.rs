@@ -473,26 +473,40 @@ pub trait OwnerStore: KeyStore {
     ) -> impl Future<Output = Result<Owner, StoreError>> + Send;
 }
 
-/// The listeners of one store (shared by its clones).
+/// The listeners of one store (shared by its clones). A listener whose cache is gone is
+/// dropped at the next change, so that building caches over one store never grows it.
 #[derive(Default)]
 pub(crate) struct Listeners(std::sync::RwLock<Vec<ChangeListener>>);
 
 impl Listeners {
     pub(crate) fn add(&self, listener: ChangeListener) {
-        if let Ok(mut listeners) = self.0.write() {
-            listeners.push(listener);
-        }
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(listener);
     }
 
     /// Tells every listener that these hashes' answers may have changed.
     pub(crate) fn notify(&self, hashes: &[crate::key::KeyHash]) {
-        if let Ok(listeners) = self.0.read() {
-            for listener in listeners.iter() {
-                for hash in hashes {
-                    listener(hash);
-                }
-            }
-        }
+        let mut listeners = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        listeners.retain(|listener| {
+            // Every hash is told, even after a `false`: answers are cheap, and a listener
+            // that is gone says so for each.
+            hashes
+                .iter()
+                .fold(true, |still, hash| listener(hash) & still)
+        });
+    }
+
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> usize {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len()
     }
 }
 
