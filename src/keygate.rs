@@ -304,8 +304,8 @@ impl<L: KeyLookup, St: LimiterStore<KeyBucket> + Clone> KeygateRoute<'_, L, St> 
                     .quotas(quotas)
                     .header_style(self.base.style)
                     .shared_renderer(Arc::clone(&self.base.renderer))
+                    .cost(self.cost)
                     .build()?
-                    .cost(self.cost)?
             }
         };
         Ok(KeygateLayer {
@@ -314,5 +314,36 @@ impl<L: KeyLookup, St: LimiterStore<KeyBucket> + Clone> KeygateRoute<'_, L, St> 
             renderer: Arc::clone(&self.base.renderer),
             style: self.base.style,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::num::NonZeroU32;
+    use std::sync::atomic::Ordering;
+
+    use super::*;
+    use crate::lookup::CachedLookup;
+    use crate::store::MemoryStore;
+
+    /// A route with its own bucket shares that bucket's state with nothing further in:
+    /// its requests carry no charge marker (an extension insert each) for layers that do
+    /// not exist. A route at another cost on the default buckets does share them.
+    #[test]
+    fn only_routes_sharing_the_default_buckets_mark_their_charges() {
+        let layer = Keygate::builder(CachedLookup::new(MemoryStore::new()))
+            .default_quota(Quota::per_minute(NonZeroU32::MIN))
+            .build()
+            .unwrap();
+        let own = layer
+            .route()
+            .bucket("export", [Quota::per_hour(NonZeroU32::MIN)])
+            .cost(5)
+            .build()
+            .unwrap();
+        assert!(!own.limit.shared().nested.load(Ordering::Relaxed));
+        assert!(!layer.limit.shared().nested.load(Ordering::Relaxed));
+        let costly = layer.route().cost(5).build().unwrap();
+        assert!(costly.limit.shared().nested.load(Ordering::Relaxed));
     }
 }

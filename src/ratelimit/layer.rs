@@ -64,6 +64,7 @@ impl<F: KeyFn, St: LimiterStore<F::Key>> RateLimitLayer<F, St> {
             quotas: Vec::new(),
             style: HeaderStyle::default(),
             renderer: Arc::new(JsonEnvelope),
+            cost: 1,
         }
     }
 
@@ -89,6 +90,11 @@ impl<F: KeyFn, St: LimiterStore<F::Key>> RateLimitLayer<F, St> {
     pub fn store(&self) -> &St {
         &self.shared.store
     }
+
+    #[cfg(test)]
+    pub(crate) fn shared(&self) -> &Shared<F, St> {
+        &self.shared
+    }
 }
 
 impl<S, F, St> Layer<S> for RateLimitLayer<F, St> {
@@ -108,6 +114,7 @@ pub struct RateLimitBuilder<F, St> {
     quotas: Vec<Quota>,
     style: HeaderStyle,
     renderer: Arc<dyn Renderer>,
+    cost: u32,
 }
 
 impl<F, St> fmt::Debug for RateLimitBuilder<F, St> {
@@ -115,6 +122,7 @@ impl<F, St> fmt::Debug for RateLimitBuilder<F, St> {
         f.debug_struct("RateLimitBuilder")
             .field("quotas", &self.quotas)
             .field("style", &self.style)
+            .field("cost", &self.cost)
             .finish_non_exhaustive()
     }
 }
@@ -131,6 +139,13 @@ impl<F: KeyFn, St: LimiterStore<F::Key>> RateLimitBuilder<F, St> {
     /// Sets every window at once, replacing earlier ones.
     pub fn quotas(mut self, quotas: impl IntoIterator<Item = Quota>) -> Self {
         self.quotas = quotas.into_iter().collect();
+        self
+    }
+
+    /// Tokens each request takes (default 1). For a route that shares another layer's
+    /// buckets at another cost, use [`RateLimitLayer::cost`] on that layer instead.
+    pub fn cost(mut self, cost: u32) -> Self {
+        self.cost = cost;
         self
     }
 
@@ -156,8 +171,11 @@ impl<F: KeyFn, St: LimiterStore<F::Key>> RateLimitBuilder<F, St> {
     /// # Errors
     ///
     /// [`ConfigError::InvalidQuota`] when there is no window, or more than
-    /// [`MAX_WINDOWS`](super::MAX_WINDOWS).
+    /// [`MAX_WINDOWS`](super::MAX_WINDOWS); [`ConfigError::Zero`] for a zero cost.
     pub fn build(self) -> Result<RateLimitLayer<F, St>, ConfigError> {
+        if self.cost == 0 {
+            return Err(ConfigError::Zero("cost"));
+        }
         if self.quotas.is_empty() || self.quotas.len() > super::MAX_WINDOWS {
             return Err(ConfigError::InvalidQuota(format!(
                 "{} quotas (1 to {} expected)",
@@ -175,7 +193,7 @@ impl<F: KeyFn, St: LimiterStore<F::Key>> RateLimitBuilder<F, St> {
                 id: LayerId::next(),
                 nested: AtomicBool::new(false),
             }),
-            cost: 1,
+            cost: self.cost,
         })
     }
 }
