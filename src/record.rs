@@ -279,6 +279,15 @@ impl PartialEq for Usage {
 }
 
 impl KeyRecord {
+    /// Whether the key can be used at all at `now`: active, not expired, its owner active.
+    /// What `validate::check` demands before the route's own rules (IP, site, scopes,
+    /// environment); a test keeps the two in step.
+    pub fn usable_at(&self, now: SystemTime) -> bool {
+        self.status == Status::Active
+            && self.expires_at.is_none_or(|at| now < at)
+            && self.owner.as_ref().is_some_and(|o| o.active)
+    }
+
     /// An active record with no scopes, restrictions, expiry or metadata.
     pub fn new(id: KeyId, owner: Owner, environment: Environment) -> Self {
         Self {

@@ -6,9 +6,9 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
-use quick_cache::sync::Cache;
+use quick_cache::sync::{Cache, PlaceholderGuard};
 use quick_cache::{Lifecycle, UnitWeighter};
 
 use super::{ChangeFeed, KeyLookup, LookupResult};
@@ -17,7 +17,7 @@ use crate::clock::{Clock, CoarseClock};
 use crate::error::BoxError;
 use crate::error::ConfigError;
 use crate::key::{Fingerprint, KeyHash, PresentedKey};
-use crate::record::{KeyRecord, Status};
+use crate::record::KeyRecord;
 
 /// A bounded cache in front of a [`KeyLookup`].
 ///
@@ -46,11 +46,12 @@ use crate::record::{KeyRecord, Status};
 /// [`Clock`], so tests can move time by hand.
 pub struct CachedLookup<L> {
     inner: Arc<Inner<L>>,
-    /// Outside the shared state, so that setting it never splits or rebuilds the cache.
-    clock: Arc<dyn Clock>,
 }
 
 type Entries = Cache<Fingerprint, Entry, UnitWeighter, ByFingerprint, Evictions>;
+
+/// This miss's hold on the cache's placeholder for a key.
+type Guard<'a> = PlaceholderGuard<'a, Fingerprint, Entry, UnitWeighter, ByFingerprint, Evictions>;
 
 struct Inner<L> {
     backend: L,
@@ -60,6 +61,8 @@ struct Inner<L> {
     index: Arc<Index>,
     ttl: u64,
     negative_ttl: u64,
+    /// The clock of the TTLs.
+    clock: Arc<dyn Clock>,
     /// Bumped by every invalidation: an answer read from the backend before one is not
     /// kept after it (it may be the very answer the invalidation was about).
     generation: AtomicU64,
@@ -77,6 +80,12 @@ struct Entry {
     /// stepping backwards cannot keep it alive.
     inserted: u64,
     expires: u64,
+}
+
+impl Entry {
+    fn fresh_at(&self, now: u64) -> bool {
+        (self.inserted..self.expires).contains(&now)
+    }
 }
 
 /// Hash prefix → (fingerprint, filing), in shards. One fingerprint per prefix: when two
@@ -219,8 +228,10 @@ impl Lifecycle<Fingerprint, Entry> for Evictions {
         let now = self.clock.now_nanos();
         for (fingerprint, entry) in state {
             self.index.unfile(entry.slot, fingerprint, entry.filing);
-            let fresh = (entry.inserted..entry.expires).contains(&now);
-            if fresh && entry.record.is_some() && !self.warned.swap(true, Ordering::Relaxed) {
+            if entry.fresh_at(now)
+                && entry.record.is_some()
+                && !self.warned.swap(true, Ordering::Relaxed)
+            {
                 tracing::warn!(
                     target: "keygate",
                     "the key cache is full: keys in use are evicted before their TTL and looked \
@@ -235,7 +246,6 @@ impl<L> Clone for CachedLookup<L> {
     fn clone(&self) -> Self {
         Self {
             inner: Arc::clone(&self.inner),
-            clock: Arc::clone(&self.clock),
         }
     }
 }
@@ -311,8 +321,8 @@ impl<L: KeyLookup> CachedLookup<L> {
                 ttl: nanos(settings.ttl),
                 negative_ttl: nanos(settings.negative_ttl),
                 generation: AtomicU64::new(0),
+                clock,
             }),
-            clock,
         }
     }
 
@@ -502,10 +512,10 @@ impl<L> Inner<L> {
         filing
     }
 
-    fn fresh(&self, fingerprint: &Fingerprint, now: u64) -> Option<Option<Arc<KeyRecord>>> {
+    fn fresh(&self, fingerprint: &Fingerprint) -> Option<Option<Arc<KeyRecord>>> {
         let entry = self.cache.get(fingerprint)?;
-        (entry.inserted..entry.expires)
-            .contains(&now)
+        entry
+            .fresh_at(self.clock.now_nanos())
             .then_some(entry.record)
     }
 
@@ -514,12 +524,9 @@ impl<L> Inner<L> {
         // revoked, disabled, expired, its owner inactive) is kept no longer than an unknown
         // key: the two must not be told apart by how long their refusals are cached, and a
         // key switched back on works again as soon as an unknown one would.
-        let usable = record.as_deref().is_some_and(|r| {
-            r.status == Status::Active
-                && r.owner.as_ref().is_some_and(|o| o.active)
-                && r.expires_at
-                    .is_none_or(|at| crate::clock::nanos_since_epoch(at) > now)
-        });
+        let usable = record
+            .as_deref()
+            .is_some_and(|r| r.usable_at(UNIX_EPOCH + Duration::from_nanos(now)));
         let ttl = if usable { self.ttl } else { self.negative_ttl };
         Entry {
             record,
@@ -553,43 +560,44 @@ impl<L: KeyLookup> Inner<L> {
         }
     }
 
+    /// Asks the backend and caches its answer: through `guard` when this miss holds the
+    /// cache's placeholder for the key, else by a plain insert.
+    async fn fill(
+        &self,
+        fingerprint: Fingerprint,
+        hash: KeyHash,
+        guard: Option<Guard<'_>>,
+    ) -> LookupResult<BoxError> {
+        let slot = hash.prefix();
+        let (answer, generation) = self.ask(hash).await;
+        let record = answer?;
+        let filing = self.file(fingerprint, slot);
+        let entry = self.entry(record.clone(), slot, filing, self.clock.now_nanos());
+        match guard {
+            Some(guard) => {
+                let _ = guard.insert(entry);
+            }
+            None => self.cache.insert(fingerprint, entry),
+        }
+        self.settle(fingerprint, slot, filing, generation);
+        Ok(record)
+    }
+
     async fn miss(
         self: Arc<Self>,
         fingerprint: Fingerprint,
         hash: KeyHash,
-        clock: Arc<dyn Clock>,
     ) -> LookupResult<BoxError> {
-        let slot = hash.prefix();
         // A stale entry is removed and the guard taken again; after a few rounds of racing
         // other removers, ask the backend directly rather than spin.
         for _ in 0..3 {
             match self.cache.get_value_or_guard_async(&fingerprint).await {
-                Ok(entry) => {
-                    let now = clock.now_nanos();
-                    if (entry.inserted..entry.expires).contains(&now) {
-                        return Ok(entry.record);
-                    }
-                    self.drop_entry(fingerprint, slot, entry.filing);
-                }
-                Err(guard) => {
-                    let (answer, generation) = self.ask(hash).await;
-                    let record = answer?;
-                    let filing = self.file(fingerprint, slot);
-                    let now = clock.now_nanos();
-                    let _ = guard.insert(self.entry(record.clone(), slot, filing, now));
-                    self.settle(fingerprint, slot, filing, generation);
-                    return Ok(record);
-                }
+                Ok(entry) if entry.fresh_at(self.clock.now_nanos()) => return Ok(entry.record),
+                Ok(stale) => self.drop_entry(fingerprint, stale.slot, stale.filing),
+                Err(guard) => return self.fill(fingerprint, hash, Some(guard)).await,
             }
         }
-        let (answer, generation) = self.ask(hash).await;
-        let record = answer?;
-        let filing = self.file(fingerprint, slot);
-        let now = clock.now_nanos();
-        self.cache
-            .insert(fingerprint, self.entry(record.clone(), slot, filing, now));
-        self.settle(fingerprint, slot, filing, generation);
-        Ok(record)
+        self.fill(fingerprint, hash, None).await
     }
 }
 
@@ -599,10 +607,10 @@ impl<L: KeyLookup> KeyLookup for CachedLookup<L> {
 
     fn lookup(&self, key: &PresentedKey<'_>) -> Answer<LookupResult<BoxError>, CachedFuture> {
         let fingerprint = key.fingerprint();
-        if let Some(hit) = self.inner.fresh(&fingerprint, self.clock.now_nanos()) {
+        if let Some(hit) = self.inner.fresh(&fingerprint) {
             return Answer::Now(Ok(hit));
         }
-        let miss = Arc::clone(&self.inner).miss(fingerprint, *key.hash(), Arc::clone(&self.clock));
+        let miss = Arc::clone(&self.inner).miss(fingerprint, *key.hash());
         Answer::Later(CachedFuture(Box::pin(miss)))
     }
 }
@@ -634,7 +642,21 @@ mod tests {
     use crate::clock::FakeClock;
     use crate::key::Environment;
     use crate::key::KeyId;
+    use crate::record::Status;
     use crate::record::{KeyRecord, Owner};
+
+    /// A key issued by `store`, and its id.
+    fn issued(store: &crate::store::MemoryStore) -> (crate::key::ApiKey, crate::key::KeyId) {
+        let key = store
+            .issue(
+                crate::record::Owner::new("o", "o"),
+                crate::key::Environment::Live,
+                |r| r,
+            )
+            .unwrap();
+        let record = store.lookup(&key.presented()).now().ok().unwrap().unwrap();
+        (key, record.unwrap().id.clone())
+    }
 
     fn record() -> Arc<KeyRecord> {
         Arc::new(KeyRecord::new(
@@ -855,23 +877,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_configured_cache_over_a_store_stays_honest() {
-        use crate::key::Environment;
-        use crate::record::{Owner, Status};
+        use crate::record::Status;
         use crate::store::{KeyStore, MemoryStore};
 
         let store = MemoryStore::new();
-        let key = store
-            .issue(Owner::new("o", "o"), Environment::Live, |r| r)
-            .unwrap();
-        let id = store
-            .lookup(&key.presented())
-            .now()
-            .ok()
-            .unwrap()
-            .unwrap()
-            .unwrap()
-            .id
-            .clone();
+        let (key, id) = issued(&store);
         let cache = CachedLookup::builder(store.clone())
             .capacity(10)
             .ttl(Duration::from_secs(3600))
@@ -1050,18 +1060,7 @@ mod tests {
         use crate::store::{KeyStore, MemoryStore};
 
         let store = MemoryStore::new();
-        let secret = store
-            .issue(Owner::new("o", "o"), Environment::Live, |r| r)
-            .unwrap();
-        let id = store
-            .lookup(&secret.presented())
-            .now()
-            .ok()
-            .unwrap()
-            .unwrap()
-            .unwrap()
-            .id
-            .clone();
+        let (secret, id) = issued(&store);
         let clock = HookClock::new();
         let cache = CachedLookup::builder(store.clone())
             .capacity(64)
@@ -1192,18 +1191,7 @@ mod tests {
         use base64::Engine as _;
 
         let store = MemoryStore::new();
-        let secret = store
-            .issue(Owner::new("o", "o"), Environment::Live, |r| r)
-            .unwrap();
-        let id = store
-            .lookup(&secret.presented())
-            .now()
-            .ok()
-            .unwrap()
-            .unwrap()
-            .unwrap()
-            .id
-            .clone();
+        let (secret, id) = issued(&store);
         let cache = CachedLookup::builder(store.clone())
             .ttl(Duration::from_secs(3600))
             .build_over_store()

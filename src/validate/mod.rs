@@ -346,4 +346,40 @@ mod tests {
         );
         assert_eq!(got, Ok(()));
     }
+
+    /// What the cache calls usable (and keeps for the long TTL) is exactly what passes the
+    /// checks before the route's own rules.
+    #[test]
+    fn usable_records_are_exactly_those_that_pass_without_rules() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        for status in [
+            Status::Active,
+            Status::Disabled,
+            Status::Revoked,
+            Status::Deleted,
+        ] {
+            for expires_at in [
+                None,
+                Some(now - Duration::from_secs(1)),
+                Some(now),
+                Some(now + Duration::from_secs(1)),
+            ] {
+                for owner in [None, Some(true), Some(false)] {
+                    let mut record = base();
+                    record.status = status;
+                    record.expires_at = expires_at;
+                    record.owner = owner.map(|active| {
+                        let mut o = Owner::new("o1", "ada");
+                        o.active = active;
+                        o
+                    });
+                    assert_eq!(
+                        record.usable_at(now),
+                        check(&record, &Rules::default(), now, || None, || None).is_ok(),
+                        "{status:?} {expires_at:?} {owner:?}"
+                    );
+                }
+            }
+        }
+    }
 }
