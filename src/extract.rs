@@ -831,4 +831,124 @@ mod tests {
         assert!(Scheme::query("").is_err());
         assert!(Extractor::builder().max_len(0).build().is_err());
     }
+
+    // The fourth hunt: every byte against the branch-free shape check.
+
+    /// What the code before the branch-free check accepted: `to_str` (visible ASCII or tab),
+    /// then non-empty, at most `max_len`, every byte `is_ascii_graphic`.
+    fn old_well_formed(secret: &[u8], max_len: usize) -> bool {
+        !secret.is_empty() && secret.len() <= max_len && secret.iter().all(u8::is_ascii_graphic)
+    }
+
+    /// Held in the fourth hunt. Every byte 0..=255, at the start, middle and end of a key, in
+    /// X-API-KEY, a custom header, Bearer, Basic and the query: only 0x21..=0x7e is accepted
+    /// (`:` cannot be a Basic username), everything else is Malformed, never Missing, never a
+    /// panic, and the shape check agrees with the old one on every input.
+    #[test]
+    fn every_byte_in_every_scheme_is_accepted_only_when_visible_ascii() {
+        use base64::engine::general_purpose::STANDARD;
+        let extractor = all_schemes();
+        for b in 0..=255u8 {
+            for single in [vec![b], vec![b; 3]] {
+                assert_eq!(
+                    extractor.well_formed(&single),
+                    old_well_formed(&single, extractor.max_len),
+                    "{b:#04x}"
+                );
+            }
+            let graphic = (0x21..=0x7e).contains(&b);
+            for at in 0..3 {
+                let mut secret = b"ab".to_vec();
+                secret.insert(at, b);
+                let text = String::from_utf8(secret.clone()).ok();
+                let expect = |ok: bool| -> Result<String, ExtractError> {
+                    if ok {
+                        Ok(text.clone().unwrap())
+                    } else {
+                        Err(ExtractError::Malformed)
+                    }
+                };
+                let run = |req: Request<()>| extractor.extract(&req).map(|c| c.secret().to_owned());
+                // Headers: only what a HeaderValue can hold (no controls but tab, no DEL).
+                for name in ["x-api-key", "x-mobid-key"] {
+                    if let Ok(value) = http::HeaderValue::from_bytes(&secret) {
+                        let mut req = Request::get("/").body(()).unwrap();
+                        req.headers_mut().insert(name, value);
+                        assert_eq!(run(req), expect(graphic), "{name} {b:#04x} at {at}");
+                    }
+                }
+                let mut bearer = b"Bearer ".to_vec();
+                bearer.extend_from_slice(&secret);
+                if let Ok(value) = http::HeaderValue::from_bytes(&bearer) {
+                    let mut req = Request::get("/").body(()).unwrap();
+                    req.headers_mut().insert("authorization", value);
+                    let got = run(req);
+                    // A space or tab at either end is separator or trailing blank: the
+                    // key is `ab` then.
+                    if matches!(b, b' ' | b'\t') && at != 1 {
+                        assert_eq!(got, Ok("ab".to_owned()), "bearer {b:#04x} at {at}");
+                    } else {
+                        assert_eq!(got, expect(graphic), "bearer {b:#04x} at {at}");
+                    }
+                }
+                let mut user = secret.clone();
+                user.push(b':');
+                let mut req = Request::get("/").body(()).unwrap();
+                req.headers_mut().insert(
+                    "authorization",
+                    http::HeaderValue::try_from(format!("Basic {}", STANDARD.encode(&user)))
+                        .unwrap(),
+                );
+                assert_eq!(
+                    run(req),
+                    expect(graphic && b != b':'),
+                    "basic {b:#04x} at {at}"
+                );
+                let encoded: String = secret.iter().map(|c| format!("%{c:02X}")).collect();
+                let uri = format!("/?api_key={encoded}");
+                let req = Request::get(uri.as_str()).body(()).unwrap();
+                assert_eq!(run(req), expect(graphic), "query {b:#04x} at {at}");
+            }
+        }
+        // Multi-byte UTF-8, empty and too long: Malformed in every scheme.
+        let long = "k".repeat(extractor.max_len + 1);
+        for secret in ["é", "k€y", "😀", "", long.as_str()] {
+            let requests = [
+                Request::get("/").header("x-api-key", secret).body(()),
+                Request::get("/").header("x-mobid-key", secret).body(()),
+                Request::get("/")
+                    .header("authorization", format!("Bearer {secret}"))
+                    .body(()),
+                Request::get("/")
+                    .header(
+                        "authorization",
+                        format!("Basic {}", STANDARD.encode(format!("{secret}:"))),
+                    )
+                    .body(()),
+            ];
+            for req in requests {
+                let req = req.unwrap();
+                assert_eq!(
+                    extractor.extract(&req).map(|c| c.secret().to_owned()),
+                    Err(ExtractError::Malformed),
+                    "{secret:?} in {:?}",
+                    req.headers()
+                );
+            }
+            let encoded: String = secret.bytes().map(|c| format!("%{c:02X}")).collect();
+            let uri = format!("/?api_key={encoded}");
+            let req = Request::get(uri.as_str()).body(()).unwrap();
+            assert_eq!(
+                extractor.extract(&req).map(|c| c.secret().to_owned()),
+                Err(ExtractError::Malformed),
+                "{secret:?} in the query"
+            );
+        }
+        let max = "k".repeat(extractor.max_len);
+        let req = Request::get("/")
+            .header("x-api-key", &max)
+            .body(())
+            .unwrap();
+        assert_eq!(extractor.extract(&req).unwrap().secret(), max);
+    }
 }

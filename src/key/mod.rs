@@ -603,4 +603,111 @@ mod tests {
         assert!(a.as_str().starts_with("key_"));
         assert_eq!(a.as_str().len(), 20);
     }
+
+    // The fourth hunt: the branch-free alphabet fold and the checksum.
+
+    /// The check as it was before the branch-free fold: digit by digit, out at the first
+    /// byte outside the alphabet.
+    fn old_check(format: &KeyFormat, candidate: &str) -> Result<Option<Environment>, FormatError> {
+        let Some(prefixes) = &format.inner else {
+            return Ok(None);
+        };
+        let body_len = RANDOM_LEN + CHECKSUM_LEN;
+        let (environment, rest) = [
+            (Environment::Live, &*prefixes.live),
+            (Environment::Test, &*prefixes.test),
+        ]
+        .into_iter()
+        .find_map(|(env, prefix)| {
+            candidate
+                .strip_prefix(prefix)
+                .filter(|rest| rest.len() == body_len)
+                .map(|rest| (env, rest))
+        })
+        .ok_or(FormatError::Shape)?;
+        let mut checksum: u64 = 0;
+        for (i, byte) in rest.bytes().enumerate() {
+            let value = BASE62[usize::from(byte)];
+            if value == 0xff {
+                return Err(FormatError::Alphabet);
+            }
+            if i >= RANDOM_LEN {
+                checksum = checksum * 62 + u64::from(value);
+            }
+        }
+        let body = &candidate[..candidate.len() - CHECKSUM_LEN];
+        if checksum == u64::from(crc32fast::hash(body.as_bytes())) {
+            Ok(Some(environment))
+        } else {
+            Err(FormatError::Checksum)
+        }
+    }
+
+    /// Held in the fourth hunt. Every ASCII byte in every position of prefix and body, every
+    /// multi-byte UTF-8 character of the same byte length in every position, the largest
+    /// checksum digits, and prefixes that start one another: the check never panics, refuses
+    /// every byte outside the alphabet, and agrees with the old check on every input.
+    #[test]
+    fn every_byte_in_every_position_agrees_with_the_old_check() {
+        let formats = [
+            KeyFormat::default(),
+            KeyFormat::new("sk_", "sk_test_").unwrap(),
+            KeyFormat::new("sk_test_", "sk_").unwrap(),
+            KeyFormat::new("a", "ab").unwrap(),
+        ];
+        let mut seen = 0;
+        for format in &formats {
+            for env in [Environment::Live, Environment::Test] {
+                let key = format.generate(env).unwrap();
+                let secret = key.expose_secret();
+                let prefix_len = format.prefix(env).len();
+                assert_eq!(format.check(secret), Ok(Some(env)));
+                let mut check = |candidate: &str| {
+                    let new = format.check(candidate);
+                    assert_eq!(new, old_check(format, candidate), "{candidate:?}");
+                    seen += 1;
+                    new
+                };
+                for i in 0..secret.len() {
+                    for b in 0..=127u8 {
+                        let mut bytes = secret.as_bytes().to_vec();
+                        bytes[i] = b;
+                        let candidate = String::from_utf8(bytes).unwrap();
+                        let got = check(&candidate);
+                        if i >= prefix_len && BASE62[usize::from(b)] == 0xff {
+                            assert_eq!(got, Err(FormatError::Alphabet), "{b:#04x} at {i}");
+                        }
+                        if candidate != secret && got.is_ok() {
+                            // Only another prefix of this format may still match.
+                            assert!(i < prefix_len, "{candidate:?} passed");
+                        }
+                    }
+                    for wide in ["é", "€", "😀", "\u{80}"] {
+                        if i + wide.len() > secret.len() {
+                            continue;
+                        }
+                        let candidate =
+                            format!("{}{wide}{}", &secret[..i], &secret[i + wide.len()..]);
+                        assert_eq!(candidate.len(), secret.len());
+                        assert!(check(&candidate).is_err(), "{candidate:?}");
+                    }
+                }
+                // The largest digits: a checksum far above u32::MAX, no overflow.
+                let body = &secret[..secret.len() - CHECKSUM_LEN];
+                assert_eq!(
+                    check(&format!("{body}{}", "z".repeat(CHECKSUM_LEN))),
+                    Err(FormatError::Checksum)
+                );
+                // The other environment's prefix on this body, and no prefix at all.
+                let other = match env {
+                    Environment::Live => Environment::Test,
+                    Environment::Test => Environment::Live,
+                };
+                let swapped = format!("{}{}", format.prefix(other), &secret[prefix_len..]);
+                assert!(check(&swapped).is_err());
+                assert_eq!(check(&secret[prefix_len..]), Err(FormatError::Shape));
+            }
+        }
+        assert!(seen > 30_000);
+    }
 }

@@ -1242,4 +1242,57 @@ mod tests {
             assert_eq!(record.status, Status::Disabled);
         }
     }
+
+    /// Held in the fourth hunt. A flood of never-repeated unknown keys (each sent twice, so
+    /// that S3-FIFO promotes and evicts from both queues) through the smallest capacities,
+    /// with a known key looked up among them: the index never holds more lines than the cache
+    /// entries (plus the two a request may have in flight), and a change still drops the
+    /// known key wherever the flood left it.
+    #[tokio::test]
+    async fn a_flood_through_a_tiny_cache_leaves_no_stray_index_lines() {
+        use crate::store::{KeyStore, MemoryStore};
+
+        for capacity in [1usize, 2, 3, 7] {
+            let store = MemoryStore::new();
+            let secret = store
+                .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+                .unwrap();
+            let id = store
+                .lookup(&secret.presented())
+                .now()
+                .ok()
+                .unwrap()
+                .unwrap()
+                .unwrap()
+                .id
+                .clone();
+            let clock = FakeClock::new(UNIX_EPOCH + Duration::from_secs(1_000_000));
+            let cache = CachedLookup::builder(store.clone())
+                .capacity(capacity)
+                .ttl(Duration::from_secs(3600))
+                .negative_ttl(Duration::from_secs(3600))
+                .clock(clock.clone())
+                .build_over_store()
+                .unwrap();
+            for i in 0..3_000 {
+                for _ in 0..2 {
+                    cache
+                        .lookup(&PresentedKey::new(&format!("unknown-{i}")))
+                        .await
+                        .unwrap();
+                }
+                if i % 7 == 0 {
+                    assert!(cache.lookup(&secret.presented()).await.unwrap().is_some());
+                }
+                let (entries, filed) = (cache.len(), cache.inner.index.len());
+                assert!(
+                    filed <= entries + 2,
+                    "capacity {capacity}: {filed} index lines for {entries} entries"
+                );
+            }
+            store.set_status(&id, Status::Disabled).await.unwrap();
+            let record = cache.lookup(&secret.presented()).await.unwrap().unwrap();
+            assert_eq!(record.status, Status::Disabled, "capacity {capacity}");
+        }
+    }
 }

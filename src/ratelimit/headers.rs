@@ -152,4 +152,83 @@ mod tests {
             assert_eq!(number(n), HeaderValue::from(n));
         }
     }
+
+    fn decision(limit: u64, remaining: u64, reset: u64) -> Decision {
+        Decision {
+            allowed: true,
+            quota: crate::quota::Quota::per_minute(crate::quota::nonzero(60)),
+            numbers: crate::quota::RateLimit {
+                limit,
+                remaining,
+                reset,
+                retry_after: 0,
+            },
+            reset_in: 1,
+        }
+    }
+
+    /// Held in the fourth hunt. Every number to 20 000 and around every power of ten and of
+    /// two up to u64::MAX reads back as written, interleaved so that the per-thread slots
+    /// are replaced between two uses of one number; the static table's edges (9 999, 10 000)
+    /// included.
+    #[test]
+    fn every_number_to_twenty_thousand_and_the_edges_read_back() {
+        for n in 0..20_000u64 {
+            assert_eq!(number(n).to_str().unwrap(), n.to_string());
+            let far = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1 << 63;
+            assert_eq!(number(far).to_str().unwrap(), far.to_string());
+            // The same slot (n % 8) again, other number: both stay right.
+            assert_eq!(number(far + 8).to_str().unwrap(), (far + 8).to_string());
+            assert_eq!(number(far).to_str().unwrap(), far.to_string());
+        }
+        for shift in 0..64 {
+            for n in [(1u64 << shift) - 1, 1 << shift, (1 << shift) + 1] {
+                assert_eq!(number(n).to_str().unwrap(), n.to_string());
+            }
+        }
+        let mut ten = 1u64;
+        while let Some(next) = ten.checked_mul(10) {
+            for n in [ten - 1, ten, ten + 1, next - 1] {
+                assert_eq!(number(n).to_str().unwrap(), n.to_string());
+            }
+            ten = next;
+        }
+        for n in [u64::MAX, u64::MAX - 1, u64::MAX - 8, 10_000, 9_999] {
+            assert_eq!(number(n).to_str().unwrap(), n.to_string());
+        }
+        // From other threads too (their own tables).
+        std::thread::scope(|scope| {
+            for t in 0..2u64 {
+                scope.spawn(move || {
+                    for n in (10_000 + t..30_000).step_by(2) {
+                        assert_eq!(number(n).to_str().unwrap(), n.to_string());
+                    }
+                });
+            }
+        });
+    }
+
+    /// Held in the fourth hunt. An inner layer's headers are never overwritten by an outer
+    /// one's, in every style; a limit header set by the application keeps the whole legacy
+    /// group out, as before `try_entry`.
+    #[test]
+    fn an_inner_layers_headers_are_left_alone() {
+        for style in [HeaderStyle::Legacy, HeaderStyle::Both, HeaderStyle::Ietf] {
+            let mut headers = HeaderMap::new();
+            style.apply(&decision(5, 4, 1_700_000_001), &mut headers);
+            let inner = headers.clone();
+            style.apply(&decision(60_000, 59_999, 1_800_000_000), &mut headers);
+            assert_eq!(headers, inner, "{style:?}");
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert(X_LIMIT.clone(), HeaderValue::from_static("app"));
+        HeaderStyle::Legacy.apply(&decision(5, 4, 1), &mut headers);
+        assert_eq!(headers.len(), 1);
+        assert_eq!(headers[&X_LIMIT], "app");
+        let mut headers = HeaderMap::new();
+        HeaderStyle::Legacy.apply(&decision(u64::MAX, 0, u64::MAX), &mut headers);
+        assert_eq!(headers[&X_LIMIT], u64::MAX.to_string().as_str());
+        assert_eq!(headers[&X_REMAINING], "0");
+        assert_eq!(headers[&X_RESET], u64::MAX.to_string().as_str());
+    }
 }

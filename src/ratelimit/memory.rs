@@ -13,6 +13,10 @@ use crate::error::ConfigError;
 use crate::quota::Quota;
 use crate::quota::MAX_WINDOWS;
 
+/// Times a request looks for a bucket that fits it before giving up (each look past the
+/// first follows another request's widening of the same bucket).
+const ATTEMPTS: usize = 64;
+
 /// Cells one bucket holds at most: the windows of two routes that share it.
 const MAX_CELLS: usize = 2 * MAX_WINDOWS;
 
@@ -60,112 +64,173 @@ struct Shard<K> {
     created: AtomicUsize,
 }
 
-/// One key's windows, each cell tagged with the quota it counts (see [`tag`]), so that
-/// requests naming different sets of windows for one bucket (two routes sharing a bucket
-/// name, a key's quotas changed) each charge the cells of their own quotas and share the
-/// ones they have in common, instead of starting the bucket afresh. Up to two cells live
-/// inside the map entry itself (no allocation of their own, one cache line fewer per
-/// request); more go to the heap.
+/// One key's windows, each cell labelled with the window it counts (its [`Window`]), so
+/// that requests naming different sets of windows for one bucket (two routes sharing a
+/// bucket name, a key's quotas changed) each charge the cells of their own windows and
+/// share the ones they have in common, instead of starting the bucket afresh. Up to two
+/// cells live inside the map entry itself (no allocation of their own, one cache line fewer
+/// per request); more go to the heap.
 enum Bucket {
-    /// Tag 0: no window in that cell.
-    Inline([AtomicU64; 2], [u32; 2]),
-    /// One pointer, so that the two-window bucket stays as small as it was.
+    /// [`Window::NONE`]: no window in that cell.
+    Inline([AtomicU64; 2], [Window; 2]),
+    /// One pointer, so that the two-window bucket stays small.
     Heap(Box<HeapCells>),
 }
 
-/// More than two windows: their cells and tags.
-type HeapCells = (Box<[AtomicU64]>, Box<[u32]>);
+/// More than two windows: their cells and labels.
+type HeapCells = (Box<[AtomicU64]>, Box<[Window]>);
 
-/// A quota's tag in a bucket: the two numbers its GCRA steps depend on, mixed into 32
-/// bits, never 0. Two different quotas of one bucket sharing a tag (about one chance in
-/// four billion) would share a cell: each still limits, by the stricter state.
-fn tag(quota: &Quota) -> u32 {
-    let mixed = (u64::from(quota.capacity().get()) ^ quota.interval_ns().rotate_left(29))
-        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
-    ((mixed >> 32) as u32).max(1)
+/// What a cell counts: the two numbers a window's GCRA steps depend on, exactly (two
+/// windows share a cell only when they are the same window).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Window {
+    capacity: u32,
+    interval_ns: u64,
+}
+
+impl Window {
+    /// No window: a quota's capacity is never 0.
+    const NONE: Window = Window {
+        capacity: 0,
+        interval_ns: 0,
+    };
+
+    fn of(quota: &Quota) -> Self {
+        Self {
+            capacity: quota.capacity().get(),
+            interval_ns: quota.interval_ns(),
+        }
+    }
+}
+
+/// A cell no request may charge any more: its bucket is being replaced by a wider one,
+/// which carries the cell's last state. A TAT never comes near it (quotas end within a
+/// century of now).
+const SEALED: u64 = u64::MAX;
+
+/// Which cell each of a request's windows charges, and which windows repeat an earlier
+/// one (the same window named twice is charged once).
+struct Positions {
+    cell: [usize; MAX_WINDOWS],
+    repeat: [bool; MAX_WINDOWS],
 }
 
 impl Bucket {
-    /// A bucket of these windows, each starting from `tats` (0: full).
-    fn with(windows: impl ExactSizeIterator<Item = (u32, u64)>) -> Self {
+    /// A bucket of these windows, each starting from its TAT (0: full).
+    fn with(windows: &[(Window, u64)]) -> Self {
         if windows.len() <= 2 {
             let mut cells = [AtomicU64::new(0), AtomicU64::new(0)];
-            let mut tags = [0; 2];
-            for (i, (tag, tat)) in windows.enumerate().take(2) {
-                tags[i] = tag;
-                cells[i] = AtomicU64::new(tat);
+            let mut labels = [Window::NONE; 2];
+            for (i, (window, tat)) in windows.iter().enumerate().take(2) {
+                labels[i] = *window;
+                cells[i] = AtomicU64::new(*tat);
             }
-            Self::Inline(cells, tags)
+            Self::Inline(cells, labels)
         } else {
-            let (tags, cells): (Vec<u32>, Vec<AtomicU64>) =
-                windows.map(|(tag, tat)| (tag, AtomicU64::new(tat))).unzip();
+            let (labels, cells): (Vec<Window>, Vec<AtomicU64>) = windows
+                .iter()
+                .map(|(window, tat)| (*window, AtomicU64::new(*tat)))
+                .unzip();
             Self::Heap(Box::new((
                 cells.into_boxed_slice(),
-                tags.into_boxed_slice(),
+                labels.into_boxed_slice(),
             )))
         }
     }
 
+    /// A full bucket of these windows (each once).
     fn new(quotas: &[Quota]) -> Self {
-        Self::with(quotas.iter().map(|q| (tag(q), 0)))
+        let mut windows: Vec<(Window, u64)> = Vec::with_capacity(quotas.len());
+        for quota in quotas {
+            let window = Window::of(quota);
+            if !windows.iter().any(|(w, _)| *w == window) {
+                windows.push((window, 0));
+            }
+        }
+        Self::with(&windows)
+    }
+
+    /// The cells and their labels.
+    fn parts(&self) -> (&[AtomicU64], &[Window]) {
+        match self {
+            Self::Inline(cells, labels) => {
+                let len = labels.iter().take_while(|w| **w != Window::NONE).count();
+                (
+                    cells.get(..len).unwrap_or(cells),
+                    labels.get(..len).unwrap_or(labels),
+                )
+            }
+            Self::Heap(heap) => (&heap.0, &heap.1),
+        }
     }
 
     fn cells(&self) -> &[AtomicU64] {
-        match self {
-            Self::Inline(cells, tags) => {
-                let len = tags.iter().take_while(|t| **t != 0).count();
-                cells.get(..len).unwrap_or(cells)
-            }
-            Self::Heap(heap) => &heap.0,
-        }
-    }
-
-    fn tags(&self) -> &[u32] {
-        match self {
-            Self::Inline(_, tags) => {
-                let len = tags.iter().take_while(|t| **t != 0).count();
-                tags.get(..len).unwrap_or(tags)
-            }
-            Self::Heap(heap) => &heap.1,
-        }
+        self.parts().0
     }
 
     /// The cell of each quota, in order; `None` when one has no cell here.
-    fn positions(&self, quotas: &[Quota]) -> Option<[usize; MAX_WINDOWS]> {
-        let tags = self.tags();
-        let mut at = [0; MAX_WINDOWS];
-        for (slot, quota) in at.iter_mut().zip(quotas) {
-            let tag = tag(quota);
-            *slot = tags.iter().position(|t| *t == tag)?;
+    fn positions(&self, quotas: &[Quota]) -> Option<Positions> {
+        let labels = self.parts().1;
+        let mut at = Positions {
+            cell: [0; MAX_WINDOWS],
+            repeat: [false; MAX_WINDOWS],
+        };
+        for (i, quota) in quotas.iter().enumerate().take(MAX_WINDOWS) {
+            let window = Window::of(quota);
+            let cell = labels.iter().position(|w| *w == window)?;
+            at.repeat[i] = at.cell[..i].contains(&cell);
+            at.cell[i] = cell;
         }
         Some(at)
     }
 
-    /// This bucket with a cell for each of `quotas` added: the cells it has keep their
-    /// state. A bucket holds up to [`MAX_CELLS`], so that two routes of up to
-    /// [`MAX_WINDOWS`] windows each share one bucket for good; past that (a third set of
-    /// windows on one bucket), cells no quota here names go first.
-    fn widened(&self, quotas: &[Quota]) -> Self {
-        let mut windows: Vec<(u32, u64)> = quotas
+    /// A bucket with a cell for each of `quotas` added, carrying this one's state; this one
+    /// is sealed, so that a charge either lands before the copy (and is carried) or sees
+    /// the seal and goes to the new bucket. `None` when another request is widening it.
+    ///
+    /// A bucket holds up to [`MAX_CELLS`], so that two routes of up to [`MAX_WINDOWS`]
+    /// windows each share one bucket for good; full cells (no state) are dropped first, and
+    /// past that (a third set of windows on one bucket) the others no quota here names.
+    fn widened(&self, quotas: &[Quota], now: u64) -> Option<Self> {
+        let (cells, labels) = self.parts();
+        // Whoever seals the first cell widens; the others retry.
+        let first = cells.first()?.swap(SEALED, Ordering::AcqRel);
+        if first == SEALED {
+            return None;
+        }
+        let old: Vec<(Window, u64)> = labels
             .iter()
-            .map(|q| {
-                let tag = tag(q);
-                let tat = self
-                    .tags()
-                    .iter()
-                    .position(|t| *t == tag)
-                    .and_then(|i| self.cells().get(i))
-                    .map_or(0, |c| c.load(Ordering::Acquire));
-                (tag, tat)
+            .zip(cells)
+            .enumerate()
+            .map(|(i, (window, cell))| {
+                let tat = if i == 0 {
+                    first
+                } else {
+                    cell.swap(SEALED, Ordering::AcqRel)
+                };
+                (*window, tat)
             })
             .collect();
-        for (tag, cell) in self.tags().iter().zip(self.cells()) {
-            if windows.len() < MAX_CELLS && !windows.iter().any(|(t, _)| t == tag) {
-                windows.push((*tag, cell.load(Ordering::Acquire)));
+        let mut windows: Vec<(Window, u64)> = Vec::with_capacity(MAX_CELLS);
+        for quota in quotas {
+            let window = Window::of(quota);
+            if !windows.iter().any(|(w, _)| *w == window) {
+                let tat = old
+                    .iter()
+                    .find(|(w, _)| *w == window)
+                    .map_or(0, |(_, tat)| *tat);
+                windows.push((window, tat));
             }
         }
-        windows.dedup_by_key(|(t, _)| *t);
-        Self::with(windows.into_iter())
+        for (window, tat) in &old {
+            if windows.len() < MAX_CELLS
+                && !is_full(*tat, now)
+                && !windows.iter().any(|(w, _)| w == window)
+            {
+                windows.push((*window, *tat));
+            }
+        }
+        Some(Self::with(&windows))
     }
 
     fn is_full(&self, now: u64) -> bool {
@@ -345,114 +410,80 @@ impl<K: BucketKey> MemoryLimiter<K> {
         let now = self.inner.clock.now_nanos();
         let shard = self.shard(key);
         let map = shard.map.pin();
-        // The bucket must have a cell for each window. Another request may put in a bucket
-        // of another shape at any moment: check after every get or insert, and widen the
-        // bucket (keeping the state of the cells it has) when a window has no cell.
-        let mut found = None;
-        for _ in 0..3 {
-            match map.get(key) {
-                Some(bucket) => match bucket.positions(quotas) {
-                    Some(at) => {
-                        found = Some((bucket, at));
-                        break;
-                    }
-                    None => {
-                        let _ = map.insert(key.clone(), bucket.widened(quotas));
-                    }
-                },
-                None => {
-                    // A refusal against a full bucket needs no state: decide first.
-                    let fresh =
-                        most_restrictive(quotas.iter().map(|q| (q, step(0, now, q, cost))), now);
-                    if let Some(decision) = fresh.filter(|d| !d.allowed) {
-                        return Ok(decision);
-                    }
-                    self.make_room(shard, now)?;
-                    if map
-                        .try_insert_with(key.clone(), || Bucket::new(quotas))
-                        .is_ok()
-                    {
-                        self.inner.total.fetch_add(1, Ordering::Relaxed);
-                    }
+        // The bucket must have a cell for each window. Another request may widen it at any
+        // moment (it then seals the old one): look again until it fits and takes the charge.
+        // A request waits on a widening only while another thread copies a few cells.
+        for _ in 0..ATTEMPTS {
+            let Some(bucket) = map.get(key) else {
+                // A refusal against a full bucket needs no state: decide first.
+                let fresh =
+                    most_restrictive(quotas.iter().map(|q| (q, step(0, now, q, cost))), now);
+                if let Some(decision) = fresh.filter(|d| !d.allowed) {
+                    return Ok(decision);
                 }
-            }
-        }
-        let (bucket, at) = found.ok_or(LimiterError::Windows(quotas.len()))?;
-        let cells = bucket.cells();
-        let cell_of = |i: usize| at.get(i).and_then(|&c| cells.get(c));
-        let mut steps = [Step::NONE; MAX_WINDOWS];
-        for (i, quota) in quotas.iter().enumerate() {
-            let Some(cell) = cell_of(i) else {
-                return Err(LimiterError::Windows(quotas.len()));
+                self.make_room(shard, now)?;
+                if map
+                    .try_insert_with(key.clone(), || Bucket::new(quotas))
+                    .is_ok()
+                {
+                    self.inner.total.fetch_add(1, Ordering::Relaxed);
+                }
+                continue;
             };
-            let mut tat = cell.load(Ordering::Acquire);
-            loop {
-                let s = step(tat, now, quota, cost);
-                if !s.allowed {
-                    if s.new_tat < tat {
-                        // The clock stepped back: keep the clamped TAT (best effort).
-                        let _ = cell.compare_exchange(
-                            tat,
-                            s.new_tat,
-                            Ordering::AcqRel,
-                            Ordering::Acquire,
-                        );
-                    }
-                    // Give back what earlier windows took, then report the refusal.
-                    for (j, earlier) in quotas.iter().enumerate().take(i) {
-                        if let Some(cell) = cell_of(j) {
-                            give_back(cell, earlier, cost);
+            let Some(at) = bucket.positions(quotas) else {
+                match bucket.widened(quotas, now) {
+                    Some(wider) => {
+                        if map.insert(key.clone(), wider).is_none() {
+                            // Swept meanwhile: tracked again.
+                            self.inner.total.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    let current = quotas.iter().enumerate().filter_map(|(j, q)| {
-                        let tat = cell_of(j)?.load(Ordering::Acquire);
-                        Some((q, step(tat, now, q, cost)))
-                    });
-                    return most_restrictive(current, now).ok_or(LimiterError::Windows(0));
+                    None => std::hint::spin_loop(),
                 }
-                match cell.compare_exchange_weak(
-                    tat,
-                    s.new_tat,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
-                    Ok(_) => {
-                        steps[i] = s;
-                        break;
-                    }
-                    Err(actual) => tat = actual,
-                }
+                continue;
+            };
+            match charge(bucket.cells(), &at, quotas, cost, now) {
+                Some(decision) => return decision,
+                None => std::hint::spin_loop(),
             }
         }
-        most_restrictive(quotas.iter().zip(steps), now).ok_or(LimiterError::Windows(0))
+        Err(LimiterError::Windows(quotas.len()))
     }
 
     /// Gives `cost` tokens back to every window of `key`'s bucket.
     pub fn refund(&self, key: &K, quotas: &[Quota], cost: u32) {
         let map = self.shard(key).map.pin();
-        if let Some(bucket) = map.get(key) {
-            let Some(at) = bucket.positions(quotas) else {
-                return;
-            };
-            for (quota, i) in quotas.iter().zip(at) {
-                if let Some(cell) = bucket.cells().get(i) {
-                    give_back(cell, quota, cost);
-                }
+        let Some(bucket) = map.get(key) else {
+            return;
+        };
+        let Some(at) = bucket.positions(quotas) else {
+            return;
+        };
+        let cells = bucket.cells();
+        for (i, quota) in quotas.iter().enumerate() {
+            if let Some(cell) = cells.get(at.cell[i]).filter(|_| !at.repeat[i]) {
+                give_back(cell, quota, cost);
             }
         }
     }
 
     /// The state of `key`'s bucket without charging it: `None` when the key has no bucket
-    /// (it is full).
+    /// (it is full). A window the bucket has no cell for is full.
     pub fn peek(&self, key: &K, quotas: &[Quota], cost: u32) -> Option<Decision> {
         let now = self.inner.clock.now_nanos();
         let map = self.shard(key).map.pin();
         let bucket = map.get(key)?;
-        let at = bucket.positions(quotas)?;
-        let cells = bucket.cells();
-        let steps = quotas.iter().zip(at).filter_map(|(q, i)| {
-            let tat = cells.get(i)?.load(Ordering::Acquire);
-            Some((q, step(tat, now, q, cost)))
+        let (cells, labels) = bucket.parts();
+        let steps = quotas.iter().map(|q| {
+            let window = Window::of(q);
+            let tat = labels
+                .iter()
+                .position(|w| *w == window)
+                .and_then(|i| cells.get(i))
+                .map(|c| c.load(Ordering::Acquire))
+                .filter(|tat| *tat != SEALED)
+                .unwrap_or(0);
+            (q, step(tat, now, q, cost))
         });
         most_restrictive(steps, now)
     }
@@ -486,9 +517,90 @@ impl<K: BucketKey> MemoryLimiter<K> {
 
 fn give_back(cell: &AtomicU64, quota: &Quota, cost: u32) {
     let charge = quota.interval_ns().saturating_mul(u64::from(cost));
+    // A sealed cell keeps its seal: its state went to the wider bucket.
     let _ = cell.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
-        Some(t.saturating_sub(charge))
+        (t != SEALED).then(|| t.saturating_sub(charge))
     });
+}
+
+/// Charges `cost` to each window's cell: the decision, or `None` when a cell turned out
+/// sealed (the bucket is being widened; what this call took is given back, and the caller
+/// looks again).
+fn charge(
+    cells: &[AtomicU64],
+    at: &Positions,
+    quotas: &[Quota],
+    cost: u32,
+    now: u64,
+) -> Option<Result<Decision, LimiterError>> {
+    let cell_of = |i: usize| at.cell.get(i).and_then(|&c| cells.get(c));
+    // The windows charged so far, given back on a refusal or a seal.
+    let give_back_before = |i: usize| {
+        for (j, earlier) in quotas.iter().enumerate().take(i) {
+            if let Some(cell) = cell_of(j).filter(|_| !at.repeat[j]) {
+                give_back(cell, earlier, cost);
+            }
+        }
+    };
+    let mut steps = [Step::NONE; MAX_WINDOWS];
+    for (i, quota) in quotas.iter().enumerate() {
+        if at.repeat[i] {
+            continue;
+        }
+        let Some(cell) = cell_of(i) else {
+            return Some(Err(LimiterError::Windows(quotas.len())));
+        };
+        let mut tat = cell.load(Ordering::Acquire);
+        loop {
+            if tat == SEALED {
+                give_back_before(i);
+                return None;
+            }
+            let s = step(tat, now, quota, cost);
+            if !s.allowed {
+                if s.new_tat < tat {
+                    // The clock stepped back: keep the clamped TAT (best effort).
+                    let _ =
+                        cell.compare_exchange(tat, s.new_tat, Ordering::AcqRel, Ordering::Acquire);
+                }
+                // Give back what earlier windows took, then report the refusal.
+                give_back_before(i);
+                let mut current = [Step::NONE; MAX_WINDOWS];
+                for (j, q) in quotas.iter().enumerate() {
+                    let tat = cell_of(j)?.load(Ordering::Acquire);
+                    if tat == SEALED {
+                        return None;
+                    }
+                    current[j] = step(tat, now, q, cost);
+                }
+                return Some(decided(quotas, current, at, now));
+            }
+            match cell.compare_exchange_weak(tat, s.new_tat, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => {
+                    steps[i] = s;
+                    break;
+                }
+                Err(actual) => tat = actual,
+            }
+        }
+    }
+    Some(decided(quotas, steps, at, now))
+}
+
+/// The most restrictive of the windows' steps, each window counted once.
+fn decided(
+    quotas: &[Quota],
+    steps: [Step; MAX_WINDOWS],
+    at: &Positions,
+    now: u64,
+) -> Result<Decision, LimiterError> {
+    let once = quotas
+        .iter()
+        .zip(steps)
+        .enumerate()
+        .filter(|(i, _)| !at.repeat[*i])
+        .map(|(_, pair)| pair);
+    most_restrictive(once, now).ok_or(LimiterError::Windows(0))
 }
 
 impl Step {
@@ -576,5 +688,116 @@ mod tests {
             assert!(limiter.decide(&7, &other, 1).unwrap().allowed);
         }
         assert_eq!(admitted, 2, "2 a minute, whatever the other route does");
+    }
+
+    // The fourth hunt's attacks on labelled cells.
+
+    fn frozen() -> crate::clock::FakeClock {
+        crate::clock::FakeClock::new(
+            std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000),
+        )
+    }
+
+    /// Found by the fourth hunt, fixed by labelling cells with the exact window. The old
+    /// 32-bit `tag` was a fixed, public-in-effect function of (capacity, interval): colliding pairs among
+    /// ordinary quotas were easy to find offline (73 among
+    /// `n/s`, `n/min`, `n/hour`, `n/day` for n up to 200 000; `16/day` and `2459034/min`,
+    /// `4708/s` and `71970/hour`, `4574/hour` and `51151/hour`). Two such quotas share a
+    /// cell, and the doc's "each still limits, by the stricter state" does not hold: the
+    /// narrower window's refusal clamps the shared TAT to its own horizon (erasing the wider
+    /// window's charges), the wider window's charge is given back, and the verdict read
+    /// again from the cell says allowed. A key limited to 16 a day passes every request.
+    #[test]
+    fn quotas_whose_tags_collide_still_both_limit() {
+        let day: Quota = "16/day".parse().unwrap();
+        let minute: Quota = "2459034/min".parse().unwrap();
+        // (They collided under the old 32-bit tags; cells now hold the windows exactly.)
+        assert!(Window::of(&day) != Window::of(&minute));
+        let limiter: MemoryLimiter<u8> = MemoryLimiter::builder().clock(frozen()).build().unwrap();
+        let admitted = (0..100)
+            .filter(|_| limiter.decide(&1, &[day, minute], 1).unwrap().allowed)
+            .count();
+        assert!(
+            admitted <= 16,
+            "{admitted} of 100 requests admitted in one instant under 16 a day"
+        );
+        // The same pair on two routes of one bucket: the minute route's refusals reset the
+        // day route's window.
+        let mut admitted = 0;
+        for _ in 0..20 {
+            admitted += (0..16)
+                .filter(|_| limiter.decide(&2, &[day], 1).unwrap().allowed)
+                .count();
+            let _ = limiter.decide(&2, &[minute], 1);
+        }
+        assert!(
+            admitted <= 16,
+            "{admitted} requests admitted in one instant under 16 a day (two routes)"
+        );
+    }
+
+    type Hook = Box<dyn FnOnce() + Send>;
+
+    /// A bucket key that runs a hook the first time it is compared: it stands for another
+    /// thread running exactly while papaya's `get` has loaded an entry and compares keys.
+    #[derive(Clone)]
+    struct Hooked {
+        id: u8,
+        hook: Arc<std::sync::Mutex<Option<Hook>>>,
+    }
+
+    impl std::hash::Hash for Hooked {
+        fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+            self.id.hash(state);
+        }
+    }
+
+    impl PartialEq for Hooked {
+        fn eq(&self, other: &Self) -> bool {
+            let hook = self.hook.lock().unwrap().take();
+            if let Some(hook) = hook {
+                hook();
+            }
+            self.id == other.id
+        }
+    }
+
+    impl Eq for Hooked {}
+
+    /// Found by the fourth hunt, fixed by sealing the old cells as they are copied. Request A (one window) has read the bucket from the map;
+    /// request B (that window and another) widens it meanwhile: B copies A's cell and puts the
+    /// copy in the map. A then charges the old bucket, which nothing reads again: A's charge
+    /// is lost. Here a window of 2 an hour admits 3 requests in one instant; with N requests
+    /// in flight on the old bucket, N charges are lost per widening.
+    #[test]
+    fn a_charge_racing_a_widening_is_not_lost() {
+        let hour = Quota::per_hour(std::num::NonZeroU32::new(2).unwrap());
+        let day = Quota::per_day(std::num::NonZeroU32::new(100).unwrap());
+        let limiter: MemoryLimiter<Hooked> =
+            MemoryLimiter::builder().clock(frozen()).build().unwrap();
+        let key = Hooked {
+            id: 1,
+            hook: Arc::default(),
+        };
+        let mut admitted = 0;
+        admitted += usize::from(limiter.decide(&key, &[hour], 1).unwrap().allowed);
+        // B runs while A's get compares keys.
+        let b_admitted = Arc::new(AtomicUsize::new(0));
+        {
+            let (limiter, b_key, b_admitted) =
+                (limiter.clone(), key.clone(), Arc::clone(&b_admitted));
+            *key.hook.lock().unwrap() = Some(Box::new(move || {
+                let d = limiter.decide(&b_key, &[hour, day], 1).unwrap();
+                b_admitted.fetch_add(usize::from(d.allowed), Ordering::Relaxed);
+            }));
+        }
+        admitted += usize::from(limiter.decide(&key, &[hour], 1).unwrap().allowed);
+        assert!(key.hook.lock().unwrap().is_none(), "B ran inside A");
+        admitted += b_admitted.load(Ordering::Relaxed);
+        admitted += usize::from(limiter.decide(&key, &[hour], 1).unwrap().allowed);
+        assert!(
+            admitted <= 2,
+            "{admitted} requests admitted in one instant under 2 an hour"
+        );
     }
 }
