@@ -123,14 +123,16 @@ impl Index {
 
     /// Files `fingerprint` under `slot` as a new filing: its number, and the fingerprint
     /// it replaces, if another.
-    fn insert(&self, slot: u64, fingerprint: Fingerprint) -> (u64, Option<Fingerprint>) {
-        let filing = self.filings.fetch_add(1, Ordering::Relaxed);
-        let older = self
-            .shard(slot)
+    fn insert(&self, slot: u64, fingerprint: Fingerprint, filing: u64) -> Option<Fingerprint> {
+        self.shard(slot)
             .insert(slot, (fingerprint, filing))
             .map(|(old, _)| old)
-            .filter(|old| *old != fingerprint);
-        (filing, older)
+            .filter(|old| *old != fingerprint)
+    }
+
+    /// A number for the next filing.
+    fn next_filing(&self) -> u64 {
+        self.filings.fetch_add(1, Ordering::Relaxed)
     }
 
     fn take(&self, slot: u64) -> Option<Fingerprint> {
@@ -502,14 +504,12 @@ impl<L> Inner<L> {
         self.index.unfile(slot, fingerprint, filing);
     }
 
-    /// Files a new entry in the index (dropping an older one filed under the same prefix);
-    /// the filing's number, for the entry to carry.
-    fn file(&self, fingerprint: Fingerprint, slot: u64) -> u64 {
-        let (filing, older) = self.index.insert(slot, fingerprint);
-        if let Some(older) = older {
+    /// Files an entry in the index under its filing number (dropping an older entry filed
+    /// under the same prefix).
+    fn file(&self, fingerprint: Fingerprint, slot: u64, filing: u64) {
+        if let Some(older) = self.index.insert(slot, fingerprint, filing) {
             self.cache.remove(&older);
         }
-        filing
     }
 
     fn fresh(&self, fingerprint: &Fingerprint) -> Option<Option<Arc<KeyRecord>>> {
@@ -571,13 +571,23 @@ impl<L: KeyLookup> Inner<L> {
         let slot = hash.prefix();
         let (answer, generation) = self.ask(hash).await;
         let record = answer?;
-        let filing = self.file(fingerprint, slot);
-        let entry = self.entry(record.clone(), slot, filing, self.clock.now_nanos());
+        let filing = self.index.next_filing();
+        let entry = |now| self.entry(record.clone(), slot, filing, now);
         match guard {
+            // Holding the placeholder, no other entry for the key can be replaced: filed
+            // first, so that a change from here on finds the entry.
             Some(guard) => {
-                let _ = guard.insert(entry);
+                self.file(fingerprint, slot, filing);
+                let _ = guard.insert(entry(self.clock.now_nanos()));
             }
-            None => self.cache.insert(fingerprint, entry),
+            // A plain insert may replace an entry another miss just filed and inserted; its
+            // eviction unfiles that filing's line, so this one is filed after. A change in
+            // between bumps the generation, and `settle` drops this entry.
+            None => {
+                self.cache
+                    .insert(fingerprint, entry(self.clock.now_nanos()));
+                self.file(fingerprint, slot, filing);
+            }
         }
         self.settle(fingerprint, slot, filing, generation);
         Ok(record)
