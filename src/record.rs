@@ -323,6 +323,20 @@ impl KeyRecord {
         self
     }
 
+    /// When the key was last used: [`last_used_at`](Self::last_used_at) as stored, or a
+    /// later use reported through the record's hook since (the hook keeps its time in the
+    /// record, shared by every clone of it).
+    pub fn last_use(&self) -> Option<SystemTime> {
+        let reported = self
+            .usage
+            .0
+            .as_ref()
+            .map(|cell| cell.last.load(std::sync::atomic::Ordering::Acquire))
+            .filter(|nanos| *nanos > 0)
+            .map(|nanos| SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(nanos));
+        self.last_used_at.max(reported)
+    }
+
     /// Reports a use at `now` to the record's hook, unless one was reported less than
     /// [`LAST_USED_RESOLUTION`] ago: one atomic read on the request path, a compare-and-swap
     /// and the sink's call once a minute.

@@ -4,14 +4,12 @@ use std::future::Ready;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
-use std::sync::Weak;
-
 use super::{CreatedKey, KeyStore, KeyUpdate, NewKey, OwnerStore, Page, StoreError};
 use crate::answer::Answer;
 use crate::clock::{Clock, SystemClock};
 use crate::key::{ApiKey, Environment, KeyFormat, KeyHash, KeyId, PresentedKey};
 use crate::lookup::{ChangeFeed, ChangeListener, KeyLookup, LookupResult};
-use crate::record::{KeyRecord, Owner, Status, UsageSink, LAST_USED_RESOLUTION};
+use crate::record::{KeyRecord, Owner, Status, UsageSink};
 
 /// Keys and owners in memory. Clones share one store.
 ///
@@ -39,30 +37,21 @@ pub struct MemoryStore {
     clock: Arc<dyn Clock>,
 }
 
-/// The store's [`UsageSink`]: writes a key's last use into its record, under the lock,
-/// at most once a minute per key (the records' own throttle sees to that).
-struct MemoryUsage {
-    state: Weak<RwLock<State>>,
-}
+/// The store's [`UsageSink`]: nothing to write. A record's hook keeps the time of its last
+/// reported use in the record itself (shared by every clone, the cache's included), and the
+/// store reads it from there ([`KeyRecord::last_use`]) whenever it hands a record out or
+/// edits one: no lock and no copy on the request path.
+struct MemoryUsage;
 
 impl UsageSink for MemoryUsage {
-    fn used(&self, key: &KeyId, at: SystemTime) {
-        let Some(state) = self.state.upgrade() else {
-            return;
-        };
-        let Ok(mut state) = state.write() else { return };
-        if let Some(stored) = state.keys.get_mut(key) {
-            let recent = stored.record.last_used_at.is_some_and(|last| {
-                at.duration_since(last)
-                    .is_ok_and(|since| since < LAST_USED_RESOLUTION)
-            });
-            if !recent {
-                let mut record = (*stored.record).clone();
-                record.last_used_at = Some(at);
-                stored.record = Arc::new(record);
-            }
-        }
-    }
+    fn used(&self, _: &KeyId, _: SystemTime) {}
+}
+
+/// A stored record as it stands now: its last use read from its hook.
+fn current(record: &KeyRecord) -> KeyRecord {
+    let mut now = record.clone();
+    now.last_used_at = record.last_use();
+    now
 }
 
 #[derive(Default)]
@@ -136,9 +125,7 @@ impl MemoryStoreBuilder {
     pub fn build(self) -> MemoryStore {
         let state: Arc<RwLock<State>> = Arc::default();
         MemoryStore {
-            usage: Arc::new(MemoryUsage {
-                state: Arc::downgrade(&state),
-            }),
+            usage: Arc::new(MemoryUsage),
             state,
             listeners: Arc::default(),
             format: self.format,
@@ -292,7 +279,7 @@ impl MemoryStore {
                 .keys
                 .get_mut(id)
                 .ok_or_else(|| StoreError::KeyNotFound(id.clone()))?;
-            let mut record = (*stored.record).clone();
+            let mut record = current(&stored.record);
             edit(&mut record)?;
             record.version += 1;
             stored.record = self.filed(record.clone());
@@ -320,7 +307,7 @@ impl MemoryStore {
             let mut hashes = Vec::new();
             for id in &ids {
                 if let Some(stored) = state.keys.get_mut(id) {
-                    let mut record = (*stored.record).clone();
+                    let mut record = current(&stored.record);
                     record.owner = Some(owner.clone());
                     record.version += 1;
                     stored.record = self.filed(record);
@@ -407,7 +394,7 @@ impl KeyStore for MemoryStore {
         state
             .keys
             .get(id)
-            .map(|k| (*k.record).clone())
+            .map(|k| current(&k.record))
             .ok_or_else(|| StoreError::KeyNotFound(id.clone()))
     }
 
@@ -426,7 +413,7 @@ impl KeyStore for MemoryStore {
             .range((start, std::ops::Bound::Unbounded))
             .filter(|(_, k)| k.owner_name == owner)
             .take(limit)
-            .map(|(_, k)| (*k.record).clone())
+            .map(|(_, k)| current(&k.record))
             .collect())
     }
 
@@ -473,7 +460,7 @@ impl KeyStore for MemoryStore {
             if key.record.version != version {
                 return Err(StoreError::Conflict);
             }
-            let mut record = (*key.record).clone();
+            let mut record = current(&key.record);
             record.version += 1;
             key.record = self.filed(record.clone());
             let old: Vec<KeyHash> = Self::hashes_of(&state, id);
@@ -520,7 +507,7 @@ impl KeyStore for MemoryStore {
             let mut hashes = Vec::new();
             for id in &ids {
                 if let Some(stored) = state.keys.get_mut(id) {
-                    let mut record = (*stored.record).clone();
+                    let mut record = current(&stored.record);
                     record.status = Status::Revoked;
                     record.version += 1;
                     stored.record = self.filed(record);
@@ -560,5 +547,30 @@ mod tests {
             .unwrap();
         assert_eq!(store.listeners.len(), 1);
         drop(kept);
+    }
+
+    /// A use reported through a handed-out record (as the auth layer reports it, with no
+    /// write into the store) is what the store then says, and an edit keeps it.
+    #[tokio::test]
+    async fn last_use_lives_in_the_record_and_survives_edits() {
+        use crate::lookup::KeyLookup;
+        use crate::store::KeyStore;
+
+        let store = MemoryStore::new();
+        let key = store
+            .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+            .unwrap();
+        let record = store.lookup(&key.presented()).await.unwrap().unwrap();
+        assert_eq!(store.get(&record.id).await.unwrap().last_used_at, None);
+        let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
+        record.note_use(at);
+        assert_eq!(store.get(&record.id).await.unwrap().last_used_at, Some(at));
+        store
+            .set_status(&record.id, Status::Disabled)
+            .await
+            .unwrap();
+        let edited = store.get(&record.id).await.unwrap();
+        assert_eq!(edited.status, Status::Disabled);
+        assert_eq!(edited.last_used_at, Some(at));
     }
 }
