@@ -7,9 +7,9 @@
 //!   stride, so consecutive requests touch different buckets);
 //! - two threads on one key and on distinct keys, beside one thread.
 //!
-//! Both limiters get the same quota: 1000 requests, refilled fast enough that nothing is
-//! refused (the admitted path is what is measured) and slow enough that buckets stay
-//! tracked between visits, as they do in production (see `period`).
+//! Both limiters get the same quota (see `burst` and `period`): refilled fast enough that
+//! nothing is refused (the admitted path is what is measured) and slow enough that buckets
+//! stay tracked between visits, as they do in production.
 //! Futures are polled with a no-op waker (every path here completes in one poll).
 
 use std::convert::Infallible;
