@@ -26,11 +26,10 @@
 //! # Ok::<_, Box<dyn std::error::Error>>(())
 //! ```
 
-use std::borrow::Cow;
-
 use base64::Engine as _;
 use http::header::{HeaderName, AUTHORIZATION};
 use http::{HeaderMap, Request, Uri};
+use zeroize::Zeroizing;
 
 use crate::error::ConfigError;
 
@@ -127,9 +126,27 @@ pub enum ExtractError {
 
 /// A key found in a request. Borrowed from the request where possible.
 pub struct Credential<'a> {
-    secret: Cow<'a, str>,
+    secret: Found<'a>,
     scheme: SchemeKind,
     places: Places,
+}
+
+/// A key as found: borrowed from the request, or decoded out of it (Basic, the query) into
+/// memory that is wiped when dropped.
+enum Found<'a> {
+    Borrowed(&'a str),
+    Decoded(Zeroizing<String>),
+}
+
+impl std::ops::Deref for Found<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        match self {
+            Self::Borrowed(text) => text,
+            Self::Decoded(text) => text,
+        }
+    }
 }
 
 /// The headers a key was found in: which header schemes (by index), whether
@@ -338,7 +355,7 @@ impl Extractor {
         let mut found: Option<Credential<'r>> = None;
         let mut authorization_read = false;
         // `place`: the header scheme's index, or `None` for `Authorization` and the query.
-        let mut offer = |secret: Cow<'r, str>,
+        let mut offer = |secret: Found<'r>,
                          scheme: SchemeKind,
                          place: Option<usize>|
          -> Result<(), ExtractError> {
@@ -351,7 +368,7 @@ impl Extractor {
                     scheme,
                     places: Places::default(),
                 }),
-                Some(first) if first.secret == secret => first,
+                Some(first) if *first.secret == *secret => first,
                 Some(_) => return Err(ExtractError::Ambiguous),
             };
             let places = &mut credential.places;
@@ -383,7 +400,7 @@ impl Extractor {
                         // Any UTF-8 here; `offer` refuses all but visible ASCII.
                         let text = std::str::from_utf8(value.as_bytes())
                             .map_err(|_| ExtractError::Malformed)?;
-                        offer(Cow::Borrowed(text), scheme.kind(), Some(i))?;
+                        offer(Found::Borrowed(text), scheme.kind(), Some(i))?;
                     }
                 }
                 Scheme::Bearer | Scheme::Basic => {
@@ -434,7 +451,7 @@ impl Extractor {
     fn authorization<'r>(
         &self,
         value: &'r str,
-    ) -> Result<Option<(Cow<'r, str>, SchemeKind)>, ExtractError> {
+    ) -> Result<Option<(Found<'r>, SchemeKind)>, ExtractError> {
         let value = value.trim_matches(|c| c == ' ' || c == '\t');
         let (name, rest) = match value.find([' ', '\t']) {
             Some(at) => (&value[..at], value[at..].trim_start_matches([' ', '\t'])),
@@ -444,7 +461,7 @@ impl Extractor {
             if rest.is_empty() || rest.contains([' ', '\t']) {
                 return Err(ExtractError::Malformed);
             }
-            return Ok(Some((Cow::Borrowed(rest), SchemeKind::Bearer)));
+            return Ok(Some((Found::Borrowed(rest), SchemeKind::Bearer)));
         }
         if self.basic && name.eq_ignore_ascii_case("basic") {
             // base64 of max_len + 1 bytes, plus padding: anything longer is refused
@@ -452,13 +469,19 @@ impl Extractor {
             if rest.is_empty() || rest.len() > (self.max_len + 1).div_ceil(3) * 4 {
                 return Err(ExtractError::Malformed);
             }
-            let decoded = base64::engine::general_purpose::STANDARD
-                .decode(rest)
-                .map_err(|_| ExtractError::Malformed)?;
-            let text = String::from_utf8(decoded).map_err(|_| ExtractError::Malformed)?;
+            // The decoded `key:` is wiped when dropped; only the key itself is kept.
+            let decoded = Zeroizing::new(
+                base64::engine::general_purpose::STANDARD
+                    .decode(rest)
+                    .map_err(|_| ExtractError::Malformed)?,
+            );
+            let text = std::str::from_utf8(&decoded).map_err(|_| ExtractError::Malformed)?;
             return match text.split_once(':') {
                 // The key is the username; the password must be empty.
-                Some((user, "")) => Ok(Some((Cow::Owned(user.to_owned()), SchemeKind::Basic))),
+                Some((user, "")) => Ok(Some((
+                    Found::Decoded(Zeroizing::new(user.to_owned())),
+                    SchemeKind::Basic,
+                ))),
                 _ => Err(ExtractError::Malformed),
             };
         }
@@ -483,15 +506,15 @@ fn query_pairs(query: &str) -> impl Iterator<Item = (&str, &str)> {
 }
 
 /// Percent-decodes a query component (`+` is a space); `None` for invalid UTF-8.
-fn decode(component: &str) -> Option<Cow<'_, str>> {
+fn decode(component: &str) -> Option<Found<'_>> {
     if !component.contains(['%', '+']) {
-        return Some(Cow::Borrowed(component));
+        return Some(Found::Borrowed(component));
     }
     let replaced = component.replace('+', " ");
     percent_encoding::percent_decode_str(&replaced)
         .decode_utf8()
         .ok()
-        .map(|s| Cow::Owned(s.into_owned()))
+        .map(|s| Found::Decoded(Zeroizing::new(s.into_owned())))
 }
 
 #[cfg(test)]
@@ -950,5 +973,31 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(extractor.extract(&req).unwrap().secret(), max);
+    }
+
+    /// A key decoded out of the request (Basic, a percent-encoded query) lives in memory
+    /// wiped on drop; one read from a header is borrowed and never copied.
+    #[test]
+    fn decoded_keys_are_held_for_wiping_and_header_keys_are_borrowed() {
+        let extractor = all_schemes();
+        let mut req = Request::get("/").body(()).unwrap();
+        req.headers_mut()
+            .insert("authorization", basic("k1:").parse().unwrap());
+        let credential = extractor.extract(&req).unwrap();
+        assert!(matches!(credential.secret, Found::Decoded(_)));
+        assert_eq!(credential.secret(), "k1");
+
+        let req = Request::get("/p?api_key=k%31").body(()).unwrap();
+        assert!(matches!(
+            extractor.extract(&req).unwrap().secret,
+            Found::Decoded(_)
+        ));
+
+        let mut req = Request::get("/").body(()).unwrap();
+        req.headers_mut().insert("x-api-key", "k1".parse().unwrap());
+        assert!(matches!(
+            extractor.extract(&req).unwrap().secret,
+            Found::Borrowed(_)
+        ));
     }
 }

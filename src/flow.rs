@@ -144,24 +144,17 @@ where
                     return match response.take() {
                         Some(response) => Poll::Ready(Ok(response)),
                         // As tower-http's futures do: a caller bug, said plainly.
-                        #[allow(clippy::panic)]
-                        None => panic!("keygate's response future polled after it completed"),
+                        None => polled_after_completion(),
                     };
                 }
                 KindProj::Deciding { state } => {
                     let state = state.as_mut().project();
                     let Some((_, request)) = state.call.as_mut() else {
-                        #[allow(clippy::panic)]
-                        {
-                            panic!("keygate's response future polled after it completed")
-                        }
+                        polled_after_completion()
                     };
                     let decided = ready!(state.decide.poll_decide(cx, request));
                     let Some((mut service, request)) = state.call.take() else {
-                        #[allow(clippy::panic)]
-                        {
-                            panic!("keygate's response future polled after it completed")
-                        }
+                        polled_after_completion()
                     };
                     match decided {
                         Ok(after) => Kind::Calling {
@@ -177,4 +170,12 @@ where
             kind.set(next);
         }
     }
+}
+
+/// A future polled again after it returned `Ready`: the caller broke `Future`'s contract,
+/// and is told so plainly, as tower-http's futures do.
+#[cold]
+#[allow(clippy::panic)]
+fn polled_after_completion() -> ! {
+    panic!("keygate's response future polled after it completed")
 }

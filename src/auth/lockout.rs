@@ -11,6 +11,7 @@ use crate::clock::Clock;
 use crate::head::RequestHead;
 use crate::key::Fingerprint;
 use crate::ratelimit::{LimiterError, MemoryLimiter, Quota};
+use crate::record::canonical_ip;
 use crate::reject::{Reason, Rejection};
 use crate::validate::{ClientIp, Walk};
 
@@ -66,12 +67,11 @@ impl Client {
     fn of(ip: IpAddr) -> Self {
         // An IPv4 client seen through IPv6 (mapped, or translated by NAT64) is that IPv4
         // client: else every IPv4 client of an IPv6-only server would be one /64.
-        let ip = match ip {
+        let ip = match canonical_ip(ip) {
             IpAddr::V6(v6) if u128::from(v6) >> 32 == NAT64 >> 32 => {
                 IpAddr::V4(std::net::Ipv4Addr::from(u128::from(v6) as u32))
             }
-            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
-            v4 => v4,
+            other => other,
         };
         match ip {
             IpAddr::V6(v6) => Self {

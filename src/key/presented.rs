@@ -42,7 +42,7 @@ pub struct PresentedKey<'a> {
 #[derive(Clone, Copy)]
 enum Source<'a> {
     Secret(&'a str),
-    Hash,
+    Hash(KeyHash),
 }
 
 impl<'a> PresentedKey<'a> {
@@ -72,7 +72,7 @@ impl<'a> PresentedKey<'a> {
             None => Fingerprint::truncated(&hash),
         };
         PresentedKey {
-            source: Source::Hash,
+            source: Source::Hash(hash),
             fingerprint,
             hash: OnceCell::from(hash),
         }
@@ -82,8 +82,7 @@ impl<'a> PresentedKey<'a> {
     pub fn hash(&self) -> &KeyHash {
         self.hash.get_or_init(|| match self.source {
             Source::Secret(secret) => KeyHash::of(secret),
-            // `from_hash` sets the cell: never reached.
-            Source::Hash => KeyHash::from_bytes([0; 32]),
+            Source::Hash(hash) => hash,
         })
     }
 
