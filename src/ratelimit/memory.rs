@@ -189,8 +189,8 @@ impl Bucket {
     /// the seal and goes to the new bucket. `None` when another request is widening it.
     ///
     /// A bucket holds up to [`MAX_CELLS`], so that two routes of up to [`MAX_WINDOWS`]
-    /// windows each share one bucket for good; full cells (no state) are dropped first, and
-    /// past that (a third set of windows on one bucket) the others no quota here names.
+    /// windows each share one bucket for good; past that (a third set of windows on one
+    /// bucket), cells no quota here names are left out, full ones (no state) first.
     fn widened(&self, quotas: &[Quota], now: u64) -> Option<Self> {
         let (cells, labels) = self.parts();
         // Whoever seals the first cell widens; the others retry.
@@ -222,14 +222,16 @@ impl Bucket {
                 windows.push((window, tat));
             }
         }
-        for (window, tat) in &old {
-            if windows.len() < MAX_CELLS
-                && !is_full(*tat, now)
-                && !windows.iter().any(|(w, _)| w == window)
-            {
-                windows.push((*window, *tat));
-            }
-        }
+        // Then the cells no quota here names, while there is room: those with state first,
+        // so that a full cell (nothing to lose) is the one left out.
+        let mut others: Vec<(Window, u64)> = old
+            .iter()
+            .filter(|(window, _)| !windows.iter().any(|(w, _)| w == window))
+            .copied()
+            .collect();
+        others.sort_by_key(|(_, tat)| is_full(*tat, now));
+        let room = MAX_CELLS.saturating_sub(windows.len());
+        windows.extend(others.into_iter().take(room));
         Some(Self::with(&windows))
     }
 
@@ -799,5 +801,25 @@ mod tests {
             admitted <= 2,
             "{admitted} requests admitted in one instant under 2 an hour"
         );
+    }
+
+    /// Widening keeps a full cell while there is room: else two routes whose windows
+    /// refill between visits widen the bucket on every visit, each dropping the other's
+    /// cell, and under contention requests ran out of attempts (a 503).
+    #[test]
+    fn widening_keeps_full_cells_while_there_is_room() {
+        let clock = frozen();
+        let limiter: MemoryLimiter<u8> = MemoryLimiter::builder()
+            .clock(clock.clone())
+            .build()
+            .unwrap();
+        let minute: Quota = "5/min".parse().unwrap();
+        let hour: Quota = "5/hour".parse().unwrap();
+        assert!(limiter.decide(&1, &[minute], 1).unwrap().allowed);
+        clock.advance(std::time::Duration::from_secs(3600));
+        assert!(limiter.decide(&1, &[hour], 1).unwrap().allowed);
+        let map = limiter.shard(&1).map.pin();
+        let labels = map.get(&1).unwrap().parts().1.len();
+        assert_eq!(labels, 2, "the minute window's full cell kept");
     }
 }
