@@ -58,25 +58,12 @@ impl<L: KeyLookup> AuthLayer<L> {
     /// format; the JSON envelope; CORS preflights and `/swagger` bypassed; no trusted
     /// proxies; no failed-attempt limit.
     pub fn new(lookup: L) -> Self {
-        // The defaults, which cannot fail: no setting to check.
+        // The builder's defaults, which cannot fail: nothing to check.
         let extractor = Extractor::default();
-        let bearer = extractor.uses_bearer();
-        Self::from_gate(Gate {
-            lookup,
-            extractor,
-            format: KeyFormat::default(),
-            responder: Responder::default_for(Arc::new(JsonEnvelope), bearer),
-            opaque: false,
-            bypass: Box::new(DefaultBypass::default()),
-            client_ip: ClientIp::default(),
-            site: None,
-            lookup_timeout: Some(DEFAULT_LOOKUP_TIMEOUT),
-            clock: Arc::new(CoarseClock),
-            lockout: None,
-            preflight_warned: AtomicBool::new(false),
-            id: LayerId::next(),
-            nested: AtomicBool::new(false),
-        })
+        let responder = Responder::default_for(Arc::new(JsonEnvelope), extractor.uses_bearer());
+        let (gate, NoLimits) =
+            AuthBuilder::starting(lookup, NoLimits).assemble(extractor, responder);
+        Self::from_gate(gate)
     }
 
     /// A builder starting from the defaults of [`AuthLayer::new`].
@@ -317,9 +304,9 @@ impl<L, X> AuthBuilder<L, X> {
 
     /// Checks the authentication settings and makes the layer's state; the rate limit's
     /// settings come back as they are.
-    pub(crate) fn try_into_gate(self) -> Result<(Gate<L>, X), ConfigError> {
+    pub(crate) fn try_into_gate(mut self) -> Result<(Gate<L>, X), ConfigError> {
         let mut extractor = Extractor::builder();
-        if let Some(schemes) = self.schemes {
+        if let Some(schemes) = self.schemes.take() {
             extractor = extractor.schemes(schemes);
         }
         if let Some(max_len) = self.max_len {
@@ -330,11 +317,16 @@ impl<L, X> AuthBuilder<L, X> {
             return Err(ConfigError::Zero("lookup timeout"));
         }
         let responder = Responder::new(
-            self.renderer,
+            Arc::clone(&self.renderer),
             self.opaque,
             extractor.uses_bearer(),
             &self.realm,
         )?;
+        Ok(self.assemble(extractor, responder))
+    }
+
+    /// The layer's state from these settings, with the parts that needed checking.
+    fn assemble(self, extractor: Extractor, responder: Responder) -> (Gate<L>, X) {
         let gate = Gate {
             lookup: self.lookup,
             extractor,
@@ -353,7 +345,7 @@ impl<L, X> AuthBuilder<L, X> {
             id: LayerId::next(),
             nested: AtomicBool::new(false),
         };
-        Ok((gate, self.limits))
+        (gate, self.limits)
     }
 }
 
