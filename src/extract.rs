@@ -1000,4 +1000,88 @@ mod tests {
             Found::Borrowed(_)
         ));
     }
+
+    /// Held in the fifth hunt. With `Found` in place of `Cow`, ambiguity still compares the
+    /// keys' text, whatever mix of borrowed (headers, a plain query) and decoded (Basic, a
+    /// percent-encoded query) forms a request carries them in: one key in every form is one
+    /// credential, reported under the first scheme; any form differing by one byte is
+    /// ambiguous, in either order.
+    #[test]
+    fn decoded_and_borrowed_forms_of_a_key_compare_by_text() {
+        let extractor = all_schemes();
+        let request = |headers: &[(&'static str, String)], uri: &str| {
+            let mut req = Request::get(uri).body(()).unwrap();
+            for (name, value) in headers {
+                req.headers_mut()
+                    .append(*name, http::HeaderValue::from_str(value).unwrap());
+            }
+            req
+        };
+        // Every form of k1 at once.
+        let req = request(
+            &[
+                ("x-api-key", "k1".into()),
+                ("x-mobid-key", "k1".into()),
+                ("authorization", basic("k1:")),
+            ],
+            "/?api_key=k%31&api_key=k1",
+        );
+        let credential = extractor.extract(&req).unwrap();
+        assert_eq!(credential.secret(), "k1");
+        assert_eq!(credential.scheme(), SchemeKind::Header);
+        // Decoded against decoded: Basic and an encoded query.
+        let req = request(&[("authorization", basic("k1:"))], "/?api_key=%6B1");
+        let credential = extractor.extract(&req).unwrap();
+        assert_eq!(credential.secret(), "k1");
+        assert_eq!(credential.scheme(), SchemeKind::Basic);
+        // One byte apart, each pair of forms, in both orders where the order can vary.
+        type Case<'a> = (&'a str, Vec<(&'static str, String)>, &'a str);
+        let cases: Vec<Case> = vec![
+            (
+                "basic vs header",
+                vec![("x-api-key", "k1".into()), ("authorization", basic("k2:"))],
+                "/",
+            ),
+            (
+                "basic vs encoded query",
+                vec![("authorization", basic("k1:"))],
+                "/?api_key=k%32",
+            ),
+            (
+                "basic vs plain query",
+                vec![("authorization", basic("k1:"))],
+                "/?api_key=k2",
+            ),
+            (
+                "encoded vs plain query",
+                vec![],
+                "/?api_key=k%31&api_key=k2",
+            ),
+            (
+                "plain vs encoded query",
+                vec![],
+                "/?api_key=k2&api_key=k%31",
+            ),
+            (
+                "header vs encoded query",
+                vec![("x-api-key", "k2".into())],
+                "/?api_key=k%31",
+            ),
+            (
+                "prefix",
+                vec![("x-api-key", "k1".into()), ("authorization", basic("k12:"))],
+                "/",
+            ),
+            ("case", vec![("x-api-key", "K1".into())], "/?api_key=%6B1"),
+        ];
+        for (name, headers, uri) in cases {
+            assert_eq!(
+                extractor
+                    .extract(&request(&headers, uri))
+                    .map(|c| c.secret().to_owned()),
+                Err(ExtractError::Ambiguous),
+                "{name}"
+            );
+        }
+    }
 }

@@ -224,7 +224,10 @@ pub struct KeyRecord {
     /// When the key was created, as its store knows it.
     #[serde(default)]
     pub created_at: Option<SystemTime>,
-    /// When the key was last used, to the minute (stores write it at most once a minute).
+    /// When the key was last used, to the minute, as the store had it when it made this
+    /// record: what a store's `get` and `list` return is current; a record on the request
+    /// path (a lookup's, a cache's) may be older, and [`KeyRecord::last_use`] adds the uses
+    /// reported through it since.
     #[serde(default)]
     pub last_used_at: Option<SystemTime>,
     /// Bumped by the store on every change: the token of optimistic concurrency (an
@@ -335,6 +338,17 @@ impl KeyRecord {
             .filter(|nanos| *nanos > 0)
             .map(|nanos| SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(nanos));
         self.last_used_at.max(reported)
+    }
+
+    /// The same as [`with_usage`](Self::with_usage), unless the record has a hook already
+    /// (an edited copy of a stored record): that one is kept, so that a use reported through
+    /// any earlier copy of the record still counts.
+    pub(crate) fn with_usage_kept(self, sink: Arc<dyn UsageSink>) -> Self {
+        if self.usage.0.is_some() {
+            self
+        } else {
+            self.with_usage(sink)
+        }
     }
 
     /// Reports a use at `now` to the record's hook, unless one was reported less than

@@ -1058,13 +1058,14 @@ mod tests {
         }
     }
 
-    /// Found by the third hunt, fixed by filing numbers. Request A's insert evicts key K's entry; the eviction's index line is unfiled
-    /// in `end_request`, after the cache's lock is released. Request B for K runs in that
-    /// window (here: inside A's read of the time, which `end_request` does before unfiling):
-    /// a miss, K read from the store and cached again under the same fingerprint, filed under
-    /// the same index line. Then A unfiles that line, because it still names K's fingerprint.
-    /// K's fresh entry is now in the cache with no index line: disabling K in the store drops
-    /// nothing, and the disabled key keeps being answered as active for the whole TTL.
+    /// Found by the third hunt, fixed by filing numbers. Request A's insert evicts key K's entry;
+    /// the eviction's index line is unfiled in `end_request`, after the cache's lock is released.
+    /// Request B for K runs in that window (here: inside A's read of the time, which `end_request`
+    /// does before unfiling): a miss, K read from the store and cached again under the same
+    /// fingerprint, filed under the same index line. Then A unfiles that line, because it still
+    /// names K's fingerprint. K's fresh entry is now in the cache with no index line: disabling K
+    /// in the store drops nothing, and the disabled key keeps being answered as active for the
+    /// whole TTL.
     #[tokio::test]
     async fn an_eviction_unfiling_after_a_refill_leaves_a_disabled_key_cached() {
         use crate::store::{KeyStore, MemoryStore};

@@ -426,11 +426,12 @@ fn extreme_quotas_still_limit() {
 
 // The third hunt's attacks on buckets and markers.
 
-/// Found by the third hunt, fixed by tagging each cell with its quota. Two routes that name one bucket (`KeygateRoute::bucket("export", …)`, as
-/// `KeygateRoute::bucket` builds it: `PerKey::bucket` over the layer's store) with a different
-/// number of windows. The in-memory store starts a bucket afresh whenever a request comes
-/// with another number of windows than the bucket has, so a client that alternates between
-/// the two routes finds a fresh, full bucket on every request: the limit never applies.
+/// Found by the third hunt, fixed by tagging each cell with its quota. Two routes that name one
+/// bucket (`KeygateRoute::bucket("export", …)`, as `KeygateRoute::bucket` builds it:
+/// `PerKey::bucket` over the layer's store) with a different number of windows. The in-memory store
+/// starts a bucket afresh whenever a request comes with another number of windows than the bucket
+/// has, so a client that alternates between the two routes finds a fresh, full bucket on every
+/// request: the limit never applies.
 #[tokio::test]
 async fn routes_with_different_windows_share_the_cells_of_one_bucket() {
     use crate::key::Environment;
@@ -562,12 +563,12 @@ async fn a_principal_planted_before_keygate_neither_authenticates_nor_picks_the_
 
 // The fourth hunt's attacks on labelled cells (widening, duplicates, refunds, peek).
 
-/// Found by the fourth hunt, fixed by buckets of up to twice MAX_WINDOWS cells. Two routes of one bucket whose windows together are more than
-/// `MAX_WINDOWS` (here one route caps the day at 1, the other names eight windows of its
-/// own): every widening drops the cells no quota of the request names, so each route's
-/// request drops the other's state and finds its own cells fresh. Alternating the two
-/// routes switches the day's limit off, as alternating two windows sets did before cells
-/// were tagged.
+/// Found by the fourth hunt, fixed by buckets of up to twice MAX_WINDOWS cells. Two routes of one
+/// bucket whose windows together are more than `MAX_WINDOWS` (here one route caps the day at 1, the
+/// other names eight windows of its own): every widening drops the cells no quota of the request
+/// names, so each route's request drops the other's state and finds its own cells fresh.
+/// Alternating the two routes switches the day's limit off, as alternating two windows sets did
+/// before cells were tagged.
 #[test]
 fn more_than_max_windows_over_time_never_reset_a_window() {
     let limiter: MemoryLimiter<u8> = MemoryLimiter::builder().clock(clock()).build().unwrap();
@@ -586,12 +587,12 @@ fn more_than_max_windows_over_time_never_reset_a_window() {
     );
 }
 
-/// Found by the fourth hunt, fixed by charging a window named twice once. One quota named twice in a request (a key record or a route
-/// listing `60/min` twice) has one cell, charged by both windows. Once the cell has room for
-/// one charge but not two, the second window refuses, the first window's charge is given
-/// back, and the verdict is then read again from the cells: the shared cell has room again,
-/// so the request is reported *allowed* while nothing is charged. From then on every
-/// request passes: the limit is off. (Before cells were tagged each window had a cell of its
+/// Found by the fourth hunt, fixed by charging a window named twice once. One quota named twice in
+/// a request (a key record or a route listing `60/min` twice) has one cell, charged by both
+/// windows. Once the cell has room for one charge but not two, the second window refuses, the first
+/// window's charge is given back, and the verdict is then read again from the cells: the shared
+/// cell has room again, so the request is reported *allowed* while nothing is charged. From then on
+/// every request passes: the limit is off. (Before cells were tagged each window had a cell of its
 /// own.)
 #[test]
 fn a_quota_named_twice_is_not_charged_twice() {
@@ -687,9 +688,9 @@ fn alternating_window_sets_from_threads_stay_near_the_common_window() {
     assert!(over <= keys, "{over} over-admitted over {keys} keys");
 }
 
-/// Found by the fourth hunt (minor), fixed: a window without a cell reads as full. `peek` answers `None`, documented as "no bucket (it is
-/// full)", for a bucket that exists but has no cell for one of the windows asked about:
-/// a drained key reads as a full one.
+/// Found by the fourth hunt (minor), fixed: a window without a cell reads as full. `peek` answers
+/// `None`, documented as "no bucket (it is full)", for a bucket that exists but has no cell for one
+/// of the windows asked about: a drained key reads as a full one.
 #[test]
 fn peek_does_not_call_a_drained_bucket_full_for_a_window_it_lacks() {
     let limiter: MemoryLimiter<u8> = MemoryLimiter::builder().clock(clock()).build().unwrap();
@@ -703,10 +704,10 @@ fn peek_does_not_call_a_drained_bucket_full_for_a_window_it_lacks() {
     );
 }
 
-/// Found by the fourth hunt (fixed with the repeated window): the duplicate-window hole through the layer. A key record whose
-/// quotas name one rate twice, even spelled two ways (`3/min` and `1/20s;burst=3` have the
-/// same capacity and interval, so one tag), is not limited at all once its shared cell has
-/// room for one charge but not two (an odd capacity: at once).
+/// Found by the fourth hunt (fixed with the repeated window): the duplicate-window hole through the
+/// layer. A key record whose quotas name one rate twice, even spelled two ways (`3/min` and
+/// `1/20s;burst=3` have the same capacity and interval, so one tag), is not limited at all once its
+/// shared cell has room for one charge but not two (an odd capacity: at once).
 #[tokio::test]
 async fn a_key_whose_quotas_repeat_a_rate_is_still_limited() {
     use crate::key::Environment;

@@ -151,7 +151,7 @@ impl MemoryStore {
     /// A record as this store keeps it: shared, with the store's usage hook.
     fn filed(&self, record: KeyRecord) -> Arc<KeyRecord> {
         let usage: Arc<dyn UsageSink> = self.usage.clone();
-        Arc::new(record.with_usage(usage))
+        Arc::new(record.with_usage_kept(usage))
     }
 
     fn read(&self) -> Result<RwLockReadGuard<'_, State>, StoreError> {
@@ -572,5 +572,189 @@ mod tests {
         let edited = store.get(&record.id).await.unwrap();
         assert_eq!(edited.status, Status::Disabled);
         assert_eq!(edited.last_used_at, Some(at));
+    }
+
+    // The fifth hunt's attacks on the last use kept in the record's usage cell.
+
+    /// Found by the fifth hunt, fixed by keeping the usage cell across edits. An edit files the
+    /// record with a new usage cell (`filed` calls `with_usage`), seeded from the old one; a record
+    /// handed out before the edit (a request between its lookup and its `note_use`, a cache entry
+    /// not yet replaced) keeps the old cell, which the store never reads again. A use reported
+    /// through it is lost: the store says the key was never used. (Before, the store's sink wrote
+    /// the use into whatever record the store held under the key's id.)
+    #[tokio::test]
+    async fn a_use_reported_through_a_record_handed_out_before_an_edit_is_kept() {
+        use crate::lookup::KeyLookup;
+        use crate::store::KeyStore;
+
+        let store = MemoryStore::new();
+        let key = store
+            .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+            .unwrap();
+        let handed_out = store.lookup(&key.presented()).await.unwrap().unwrap();
+        store
+            .update(
+                &handed_out.id,
+                KeyUpdate {
+                    name: Some("renamed".into()),
+                    ..KeyUpdate::default()
+                },
+            )
+            .await
+            .unwrap();
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        handed_out.note_use(at);
+        assert_eq!(
+            store.get(&handed_out.id).await.unwrap().last_used_at,
+            Some(at),
+            "a use reported right after a rename"
+        );
+    }
+
+    /// Found by the fifth hunt (minor), settled by the docs: a record handed out on the
+    /// request path (by `lookup`, and by every cache) is the one filed at the key's last
+    /// edit, so its `last_used_at` field is the stored value; `KeyRecord::last_use` is the
+    /// live one, and what `get` and `list` return carries it in the field.
+    #[tokio::test]
+    async fn a_looked_up_record_says_when_the_key_was_last_used() {
+        use crate::lookup::KeyLookup;
+
+        let store = MemoryStore::new();
+        let key = store
+            .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+            .unwrap();
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        store
+            .lookup(&key.presented())
+            .await
+            .unwrap()
+            .unwrap()
+            .note_use(at);
+        let again = store.lookup(&key.presented()).await.unwrap().unwrap();
+        assert_eq!(again.last_use(), Some(at), "a record looked up says it");
+        assert_eq!(
+            store.get(&again.id).await.unwrap().last_used_at,
+            Some(at),
+            "the field of a record read from the store"
+        );
+    }
+
+    /// Held in the fifth hunt. A use reported through the record the store holds is kept
+    /// by every kind of edit that files the record anew (status, owner edit, rotation with
+    /// a grace, revoke_all), is what a rotated-out secret's record says too, never goes
+    /// back when an earlier time is reported within the minute, and `list` says it.
+    #[tokio::test]
+    async fn last_use_survives_every_edit_and_the_rotated_out_secret_says_it() {
+        use crate::lookup::KeyLookup;
+        use crate::store::{KeyStore, OwnerStore};
+
+        let store = MemoryStore::new();
+        let key = store
+            .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+            .unwrap();
+        let old_secret = key.hash();
+        let id = store
+            .lookup(&key.presented())
+            .await
+            .unwrap()
+            .unwrap()
+            .id
+            .clone();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut at = t0;
+        let use_now = |at: SystemTime| {
+            let store = store.clone();
+            let id = id.clone();
+            async move {
+                // Through the record the store holds now (as a fresh lookup gets it).
+                let held = Arc::clone(&store.read().unwrap().keys[&id].record);
+                held.note_use(at);
+            }
+        };
+        use_now(at).await;
+        assert_eq!(store.get(&id).await.unwrap().last_used_at, Some(at));
+        // An earlier time within the minute: no step back.
+        use_now(at - Duration::from_secs(1)).await;
+        assert!(store.get(&id).await.unwrap().last_used_at >= Some(t0 - Duration::from_secs(1)));
+
+        at += Duration::from_secs(120);
+        use_now(at).await;
+        store.set_status(&id, Status::Disabled).await.unwrap();
+        assert_eq!(store.get(&id).await.unwrap().last_used_at, Some(at));
+        store.set_status(&id, Status::Active).await.unwrap();
+
+        at += Duration::from_secs(120);
+        use_now(at).await;
+        store.set_owner_active("o", false).await.unwrap();
+        assert_eq!(store.get(&id).await.unwrap().last_used_at, Some(at));
+        store.set_owner_active("o", true).await.unwrap();
+        assert_eq!(store.get(&id).await.unwrap().last_used_at, Some(at));
+
+        at += Duration::from_secs(120);
+        use_now(at).await;
+        store
+            .rotate(&id, Duration::from_secs(3600), None)
+            .await
+            .unwrap();
+        assert_eq!(store.get(&id).await.unwrap().last_used_at, Some(at));
+        let rotated_out = store
+            .get_hash(&old_secret)
+            .unwrap()
+            .expect("the old secret works in its grace");
+        assert_eq!(rotated_out.last_use(), Some(at));
+
+        at += Duration::from_secs(120);
+        use_now(at).await;
+        let listed = store
+            .list(
+                "o",
+                Page {
+                    after: None,
+                    limit: 10,
+                },
+            )
+            .await
+            .unwrap();
+        assert_eq!(listed.first().and_then(|r| r.last_used_at), Some(at));
+        store.revoke_all("o").await.unwrap();
+        assert_eq!(store.get(&id).await.unwrap().last_used_at, Some(at));
+    }
+
+    /// Held in the fifth hunt. A live cache keeps its subscription while the store forgets
+    /// those of dropped caches around it (at changes naming one hash, several, or none of
+    /// the keys it holds): a key it holds, disabled after all that, is at once refused
+    /// through it.
+    #[tokio::test]
+    async fn a_live_cache_keeps_its_subscription_while_dropped_ones_go() {
+        use crate::lookup::KeyLookup;
+        use crate::store::KeyStore;
+
+        let store = MemoryStore::new();
+        let key = store
+            .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+            .unwrap();
+        let mut caches: Vec<_> = (0..5)
+            .map(|_| CachedLookup::over_store(store.clone()))
+            .collect();
+        let kept = caches.remove(2);
+        let record = kept.lookup(&key.presented()).await.unwrap().unwrap();
+        assert_eq!(record.status, Status::Active);
+        drop(caches);
+        for _ in 0..3 {
+            drop(CachedLookup::over_store(store.clone()));
+            // Changes naming other keys: one hash, then several at once.
+            store
+                .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+                .unwrap();
+            store.revoke_all("nobody").await.ok();
+        }
+        store.set_owner_active("o", true).await.ok();
+        assert_eq!(store.listeners.len(), 1, "only the live cache listens");
+        store
+            .set_status(&record.id, Status::Disabled)
+            .await
+            .unwrap();
+        let after = kept.lookup(&key.presented()).await.unwrap().unwrap();
+        assert_eq!(after.status, Status::Disabled, "the live cache was told");
     }
 }
