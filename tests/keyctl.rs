@@ -339,7 +339,7 @@ fn a_session_on_sqlite() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-#[cfg(feature = "postgres")]
+#[cfg(feature = "test-servers")]
 #[test]
 fn a_session_on_postgres() {
     let url = std::env::var("KEYGATE_TEST_POSTGRES_URL")

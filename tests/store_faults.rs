@@ -194,7 +194,7 @@ mod sqlite {
     }
 }
 
-#[cfg(feature = "postgres")]
+#[cfg(feature = "test-servers")]
 mod postgres {
     use super::*;
     use sqlx::Row;

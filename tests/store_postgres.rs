@@ -2,7 +2,7 @@
 //!
 //! Needs `KEYGATE_TEST_POSTGRES_URL` (a database these tests may wipe); `.ci/run` starts
 //! PostgreSQL and creates one. Without the variable the tests fail: they never skip.
-#![cfg(feature = "postgres")]
+#![cfg(feature = "test-servers")]
 
 mod conformance;
 
