@@ -25,6 +25,7 @@ const FLOORS: &[(&str, &[&str])] = &[
             "ratelimit/gcra",
             "ratelimit/headers",
             "ratelimit/memory",
+            "ratelimit/redis",
             "ratelimit/store",
         ],
     ),

@@ -20,6 +20,8 @@ mod headers;
 mod key_fn;
 mod layer;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 mod service;
 mod shared;
 mod store;
@@ -31,6 +33,12 @@ pub use key_fn::{KeyFn, PerKey};
 pub use layer::{RateLimitBuilder, RateLimitLayer};
 pub(crate) use memory::DEFAULT_MAX_BUCKETS;
 pub use memory::{LimiterError, MemoryLimiter, MemoryLimiterBuilder};
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use redis::{
+    FailurePolicy, RedisBucketKey, RedisLimiter, RedisLimiterBuildError, RedisLimiterBuilder,
+    RedisLimiterError, RedisLimiterStats,
+};
 pub use service::RateLimitService;
 pub use store::{BucketKey, LimiterStore};
 

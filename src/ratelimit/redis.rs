@@ -1,0 +1,889 @@
+//! Buckets on Redis, shared by every instance: [`RedisLimiter`].
+
+use std::fmt::{self, Write as _};
+use std::future::Future;
+use std::marker::PhantomData;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+use tokio::time::Instant;
+
+use super::decision::{most_restrictive, Decision};
+use super::gcra::step;
+use super::memory::{LimiterError, MemoryLimiter};
+use super::store::{BucketKey, LimiterStore};
+use crate::answer::Answer;
+use crate::clock::Clock;
+use crate::error::ConfigError;
+use crate::key::KeyId;
+use crate::quota::{Quota, MAX_WINDOWS};
+
+/// The decision script: every window of one bucket, the cost, refunds, Redis's clock.
+const SCRIPT: &str = include_str!("redis.lua");
+
+const SEC: u64 = 1_000_000_000;
+
+/// What a [`RedisLimiter`] does when Redis does not answer in time, fails, or its breaker
+/// is open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum FailurePolicy {
+    /// Refuse: the layers answer 503 `auth_unavailable`. The default: no key gets more than
+    /// its budget, at the price of the API while Redis is down.
+    #[default]
+    Closed,
+    /// Admit, as if every window were full, and say so: a `WARN` event (at most one a
+    /// second per limiter) with the field `keygate_limiter_fail_open` counting the requests
+    /// admitted unlimited since the last event, and [`RedisLimiterStats::fail_open`].
+    Open,
+    /// Decide in this instance's own memory ([`MemoryLimiter`]): each instance gives every
+    /// key its whole budget while Redis is down, so N instances admit up to N times it.
+    Local,
+}
+
+/// Why a [`RedisLimiter`] could not decide (under [`FailurePolicy::Closed`]; the other
+/// policies decide anyway).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisLimiterError {
+    /// No quota, or more than [`MAX_WINDOWS`].
+    #[error("a bucket needs between 1 and 8 quotas, got {0}")]
+    Windows(usize),
+    /// Redis did not answer within the limiter's timeout.
+    #[error("Redis did not answer the rate-limit decision within {0:?}")]
+    Timeout(Duration),
+    /// Redis answered with an error, or the connection failed.
+    #[error("Redis failed the rate-limit decision ({0})")]
+    Redis(#[source] redis::RedisError),
+    /// The script answered something it never writes.
+    #[error("Redis answered the rate-limit decision with something unexpected")]
+    Reply,
+    /// Recent calls failed, and Redis is left alone for a while (the breaker is open).
+    #[error("Redis is skipped after repeated failures (the breaker is open)")]
+    BreakerOpen,
+    /// The local fallback ([`FailurePolicy::Local`]) could not decide.
+    #[error(transparent)]
+    Local(#[from] LimiterError),
+}
+
+/// What a bucket key is called on Redis: a stable text form, the same in every instance.
+///
+/// Implemented for the per-key buckets of [`PerKey`](super::PerKey), IP addresses,
+/// strings and integers. The text is escaped so that no key can pick another's hash slot
+/// or collide with another type's keys.
+pub trait RedisBucketKey: BucketKey {
+    /// Appends this key's name to `out`.
+    fn write_redis_key(&self, out: &mut String);
+}
+
+/// Appends `text` with `%`, `{`, `}` and `/` escaped.
+fn escaped(out: &mut String, text: &str) {
+    for c in text.chars() {
+        match c {
+            '%' => out.push_str("%25"),
+            '{' => out.push_str("%7B"),
+            '}' => out.push_str("%7D"),
+            '/' => out.push_str("%2F"),
+            c => out.push(c),
+        }
+    }
+}
+
+impl RedisBucketKey for (KeyId, Option<Arc<str>>) {
+    fn write_redis_key(&self, out: &mut String) {
+        out.push_str("k:");
+        escaped(out, self.0.as_str());
+        if let Some(bucket) = &self.1 {
+            out.push('/');
+            escaped(out, bucket);
+        }
+    }
+}
+
+impl RedisBucketKey for IpAddr {
+    fn write_redis_key(&self, out: &mut String) {
+        let _ = write!(out, "ip:{self}");
+    }
+}
+
+impl RedisBucketKey for String {
+    fn write_redis_key(&self, out: &mut String) {
+        out.push_str("s:");
+        escaped(out, self);
+    }
+}
+
+impl RedisBucketKey for Arc<str> {
+    fn write_redis_key(&self, out: &mut String) {
+        out.push_str("s:");
+        escaped(out, self);
+    }
+}
+
+impl RedisBucketKey for &'static str {
+    fn write_redis_key(&self, out: &mut String) {
+        out.push_str("s:");
+        escaped(out, self);
+    }
+}
+
+impl RedisBucketKey for u64 {
+    fn write_redis_key(&self, out: &mut String) {
+        let _ = write!(out, "n:{self}");
+    }
+}
+
+impl RedisBucketKey for u32 {
+    fn write_redis_key(&self, out: &mut String) {
+        let _ = write!(out, "n:{self}");
+    }
+}
+
+/// One Redis, or a Redis Cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Where to connect.
+#[derive(Clone)]
+enum Target {
+    Single(String),
+    Cluster(Vec<String>),
+}
+
+/// Counts of what a [`RedisLimiter`] did, since it was built.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisLimiterStats {
+    /// Decisions Redis took.
+    pub decided: u64,
+    /// Calls that failed or timed out.
+    pub failures: u64,
+    /// Requests decided by the failure policy because the breaker was open (Redis not
+    /// asked).
+    pub skipped: u64,
+    /// Requests refused because Redis could not decide ([`FailurePolicy::Closed`]).
+    pub fail_closed: u64,
+    /// Requests admitted unlimited ([`FailurePolicy::Open`]).
+    pub fail_open: u64,
+    /// Requests decided in local memory ([`FailurePolicy::Local`]).
+    pub fail_local: u64,
+    /// Times the breaker opened.
+    pub breaker_opened: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    decided: AtomicU64,
+    failures: AtomicU64,
+    skipped: AtomicU64,
+    fail_closed: AtomicU64,
+    fail_open: AtomicU64,
+    fail_local: AtomicU64,
+    breaker_opened: AtomicU64,
+    /// Open-policy admissions not yet reported in a warning.
+    unreported_open: AtomicU64,
+    /// When the last open-policy warning went out (ms since the limiter's start).
+    last_open_warning: AtomicU64,
+}
+
+/// Closed while Redis answers; open (Redis skipped) for a cool-down after `threshold`
+/// failures in a row; then one request at a time probes Redis until one succeeds.
+struct Breaker {
+    threshold: u32,
+    cooldown: Duration,
+    failures: AtomicU32,
+    /// Until when Redis is skipped, in ms since `start` (0: closed).
+    open_until: AtomicU64,
+    /// When the current probe started, in ms since `start` (0: none).
+    probe_since: AtomicU64,
+    start: Instant,
+}
+
+enum Gate {
+    /// Call Redis.
+    Call,
+    /// Skip it: decide by the policy.
+    Skip,
+}
+
+impl Breaker {
+    fn now_ms(&self) -> u64 {
+        // +1 so that 0 can mean "never".
+        u64::try_from(self.start.elapsed().as_millis())
+            .unwrap_or(u64::MAX - 1)
+            .saturating_add(1)
+    }
+
+    fn gate(&self, timeout: Duration) -> Gate {
+        let until = self.open_until.load(Ordering::Acquire);
+        if until == 0 {
+            return Gate::Call;
+        }
+        let now = self.now_ms();
+        if now < until {
+            return Gate::Skip;
+        }
+        // Cool-down over: one probe at a time (a probe whose request was dropped before it
+        // finished is given up after twice the timeout).
+        let since = self.probe_since.load(Ordering::Acquire);
+        let stale = since != 0 && now.saturating_sub(since) > 2 * millis(timeout);
+        if (since == 0 || stale)
+            && self
+                .probe_since
+                .compare_exchange(since, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            Gate::Call
+        } else {
+            Gate::Skip
+        }
+    }
+
+    fn success(&self) {
+        if self.failures.load(Ordering::Relaxed) != 0 {
+            self.failures.store(0, Ordering::Relaxed);
+        }
+        if self.open_until.load(Ordering::Relaxed) != 0 {
+            self.open_until.store(0, Ordering::Release);
+            self.probe_since.store(0, Ordering::Release);
+            tracing::info!(
+                keygate_limiter = "redis",
+                "Redis answers again: the rate limiter's breaker is closed"
+            );
+        }
+    }
+
+    /// Counts a failure; whether the breaker opened (again) now.
+    fn failure(&self) -> bool {
+        let failures = self
+            .failures
+            .fetch_add(1, Ordering::AcqRel)
+            .saturating_add(1);
+        if failures < self.threshold {
+            return false;
+        }
+        let until = self.now_ms().saturating_add(millis(self.cooldown)).max(1);
+        self.open_until.store(until, Ordering::Release);
+        self.probe_since.store(0, Ordering::Release);
+        true
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+struct Inner<K> {
+    conn: Conn,
+    script: redis::Script,
+    prefix: String,
+    policy: FailurePolicy,
+    timeout: Duration,
+    breaker: Breaker,
+    local: MemoryLimiter<K>,
+    clock: Option<Arc<dyn Clock>>,
+    marker_ms: u64,
+    seed: u64,
+    sequence: AtomicU64,
+    counters: Counters,
+}
+
+/// Token buckets on Redis or Redis Cluster, shared by every instance that points at it:
+/// a key gets its budget once, whichever instance it calls.
+///
+/// - **One round trip per decision**: a server-side script checks and charges every window
+///   of the key (and the route's cost) atomically, on Redis's own clock, so no instance's
+///   clock can skew a budget. It is loaded once and called by its hash (`EVALSHA`), and
+///   loaded again transparently after a `NOSCRIPT` (a restart or a failover).
+/// - **State only for active keys**: a bucket is one Redis hash (one field per window)
+///   that expires when its emptiest window is full again. Its windows share the key, so
+///   they share a hash slot: it works on Redis Cluster as on one Redis.
+/// - **The same numbers as [`MemoryLimiter`]**: the script returns the windows' state and
+///   the decision is computed by the same code, so headers and 429 bodies match.
+/// - **Failures**: each call has a timeout; [`FailurePolicy`] says what happens when it
+///   fails; a breaker stops calling Redis after repeated failures (so an outage does not
+///   add the timeout to every request) and probes it again after a cool-down, recovering
+///   without a restart.
+/// - **No double charge**: a call is retried once after a dropped connection (and the
+///   cluster client re-sends on redirects), so each decision carries a random token; the
+///   script keeps its answer under that token for the timeout plus a second, and a re-sent
+///   call gets the first answer instead of a second charge.
+///
+/// Clones share the connection. Build one per application and share it between layers.
+pub struct RedisLimiter<K> {
+    inner: Arc<Inner<K>>,
+}
+
+impl<K> Clone for RedisLimiter<K> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+        }
+    }
+}
+
+impl<K> fmt::Debug for RedisLimiter<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisLimiter")
+            .field("prefix", &self.inner.prefix)
+            .field("policy", &self.inner.policy)
+            .field("timeout", &self.inner.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Settings for a [`RedisLimiter`], from [`RedisLimiter::builder`] or
+/// [`RedisLimiter::cluster_builder`].
+#[must_use]
+pub struct RedisLimiterBuilder<K> {
+    target: Target,
+    key: PhantomData<fn() -> K>,
+    prefix: String,
+    policy: FailurePolicy,
+    timeout: Duration,
+    threshold: u32,
+    cooldown: Duration,
+    clock: Option<Arc<dyn Clock>>,
+    max_local_buckets: Option<usize>,
+}
+
+impl<K> fmt::Debug for RedisLimiterBuilder<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URLs may hold a password: not printed.
+        f.debug_struct("RedisLimiterBuilder")
+            .field("prefix", &self.prefix)
+            .field("policy", &self.policy)
+            .field("timeout", &self.timeout)
+            .field("breaker_threshold", &self.threshold)
+            .field("breaker_cooldown", &self.cooldown)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<K: RedisBucketKey> RedisLimiterBuilder<K> {
+    fn new(target: Target) -> Self {
+        Self {
+            target,
+            key: PhantomData,
+            prefix: "keygate:rl:".to_owned(),
+            policy: FailurePolicy::Closed,
+            timeout: Duration::from_millis(100),
+            threshold: 3,
+            cooldown: Duration::from_secs(1),
+            clock: None,
+            max_local_buckets: None,
+        }
+    }
+
+    /// What every Redis key of this limiter starts with (default `keygate:rl:`). Give two
+    /// limiters that must not share buckets (a per-key one and a per-IP one) different
+    /// prefixes.
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// What happens when Redis cannot decide (default [`FailurePolicy::Closed`]).
+    pub fn policy(mut self, policy: FailurePolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// How long one decision may wait for Redis, reconnecting included (default 100 ms).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The breaker: after `failures` failed calls in a row, Redis is not called for
+    /// `cooldown`; then one request at a time tries it (default 3 failures, 1 s).
+    pub fn breaker(mut self, failures: u32, cooldown: Duration) -> Self {
+        self.threshold = failures;
+        self.cooldown = cooldown;
+        self
+    }
+
+    /// Decides on this clock instead of Redis's (`TIME`). For tests only (a
+    /// [`FakeClock`](crate::clock::FakeClock)): in production every instance must use
+    /// Redis's clock, or instances whose clocks differ give keys different budgets.
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Some(Arc::new(clock));
+        self
+    }
+
+    /// The most buckets the local fallback ([`FailurePolicy::Local`]) tracks (default as
+    /// [`MemoryLimiter`]'s).
+    pub fn max_local_buckets(mut self, max: usize) -> Self {
+        self.max_local_buckets = Some(max);
+        self
+    }
+
+    /// Connects. To a single Redis the connection is made on first use and remade after a
+    /// failure, so the limiter can be built while Redis is down (decisions then follow the
+    /// policy); to a cluster, the nodes are asked for the slot map now.
+    ///
+    /// # Errors
+    ///
+    /// [`RedisLimiterBuildError`]: a URL that does not parse, a cluster that cannot be
+    /// reached, a zero timeout, threshold or cool-down, or a prefix holding `{` or `}`.
+    pub async fn connect(self) -> Result<RedisLimiter<K>, RedisLimiterBuildError> {
+        if self.timeout.is_zero() {
+            return Err(ConfigError::Zero("redis limiter timeout").into());
+        }
+        if self.threshold == 0 {
+            return Err(ConfigError::Zero("redis limiter breaker threshold").into());
+        }
+        if self.cooldown.is_zero() {
+            return Err(ConfigError::Zero("redis limiter breaker cool-down").into());
+        }
+        if self.prefix.contains(['{', '}']) {
+            return Err(RedisLimiterBuildError::Prefix);
+        }
+        let conn = match &self.target {
+            Target::Single(url) => {
+                let client = redis::Client::open(url.as_str()).map_err(build_error)?;
+                let config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(self.timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(self.cooldown);
+                Conn::Single(
+                    ConnectionManager::new_lazy_with_config(client, config).map_err(build_error)?,
+                )
+            }
+            Target::Cluster(nodes) => {
+                let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+                    .connection_timeout(self.timeout)
+                    .response_timeout(self.timeout)
+                    .retries(2)
+                    .build()
+                    .map_err(build_error)?;
+                Conn::Cluster(client.get_async_connection().await.map_err(build_error)?)
+            }
+        };
+        let mut local = MemoryLimiter::builder();
+        if let Some(max) = self.max_local_buckets {
+            local = local.max_buckets(max);
+        }
+        let local = local.build()?;
+        let mut seed = [0u8; 8];
+        getrandom::fill(&mut seed).map_err(|_| RedisLimiterBuildError::Random)?;
+        Ok(RedisLimiter {
+            inner: Arc::new(Inner {
+                conn,
+                script: redis::Script::new(SCRIPT),
+                prefix: self.prefix,
+                policy: self.policy,
+                timeout: self.timeout,
+                breaker: Breaker {
+                    threshold: self.threshold,
+                    cooldown: self.cooldown,
+                    failures: AtomicU32::new(0),
+                    open_until: AtomicU64::new(0),
+                    probe_since: AtomicU64::new(0),
+                    start: Instant::now(),
+                },
+                local,
+                clock: self.clock,
+                marker_ms: millis(self.timeout).saturating_add(1000),
+                seed: u64::from_le_bytes(seed),
+                sequence: AtomicU64::new(0),
+                counters: Counters::default(),
+            }),
+        })
+    }
+}
+
+/// Why a [`RedisLimiter`] could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisLimiterBuildError {
+    /// A setting out of range.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A key prefix holding `{` or `}` (they would pick the keys' cluster hash slot).
+    #[error("the Redis key prefix must not contain '{{' or '}}'")]
+    Prefix,
+    /// The URL does not parse, or the cluster cannot be reached.
+    #[error("Redis: {0}")]
+    Redis(#[source] redis::RedisError),
+    /// The OS random source failed.
+    #[error("the OS random source failed")]
+    Random,
+}
+
+fn build_error(error: redis::RedisError) -> RedisLimiterBuildError {
+    RedisLimiterBuildError::Redis(error)
+}
+
+impl<K: RedisBucketKey> RedisLimiter<K> {
+    /// Settings for a limiter on one Redis (`redis://[:password@]host:port[/db]` or
+    /// `rediss://…`).
+    pub fn builder(url: impl Into<String>) -> RedisLimiterBuilder<K> {
+        RedisLimiterBuilder::new(Target::Single(url.into()))
+    }
+
+    /// Settings for a limiter on a Redis Cluster, given some of its nodes.
+    pub fn cluster_builder<I, S>(nodes: I) -> RedisLimiterBuilder<K>
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        RedisLimiterBuilder::new(Target::Cluster(nodes.into_iter().map(Into::into).collect()))
+    }
+
+    /// What this limiter did since it was built.
+    pub fn stats(&self) -> RedisLimiterStats {
+        let c = &self.inner.counters;
+        RedisLimiterStats {
+            decided: c.decided.load(Ordering::Relaxed),
+            failures: c.failures.load(Ordering::Relaxed),
+            skipped: c.skipped.load(Ordering::Relaxed),
+            fail_closed: c.fail_closed.load(Ordering::Relaxed),
+            fail_open: c.fail_open.load(Ordering::Relaxed),
+            fail_local: c.fail_local.load(Ordering::Relaxed),
+            breaker_opened: c.breaker_opened.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The Redis key of `key`'s bucket.
+    fn bucket_key(&self, key: &K) -> String {
+        let mut out = String::with_capacity(self.inner.prefix.len() + 48);
+        out.push_str(&self.inner.prefix);
+        out.push('{');
+        key.write_redis_key(&mut out);
+        out.push('}');
+        out
+    }
+
+    /// Decides `key`'s request on Redis (or by the failure policy).
+    pub async fn decide(
+        &self,
+        key: &K,
+        quotas: &[Quota],
+        cost: u32,
+    ) -> Result<Decision, RedisLimiterError> {
+        match LimiterStore::check(self, key, quotas, cost) {
+            Answer::Now(answer) => answer,
+            Answer::Later(future) => future.await,
+        }
+    }
+
+    /// The script's arguments after the mode and cost: marker lifetime, now, windows.
+    fn arguments(&self, quotas: &[Quota]) -> Vec<String> {
+        let mut args = Vec::with_capacity(3 + 3 * quotas.len());
+        args.push(self.inner.marker_ms.to_string());
+        match &self.inner.clock {
+            Some(clock) => {
+                let now = clock.now_nanos();
+                args.push((now / SEC).to_string());
+                args.push((now % SEC).to_string());
+            }
+            None => {
+                args.push(String::new());
+                args.push(String::new());
+            }
+        }
+        for quota in quotas {
+            args.push(format!("w:{}:{}", quota.capacity(), quota.interval_ns()));
+            args.push(quota.interval_ns().to_string());
+            args.push(quota.burst_ns().to_string());
+        }
+        args
+    }
+
+    /// Decides by the failure policy, after Redis could not.
+    fn fallback(
+        &self,
+        key: &K,
+        quotas: &[Quota],
+        cost: u32,
+        error: RedisLimiterError,
+    ) -> Result<Decision, RedisLimiterError> {
+        let c = &self.inner.counters;
+        match self.inner.policy {
+            FailurePolicy::Closed => {
+                c.fail_closed.fetch_add(1, Ordering::Relaxed);
+                Err(error)
+            }
+            FailurePolicy::Local => {
+                c.fail_local.fetch_add(1, Ordering::Relaxed);
+                Ok(self.inner.local.decide(key, quotas, cost)?)
+            }
+            FailurePolicy::Open => {
+                c.fail_open.fetch_add(1, Ordering::Relaxed);
+                c.unreported_open.fetch_add(1, Ordering::Relaxed);
+                let now_ms = self.inner.breaker.now_ms();
+                let last = c.last_open_warning.load(Ordering::Relaxed);
+                if (last == 0 || now_ms.saturating_sub(last) >= 1000)
+                    && c.last_open_warning
+                        .compare_exchange(last, now_ms, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    let admitted = c.unreported_open.swap(0, Ordering::Relaxed);
+                    tracing::warn!(
+                        keygate_limiter = "redis",
+                        keygate_limiter_fail_open = admitted,
+                        error = %error,
+                        "Redis cannot decide: requests are admitted without a rate limit \
+                         (failure policy open)"
+                    );
+                }
+                let now = self.now_nanos();
+                most_restrictive(quotas.iter().map(|q| (q, step(0, now, q, cost))), now)
+                    .ok_or(RedisLimiterError::Windows(0))
+            }
+        }
+    }
+
+    fn now_nanos(&self) -> u64 {
+        match &self.inner.clock {
+            Some(clock) => clock.now_nanos(),
+            None => crate::clock::SystemClock.now_nanos(),
+        }
+    }
+
+    /// Counts a failed call, opening the breaker after enough of them.
+    fn failed(&self, error: &RedisLimiterError) {
+        let c = &self.inner.counters;
+        c.failures.fetch_add(1, Ordering::Relaxed);
+        if self.inner.breaker.failure() {
+            c.breaker_opened.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                keygate_limiter = "redis",
+                error = %error,
+                cooldown_ms = millis(self.inner.breaker.cooldown),
+                "the rate limiter stops calling Redis for a while (breaker open)"
+            );
+        }
+    }
+}
+
+/// Reads the script's answer: `allowed:now_s:now_ns:offset…`, one offset per window.
+fn parse_answer(text: &str, quotas: &[Quota], cost: u32) -> Option<Decision> {
+    let mut parts = text.split(':');
+    let allowed = match parts.next()? {
+        "1" => true,
+        "0" => false,
+        _ => return None,
+    };
+    let now_s: u64 = parts.next()?.parse().ok()?;
+    let now_ns: u64 = parts.next()?.parse().ok()?;
+    let now = now_s.checked_mul(SEC)?.checked_add(now_ns)?;
+    let mut tats = [0u64; MAX_WINDOWS];
+    for tat in tats.iter_mut().take(quotas.len()) {
+        let offset: u64 = parts.next()?.parse().ok()?;
+        *tat = now.checked_add(offset)?;
+    }
+    if parts.next().is_some() {
+        return None;
+    }
+    let steps = quotas
+        .iter()
+        .zip(tats)
+        .map(|(q, tat)| (q, step(tat, now, q, cost)));
+    let mut decision = most_restrictive(steps, now)?;
+    // The script's verdict is the one that charged (or not): it stands.
+    decision.allowed = allowed;
+    Some(decision)
+}
+
+type DecisionFuture = Pin<Box<dyn Future<Output = Result<Decision, RedisLimiterError>> + Send>>;
+
+impl<K: RedisBucketKey> LimiterStore<K> for RedisLimiter<K> {
+    type Error = RedisLimiterError;
+    type Future = DecisionFuture;
+
+    fn check(
+        &self,
+        key: &K,
+        quotas: &[Quota],
+        cost: u32,
+    ) -> Answer<Result<Decision, RedisLimiterError>, DecisionFuture> {
+        if quotas.is_empty() || quotas.len() > MAX_WINDOWS {
+            return Answer::Now(Err(RedisLimiterError::Windows(quotas.len())));
+        }
+        let inner = &self.inner;
+        if let Gate::Skip = inner.breaker.gate(inner.timeout) {
+            inner.counters.skipped.fetch_add(1, Ordering::Relaxed);
+            return Answer::Now(self.fallback(key, quotas, cost, RedisLimiterError::BreakerOpen));
+        }
+        let bucket = self.bucket_key(key);
+        let token = inner
+            .seed
+            .wrapping_add(inner.sequence.fetch_add(1, Ordering::Relaxed));
+        let marker = format!("{bucket}:d:{token:016x}");
+        let args = self.arguments(quotas);
+        let this = self.clone();
+        let key = key.clone();
+        let quotas: Vec<Quota> = quotas.to_vec();
+        Answer::Later(Box::pin(async move {
+            let mut invocation = this.inner.script.key(&bucket);
+            invocation.key(&marker).arg("c").arg(cost);
+            for arg in &args {
+                invocation.arg(arg);
+            }
+            let mut conn = this.inner.conn.clone();
+            let deadline = Instant::now() + this.inner.timeout;
+            let call = async {
+                match invocation.invoke_async::<String>(&mut conn).await {
+                    // A dropped connection may or may not have carried the call: once more,
+                    // under the same token, so that it charges at most once.
+                    Err(e) if e.is_connection_dropped() || e.is_io_error() => {
+                        invocation.invoke_async::<String>(&mut conn).await
+                    }
+                    other => other,
+                }
+            };
+            let outcome = match tokio::time::timeout_at(deadline, call).await {
+                Ok(Ok(text)) => parse_answer(&text, &quotas, cost).ok_or(RedisLimiterError::Reply),
+                Ok(Err(e)) => Err(RedisLimiterError::Redis(e)),
+                Err(_) => Err(RedisLimiterError::Timeout(this.inner.timeout)),
+            };
+            match outcome {
+                Ok(decision) => {
+                    this.inner.breaker.success();
+                    this.inner.counters.decided.fetch_add(1, Ordering::Relaxed);
+                    Ok(decision)
+                }
+                Err(error) => {
+                    this.failed(&error);
+                    this.fallback(&key, &quotas, cost, error)
+                }
+            }
+        }))
+    }
+
+    /// Gives the tokens back on Redis in the background (best effort: skipped while the
+    /// breaker is open or outside a tokio runtime). [`RedisLimiter::give_back`] awaits it.
+    fn refund(&self, key: &K, quotas: &[Quota], cost: u32) {
+        if self.inner.breaker.open_until.load(Ordering::Acquire) != 0 {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let this = self.clone();
+        let key = key.clone();
+        let quotas = quotas.to_vec();
+        runtime.spawn(async move {
+            if let Err(error) = this.give_back(&key, &quotas, cost).await {
+                tracing::debug!(%error, "a rate-limit refund failed on Redis");
+            }
+        });
+    }
+}
+
+impl<K: RedisBucketKey> RedisLimiter<K> {
+    /// Gives `cost` tokens back to every window of `key`'s bucket (each window once, never
+    /// above full), and waits for Redis to confirm.
+    ///
+    /// # Errors
+    ///
+    /// [`RedisLimiterError`] when Redis fails or does not answer within the timeout (then
+    /// the tokens may or may not have been given back).
+    pub async fn give_back(
+        &self,
+        key: &K,
+        quotas: &[Quota],
+        cost: u32,
+    ) -> Result<(), RedisLimiterError> {
+        if quotas.is_empty() || quotas.len() > MAX_WINDOWS {
+            return Err(RedisLimiterError::Windows(quotas.len()));
+        }
+        let bucket = self.bucket_key(key);
+        let args = self.arguments(quotas);
+        let mut invocation = self.inner.script.key(&bucket);
+        invocation.key(&bucket).arg("r").arg(cost);
+        for arg in &args {
+            invocation.arg(arg);
+        }
+        let mut conn = self.inner.conn.clone();
+        let call = invocation.invoke_async::<String>(&mut conn);
+        match tokio::time::timeout(self.inner.timeout, call).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(RedisLimiterError::Redis(e)),
+            Err(_) => Err(RedisLimiterError::Timeout(self.inner.timeout)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::num::NonZeroU32;
+
+    fn q(n: u32) -> Quota {
+        Quota::per_minute(NonZeroU32::new(n).unwrap())
+    }
+
+    #[test]
+    fn answers_that_are_not_the_scripts_are_refused() {
+        let quotas = [q(60), q(1000)];
+        assert!(parse_answer("1:1700000000:5:0:0", &quotas, 1).is_some());
+        for bad in [
+            "",
+            "2:1:1:0:0",
+            "1:1700000000:5:0",
+            "1:1700000000:5:0:0:0",
+            "1:x:5:0:0",
+            "1:99999999999999999999:0:0:0",
+            "1:18446744073:999999999:999999999999:0",
+        ] {
+            assert!(parse_answer(bad, &quotas, 1).is_none(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn bucket_names_cannot_pick_another_slot_or_collide() {
+        let mut a = String::new();
+        (KeyId::new("a}b{c"), Some(Arc::<str>::from("x/y"))).write_redis_key(&mut a);
+        assert_eq!(a, "k:a%7Db%7Bc/x%2Fy");
+        let mut b = String::new();
+        (KeyId::new("a/x"), None).write_redis_key(&mut b);
+        let mut c = String::new();
+        (KeyId::new("a"), Some(Arc::<str>::from("x"))).write_redis_key(&mut c);
+        assert_ne!(b, c);
+        let mut s = String::new();
+        "k:a".write_redis_key(&mut s);
+        assert_ne!(s, "k:a");
+    }
+}

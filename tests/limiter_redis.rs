@@ -1,0 +1,472 @@
+//! `RedisLimiter` against real servers: the limiter conformance suite on one Redis and on a
+//! Redis Cluster (the fake clock passed to the script), the same numbers as the memory
+//! store, no double charge, expiry, `NOSCRIPT`, and the failure policies against a Redis
+//! this test starts and kills itself.
+//!
+//! Needs `KEYGATE_TEST_REDIS_URL` and `KEYGATE_TEST_REDIS_CLUSTER` (comma-separated nodes);
+//! `bash .ci/run` starts both. Without them the tests fail: they never skip.
+#![cfg(feature = "test-servers")]
+
+mod limiter_conformance;
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use keygate::clock::FakeClock;
+use keygate::ratelimit::{
+    Decision, FailurePolicy, MemoryLimiter, Quota, RedisLimiter, RedisLimiterError,
+};
+use redis::AsyncCommands;
+
+fn redis_url() -> String {
+    std::env::var("KEYGATE_TEST_REDIS_URL").expect(
+        "KEYGATE_TEST_REDIS_URL is not set: point it at a scratch Redis \
+         (bash .ci/run starts one), e.g. redis://127.0.0.1:6379/",
+    )
+}
+
+fn cluster_nodes() -> Vec<String> {
+    std::env::var("KEYGATE_TEST_REDIS_CLUSTER")
+        .expect(
+            "KEYGATE_TEST_REDIS_CLUSTER is not set: comma-separated nodes of a scratch Redis \
+             Cluster (bash .ci/run starts one), e.g. redis://127.0.0.1:7000,redis://127.0.0.1:7001",
+        )
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// A prefix no other run shares.
+fn fresh_prefix() -> String {
+    let mut bytes = [0u8; 6];
+    getrandom::fill(&mut bytes).expect("random");
+    let tag: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("keygate:test:{tag}:")
+}
+
+struct OnRedis(RedisLimiter<String>);
+
+impl limiter_conformance::Subject for OnRedis {
+    async fn decide(&self, key: &str, quotas: &[Quota], cost: u32) -> Decision {
+        self.0
+            .decide(&key.to_owned(), quotas, cost)
+            .await
+            .expect("Redis decides")
+    }
+
+    async fn refund(&self, key: &str, quotas: &[Quota], cost: u32) {
+        self.0
+            .give_back(&key.to_owned(), quotas, cost)
+            .await
+            .expect("Redis gives back");
+    }
+}
+
+async fn single() -> (OnRedis, FakeClock) {
+    let clock = limiter_conformance::clock();
+    let limiter = RedisLimiter::builder(redis_url())
+        .prefix(fresh_prefix())
+        .timeout(Duration::from_secs(5))
+        .clock(clock.clone())
+        .connect()
+        .await
+        .expect("connect to KEYGATE_TEST_REDIS_URL");
+    (OnRedis(limiter), clock)
+}
+
+async fn cluster() -> (OnRedis, FakeClock) {
+    let clock = limiter_conformance::clock();
+    let limiter = RedisLimiter::cluster_builder(cluster_nodes())
+        .prefix(fresh_prefix())
+        .timeout(Duration::from_secs(5))
+        .clock(clock.clone())
+        .connect()
+        .await
+        .expect("connect to KEYGATE_TEST_REDIS_CLUSTER");
+    (OnRedis(limiter), clock)
+}
+
+mod on_one_redis {
+    use super::*;
+    limiter_conformance!(single);
+}
+
+mod on_a_cluster {
+    use super::*;
+    limiter_conformance!(cluster);
+}
+
+struct Memory(MemoryLimiter<String>);
+
+impl limiter_conformance::Subject for Memory {
+    async fn decide(&self, key: &str, quotas: &[Quota], cost: u32) -> Decision {
+        self.0
+            .decide(&key.to_owned(), quotas, cost)
+            .expect("memory")
+    }
+    async fn refund(&self, key: &str, quotas: &[Quota], cost: u32) {
+        self.0.refund(&key.to_owned(), quotas, cost);
+    }
+}
+
+#[tokio::test]
+async fn the_same_numbers_as_the_memory_store() {
+    let clock = limiter_conformance::clock();
+    let memory = Memory(
+        MemoryLimiter::builder()
+            .clock(clock.clone())
+            .build()
+            .expect("memory"),
+    );
+    let expected = limiter_conformance::transcript(&memory, &clock, "t").await;
+    for (subject, clock) in [single().await, cluster().await] {
+        let got = limiter_conformance::transcript(&subject, &clock, "t").await;
+        assert_eq!(got.len(), expected.len());
+        for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+            assert_eq!(g, e, "decision {i}");
+        }
+    }
+    assert!(
+        expected.iter().any(|d| !d.allowed) && expected.iter().any(|d| d.allowed),
+        "the transcript has both verdicts"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_decisions_on_one_key_admit_exactly_the_capacity() {
+    for (OnRedis(limiter), _clock) in [single().await, cluster().await] {
+        let q = [Quota::per_minute(
+            std::num::NonZeroU32::new(500).expect("nz"),
+        )];
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let limiter = limiter.clone();
+                tokio::spawn(async move {
+                    let mut admitted = 0u32;
+                    for _ in 0..50 {
+                        if limiter
+                            .decide(&"hot".to_owned(), &q, 1)
+                            .await
+                            .expect("decide")
+                            .allowed
+                        {
+                            admitted += 1;
+                        }
+                    }
+                    admitted
+                })
+            })
+            .collect();
+        let mut total = 0;
+        for task in tasks {
+            total += task.await.expect("task");
+        }
+        assert_eq!(total, 500, "16 × 50 requests against 500: exactly 500 pass");
+    }
+}
+
+const SCRIPT: &str = include_str!("../src/ratelimit/redis.lua");
+
+/// The script called twice with the same decision token (a re-sent call) charges once and
+/// answers the same both times.
+#[tokio::test]
+async fn a_resent_decision_charges_once() {
+    let client = redis::Client::open(redis_url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let script = redis::Script::new(SCRIPT);
+    let prefix = fresh_prefix();
+    let bucket = format!("{prefix}{{s:k}}");
+    let window = ["w:3:20000000000", "20000000000", "60000000000"];
+    let call = |marker: String| {
+        let mut inv = script.key(&bucket);
+        inv.key(marker)
+            .arg("c")
+            .arg(1)
+            .arg(2000)
+            .arg("1700000000")
+            .arg("0");
+        for a in window {
+            inv.arg(a);
+        }
+        inv
+    };
+    let first: String = call(format!("{bucket}:d:1"))
+        .invoke_async(&mut conn)
+        .await
+        .expect("eval");
+    let again: String = call(format!("{bucket}:d:1"))
+        .invoke_async(&mut conn)
+        .await
+        .expect("eval");
+    assert_eq!(first, again, "the re-sent call gets the first answer");
+    assert_eq!(first, "1:1700000000:0:0");
+    // Two more distinct decisions fit (3 a minute), a third does not: the re-send took none.
+    for (i, expect) in [(2, "1"), (3, "1"), (4, "0")] {
+        let answer: String = call(format!("{bucket}:d:{i}"))
+            .invoke_async(&mut conn)
+            .await
+            .expect("eval");
+        assert!(answer.starts_with(expect), "{i}: {answer}");
+    }
+    // The markers expire on their own (2 s here), the bucket with its window.
+    let marker_ttl: i64 = conn.pttl(format!("{bucket}:d:1")).await.expect("pttl");
+    assert!((1..=2000).contains(&marker_ttl), "{marker_ttl}");
+    let _: () = conn.del(&bucket).await.expect("del");
+}
+
+/// A bucket lives only while a window is not full; Redis's own clock decides.
+#[tokio::test]
+async fn buckets_expire_with_their_window_on_redis_time() {
+    let prefix = fresh_prefix();
+    let limiter: RedisLimiter<String> = RedisLimiter::builder(redis_url())
+        .prefix(prefix.clone())
+        .connect()
+        .await
+        .expect("connect");
+    let q = [Quota::per_minute(
+        std::num::NonZeroU32::new(60).expect("nz"),
+    )];
+    for _ in 0..3 {
+        assert!(
+            limiter
+                .decide(&"e".to_owned(), &q, 1)
+                .await
+                .expect("decide")
+                .allowed
+        );
+    }
+    let client = redis::Client::open(redis_url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let ttl: i64 = conn.pttl(format!("{prefix}{{s:e}}")).await.expect("pttl");
+    // Three tokens of 60 a minute: full again in 3 s.
+    assert!((2000..=3001).contains(&ttl), "{ttl}");
+    // Only this bucket and its decisions' markers exist under the prefix.
+    let keys: Vec<String> = conn.keys(format!("{prefix}*")).await.expect("keys");
+    assert_eq!(keys.len(), 4, "{keys:?}");
+}
+
+/// After `SCRIPT FLUSH` (a restart, a failover) the script is loaded again transparently.
+#[tokio::test]
+async fn noscript_reloads() {
+    let (OnRedis(limiter), _clock) = single().await;
+    let q = [Quota::per_minute(std::num::NonZeroU32::new(5).expect("nz"))];
+    assert!(
+        limiter
+            .decide(&"n".to_owned(), &q, 1)
+            .await
+            .expect("first")
+            .allowed
+    );
+    let client = redis::Client::open(redis_url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .expect("flush");
+    let d = limiter
+        .decide(&"n".to_owned(), &q, 1)
+        .await
+        .expect("after flush");
+    assert_eq!(d.numbers.remaining, 3);
+}
+
+/// A Redis server this test owns, on a free loopback port.
+struct OwnRedis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl OwnRedis {
+    fn start() -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let mut own = Self { port, child: None };
+        own.restart();
+        own
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        self.child = Some(child);
+        // Up when it answers PING (bounded).
+        let client = redis::Client::open(self.url()).expect("url");
+        for _ in 0..200 {
+            if let Ok(mut c) = client.get_connection() {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        panic!("redis-server did not start on port {}", self.port);
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+async fn limiter_on(own: &OwnRedis, policy: FailurePolicy) -> RedisLimiter<String> {
+    RedisLimiter::builder(own.url())
+        .policy(policy)
+        .timeout(Duration::from_millis(200))
+        .breaker(2, Duration::from_millis(300))
+        .connect()
+        .await
+        .expect("build")
+}
+
+/// Decides until `done` holds, at most for `limit` (polling, not sleeping a fixed time).
+async fn until<F: Fn(&RedisLimiter<String>) -> bool>(
+    limiter: &RedisLimiter<String>,
+    limit: Duration,
+    done: F,
+) {
+    let q = [Quota::per_minute(
+        std::num::NonZeroU32::new(1000).expect("nz"),
+    )];
+    let end = tokio::time::Instant::now() + limit;
+    while !done(limiter) {
+        assert!(
+            tokio::time::Instant::now() < end,
+            "not reached within {limit:?}: {:?}",
+            limiter.stats()
+        );
+        let _ = limiter.decide(&"poll".to_owned(), &q, 1).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn each_failure_policy_does_what_it_says_and_recovers() {
+    let q = [Quota::per_minute(std::num::NonZeroU32::new(2).expect("nz"))];
+    for policy in [
+        FailurePolicy::Closed,
+        FailurePolicy::Open,
+        FailurePolicy::Local,
+    ] {
+        let mut own = OwnRedis::start();
+        let limiter = limiter_on(&own, policy).await;
+        let key = "p".to_owned();
+        assert!(limiter.decide(&key, &q, 1).await.expect("up").allowed);
+        own.kill();
+
+        // Down: every decision answers within the timeout (plus scheduling slack), by the
+        // policy.
+        for i in 0..6 {
+            let started = std::time::Instant::now();
+            let answer = limiter.decide(&key, &q, 1).await;
+            let took = started.elapsed();
+            assert!(
+                took < Duration::from_secs(2),
+                "{policy:?} {i}: took {took:?}"
+            );
+            match policy {
+                FailurePolicy::Closed => assert!(
+                    matches!(
+                        answer,
+                        Err(RedisLimiterError::Redis(_)
+                            | RedisLimiterError::Timeout(_)
+                            | RedisLimiterError::BreakerOpen)
+                    ),
+                    "{answer:?}"
+                ),
+                FailurePolicy::Open => assert!(answer.expect("open admits").allowed),
+                FailurePolicy::Local => {
+                    // The local bucket is fresh: 2 pass, then refused.
+                    let d = answer.expect("local decides");
+                    assert_eq!(d.allowed, i < 2, "{i}");
+                }
+                _ => unreachable!(),
+            }
+        }
+        let stats = limiter.stats();
+        assert!(stats.breaker_opened >= 1, "{stats:?}");
+        assert!(stats.skipped >= 1, "the breaker spared Redis: {stats:?}");
+        match policy {
+            FailurePolicy::Closed => assert_eq!(stats.fail_closed, 6),
+            FailurePolicy::Open => assert_eq!(stats.fail_open, 6),
+            FailurePolicy::Local => assert_eq!(stats.fail_local, 6),
+            _ => unreachable!(),
+        }
+
+        // Back: the limiter finds Redis again without a restart.
+        own.restart();
+        let before = limiter.stats().decided;
+        until(&limiter, Duration::from_secs(20), |l| {
+            l.stats().decided > before
+        })
+        .await;
+        // Redis's bucket for the key still holds the one token taken before the outage
+        // (Redis kept nothing on disk: a fresh bucket after a restart is what it says).
+        let d = limiter.decide(&key, &q, 1).await.expect("decides on Redis");
+        assert!(d.allowed);
+    }
+}
+
+#[tokio::test]
+async fn a_builder_error_never_prints_the_password() {
+    let err = RedisLimiter::<String>::builder("redis://:hunter2-secret@127.0.0.1:1/notanumber")
+        .connect()
+        .await;
+    if let Err(e) = err {
+        let text = format!("{e} {e:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+    let builder = RedisLimiter::<String>::builder("redis://:hunter2-secret@127.0.0.1:1/");
+    assert!(!format!("{builder:?}").contains("hunter2"));
+    // Unreachable: the lazy connection fails the decision, and the error hides it too.
+    let limiter: RedisLimiter<String> = builder
+        .timeout(Duration::from_millis(300))
+        .connect()
+        .await
+        .expect("lazy");
+    let q = [Quota::per_minute(std::num::NonZeroU32::new(2).expect("nz"))];
+    let e = limiter
+        .decide(&"x".to_owned(), &q, 1)
+        .await
+        .expect_err("nothing listens on port 1");
+    let text = format!("{e} {e:?} {:?}", std::error::Error::source(&e));
+    assert!(!text.contains("hunter2"), "{text}");
+}
