@@ -2,7 +2,9 @@
 //! full keygate stack (`KEYGATE_MODE=stack`: auth on a cached lookup, per-key rate limit
 //! set high enough never to refuse, `X-RateLimit-*` headers), or behind the peer,
 //! tower_governor keyed by the same `X-API-KEY` header with its headers on and a limit as
-//! high (`KEYGATE_MODE=governor`: limits only, no key is checked).
+//! high (`KEYGATE_MODE=governor`: limits only, no key is checked), or the full stack with
+//! its buckets on Redis (`KEYGATE_MODE=redis`: `RedisLimiter` on `KEYGATE_REDIS_URL`, default
+//! `redis://127.0.0.1:6379/`; one script call per request).
 //!
 //! Prints `KEY=<key>` and `listening on http://<addr>` (`KEYGATE_ADDR`, default
 //! `127.0.0.1:3001`). One runtime thread, so that CPU time per request is easy to read.
@@ -16,7 +18,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use keygate::key::Environment;
 use keygate::lookup::CachedLookup;
-use keygate::ratelimit::Quota;
+use keygate::ratelimit::{Quota, RedisLimiter};
 use keygate::record::Owner;
 use keygate::store::MemoryStore;
 use keygate::Keygate;
@@ -63,6 +65,28 @@ async fn main() -> ExitCode {
                 }
             }
         }
+        "redis" => {
+            let url = std::env::var("KEYGATE_REDIS_URL")
+                .unwrap_or_else(|_| "redis://127.0.0.1:6379/".to_owned());
+            let limiter = RedisLimiter::builder(url)
+                .prefix("keygate:loadtest:")
+                .connect()
+                .await;
+            let layer = limiter.map_err(|e| e.to_string()).and_then(|limiter| {
+                Keygate::builder(CachedLookup::new(store))
+                    .default_quota(Quota::per_second(NonZeroU32::MAX))
+                    .limiter_store(limiter)
+                    .build()
+                    .map_err(|e| e.to_string())
+            });
+            match layer {
+                Ok(layer) => app.layer(layer),
+                Err(e) => {
+                    eprintln!("bad configuration: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
         "governor" => {
             let config = tower_governor::governor::GovernorConfigBuilder::default()
                 .per_nanosecond(1)
@@ -79,7 +103,7 @@ async fn main() -> ExitCode {
             }
         }
         other => {
-            eprintln!("KEYGATE_MODE={other:?}: expected bare, stack or governor");
+            eprintln!("KEYGATE_MODE={other:?}: expected bare, stack, redis or governor");
             return ExitCode::from(2);
         }
     };

@@ -4,7 +4,11 @@
 # where taskset exists. Reports requests/s and, the steadier figure on a small machine,
 # the server's CPU time per request (utime + stime from /proc/PID/stat over the run).
 #
+# Mode `redis` puts the buckets on Redis (KEYGATE_REDIS_URL, default the local one) and
+# reports Redis's script calls per request (INFO commandstats: evalsha + eval).
+#
 #   bash scripts/e2e.sh            # DURATION=10 CONNECTIONS=32 ROUNDS=3 by default
+#   MODES="bare stack redis" bash scripts/e2e.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,6 +30,11 @@ else
 fi
 ticks=$(getconf CLK_TCK)
 
+script_calls() { # EVALSHA + EVAL calls Redis has served so far
+  redis-cli -u "${KEYGATE_REDIS_URL:-redis://127.0.0.1:6379/}" info commandstats 2>/dev/null \
+    | tr -d '\r' | awk -F'[=,:]' '/^cmdstat_eval(sha)?:/ { n += $3 } END { print n + 0 }'
+}
+
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 run() { # mode -> prints "requests cpu_seconds"
@@ -40,9 +49,15 @@ run() { # mode -> prints "requests cpu_seconds"
   # Warm up, then measure.
   "${load_cpu[@]}" wrk -t1 -c"$CONNECTIONS" -d2s -H "X-API-KEY: $key" "http://127.0.0.1:$PORT/v1/health" >/dev/null
   before=$(cpu_ticks "$pid")
+  calls_before=$(script_calls)
   requests=$("${load_cpu[@]}" wrk -t1 -c"$CONNECTIONS" -d"${DURATION}s" -H "X-API-KEY: $key" \
     "http://127.0.0.1:$PORT/v1/health" | awk '/requests in/ {print $1}')
   after=$(cpu_ticks "$pid")
+  calls_after=$(script_calls)
+  if [ "$mode" = redis ]; then
+    awk -v c=$(( calls_after - calls_before )) -v n="$requests" \
+      'BEGIN { printf "          redis: %d script calls for %d requests = %.3f per request\n", c, n, c / n }' >&2
+  fi
   kill "$pid"; wait "$pid" 2>/dev/null || true
   rm -f "$out"
   echo "$requests $(( after - before ))"

@@ -181,14 +181,15 @@ async fn a_resent_decision_charges_once() {
     let script = redis::Script::new(SCRIPT);
     let prefix = fresh_prefix();
     let bucket = format!("{prefix}{{s:k}}");
-    let window = ["w:3:20000000000", "20000000000", "60000000000"];
+    // 3 a minute: a burst of 60 s, a charge of 20 s (seconds, nanoseconds).
+    let window = ["w:3:20000000000", "60", "0", "20", "0"];
     let call = |marker: String| {
         let mut inv = script.key(&bucket);
         inv.key(marker)
             .arg("c")
-            .arg(1)
             .arg(2000)
             .arg("1700000000")
+            .arg("0")
             .arg("0");
         for a in window {
             inv.arg(a);
@@ -204,7 +205,7 @@ async fn a_resent_decision_charges_once() {
         .await
         .expect("eval");
     assert_eq!(first, again, "the re-sent call gets the first answer");
-    assert_eq!(first, "1:1700000000:0:0");
+    assert_eq!(first, "1:1700000000:0:0.000000000");
     // Two more distinct decisions fit (3 a minute), a third does not: the re-send took none.
     for (i, expect) in [(2, "1"), (3, "1"), (4, "0")] {
         let answer: String = call(format!("{bucket}:d:{i}"))

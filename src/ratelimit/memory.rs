@@ -470,21 +470,42 @@ impl<K: BucketKey> MemoryLimiter<K> {
     }
 
     /// Gives `cost` tokens back to every window of `key`'s bucket (following it if it is
-    /// widened meanwhile).
+    /// widened meanwhile). Windows the bucket has no cell for (the key's windows changed
+    /// since the charge) are skipped; the others get their tokens back.
     pub fn refund(&self, key: &K, quotas: &[Quota], cost: u32) {
         let map = self.shard(key).map.pin();
         let mut owed = [false; MAX_WINDOWS];
         for slot in owed.iter_mut().take(quotas.len()) {
             *slot = true;
         }
+        let mut narrowed: Option<Vec<Quota>> = None;
         for attempt in 0..ATTEMPTS {
             let Some(bucket) = map.get(key) else {
                 return;
             };
-            let Some(at) = bucket.positions(quotas) else {
-                return;
+            let list: &[Quota] = narrowed.as_deref().unwrap_or(quotas);
+            let Some(at) = bucket.positions(list) else {
+                if narrowed.is_some() {
+                    return;
+                }
+                // Widening only adds cells: the windows present now stay present.
+                let labels = bucket.parts().1;
+                let present: Vec<Quota> = quotas
+                    .iter()
+                    .filter(|q| labels.contains(&Window::of(q)))
+                    .copied()
+                    .collect();
+                if present.is_empty() {
+                    return;
+                }
+                owed = [false; MAX_WINDOWS];
+                for slot in owed.iter_mut().take(present.len()) {
+                    *slot = true;
+                }
+                narrowed = Some(present);
+                continue;
             };
-            if repay(bucket.cells(), &at, quotas, cost, &mut owed) {
+            if repay(bucket.cells(), &at, list, cost, &mut owed) {
                 return;
             }
             back_off(attempt);

@@ -2,68 +2,94 @@
 --
 -- KEYS[1]  the bucket: a hash with one field per window, the window's theoretical arrival
 --          time (TAT) as "seconds:nanoseconds" since the Unix epoch
--- KEYS[2]  (charges only) this decision's marker: a re-sent call finds its first answer here
---          and charges nothing again
--- ARGV     mode ("c" charge, "r" refund), cost, marker lifetime (ms), now as seconds and
---          nanoseconds ("" and "" for Redis's own clock), then for each window its field,
---          interval (ns) and burst (ns)
+-- KEYS[2]  (charges) this decision's marker: a re-sent call finds its first answer here and
+--          charges nothing again
+-- ARGV     mode ("c" charge, "r" refund), marker lifetime (ms), now as seconds and
+--          nanoseconds ("" and "" for Redis's own clock), extra bucket lifetime (ms), then
+--          for each window: its field, its burst and its charge (cost × interval, or one
+--          nanosecond more than the burst when the cost exceeds the capacity) as seconds
+--          and nanoseconds
 --
--- Lua numbers are doubles: every sum below stays under 2^53 (offsets from now are at most
--- one burst; windows whose burst is longer than 104 days are exact to a few nanoseconds).
+-- Lua numbers are doubles, exact below 2^53: every time here is a pair (seconds,
+-- nanoseconds) with 0 <= nanoseconds < 10^9, so every sum stays exact for any window.
 
+local E9 = 1000000000
 local mode = ARGV[1]
-local cost = tonumber(ARGV[2])
 
 if mode == 'c' then
-  local prior = redis.call('GET', KEYS[2])
-  if prior then
+  local prior = redis.pcall('GET', KEYS[2])
+  if type(prior) == 'string' then
     return prior
   end
 end
 
-local E9 = 1000000000
+local function norm(s, n)
+  local carry = math.floor(n / E9)
+  return s + carry, n - carry * E9
+end
+local function add(as, an, bs, bn)
+  return norm(as + bs, an + bn)
+end
+local function sub(as, an, bs, bn)
+  return norm(as - bs, an - bn)
+end
+local function le(as, an, bs, bn)
+  return as < bs or (as == bs and an <= bn)
+end
+
 local now_s, now_n
-if ARGV[4] == '' then
+if ARGV[3] == '' then
   local t = redis.call('TIME')
   now_s = tonumber(t[1])
   now_n = tonumber(t[2]) * 1000
 else
-  now_s = tonumber(ARGV[4])
-  now_n = tonumber(ARGV[5])
+  now_s = tonumber(ARGV[3])
+  now_n = tonumber(ARGV[4])
 end
+local extra = tonumber(ARGV[5])
 
-local n = (#ARGV - 5) / 3
-local fields, intervals, bursts = {}, {}, {}
+local n = (#ARGV - 5) / 5
+local fields, burst_s, burst_n, charge_s, charge_n = {}, {}, {}, {}, {}
 for i = 1, n do
-  fields[i] = ARGV[3 + 3 * i]
-  intervals[i] = tonumber(ARGV[4 + 3 * i])
-  bursts[i] = tonumber(ARGV[5 + 3 * i])
+  local at = 5 * i
+  fields[i] = ARGV[at + 1]
+  burst_s[i] = tonumber(ARGV[at + 2])
+  burst_n[i] = tonumber(ARGV[at + 3])
+  charge_s[i] = tonumber(ARGV[at + 4])
+  charge_n[i] = tonumber(ARGV[at + 5])
 end
-local stored = redis.call('HMGET', KEYS[1], unpack(fields))
 
--- A TAT as (seconds, nanoseconds), or nil when the field holds something else.
+-- Anything but a hash at the bucket's name (written by someone else) is dropped, and the
+-- bucket read as empty: it fails closed for one burst, then refills, never for good.
+local stored = redis.pcall('HMGET', KEYS[1], unpack(fields))
+local poisoned = type(stored) ~= 'table' or stored.err ~= nil
+if poisoned then
+  redis.call('DEL', KEYS[1])
+  stored = {}
+end
+
+-- A stored TAT as (seconds, nanoseconds), or nil when the field holds something else.
 local function parse(v)
   if not v then
     return nil
   end
   local s, ns = string.match(v, '^(%d+):(%d+)$')
-  if not s then
+  if not s or #s > 15 or #ns > 9 then
     return nil
   end
   return tonumber(s), tonumber(ns)
 end
 
--- Writes now + offset (ns) into a field.
-local function store(field, offset)
-  local t = now_n + offset
-  local s = now_s + math.floor(t / E9)
-  redis.call('HSET', KEYS[1], field, string.format('%d:%d', s, t % E9))
+-- Writes now + offset into a field.
+local function store(field, os, on)
+  local s, ns = add(now_s, now_n, os, on)
+  redis.call('HSET', KEYS[1], field, string.format('%d:%d', s, ns))
 end
 
--- Keeps the bucket until its emptiest window is full again (never shortening it, so a
--- window another route still uses is not lost).
-local function keep(longest)
-  local want = math.floor(longest / 1000000) + 1
+-- Keeps the bucket until its emptiest window is full again (never shortening it, so that
+-- a window another route still uses is not lost).
+local function keep(ls, ln)
+  local want = ls * 1000 + math.floor(ln / 1000000) + 1 + extra
   if redis.call('PTTL', KEYS[1]) < want then
     redis.call('PEXPIRE', KEYS[1], want)
   end
@@ -71,81 +97,88 @@ end
 
 if mode == 'r' then
   local seen = {}
+  local ls, ln = 0, 0
   for i = 1, n do
     local s, ns = parse(stored[i])
     if s and not seen[fields[i]] then
       seen[fields[i]] = true
-      local t = (s - now_s) * E9 + (ns - now_n) - cost * intervals[i]
-      if t > bursts[i] then
-        t = bursts[i]
+      local ds, dn = sub(s, ns, now_s, now_n)
+      ds, dn = sub(ds, dn, charge_s[i], charge_n[i])
+      if le(burst_s[i], burst_n[i], ds, dn) then
+        ds, dn = burst_s[i], burst_n[i]
       end
-      if t <= 0 then
+      if le(ds, dn, 0, 0) then
         redis.call('HDEL', KEYS[1], fields[i])
       else
-        store(fields[i], t)
+        store(fields[i], ds, dn)
+        if le(ls, ln, ds, dn) then
+          ls, ln = ds, dn
+        end
       end
     end
+  end
+  if ls > 0 or ln > 0 then
+    keep(ls, ln)
   end
   return 'ok'
 end
 
--- The offset of each window's TAT from now, within [0, burst]; a TAT further ahead than
--- one burst (a clock that stepped back) or unreadable is clamped to one burst, and stored
+-- The offset of each window's TAT from now, within [0, burst]. A TAT further ahead than
+-- one burst (a clock that stepped back) or unreadable is clamped to one burst and stored
 -- so, so that the bucket refills from here rather than staying empty.
-local offsets, clamped = {}, {}
+local off_s, off_n, clamped = {}, {}, {}
 for i = 1, n do
-  local s, ns = parse(stored[i])
-  local d
-  if not s then
-    d = stored[i] and bursts[i] or 0
-    clamped[i] = stored[i] ~= false and stored[i] ~= nil
-  elseif s - now_s > bursts[i] / E9 + 1 then
-    d = bursts[i] + 1
-  elseif s - now_s < -1 then
-    d = 0
-  else
-    d = (s - now_s) * E9 + (ns - now_n)
-  end
-  if d < 0 then
-    d = 0
-  end
-  if d > bursts[i] then
-    d = bursts[i]
+  local v = stored[i]
+  local s, ns = parse(v)
+  local ds, dn = 0, 0
+  if s then
+    ds, dn = sub(s, ns, now_s, now_n)
+    if le(ds, dn, 0, 0) then
+      ds, dn = 0, 0
+    end
+  elseif poisoned or (v and v ~= false) then
+    ds, dn = burst_s[i], burst_n[i]
     clamped[i] = true
   end
-  offsets[i] = d
+  if not le(ds, dn, burst_s[i], burst_n[i]) then
+    ds, dn = burst_s[i], burst_n[i]
+    clamped[i] = true
+  end
+  off_s[i], off_n[i] = ds, dn
 end
 
 local allowed = 1
 for i = 1, n do
-  if offsets[i] + cost * intervals[i] > bursts[i] then
+  local ns_, nn_ = add(off_s[i], off_n[i], charge_s[i], charge_n[i])
+  if not le(ns_, nn_, burst_s[i], burst_n[i]) then
     allowed = 0
   end
 end
 
-local longest = 0
+local ls, ln = 0, 0
 for i = 1, n do
-  local write = nil
+  local ws, wn
   if allowed == 1 then
-    write = offsets[i] + cost * intervals[i]
+    ws, wn = add(off_s[i], off_n[i], charge_s[i], charge_n[i])
   elseif clamped[i] then
-    write = offsets[i]
+    ws, wn = off_s[i], off_n[i]
   end
-  if write then
-    store(fields[i], write)
-    if write > longest then
-      longest = write
+  -- A full window needs no state: nothing is written for it.
+  if ws and (ws > 0 or wn > 0) then
+    store(fields[i], ws, wn)
+    if le(ls, ln, ws, wn) then
+      ls, ln = ws, wn
     end
   end
 end
-if longest > 0 then
-  keep(longest)
+if ls > 0 or ln > 0 then
+  keep(ls, ln)
 end
 
 local parts = { string.format('%d:%d:%d', allowed, now_s, now_n) }
 for i = 1, n do
-  parts[#parts + 1] = string.format('%d', offsets[i])
+  parts[#parts + 1] = string.format('%d.%09d', off_s[i], off_n[i])
 end
 local answer = table.concat(parts, ':')
-redis.call('SET', KEYS[2], answer, 'PX', ARGV[3])
+redis.call('SET', KEYS[2], answer, 'PX', ARGV[2])
 return answer

@@ -30,6 +30,10 @@ const SCRIPT: &str = include_str!("redis.lua");
 
 const SEC: u64 = 1_000_000_000;
 
+/// A timed-out decision's marker, written before the script could run: the script then
+/// charges nothing.
+const CANCELLED: &str = "cancelled";
+
 /// What a [`RedisLimiter`] does when Redis does not answer in time, fails, or its breaker
 /// is open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -76,8 +80,11 @@ pub enum RedisLimiterError {
 /// What a bucket key is called on Redis: a stable text form, the same in every instance.
 ///
 /// Implemented for the per-key buckets of [`PerKey`](super::PerKey), IP addresses,
-/// strings and integers. The text is escaped so that no key can pick another's hash slot
-/// or collide with another type's keys.
+/// strings and integers. Each kind has its own tag (`k:`, `ip:`, `s:`, `n:`) and the text is
+/// escaped, so that no key can pick another's hash slot or name another kind's bucket;
+/// values that mean the same share a bucket (the strings `String`, `Arc<str>` and `&str`,
+/// the integers `u32` and `u64`). Give limiters that must not share buckets their own
+/// [`prefix`](RedisLimiterBuilder::prefix).
 pub trait RedisBucketKey: BucketKey {
     /// Appends this key's name to `out`.
     fn write_redis_key(&self, out: &mut String);
@@ -264,7 +271,7 @@ impl Breaker {
         // Cool-down over: one probe at a time (a probe whose request was dropped before it
         // finished is given up after twice the timeout).
         let since = self.probe_since.load(Ordering::Acquire);
-        let stale = since != 0 && now.saturating_sub(since) > 2 * millis(timeout);
+        let stale = since != 0 && now.saturating_sub(since) > millis(timeout).saturating_mul(2);
         if (since == 0 || stale)
             && self
                 .probe_since
@@ -427,14 +434,16 @@ impl<K: RedisBucketKey> RedisLimiterBuilder<K> {
         self
     }
 
-    /// How long one decision may wait for Redis, reconnecting included (default 100 ms).
+    /// How long one decision may wait for Redis, reconnecting included (default 100 ms, at
+    /// most 60 s).
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
     /// The breaker: after `failures` failed calls in a row, Redis is not called for
-    /// `cooldown`; then one request at a time tries it (default 3 failures, 1 s).
+    /// `cooldown` (at most an hour); then one request at a time tries it (default 3
+    /// failures, 1 s).
     pub fn breaker(mut self, failures: u32, cooldown: Duration) -> Self {
         self.threshold = failures;
         self.cooldown = cooldown;
@@ -468,6 +477,9 @@ impl<K: RedisBucketKey> RedisLimiterBuilder<K> {
         if self.timeout.is_zero() {
             return Err(ConfigError::Zero("redis limiter timeout").into());
         }
+        if self.timeout > MAX_TIMEOUT || self.cooldown > MAX_COOLDOWN {
+            return Err(RedisLimiterBuildError::TooLong);
+        }
         if self.threshold == 0 {
             return Err(ConfigError::Zero("redis limiter breaker threshold").into());
         }
@@ -480,9 +492,14 @@ impl<K: RedisBucketKey> RedisLimiterBuilder<K> {
         let conn = match &self.target {
             Target::Single(url) => {
                 let client = redis::Client::open(url.as_str()).map_err(build_error)?;
+                // The decisions have their own timeout. The connection's is longer, so that a
+                // slow Redis keeps it (and the order of what was sent on it), while one that
+                // stopped answering altogether is replaced.
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(self.timeout))
-                    .set_response_timeout(Some(self.timeout))
+                    .set_response_timeout(Some(
+                        self.timeout.saturating_mul(10).max(Duration::from_secs(2)),
+                    ))
                     .set_number_of_retries(1)
                     .set_max_delay(self.cooldown);
                 Conn::Single(
@@ -492,7 +509,7 @@ impl<K: RedisBucketKey> RedisLimiterBuilder<K> {
             Target::Cluster(nodes) => {
                 let client = ClusterClient::builder(nodes.iter().map(String::as_str))
                     .connection_timeout(self.timeout)
-                    .response_timeout(self.timeout)
+                    .response_timeout(self.timeout.saturating_mul(10).max(Duration::from_secs(2)))
                     .retries(2)
                     .build()
                     .map_err(build_error)?;
@@ -548,7 +565,15 @@ pub enum RedisLimiterBuildError {
     /// The OS random source failed.
     #[error("the OS random source failed")]
     Random,
+    /// A timeout over a minute or a breaker cool-down over an hour.
+    #[error("the Redis limiter's timeout must be at most 60 s, its breaker cool-down at most 1 h")]
+    TooLong,
 }
+
+/// The longest timeout a decision may wait (a request waits for it).
+const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+/// The longest breaker cool-down.
+const MAX_COOLDOWN: Duration = Duration::from_secs(3600);
 
 fn build_error(error: redis::RedisError) -> RedisLimiterBuildError {
     RedisLimiterBuildError::Redis(error)
@@ -607,25 +632,40 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
         }
     }
 
-    /// The script's arguments after the mode and cost: marker lifetime, now, windows.
-    fn arguments(&self, quotas: &[Quota]) -> Vec<String> {
-        let mut args = Vec::with_capacity(3 + 3 * quotas.len());
+    /// The script's arguments after the mode: marker lifetime, now, extra lifetime, and
+    /// each window's field, burst and charge (seconds and nanoseconds).
+    fn arguments(&self, quotas: &[Quota], cost: u32) -> Vec<String> {
+        let mut args = Vec::with_capacity(4 + 5 * quotas.len());
         args.push(self.inner.marker_ms.to_string());
         match &self.inner.clock {
             Some(clock) => {
                 let now = clock.now_nanos();
                 args.push((now / SEC).to_string());
                 args.push((now % SEC).to_string());
+                // Redis's real clock expires buckets; a test's fake clock may run ahead of
+                // it or behind: keep buckets an hour longer.
+                args.push("3600000".to_owned());
             }
             None => {
                 args.push(String::new());
                 args.push(String::new());
+                args.push("0".to_owned());
             }
         }
         for quota in quotas {
+            let burst = quota.burst_ns();
+            let charge = u128::from(quota.interval_ns()) * u128::from(cost);
+            // A cost above the capacity can never pass: one nanosecond more than the burst
+            // says so without a number too large for the script's doubles.
+            let charge = u64::try_from(charge)
+                .ok()
+                .filter(|c| *c <= burst)
+                .unwrap_or(burst.saturating_add(1));
             args.push(format!("w:{}:{}", quota.capacity(), quota.interval_ns()));
-            args.push(quota.interval_ns().to_string());
-            args.push(quota.burst_ns().to_string());
+            args.push((burst / SEC).to_string());
+            args.push((burst % SEC).to_string());
+            args.push((charge / SEC).to_string());
+            args.push((charge % SEC).to_string());
         }
         args
     }
@@ -681,11 +721,82 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
         }
     }
 
-    /// Counts a failed call, opening the breaker after enough of them.
+    /// After a decision timed out: Redis may still run it (it was slow, not gone), and then
+    /// it would charge a request that was answered otherwise. So the decision is cancelled
+    /// under its token (`SET NX` of its marker: a script arriving later finds it and charges
+    /// nothing); if the script ran first, its answer is there instead, and a charge it made
+    /// is given back. Skipped when the request was admitted anyway
+    /// ([`FailurePolicy::Open`]: then the charge is right).
+    fn settle_timed_out(&self, key: &K, quotas: &[Quota], cost: u32, marker: String) {
+        if self.inner.policy == FailurePolicy::Open {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let this = self.clone();
+        let key = key.clone();
+        let quotas = quotas.to_vec();
+        runtime.spawn(async move {
+            let mut conn = this.inner.conn.clone();
+            let bound = this
+                .inner
+                .timeout
+                .saturating_mul(10)
+                .max(Duration::from_secs(1));
+            let settle = async {
+                let mut cancel = redis::cmd("SET");
+                cancel
+                    .arg(&marker)
+                    .arg(CANCELLED)
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(this.inner.marker_ms);
+                if cancel
+                    .query_async::<Option<String>>(&mut conn)
+                    .await?
+                    .is_some()
+                {
+                    return Ok(false);
+                }
+                let mut read = redis::cmd("GET");
+                read.arg(&marker);
+                let answer = read.query_async::<Option<String>>(&mut conn).await?;
+                Ok::<bool, redis::RedisError>(answer.is_some_and(|a| a.starts_with("1:")))
+            };
+            match tokio::time::timeout(bound, settle).await {
+                Ok(Ok(true)) => {
+                    if let Err(error) = this.give_back(&key, &quotas, cost).await {
+                        tracing::debug!(%error, "giving back a timed-out decision's tokens failed");
+                    }
+                }
+                Ok(Ok(false)) => {}
+                Ok(Err(error)) => tracing::debug!(%error, "settling a timed-out decision failed"),
+                Err(_) => tracing::debug!("settling a timed-out decision timed out"),
+            }
+        });
+    }
+
+    /// Counts a failed call, opening the breaker after enough of them. Only failures of
+    /// Redis itself count (no answer, a dropped or refused connection, a cluster without a
+    /// leader): an error about one key's data must not take the limiter down for all keys.
     fn failed(&self, error: &RedisLimiterError) {
         let c = &self.inner.counters;
         c.failures.fetch_add(1, Ordering::Relaxed);
-        if self.inner.breaker.failure() {
+        let of_redis = match error {
+            RedisLimiterError::Timeout(_) => true,
+            RedisLimiterError::Redis(e) => !matches!(
+                e.kind(),
+                redis::ErrorKind::Server(
+                    redis::ServerErrorKind::ResponseError
+                        | redis::ServerErrorKind::CrossSlot
+                        | redis::ServerErrorKind::ExecAbort
+                ) | redis::ErrorKind::UnexpectedReturnType
+                    | redis::ErrorKind::Parse
+            ),
+            _ => false,
+        };
+        if of_redis && self.inner.breaker.failure() {
             c.breaker_opened.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
                 keygate_limiter = "redis",
@@ -710,7 +821,12 @@ fn parse_answer(text: &str, quotas: &[Quota], cost: u32) -> Option<Decision> {
     let now = now_s.checked_mul(SEC)?.checked_add(now_ns)?;
     let mut tats = [0u64; MAX_WINDOWS];
     for tat in tats.iter_mut().take(quotas.len()) {
-        let offset: u64 = parts.next()?.parse().ok()?;
+        let (secs, nanos) = parts.next()?.split_once('.')?;
+        let (secs, nanos): (u64, u64) = (secs.parse().ok()?, nanos.parse().ok()?);
+        if nanos >= SEC {
+            return None;
+        }
+        let offset = secs.checked_mul(SEC)?.checked_add(nanos)?;
         *tat = now.checked_add(offset)?;
     }
     if parts.next().is_some() {
@@ -751,13 +867,13 @@ impl<K: RedisBucketKey> LimiterStore<K> for RedisLimiter<K> {
             .seed
             .wrapping_add(inner.sequence.fetch_add(1, Ordering::Relaxed));
         let marker = format!("{bucket}:d:{token:016x}");
-        let args = self.arguments(quotas);
+        let args = self.arguments(quotas, cost);
         let this = self.clone();
         let key = key.clone();
         let quotas: Vec<Quota> = quotas.to_vec();
         Answer::Later(Box::pin(async move {
             let mut invocation = this.inner.script.key(&bucket);
-            invocation.key(&marker).arg("c").arg(cost);
+            invocation.key(&marker).arg("c");
             for arg in &args {
                 invocation.arg(arg);
             }
@@ -785,6 +901,9 @@ impl<K: RedisBucketKey> LimiterStore<K> for RedisLimiter<K> {
                     Ok(decision)
                 }
                 Err(error) => {
+                    if let RedisLimiterError::Timeout(_) = error {
+                        this.settle_timed_out(&key, &quotas, cost, marker);
+                    }
                     this.failed(&error);
                     this.fallback(&key, &quotas, cost, error)
                 }
@@ -830,9 +949,9 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
             return Err(RedisLimiterError::Windows(quotas.len()));
         }
         let bucket = self.bucket_key(key);
-        let args = self.arguments(quotas);
+        let args = self.arguments(quotas, cost);
         let mut invocation = self.inner.script.key(&bucket);
-        invocation.key(&bucket).arg("r").arg(cost);
+        invocation.key(&bucket).arg("r");
         for arg in &args {
             invocation.arg(arg);
         }
@@ -858,15 +977,17 @@ mod tests {
     #[test]
     fn answers_that_are_not_the_scripts_are_refused() {
         let quotas = [q(60), q(1000)];
-        assert!(parse_answer("1:1700000000:5:0:0", &quotas, 1).is_some());
+        assert!(parse_answer("1:1700000000:5:0.000000000:1.5", &quotas, 1).is_some());
         for bad in [
             "",
-            "2:1:1:0:0",
-            "1:1700000000:5:0",
-            "1:1700000000:5:0:0:0",
-            "1:x:5:0:0",
-            "1:99999999999999999999:0:0:0",
-            "1:18446744073:999999999:999999999999:0",
+            "2:1:1:0.0:0.0",
+            "1:1700000000:5:0.0",
+            "1:1700000000:5:0.0:0.0:0.0",
+            "1:x:5:0.0:0.0",
+            "1:1700000000:5:0:0",
+            "1:1700000000:5:0.1000000000:0.0",
+            "1:99999999999999999999:0:0.0:0.0",
+            "1:18446744073:999999999:999999999999.0:0.0",
         ] {
             assert!(parse_answer(bad, &quotas, 1).is_none(), "{bad:?}");
         }

@@ -742,3 +742,17 @@ async fn a_key_whose_quotas_repeat_a_rate_is_still_limited() {
         "{admitted} of 200 requests admitted in one instant under 3 a minute"
     );
 }
+
+#[test]
+fn a_refund_naming_a_window_the_bucket_lacks_gives_back_to_the_others() {
+    // The key's windows changed between the charge and the refund (a record edit).
+    let limiter: MemoryLimiter<u32> = MemoryLimiter::builder().clock(clock()).build().unwrap();
+    let charged = [Quota::per_minute(nz(60))];
+    let named = [Quota::per_minute(nz(60)), Quota::per_second(nz(10))];
+    for _ in 0..3 {
+        assert!(limiter.decide(&1, &charged, 3).unwrap().allowed);
+    }
+    limiter.refund(&1, &named, 3);
+    let d = limiter.peek(&1, &charged, 1).unwrap();
+    assert_eq!(d.numbers.remaining, 60 - 9 + 3 - 1);
+}
