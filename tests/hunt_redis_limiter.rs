@@ -3,8 +3,8 @@
 //! injection (single Redis and Cluster), double charges, failures (killed, slow, paused
 //! Redis; the breaker), garbage in Redis, secrets in errors.
 //!
-//! Tests named `held_*` are attacks that held (they pass); the others are findings and
-//! fail until the library is fixed.
+//! Tests named `held_*` are attacks that held; the others are findings, fixed since and
+//! kept so that they stay fixed.
 //!
 //! Needs `KEYGATE_TEST_REDIS_URL` and `KEYGATE_TEST_REDIS_CLUSTER`, and `redis-server` on
 //! the PATH (some tests start and kill their own).
