@@ -11,7 +11,7 @@ use std::time::{Duration, UNIX_EPOCH};
 use quick_cache::sync::{Cache, PlaceholderGuard};
 use quick_cache::{Lifecycle, UnitWeighter};
 
-use super::{ChangeFeed, KeyLookup, LookupResult};
+use super::{Change, ChangeFeed, KeyLookup, LookupResult};
 use crate::answer::Answer;
 use crate::clock::{Clock, CoarseClock};
 use crate::error::BoxError;
@@ -330,7 +330,11 @@ impl<L: KeyLookup> CachedLookup<L> {
 
     /// A cache over a [`KeyStore`](crate::store::KeyStore) that the store keeps honest: every
     /// change made through the store (or its clones) in this process drops the keys it
-    /// touched from the cache at once. Changes made by another process show after the TTL.
+    /// touched from the cache at once. Changes made by another process show after the TTL,
+    /// or at once when a bridge announces them to the store: PostgreSQL's `NOTIFY`
+    /// (`SqlStore::listen`, feature `postgres`) or a Redis channel
+    /// (`RedisChanges`, feature `redis`). A [`Change::All`](super::Change::All) (a lost
+    /// subscription) empties the cache.
     /// With settings of your own: [`builder`](Self::builder) and
     /// [`build_over_store`](CachedLookupBuilder::build_over_store).
     pub fn over_store(store: L) -> Self
@@ -350,9 +354,12 @@ impl<L: KeyLookup> CachedLookup<L> {
         let weak = Arc::downgrade(&self.inner);
         self.inner
             .backend
-            .subscribe(Arc::new(move |hash: &KeyHash| match weak.upgrade() {
+            .subscribe(Arc::new(move |change: Change<'_>| match weak.upgrade() {
                 Some(inner) => {
-                    inner.forget(hash);
+                    match change {
+                        Change::Local(hash) | Change::Remote(hash) => inner.forget(hash),
+                        Change::All => inner.forget_all(),
+                    }
                     true
                 }
                 None => false,
@@ -391,9 +398,7 @@ impl<L: KeyLookup> CachedLookup<L> {
 
     /// Drops every key.
     pub fn invalidate_all(&self) {
-        self.inner.generation.fetch_add(1, Ordering::SeqCst);
-        self.inner.cache.clear();
-        self.inner.index.clear();
+        self.inner.forget_all();
     }
 
     /// The backend behind the cache.
@@ -496,6 +501,13 @@ impl<L> Inner<L> {
         if let Some(fingerprint) = self.index.take(hash.prefix()) {
             self.cache.remove(&fingerprint);
         }
+    }
+
+    /// Drops every key (and any answer read from the backend before now).
+    fn forget_all(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.cache.clear();
+        self.index.clear();
     }
 
     /// Drops one entry and its index line (if that line is still this filing's).

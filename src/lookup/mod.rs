@@ -104,16 +104,48 @@ where
     }
 }
 
-/// Told of every key hash whose lookup answer may have changed. See [`ChangeFeed`]. It
-/// answers whether it still listens: `false` once what it served is gone (a dropped cache),
-/// and the feed forgets it.
-pub type ChangeListener = Arc<dyn Fn(&KeyHash) -> bool + Send + Sync>;
+/// What a [`ChangeFeed`] tells its listeners: a key whose lookup answer may have changed,
+/// and where the news came from, or that any answer may have.
+///
+/// Caches treat [`Local`](Change::Local) and [`Remote`](Change::Remote) alike (they drop
+/// the key); the origin is for bridges, which pass on what this process wrote and nothing
+/// they were told, so that two instances never echo a change back and forth.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Change<'a> {
+    /// A write through this process (this store or one of its clones) affected the key.
+    Local(&'a KeyHash),
+    /// Another instance reported that the key was affected: through PostgreSQL's `NOTIFY`
+    /// (`SqlStore::listen`, feature `postgres`) or a Redis channel
+    /// (`RedisChanges`, feature `redis`).
+    Remote(&'a KeyHash),
+    /// Changes may have been missed (a lost subscription): every answer may be stale. A
+    /// cache told this empties itself, so for a moment every request reads the backend (a
+    /// cold cache) rather than any request trusting an answer that may be out of date.
+    All,
+}
+
+/// Told of every change that may affect lookup answers. See [`ChangeFeed`]. It answers
+/// whether it still listens: `false` once what it served is gone (a dropped cache), and the
+/// feed forgets it.
+pub type ChangeListener = Arc<dyn Fn(Change<'_>) -> bool + Send + Sync>;
 
 /// A backend that can tell which keys' answers changed: the stores, whose every write names
 /// the hashes it affects. [`CachedLookup::over_store`] subscribes, so that the cache drops
 /// those keys at once.
+///
+/// A feed tells its listeners of the writes made through it in this process
+/// ([`Change::Local`]); what other instances change reaches it through a bridge that calls
+/// [`announce`](ChangeFeed::announce): PostgreSQL's `LISTEN`
+/// (`SqlStore::listen`, feature `postgres`), or a Redis channel for any store
+/// (`RedisChanges`, feature `redis`).
 pub trait ChangeFeed {
-    /// Registers a listener, told in this process of every hash a change (through this
-    /// backend or its clones) may have affected.
+    /// Registers a listener, told in this process of every change made through this
+    /// backend or its clones, and of every change [announced](ChangeFeed::announce) to it.
     fn subscribe(&self, listener: ChangeListener);
+
+    /// Tells this feed's listeners of a change: how a bridge hands on what another instance
+    /// reported ([`Change::Remote`]), or that some changes may have been missed
+    /// ([`Change::All`]).
+    fn announce(&self, change: Change<'_>);
 }

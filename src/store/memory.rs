@@ -8,7 +8,7 @@ use super::{CreatedKey, KeyStore, KeyUpdate, NewKey, OwnerStore, Page, StoreErro
 use crate::answer::Answer;
 use crate::clock::{Clock, SystemClock};
 use crate::key::{ApiKey, Environment, KeyFormat, KeyHash, KeyId, PresentedKey};
-use crate::lookup::{ChangeFeed, ChangeListener, KeyLookup, LookupResult};
+use crate::lookup::{Change, ChangeFeed, ChangeListener, KeyLookup, LookupResult};
 use crate::record::{KeyRecord, Owner, Status, UsageSink};
 
 /// Keys and owners in memory. Clones share one store.
@@ -334,6 +334,10 @@ impl ChangeFeed for MemoryStore {
     fn subscribe(&self, listener: ChangeListener) {
         self.listeners.add(listener);
     }
+
+    fn announce(&self, change: Change<'_>) {
+        self.listeners.announce(change);
+    }
 }
 
 impl OwnerStore for MemoryStore {
@@ -547,6 +551,66 @@ mod tests {
             .unwrap();
         assert_eq!(store.listeners.len(), 1);
         drop(kept);
+    }
+
+    /// Writes reach listeners as `Local`; what a bridge announces reaches them as it was
+    /// announced; a cache drops a key named `Remote` and empties on `All`.
+    #[tokio::test]
+    async fn changes_reach_listeners_and_caches_by_kind() {
+        use crate::lookup::{Change, KeyLookup};
+        use std::sync::Mutex;
+
+        let store = MemoryStore::new();
+        let heard: Arc<Mutex<Vec<String>>> = Arc::default();
+        let log = Arc::clone(&heard);
+        store.subscribe(Arc::new(move |change: Change<'_>| {
+            let line = match change {
+                Change::Local(hash) => format!("local {}", hash.to_hex()),
+                Change::Remote(hash) => format!("remote {}", hash.to_hex()),
+                _ => "all".to_owned(),
+            };
+            log.lock().unwrap().push(line);
+            true
+        }));
+        let cache = CachedLookup::over_store(store.clone());
+        let one = store
+            .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+            .unwrap();
+        let two = store
+            .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+            .unwrap();
+        let (h1, h2) = (one.hash(), two.hash());
+        cache.lookup(&one.presented()).await.unwrap().unwrap();
+        cache.lookup(&two.presented()).await.unwrap().unwrap();
+        assert_eq!(cache.len(), 2);
+
+        store.announce(Change::Remote(&h1));
+        assert_eq!(cache.len(), 1, "the remote hash is dropped, the other kept");
+        cache.lookup(&one.presented()).await.unwrap().unwrap();
+        assert_eq!(cache.len(), 2);
+        store.announce(Change::All);
+        assert!(cache.is_empty(), "All empties the cache");
+
+        let heard = heard.lock().unwrap().clone();
+        assert_eq!(
+            heard,
+            vec![
+                format!("local {}", h1.to_hex()),
+                format!("local {}", h2.to_hex()),
+                format!("remote {}", h1.to_hex()),
+                "all".to_owned(),
+            ]
+        );
+    }
+
+    /// A dropped cache's listener goes at the next announcement too, not only at a write.
+    #[test]
+    fn announcements_forget_dropped_caches() {
+        let store = MemoryStore::new();
+        drop(CachedLookup::over_store(store.clone()));
+        assert_eq!(store.listeners.len(), 1);
+        store.announce(crate::lookup::Change::All);
+        assert_eq!(store.listeners.len(), 0);
     }
 
     /// A use reported through a handed-out record (as the auth layer reports it, with no

@@ -33,7 +33,7 @@ use std::time::{Duration, SystemTime};
 
 use crate::key::Environment;
 use crate::key::{ApiKey, KeyId};
-use crate::lookup::{ChangeFeed, ChangeListener, KeyLookup};
+use crate::lookup::{Change, ChangeFeed, ChangeListener, KeyLookup};
 use crate::quota::Quota;
 use crate::record::{KeyRecord, Owner, Restrictions, Scopes, Status};
 
@@ -486,18 +486,28 @@ impl Listeners {
             .push(listener);
     }
 
-    /// Tells every listener that these hashes' answers may have changed.
+    /// Tells every listener that these hashes' answers may have changed through a write
+    /// in this process.
     pub(crate) fn notify(&self, hashes: &[crate::key::KeyHash]) {
+        self.tell(hashes.iter().map(Change::Local));
+    }
+
+    /// Tells every listener of one change (announced by a bridge).
+    pub(crate) fn announce(&self, change: Change<'_>) {
+        self.tell(std::iter::once(change));
+    }
+
+    fn tell<'a>(&self, changes: impl Iterator<Item = Change<'a>> + Clone) {
         let mut listeners = self
             .0
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         listeners.retain(|listener| {
-            // Every hash is told, even after a `false`: answers are cheap, and a listener
+            // Every change is told, even after a `false`: answers are cheap, and a listener
             // that is gone says so for each.
-            hashes
-                .iter()
-                .fold(true, |still, hash| listener(hash) & still)
+            changes
+                .clone()
+                .fold(true, |still, change| listener(change) & still)
         });
     }
 

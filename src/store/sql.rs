@@ -15,7 +15,7 @@ use crate::answer::Answer;
 use crate::clock::{nanos_since_epoch, Clock, SystemClock};
 use crate::key::Environment;
 use crate::key::{KeyFormat, KeyHash, KeyId, PresentedKey};
-use crate::lookup::{ChangeFeed, ChangeListener};
+use crate::lookup::{Change, ChangeFeed, ChangeListener};
 use crate::lookup::{KeyLookup, LookupResult};
 use crate::record::{KeyRecord, Owner, Status};
 use crate::record::{UsageSink, LAST_USED_RESOLUTION};
@@ -521,6 +521,10 @@ impl KeyLookup for SqlStore {
 impl ChangeFeed for SqlStore {
     fn subscribe(&self, listener: ChangeListener) {
         self.listeners.add(listener);
+    }
+
+    fn announce(&self, change: Change<'_>) {
+        self.listeners.announce(change);
     }
 }
 
