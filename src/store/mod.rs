@@ -20,11 +20,17 @@
 //! ```
 
 mod memory;
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+mod notify;
 mod password;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod sql;
+#[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
+mod wire;
 
 pub use memory::{MemoryStore, MemoryStoreBuilder};
+#[cfg(any(feature = "sqlite", feature = "postgres"))]
+pub use notify::Listening;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use sql::{SqlStore, SqlStoreBuilder};
 

@@ -31,8 +31,10 @@ enum Backend {
 ///
 /// Migrations are applied on connect; only key hashes are stored, in an indexed column.
 /// Clones share one connection pool; two `SqlStore`s on one database see each other's
-/// changes at once (a [`CachedLookup`](crate::lookup::CachedLookup) in another process
-/// sees them after its TTL).
+/// changes at once. A [`CachedLookup`](crate::lookup::CachedLookup) in another process
+/// sees them after its TTL, or at once when it listens: on PostgreSQL every write sends
+/// `NOTIFY` in its transaction, which [`listen`](SqlStore::listen) hands to the caches; on
+/// any database, a Redis channel (`RedisChanges`, feature `redis`) can carry them.
 #[derive(Clone)]
 pub struct SqlStore {
     pool: AnyPool,
@@ -41,6 +43,9 @@ pub struct SqlStore {
     format: KeyFormat,
     clock: Arc<dyn Clock>,
     listeners: Arc<super::Listeners>,
+    /// The URL, for [`SqlStore::listen`] on PostgreSQL. Never printed: it may hold a
+    /// password.
+    url: Arc<str>,
 }
 
 impl fmt::Debug for SqlStore {
@@ -179,6 +184,43 @@ impl SqlStore {
         }
     }
 
+    /// Listens for the changes other instances write to this PostgreSQL database, and
+    /// hands them to this store's caches: each affected key is announced as
+    /// [`Change::Remote`], so every [`CachedLookup`](crate::lookup::CachedLookup) built with
+    /// `over_store` on this store (or a clone) drops it within moments of the commit.
+    ///
+    /// Every write through a `SqlStore` on PostgreSQL sends `NOTIFY keygate_changes` in its
+    /// own transaction, so a notification is sent exactly when the write commits, never for
+    /// a write rolled back. Notifications are delivered only to listening connections, so
+    /// when the listening connection is lost the caches are emptied ([`Change::All`]: a cold
+    /// cache, every key read from the database once more), the connection is re-established
+    /// with a backoff (100 ms doubling to 5 s), and the caches are emptied once more when
+    /// it listens again, for the changes made in between. Malformed notifications (anyone
+    /// who can connect may send one) are ignored with a warning.
+    ///
+    /// A separate connection (not one of the pool's) is held while listening. Writes through
+    /// this very store come back as notifications too; dropping those keys again is
+    /// harmless. Call it once per process and keep the handle: dropping it stops listening.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Invalid`] on SQLite, which has no `LISTEN`/`NOTIFY` (bridge instances
+    /// over one SQLite file with `RedisChanges`, feature `redis`);
+    /// [`StoreError::Backend`] when the listening connection cannot be made.
+    pub async fn listen(&self) -> Result<super::Listening, StoreError> {
+        match self.backend {
+            #[cfg(feature = "postgres")]
+            Backend::Postgres => {
+                super::notify::listen(Arc::clone(&self.url), Arc::clone(&self.listeners)).await
+            }
+            _ => Err(StoreError::invalid(
+                "database for listen",
+                "SQLite has no LISTEN/NOTIFY: share changes between instances with \
+                 RedisChanges (feature `redis`)",
+            )),
+        }
+    }
+
     async fn open(url: &str) -> Result<Self, StoreError> {
         let backend = if url.starts_with("sqlite:") {
             if !cfg!(feature = "sqlite") {
@@ -250,6 +292,7 @@ impl SqlStore {
             format: KeyFormat::default(),
             clock: Arc::new(SystemClock),
             listeners: Arc::default(),
+            url: Arc::from(url.as_str()),
         };
         store.migrate().await?;
         Ok(store)
@@ -279,11 +322,43 @@ impl SqlStore {
         self.listeners.notify(hashes);
     }
 
-    /// Commits a write and tells the caches which hashes it touched. The caches are told
-    /// whatever the commit answers: dropping an entry is always safe, and a commit whose
-    /// answer was lost may well have happened. Nothing fallible runs after the commit, so a
-    /// committed change is never reported as a failure by work that came later.
-    async fn commit(&self, tx: Tx<'_>, changed: &[KeyHash]) -> Result<(), StoreError> {
+    /// Commits a write and tells the caches which hashes it touched: other instances' (on
+    /// PostgreSQL) through `NOTIFY` in the transaction, this process's after the commit.
+    async fn commit(&self, mut tx: Tx<'_>, changed: &[KeyHash]) -> Result<(), StoreError> {
+        self.publish(&mut tx, changed).await?;
+        self.finish(tx, changed).await
+    }
+
+    /// On PostgreSQL, `NOTIFY`s the changed hashes inside the transaction, so that other
+    /// instances hear of the write exactly when it commits (a rolled-back write sends
+    /// nothing). A notification that cannot be sent fails the write: nothing is committed.
+    async fn publish(&self, tx: &mut Tx<'_>, changed: &[KeyHash]) -> Result<(), StoreError> {
+        if self.backend != Backend::Postgres {
+            return Ok(());
+        }
+        for payload in super::wire::payloads(changed) {
+            // `::text`: `pg_notify` returns `void`, which the Any driver has no type for.
+            sqlx::query("SELECT pg_notify($1, $2)::text")
+                .bind(super::notify::CHANNEL)
+                .bind(payload)
+                .execute(&mut **tx)
+                .await
+                .map_err(|e| {
+                    StoreError::Backend(BackendError::caused(
+                        "cannot notify other instances; nothing was written",
+                        e,
+                    ))
+                })?;
+        }
+        Ok(())
+    }
+
+    /// Commits a transaction whose changes are published, and tells the caches in this
+    /// process. They are told whatever the commit answers: dropping an entry is always
+    /// safe, and a commit whose answer was lost may well have happened. Nothing fallible
+    /// runs after the commit, so a committed change is never reported as a failure by work
+    /// that came later.
+    async fn finish(&self, tx: Tx<'_>, changed: &[KeyHash]) -> Result<(), StoreError> {
         let committed = tx.commit().await;
         self.notify(changed);
         committed.map_err(|e| {
@@ -744,7 +819,8 @@ impl KeyStore for SqlStore {
         .map_err(db)?;
         insert_hash(&mut tx, &secret.hash(), &id).await?;
         let record = get_in(&mut tx, &id).await?;
-        if let Err(error) = self.commit(tx, &[secret.hash()]).await {
+        self.publish(&mut tx, &[secret.hash()]).await?;
+        if let Err(error) = self.finish(tx, &[secret.hash()]).await {
             // The secret exists only here: if the key was stored after all, hand it over.
             self.committed_after_all(&secret.hash(), error).await?;
         }
@@ -849,7 +925,8 @@ impl KeyStore for SqlStore {
         insert_hash(&mut tx, &secret.hash(), id).await?;
         changed.push(secret.hash());
         let record = get_in(&mut tx, id).await?;
-        if let Err(error) = self.commit(tx, &changed).await {
+        self.publish(&mut tx, &changed).await?;
+        if let Err(error) = self.finish(tx, &changed).await {
             // The old secret may be gone: if the new one was stored, hand it over.
             self.committed_after_all(&secret.hash(), error).await?;
         }
