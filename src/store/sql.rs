@@ -45,6 +45,7 @@ pub struct SqlStore {
     listeners: Arc<super::Listeners>,
     /// The URL, for [`SqlStore::listen`] on PostgreSQL. Never printed: it may hold a
     /// password.
+    #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
     url: Arc<str>,
 }
 

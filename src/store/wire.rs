@@ -23,6 +23,7 @@ pub(crate) fn payloads(hashes: &[KeyHash]) -> impl Iterator<Item = String> + '_ 
 
 /// The hashes a payload names, or `None` when any part of it is not a hash (payloads are
 /// untrusted: anyone who can connect may send one).
+#[cfg_attr(not(any(feature = "postgres", feature = "redis")), allow(dead_code))]
 pub(crate) fn parse(payload: &str) -> Option<Vec<KeyHash>> {
     if payload.len() > HASHES_PER_PAYLOAD * 65 {
         return None;
