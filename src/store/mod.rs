@@ -19,6 +19,8 @@
 //! # }).unwrap();
 //! ```
 
+#[cfg(feature = "redis")]
+mod broadcast;
 mod memory;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod notify;
@@ -28,6 +30,8 @@ mod sql;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 mod wire;
 
+#[cfg(feature = "redis")]
+pub use broadcast::{RedisChanges, RedisChangesBuilder};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use notify::Listening;
