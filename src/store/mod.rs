@@ -2,6 +2,14 @@
 //! (owners), and [`MemoryStore`], which keeps both in the process (the fastest
 //! [`KeyLookup`] there is); `SqlStore` keeps them in SQLite or PostgreSQL.
 //!
+//! Many instances: every write names the keys it affects, and two bridges carry those
+//! changes to the other instances' caches. On PostgreSQL, `SqlStore` sends `NOTIFY` in the
+//! write's own transaction and `SqlStore::listen` receives it: exact (sent if and only if
+//! the write commits). For any store, `RedisChanges` (feature `redis`) publishes on a Redis
+//! channel after the commit: best effort, a missed change bounded by the cache TTL. Both
+//! empty the caches ([`Change::All`], a cold cache for a
+//! moment) when their subscription is lost, and again when it is back.
+//!
 //! A store knows keys only by their [`KeyHash`](crate::key::KeyHash): the secret is returned
 //! once, by [`KeyStore::create`] and [`KeyStore::rotate`], and never again.
 //!
@@ -396,7 +404,9 @@ pub struct Page {
 /// every write names the key hashes it affects, so that a
 /// [`CachedLookup::over_store`](crate::lookup::CachedLookup::over_store) in this process
 /// drops them at once. Another process sees a change once its cache entry expires (the
-/// cache TTL, 30 s by default). The records a store hands out carry its
+/// cache TTL, 30 s by default), or at once through a bridge that
+/// [announces](ChangeFeed::announce) it: `SqlStore::listen` on PostgreSQL, `RedisChanges`
+/// (feature `redis`) for any store. The records a store hands out carry its
 /// [`UsageSink`](crate::record::UsageSink), through which accepted requests record the
 /// key's last use.
 pub trait KeyStore: KeyLookup + ChangeFeed + Clone {
