@@ -11,23 +11,40 @@
 //! | `GET /swagger`, `GET /swagger/openapi.json` | no key |
 //! | `OPTIONS *` (CORS preflight) | no key |
 //!
-//! Set `KEYGATE_ADDR` to listen elsewhere than `127.0.0.1:3000`.
+//! Settings, from the environment:
+//!
+//! | variable | effect |
+//! | --- | --- |
+//! | `KEYGATE_ADDR` | where to listen (default `127.0.0.1:3000`) |
+//! | `KEYGATE_DATABASE_URL` | keys in SQLite (`sqlite://FILE`) or PostgreSQL (`postgres://…`, whose changes every instance hears through `LISTEN/NOTIFY`); unset: in memory |
+//! | `KEYGATE_REDIS_URL` | buckets on Redis (`redis://…`; several comma-separated nodes: a Redis Cluster), and changes broadcast on Redis to every instance; unset: buckets in memory |
+//! | `KEYGATE_REDIS_POLICY` | what happens while Redis is down: `closed` (503, the default), `open` or `local` |
+//! | `KEYGATE_DEMO=off` | no demo owner or keys: for the second and later instances of one service |
+//!
+//! Several quickstarts given the same PostgreSQL and Redis (and `KEYGATE_DEMO=off` for all
+//! but one) are one service: one budget per key across them, and a change made through any
+//! of them or through `keyctl` reaches all of them within a second.
 
+use std::convert::Infallible;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::num::NonZeroU32;
 use std::process::ExitCode;
 
+use axum::extract::Request;
 use axum::http::StatusCode;
-use axum::response::Html;
-use axum::routing::{get, post};
+use axum::response::{Html, IntoResponse};
+use axum::routing::{get, post, Route};
 use axum::{Json, Router};
 use keygate::key::Environment;
-use keygate::ratelimit::Quota;
-use keygate::record::Owner;
-use keygate::store::MemoryStore;
+use keygate::lookup::CachedLookup;
+use keygate::ratelimit::{FailurePolicy, Quota, RedisLimiter};
+use keygate::store::{
+    CreatedKey, MemoryStore, NewKey, OwnerStore, RedisChanges, SqlStore, StoreError,
+};
 use keygate::{Keygate, Principal};
 use serde_json::{json, Value};
+use tower::{Layer, Service};
 use tower_http::cors::CorsLayer;
 
 #[tokio::main]
@@ -40,53 +57,181 @@ async fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let addr = std::env::var("KEYGATE_ADDR").unwrap_or_else(|_| "127.0.0.1:3000".to_owned());
-    let addr: SocketAddr = match addr.parse() {
-        Ok(addr) => addr,
-        Err(e) => {
-            eprintln!("KEYGATE_ADDR={addr:?} is not a socket address ({e}); try 127.0.0.1:3000");
-            return ExitCode::from(2);
+    match run().await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure(code, message)) => {
+            eprintln!("{message}");
+            ExitCode::from(code)
+        }
+    }
+}
+
+/// An exit code and what to say.
+struct Failure(u8, String);
+
+fn fail(message: impl std::fmt::Display) -> Failure {
+    Failure(1, message.to_string())
+}
+
+fn var(name: &str) -> Option<String> {
+    std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+}
+
+async fn run() -> Result<(), Failure> {
+    let addr = var("KEYGATE_ADDR").unwrap_or_else(|| "127.0.0.1:3000".to_owned());
+    let addr: SocketAddr = addr.parse().map_err(|e| {
+        Failure(
+            2,
+            format!("KEYGATE_ADDR={addr:?} is not a socket address ({e}); try 127.0.0.1:3000"),
+        )
+    })?;
+    let demo = match var("KEYGATE_DEMO").as_deref() {
+        None | Some("on") => true,
+        Some("off") => false,
+        Some(other) => {
+            return Err(Failure(
+                2,
+                format!("KEYGATE_DEMO={other:?}: expected on or off"),
+            ))
         }
     };
+    let policy = match var("KEYGATE_REDIS_POLICY").as_deref() {
+        None | Some("closed") => FailurePolicy::Closed,
+        Some("open") => FailurePolicy::Open,
+        Some("local") => FailurePolicy::Local,
+        Some(other) => {
+            return Err(Failure(
+                2,
+                format!("KEYGATE_REDIS_POLICY={other:?}: expected closed, open or local"),
+            ))
+        }
+    };
+    let redis = var("KEYGATE_REDIS_URL");
+    match var("KEYGATE_DATABASE_URL") {
+        None => serve(MemoryStore::new(), addr, demo, redis, policy).await,
+        Some(url) => {
+            let store = SqlStore::connect(&url)
+                .await
+                .map_err(|e| fail(format!("database: {e}")))?;
+            // On PostgreSQL every instance hears every change (NOTIFY in the same transaction).
+            let _listening = if url.starts_with("postgres") {
+                Some(
+                    store
+                        .listen()
+                        .await
+                        .map_err(|e| fail(format!("database: {e}")))?,
+                )
+            } else {
+                None
+            };
+            serve(store, addr, demo, redis, policy).await
+        }
+    }
+}
 
-    let store = MemoryStore::new();
-    let demo = Owner::new("owner_demo", "demo");
+async fn serve<S: OwnerStore + Send + Sync + 'static>(
+    store: S,
+    addr: SocketAddr,
+    demo: bool,
+    redis: Option<String>,
+    policy: FailurePolicy,
+) -> Result<(), Failure> {
+    let keys = if demo {
+        Some(
+            demo_keys(&store)
+                .await
+                .map_err(|e| fail(format!("could not create the demo keys: {e}")))?,
+        )
+    } else {
+        None
+    };
     let sixty = Quota::per_minute(NonZeroU32::MIN.saturating_add(59));
-    let keys = store
-        .issue(demo.clone(), Environment::Live, |r| {
-            r.with_name("full access")
-                .with_scopes(["read", "messages:write"])
-                .with_quotas([sixty])
-        })
-        .and_then(|full| {
-            let readonly = store.issue(demo, Environment::Test, |r| {
-                r.with_name("read only")
-                    .with_scopes(["read"])
-                    .with_quotas([sixty])
-            })?;
-            Ok((full, readonly))
-        });
-    let (full, readonly) = match keys {
-        Ok(keys) => keys,
-        Err(e) => {
-            eprintln!("could not create the demo keys: {e}");
-            return ExitCode::FAILURE;
+    // A cache over the store, which the store (and, with Redis or PostgreSQL, every other
+    // instance) keeps honest.
+    let lookup = CachedLookup::over_store(store.clone());
+    let keygate = Keygate::builder(lookup).default_quota(sixty);
+    let (app, _changes) = match redis {
+        None => {
+            let keygate = keygate
+                .build()
+                .map_err(|e| fail(format!("bad keygate configuration: {e}")))?;
+            let messages = keygate.route().scopes(["messages:write"]).build();
+            let messages = messages.map_err(|e| fail(format!("bad keygate configuration: {e}")))?;
+            (app(keygate, messages), None)
+        }
+        Some(redis) => {
+            let nodes: Vec<&str> = redis.split(',').map(str::trim).collect();
+            let limiter = if nodes.len() > 1 {
+                RedisLimiter::cluster_builder(nodes.iter().copied())
+            } else {
+                RedisLimiter::builder(redis.trim())
+            };
+            let limiter = limiter
+                .policy(policy)
+                .connect()
+                .await
+                .map_err(|e| fail(format!("KEYGATE_REDIS_URL: {e}")))?;
+            // Pub/sub reaches every node of a cluster: the first one serves.
+            let changes = RedisChanges::connect(nodes[0], store.clone())
+                .await
+                .map_err(|e| fail(format!("KEYGATE_REDIS_URL: {e}")))?;
+            let keygate = keygate
+                .limiter_store(limiter)
+                .build()
+                .map_err(|e| fail(format!("bad keygate configuration: {e}")))?;
+            let messages = keygate.route().scopes(["messages:write"]).build();
+            let messages = messages.map_err(|e| fail(format!("bad keygate configuration: {e}")))?;
+            (app(keygate, messages), Some(changes))
         }
     };
 
-    // Authentication and per-key rate limiting (60 a minute unless a key says otherwise).
-    let keygate = Keygate::builder(store).default_quota(sixty).build();
-    let (keygate, messages) = match keygate.and_then(|k| {
-        let messages = k.route().scopes(["messages:write"]).build()?;
-        Ok((k, messages))
-    }) {
-        Ok(layers) => layers,
-        Err(e) => {
-            eprintln!("bad keygate configuration: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let app = Router::new()
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| fail(format!("cannot listen on {addr}: {e}")))?;
+    let local = listener.local_addr().unwrap_or(addr);
+    if let Some((full, readonly)) = keys {
+        println!("KEY_FULL={}", full.secret.expose_secret());
+        println!("KEY_READONLY={}", readonly.secret.expose_secret());
+    }
+    println!("listening on http://{local}");
+    let _ = std::io::stdout().flush();
+
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+    axum::serve(listener, app)
+        .await
+        .map_err(|e| fail(format!("server error: {e}")))
+}
+
+/// The demo owner `demo` and two fresh keys; the demo keys of an earlier start are revoked.
+async fn demo_keys<S: OwnerStore>(store: &S) -> Result<(CreatedKey, CreatedKey), StoreError> {
+    match store.add_owner("demo", None).await {
+        Ok(_) | Err(StoreError::OwnerExists(_)) => {}
+        Err(e) => return Err(e),
+    }
+    store.revoke_all("demo").await?;
+    let sixty = Quota::per_minute(NonZeroU32::MIN.saturating_add(59));
+    let mut full = NewKey::new("demo", "full access", Environment::Live);
+    full.scopes = ["read", "messages:write"].into_iter().collect();
+    full.quotas = vec![sixty];
+    let mut readonly = NewKey::new("demo", "read only", Environment::Test);
+    readonly.scopes = ["read"].into_iter().collect();
+    readonly.quotas = vec![sixty];
+    Ok((store.create(full).await?, store.create(readonly).await?))
+}
+
+/// The demo API behind `keygate` (and `messages` on the route that needs its scope).
+fn app<K, M>(keygate: K, messages: M) -> Router
+where
+    K: Layer<Route> + Clone + Send + Sync + 'static,
+    K::Service: Service<Request, Error = Infallible> + Clone + Send + Sync + 'static,
+    <K::Service as Service<Request>>::Response: IntoResponse + 'static,
+    <K::Service as Service<Request>>::Future: Send + 'static,
+    M: Layer<Route> + Clone + Send + Sync + 'static,
+    M::Service: Service<Request, Error = Infallible> + Clone + Send + Sync + 'static,
+    <M::Service as Service<Request>>::Response: IntoResponse + 'static,
+    <M::Service as Service<Request>>::Future: Send + 'static,
+{
+    Router::new()
         .route(
             "/v1/health",
             get(|| async { Json(json!({"status": "ok"})) }),
@@ -100,27 +245,7 @@ async fn main() -> ExitCode {
         // on keygate's 401s and 429s too, which a browser could not read otherwise ("Failed
         // to fetch"). A preflight that got past it would be answered 204 by keygate with no
         // CORS headers, and never handed to a handler.
-        .layer(CorsLayer::permissive());
-
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(listener) => listener,
-        Err(e) => {
-            eprintln!("cannot listen on {addr}: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let local = listener.local_addr().unwrap_or(addr);
-    println!("KEY_FULL={}", full.expose_secret());
-    println!("KEY_READONLY={}", readonly.expose_secret());
-    println!("listening on http://{local}");
-    let _ = std::io::stdout().flush();
-
-    let app = app.into_make_service_with_connect_info::<SocketAddr>();
-    if let Err(e) = axum::serve(listener, app).await {
-        eprintln!("server error: {e}");
-        return ExitCode::FAILURE;
-    }
-    ExitCode::SUCCESS
+        .layer(CorsLayer::permissive())
 }
 
 async fn me(principal: Principal) -> Json<Principal> {
