@@ -632,24 +632,42 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
         }
     }
 
-    /// The script's arguments after the mode: marker lifetime, now, extra lifetime, and
-    /// each window's field, burst and charge (seconds and nanoseconds).
-    fn arguments(&self, quotas: &[Quota], cost: u32) -> Vec<String> {
-        let mut args = Vec::with_capacity(4 + 5 * quotas.len());
-        args.push(self.inner.marker_ms.to_string());
+    /// The script's call: `EVALSHA` (or, after a `NOSCRIPT`, `EVAL` with the script, which
+    /// also loads it), the bucket and the marker, the mode, the marker's lifetime, now, the
+    /// extra lifetime, and each window's field, burst and charge (seconds and nanoseconds).
+    /// Built into one buffer, numbers written in place: no string per argument.
+    fn command(
+        &self,
+        load: bool,
+        mode: &str,
+        bucket: &str,
+        marker: &str,
+        quotas: &[Quota],
+        cost: u32,
+    ) -> redis::Cmd {
+        let mut cmd = if load {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(SCRIPT);
+            cmd
+        } else {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(self.inner.script.get_hash());
+            cmd
+        };
+        cmd.arg(2)
+            .arg(bucket)
+            .arg(marker)
+            .arg(mode)
+            .arg(self.inner.marker_ms);
         match &self.inner.clock {
             Some(clock) => {
                 let now = clock.now_nanos();
-                args.push((now / SEC).to_string());
-                args.push((now % SEC).to_string());
                 // Redis's real clock expires buckets; a test's fake clock may run ahead of
                 // it or behind: keep buckets an hour longer.
-                args.push("3600000".to_owned());
+                cmd.arg(now / SEC).arg(now % SEC).arg(3_600_000u64);
             }
             None => {
-                args.push(String::new());
-                args.push(String::new());
-                args.push("0".to_owned());
+                cmd.arg("").arg("").arg(0u64);
             }
         }
         for quota in quotas {
@@ -661,13 +679,42 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
                 .ok()
                 .filter(|c| *c <= burst)
                 .unwrap_or(burst.saturating_add(1));
-            args.push(format!("w:{}:{}", quota.capacity(), quota.interval_ns()));
-            args.push((burst / SEC).to_string());
-            args.push((burst % SEC).to_string());
-            args.push((charge / SEC).to_string());
-            args.push((charge % SEC).to_string());
+            // "w:<capacity>:<interval ns>": at most 33 bytes.
+            let mut label = [0u8; 48];
+            let mut cursor = std::io::Cursor::new(&mut label[..]);
+            let _ = std::io::Write::write_fmt(
+                &mut cursor,
+                format_args!("w:{}:{}", quota.capacity(), quota.interval_ns()),
+            );
+            let written = usize::try_from(cursor.position()).unwrap_or(0);
+            cmd.arg(label.get(..written).unwrap_or_default())
+                .arg(burst / SEC)
+                .arg(burst % SEC)
+                .arg(charge / SEC)
+                .arg(charge % SEC);
         }
-        args
+        cmd
+    }
+
+    /// Runs the script once (loading it first if Redis lost it).
+    async fn run(
+        &self,
+        conn: &mut Conn,
+        mode: &str,
+        bucket: &str,
+        marker: &str,
+        quotas: &[Quota],
+        cost: u32,
+    ) -> redis::RedisResult<String> {
+        let call = self.command(false, mode, bucket, marker, quotas, cost);
+        match call.query_async::<String>(conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                self.command(true, mode, bucket, marker, quotas, cost)
+                    .query_async::<String>(conn)
+                    .await
+            }
+            other => other,
+        }
     }
 
     /// Decides by the failure policy, after Redis could not.
@@ -867,24 +914,22 @@ impl<K: RedisBucketKey> LimiterStore<K> for RedisLimiter<K> {
             .seed
             .wrapping_add(inner.sequence.fetch_add(1, Ordering::Relaxed));
         let marker = format!("{bucket}:d:{token:016x}");
-        let args = self.arguments(quotas, cost);
         let this = self.clone();
         let key = key.clone();
         let quotas: Vec<Quota> = quotas.to_vec();
         Answer::Later(Box::pin(async move {
-            let mut invocation = this.inner.script.key(&bucket);
-            invocation.key(&marker).arg("c");
-            for arg in &args {
-                invocation.arg(arg);
-            }
             let mut conn = this.inner.conn.clone();
             let deadline = Instant::now() + this.inner.timeout;
             let call = async {
-                match invocation.invoke_async::<String>(&mut conn).await {
+                match this
+                    .run(&mut conn, "c", &bucket, &marker, &quotas, cost)
+                    .await
+                {
                     // A dropped connection may or may not have carried the call: once more,
                     // under the same token, so that it charges at most once.
                     Err(e) if e.is_connection_dropped() || e.is_io_error() => {
-                        invocation.invoke_async::<String>(&mut conn).await
+                        this.run(&mut conn, "c", &bucket, &marker, &quotas, cost)
+                            .await
                     }
                     other => other,
                 }
@@ -949,14 +994,8 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
             return Err(RedisLimiterError::Windows(quotas.len()));
         }
         let bucket = self.bucket_key(key);
-        let args = self.arguments(quotas, cost);
-        let mut invocation = self.inner.script.key(&bucket);
-        invocation.key(&bucket).arg("r");
-        for arg in &args {
-            invocation.arg(arg);
-        }
         let mut conn = self.inner.conn.clone();
-        let call = invocation.invoke_async::<String>(&mut conn);
+        let call = self.run(&mut conn, "r", &bucket, &bucket, quotas, cost);
         match tokio::time::timeout(self.inner.timeout, call).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(RedisLimiterError::Redis(e)),
