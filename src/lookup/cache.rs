@@ -63,10 +63,23 @@ struct Inner<L> {
     negative_ttl: u64,
     /// The clock of the TTLs.
     clock: Arc<dyn Clock>,
-    /// Bumped by every invalidation: an answer read from the backend before one is not
-    /// kept after it (it may be the very answer the invalidation was about).
-    generation: AtomicU64,
+    /// Bumped by every invalidation, one stripe per group of keys (by hash) and one for
+    /// all: an answer read from the backend before an invalidation of its stripe (or of
+    /// all) is not kept after it (it may be the very answer the invalidation was about),
+    /// while changes to other keys leave it alone (a stream of them, notified by other
+    /// instances or made up by whoever can publish, cannot keep the cache cold).
+    generations: Box<[AtomicU64]>,
+    everything: AtomicU64,
 }
+
+/// Generation stripes (128 KiB a cache): a change to one key discards the answers in
+/// flight for 1 / 16 384 of the keys, so that even a flood of a million made-up changes a
+/// second rarely discards the one answer being read.
+const STRIPES: usize = 16_384;
+
+/// What an answer was read under: its stripe's generation and the global one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Generation(u64, u64);
 
 #[derive(Clone)]
 struct Entry {
@@ -322,7 +335,8 @@ impl<L: KeyLookup> CachedLookup<L> {
                 index,
                 ttl: nanos(settings.ttl),
                 negative_ttl: nanos(settings.negative_ttl),
-                generation: AtomicU64::new(0),
+                generations: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+                everything: AtomicU64::new(0),
                 clock,
             }),
         }
@@ -495,9 +509,21 @@ impl Default for Settings {
 }
 
 impl<L> Inner<L> {
+    fn stripe(&self, slot: u64) -> &AtomicU64 {
+        // `slot` is the hash's prefix: uniform bits.
+        &self.generations[(slot % STRIPES as u64) as usize]
+    }
+
+    fn generation(&self, slot: u64) -> Generation {
+        Generation(
+            self.stripe(slot).load(Ordering::SeqCst),
+            self.everything.load(Ordering::SeqCst),
+        )
+    }
+
     /// Drops the key with this hash, wherever it is cached.
     fn forget(&self, hash: &KeyHash) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.stripe(hash.prefix()).fetch_add(1, Ordering::SeqCst);
         if let Some(fingerprint) = self.index.take(hash.prefix()) {
             self.cache.remove(&fingerprint);
         }
@@ -505,7 +531,7 @@ impl<L> Inner<L> {
 
     /// Drops every key (and any answer read from the backend before now).
     fn forget_all(&self) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.everything.fetch_add(1, Ordering::SeqCst);
         self.cache.clear();
         self.index.clear();
     }
@@ -553,8 +579,8 @@ impl<L> Inner<L> {
 impl<L: KeyLookup> Inner<L> {
     /// Asks the backend, with the generation read before: an invalidation after that
     /// point may concern the answer.
-    async fn ask(&self, hash: KeyHash) -> (LookupResult<BoxError>, u64) {
-        let generation = self.generation.load(Ordering::SeqCst);
+    async fn ask(&self, hash: KeyHash) -> (LookupResult<BoxError>, Generation) {
+        let generation = self.generation(hash.prefix());
         let answer = self
             .backend
             .lookup(&PresentedKey::from_hash(hash))
@@ -566,8 +592,8 @@ impl<L: KeyLookup> Inner<L> {
     /// After an answer read at `generation` was cached under `fingerprint`: if any
     /// invalidation came since, the entry goes (it may hold the old answer). Filed in the
     /// index before this check, so that an invalidation after it finds the entry.
-    fn settle(&self, fingerprint: Fingerprint, slot: u64, filing: u64, generation: u64) {
-        if self.generation.load(Ordering::SeqCst) != generation {
+    fn settle(&self, fingerprint: Fingerprint, slot: u64, filing: u64, generation: Generation) {
+        if self.generation(slot) != generation {
             self.drop_entry(fingerprint, slot, filing);
         }
     }
@@ -984,6 +1010,48 @@ mod tests {
         assert!(
             cache.lookup(&PresentedKey::new("k")).now().ok().is_none(),
             "the answer read before the change was dropped"
+        );
+    }
+
+    #[tokio::test]
+    async fn changes_to_other_keys_during_a_backend_read_leave_its_answer() {
+        // A stream of changes to other keys (another instance's writes, or made-up
+        // notifications) must not keep a key from being cached.
+        let release = Arc::new(tokio::sync::Notify::new());
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (r, c) = (Arc::clone(&release), Arc::clone(&calls));
+        let backend = move |_: KeyHash| {
+            let (release, calls) = (Arc::clone(&r), Arc::clone(&c));
+            async move {
+                if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                    release.notified().await;
+                }
+                Ok::<_, BoxError>(Some(record()))
+            }
+        };
+        let cache = CachedLookup::builder(backend).build().unwrap();
+        let slow = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.lookup(&PresentedKey::new("k")).await.is_ok() }
+        });
+        while calls.load(Ordering::SeqCst) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let k = KeyHash::of("k").prefix() % STRIPES as u64;
+        let mut others = 0;
+        for i in 0..10_000 {
+            let other = KeyHash::of(&format!("other {i}"));
+            if other.prefix() % STRIPES as u64 != k {
+                cache.invalidate(&other);
+                others += 1;
+            }
+        }
+        assert!(others > 9_000);
+        release.notify_one();
+        assert!(slow.await.unwrap());
+        assert!(
+            matches!(cache.lookup(&PresentedKey::new("k")).now(), Ok(Ok(Some(_)))),
+            "the answer stayed cached"
         );
     }
 

@@ -60,13 +60,21 @@ const PING_EVERY: Duration = Duration::from_secs(15);
 /// [`SqlStore::listen`](crate::store::SqlStore::listen) is exact: the notification is sent
 /// in the write's own transaction, so it goes out if and only if the write commits. This
 /// channel works with any store (SQLite shared by several processes, your own), but it is
-/// best effort: a change is published after its commit, by a background task, and one
-/// that cannot be published (Redis down, the queue full) is lost with a warning. The
-/// caches' TTL still bounds how long a missed change is served.
+/// best effort: a change is published after its commit, by a background task. One that
+/// cannot be published (Redis down past a retry, the queue full) is not lost silently: as
+/// soon as Redis takes a message again, an `All` message tells every instance to empty its
+/// caches. A process that dies between a commit and its publish loses that change; the
+/// caches' TTL still bounds how long it is served.
 ///
 /// **Never on the request path.** Writes hand their hashes to a bounded queue (4 096 by
 /// default) and return; one task publishes them. When the queue is full, new changes are
-/// dropped and a warning says how many.
+/// dropped, a warning says how many, and an `All` message follows.
+///
+/// **Who can publish.** Anyone who can `PUBLISH` on the channel can make every instance
+/// drop the keys it names, or empty its caches (an `All`, or a message over Redis's
+/// pub/sub output buffer limit, which disconnects every subscriber): a load on the store,
+/// never a key accepted that should not be. Keep the channel to keygate's own Redis user
+/// (ACL `&keygate:*` channels) where others share the server.
 ///
 /// **A lost subscription.** Messages sent while the subscription is down are lost, so the
 /// feed is told [`Change::All`] (the caches empty: for a moment every request reads the
@@ -163,7 +171,7 @@ impl RedisChangesBuilder {
     }
 
     /// How many changes may wait to be published (default 4 096); past it, changes are
-    /// dropped with a warning, and other instances see them after their cache TTL.
+    /// dropped with a warning, and every instance is told to empty its caches.
     pub fn queue_capacity(mut self, capacity: usize) -> Self {
         self.queue = capacity;
         self
@@ -292,17 +300,36 @@ impl fmt::Debug for Instance {
     }
 }
 
-/// A message: the sender's instance id, a space, and the hashes as in [`wire`].
+/// A message: the sender's instance id, a space, and the hashes as in [`wire`], or `*`:
+/// the sender lost changes (Redis was down, or its queue overflowed) and every instance
+/// must empty its caches.
 fn message(instance: Instance, payload: &str) -> String {
     format!("{instance} {payload}")
 }
 
-/// What a message says: who sent it, and which hashes; `None` when malformed (messages are
-/// untrusted: anyone who can reach Redis may publish).
-fn read(message: &[u8]) -> Option<(Instance, Vec<KeyHash>)> {
+/// What a message names.
+#[derive(Debug, PartialEq, Eq)]
+enum Named {
+    /// These keys changed.
+    Keys(Vec<KeyHash>),
+    /// Changes were lost: any key may have changed.
+    All,
+}
+
+/// The payload of a [`Named::All`] message.
+const ALL: &str = "*";
+
+/// What a message says: who sent it, and what it names; `None` when malformed (messages
+/// are untrusted: anyone who can reach Redis may publish).
+fn read(message: &[u8]) -> Option<(Instance, Named)> {
     let text = std::str::from_utf8(message).ok()?;
     let (instance, payload) = text.split_once(' ')?;
-    Some((Instance::parse(instance)?, wire::parse(payload)?))
+    let named = if payload == ALL {
+        Named::All
+    } else {
+        Named::Keys(wire::parse(payload)?)
+    };
+    Some((Instance::parse(instance)?, named))
 }
 
 async fn subscribe(
@@ -325,6 +352,11 @@ async fn subscribe(
 }
 
 /// The publishing task: the queue's hashes, in batches, one `PUBLISH` per [`wire`] payload.
+///
+/// A `PUBLISH` that fails is tried once more after a pause (the connection manager
+/// reconnects meanwhile: Redis closes idle connections, restarts, fails over). Changes that
+/// still cannot be published, or that the full queue dropped, are not lost silently: an
+/// `All` message goes out as soon as Redis takes one, and every instance empties its caches.
 async fn publish(
     mut connection: ConnectionManager,
     channel: Arc<str>,
@@ -333,35 +365,71 @@ async fn publish(
     dropped: Arc<AtomicU64>,
 ) {
     let mut batch = Vec::with_capacity(BATCH);
-    while queue.recv_many(&mut batch, BATCH).await > 0 {
+    let mut owed = false;
+    loop {
+        let lost = dropped.load(Ordering::Relaxed);
+        if owed || lost > 0 {
+            if send(&mut connection, &channel, &message(instance, ALL))
+                .await
+                .is_ok()
+            {
+                owed = false;
+                dropped.fetch_sub(lost, Ordering::Relaxed);
+                tracing::warn!(
+                    lost,
+                    "keygate: changes were lost on the way to Redis; every instance was told                      to empty its caches"
+                );
+            } else {
+                owed = true;
+            }
+        }
+        let received = if owed {
+            // Try the `All` again soon, even if no change comes.
+            match tokio::time::timeout(RETRY, queue.recv_many(&mut batch, BATCH)).await {
+                Ok(received) => received,
+                Err(_) => continue,
+            }
+        } else {
+            queue.recv_many(&mut batch, BATCH).await
+        };
+        if received == 0 {
+            return;
+        }
         for payload in wire::payloads(&batch) {
-            let sent = tokio::time::timeout(
-                TIMEOUT,
-                redis::cmd("PUBLISH")
-                    .arg(&*channel)
-                    .arg(message(instance, &payload))
-                    .query_async::<i64>(&mut connection),
-            )
-            .await;
-            let error = match sent {
-                Ok(Ok(_)) => continue,
-                Ok(Err(error)) => error.to_string(),
-                Err(_) => format!("no answer within {TIMEOUT:?}"),
-            };
-            tracing::warn!(
-                %error,
-                "keygate: cannot publish changes to Redis; other instances see them after \
-                 their cache TTL"
-            );
+            let text = message(instance, &payload);
+            if send(&mut connection, &channel, &text).await.is_ok() {
+                continue;
+            }
+            tokio::time::sleep(RETRY).await;
+            if let Err(error) = send(&mut connection, &channel, &text).await {
+                tracing::warn!(
+                    %error,
+                    "keygate: cannot publish changes to Redis; every instance will be told to                      empty its caches once Redis answers"
+                );
+                owed = true;
+            }
         }
         batch.clear();
-        let lost = dropped.swap(0, Ordering::Relaxed);
-        if lost > 0 {
-            tracing::warn!(
-                lost,
-                "keygate: changes dropped while the queue to Redis was full"
-            );
-        }
+    }
+}
+
+/// How long the publisher waits before trying a failed `PUBLISH` again.
+const RETRY: Duration = Duration::from_millis(200);
+
+/// One `PUBLISH`, within [`TIMEOUT`].
+async fn send(connection: &mut ConnectionManager, channel: &str, text: &str) -> Result<(), String> {
+    let sent = tokio::time::timeout(
+        TIMEOUT,
+        redis::cmd("PUBLISH")
+            .arg(channel)
+            .arg(text)
+            .query_async::<i64>(connection),
+    )
+    .await;
+    match sent {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(error)) => Err(error.to_string()),
+        Err(_) => Err(format!("no answer within {TIMEOUT:?}")),
     }
 }
 
@@ -423,11 +491,12 @@ async fn receive<S: ChangeFeed>(
                 let Some(message) = message else { return };
                 match read(message.get_payload_bytes()) {
                     Some((from, _)) if from == instance => {}
-                    Some((_, hashes)) => {
+                    Some((_, Named::Keys(hashes))) => {
                         for hash in &hashes {
                             feed.announce(Change::Remote(hash));
                         }
                     }
+                    Some((_, Named::All)) => feed.announce(Change::All),
                     None => tracing::warn!(
                         len = message.get_payload_bytes().len(),
                         "keygate: ignored a malformed message on the Redis changes channel"
@@ -455,13 +524,19 @@ mod tests {
         let payload = wire::payloads(&hashes).next().unwrap();
         let text = message(instance, &payload);
         assert!(text.starts_with("0123456789abcdef "));
-        assert_eq!(read(text.as_bytes()), Some((instance, hashes.to_vec())));
+        assert_eq!(
+            read(text.as_bytes()),
+            Some((instance, Named::Keys(hashes.to_vec())))
+        );
+        let all = message(instance, ALL);
+        assert_eq!(read(all.as_bytes()), Some((instance, Named::All)));
         for (case, bad) in [
             ("empty", &b""[..]),
             ("garbage", b"garbage"),
             ("no hashes", b"0123456789abcdef "),
             ("short id", b"0123 aa"),
             ("not utf-8", b"\xff\xfe 00"),
+            ("two stars", b"0123456789abcdef **"),
         ] {
             assert_eq!(read(bad), None, "{case}");
         }

@@ -20,6 +20,8 @@ pub(crate) const CHANNEL: &str = "keygate_changes";
 #[must_use = "listening stops when the handle is dropped"]
 pub struct Listening {
     task: tokio::task::JoinHandle<()>,
+    /// Sends the pings the listening task waits for.
+    pinger: tokio::task::JoinHandle<()>,
 }
 
 impl Listening {
@@ -36,6 +38,7 @@ impl Listening {
 impl Drop for Listening {
     fn drop(&mut self) {
         self.task.abort();
+        self.pinger.abort();
     }
 }
 
@@ -58,6 +61,7 @@ mod postgres {
     use std::time::{Duration, Instant};
 
     use sqlx::postgres::PgListener;
+    use sqlx::AnyPool;
 
     use super::{Listening, CHANNEL};
     use crate::lookup::Change;
@@ -71,25 +75,51 @@ mod postgres {
     const HEALTHY: Duration = Duration::from_secs(10);
     /// How long one connection attempt may take.
     const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+    /// How often a ping goes out (through the store's pool) to this listener's own channel.
+    const PING_EVERY: Duration = Duration::from_secs(5);
+    /// A listener that heard no ping for this long is taken for dead: a connection that
+    /// died silently (a NAT or firewall dropping it without a reset) never errors.
+    const SILENT: Duration = Duration::from_secs(15);
 
-    /// Connects, listens, and spawns the task that tells `listeners`.
+    /// Connects, listens, and spawns the task that tells `listeners` and the one that pings
+    /// it.
     pub(crate) async fn listen(
         url: Arc<str>,
         listeners: Arc<Listeners>,
+        pool: AnyPool,
     ) -> Result<Listening, StoreError> {
-        let listener = connect(&url).await.map_err(|e| {
+        let mut tag = [0u8; 8];
+        getrandom::fill(&mut tag)
+            .map_err(|_| StoreError::Backend(BackendError::plain("the OS random source failed")))?;
+        let ping: Arc<str> = format!("keygate_ping_{:016x}", u64::from_le_bytes(tag)).into();
+        let listener = connect(&url, &ping).await.map_err(|e| {
             StoreError::Backend(BackendError::caused("cannot listen for changes", e))
         })?;
-        let task = tokio::spawn(run(listener, url, listeners));
-        Ok(Listening { task })
+        let task = tokio::spawn(run(listener, url, listeners, Arc::clone(&ping)));
+        let pinger = tokio::spawn(pings(pool, ping));
+        Ok(Listening { task, pinger })
     }
 
-    async fn connect(url: &str) -> Result<PgListener, sqlx::Error> {
+    /// Notifies the listener's own channel every [`PING_EVERY`], through the pool.
+    async fn pings(pool: AnyPool, channel: Arc<str>) {
+        let mut every = tokio::time::interval(PING_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let ping = sqlx::query("SELECT pg_notify($1, '')::text")
+                .bind(channel.to_string())
+                .execute(&pool);
+            // A failed ping is simply not heard: the listener reconnects.
+            let _ = tokio::time::timeout(PING_EVERY, ping).await;
+        }
+    }
+
+    async fn connect(url: &str, ping: &str) -> Result<PgListener, sqlx::Error> {
         let attempt = async {
             let mut listener = PgListener::connect(url).await?;
             // A lost connection is ours to reconnect: we announce `All` around it.
             listener.eager_reconnect(false);
-            listener.listen(CHANNEL).await?;
+            listener.listen_all([CHANNEL, ping]).await?;
             Ok(listener)
         };
         tokio::time::timeout(CONNECT_TIMEOUT, attempt)
@@ -97,17 +127,39 @@ mod postgres {
             .unwrap_or(Err(sqlx::Error::PoolTimedOut))
     }
 
-    async fn run(mut listener: PgListener, url: Arc<str>, listeners: Arc<Listeners>) {
+    async fn run(
+        mut listener: PgListener,
+        url: Arc<str>,
+        listeners: Arc<Listeners>,
+        ping: Arc<str>,
+    ) {
         let mut delay = FIRST_DELAY;
         let mut since = Instant::now();
+        let mut pinged = Instant::now();
         loop {
-            match listener.try_recv().await {
-                Ok(Some(notification)) => tell(&listeners, notification.payload()),
+            // Waiting for a notification is abandoned only with the listener itself: a
+            // half-read message can never be read on.
+            let overdue = tokio::time::sleep_until((pinged + SILENT).into());
+            let next = tokio::select! {
+                next = listener.try_recv() => Some(next),
+                () = overdue => None,
+            };
+            match next {
+                Some(Ok(Some(notification))) if notification.channel() == &*ping => {
+                    pinged = Instant::now();
+                }
+                Some(Ok(Some(notification))) => tell(&listeners, notification.payload()),
                 lost => {
-                    if let Err(error) = lost {
-                        tracing::warn!(%error, "keygate: lost the connection listening for changes");
-                    } else {
-                        tracing::warn!("keygate: lost the connection listening for changes");
+                    match lost {
+                        Some(Err(error)) => tracing::warn!(
+                            %error,
+                            "keygate: lost the connection listening for changes"
+                        ),
+                        None => tracing::warn!(
+                            silent_s = SILENT.as_secs(),
+                            "keygate: the connection listening for changes stopped answering"
+                        ),
+                        _ => tracing::warn!("keygate: lost the connection listening for changes"),
                     }
                     // Changes sent while nobody listens are lost: nothing cached can be
                     // trusted until we listen again.
@@ -119,7 +171,7 @@ mod postgres {
                     listener = loop {
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(MAX_DELAY);
-                        match connect(&url).await {
+                        match connect(&url, &ping).await {
                             Ok(listener) => break listener,
                             Err(error) => tracing::warn!(
                                 %error,
@@ -129,6 +181,7 @@ mod postgres {
                         }
                     };
                     since = Instant::now();
+                    pinged = Instant::now();
                     // A change committed after the first `All` and before `LISTEN` took
                     // effect may have been cached since: empty the caches once more.
                     listeners.announce(Change::All);

@@ -58,6 +58,13 @@ impl fmt::Debug for SqlStore {
     }
 }
 
+/// Whose owner row [`SqlStore::hold_owner`] holds: an owner's, or a key's owner's.
+#[derive(Clone, Copy)]
+enum OwnerOf<'a> {
+    Owner(&'a str),
+    Key(&'a KeyId),
+}
+
 fn db(error: sqlx::Error) -> StoreError {
     StoreError::Backend(BackendError::caused("the database failed", error))
 }
@@ -212,7 +219,12 @@ impl SqlStore {
         match self.backend {
             #[cfg(feature = "postgres")]
             Backend::Postgres => {
-                super::notify::listen(Arc::clone(&self.url), Arc::clone(&self.listeners)).await
+                super::notify::listen(
+                    Arc::clone(&self.url),
+                    Arc::clone(&self.listeners),
+                    self.pool.clone(),
+                )
+                .await
             }
             _ => Err(StoreError::invalid(
                 "database for listen",
@@ -328,6 +340,35 @@ impl SqlStore {
     async fn commit(&self, mut tx: Tx<'_>, changed: &[KeyHash]) -> Result<(), StoreError> {
         self.publish(&mut tx, changed).await?;
         self.finish(tx, changed).await
+    }
+
+    /// On PostgreSQL, holds the owner's row against a concurrent owner change until this
+    /// transaction ends. A write that adds a hash takes it first: else an owner disabled
+    /// meanwhile lists the owner's hashes before this one commits, and another instance,
+    /// reading the new key after its own notification but before the disable commits,
+    /// caches it as usable until the TTL. (SQLite runs one writer at a time: the disable's
+    /// list is taken under the same write lock.)
+    async fn hold_owner(
+        &self,
+        tx: &mut Tx<'_>,
+        key_or_owner: OwnerOf<'_>,
+    ) -> Result<(), StoreError> {
+        if self.backend != Backend::Postgres {
+            return Ok(());
+        }
+        let query = match key_or_owner {
+            OwnerOf::Owner(id) => {
+                sqlx::query("SELECT id FROM keygate_owners WHERE id = $1 FOR SHARE")
+                    .bind(id.to_owned())
+            }
+            OwnerOf::Key(id) => sqlx::query(
+                "SELECT id FROM keygate_owners WHERE id = \
+                 (SELECT owner_id FROM keygate_keys WHERE id = $1) FOR SHARE",
+            )
+            .bind(id.as_str().to_owned()),
+        };
+        query.fetch_all(&mut **tx).await.map_err(db)?;
+        Ok(())
     }
 
     /// On PostgreSQL, `NOTIFY`s the changed hashes inside the transaction, so that other
@@ -798,6 +839,7 @@ impl KeyStore for SqlStore {
         let id = KeyId::generate()?;
         let now = self.clock.now();
         let mut tx = self.pool.begin().await.map_err(db)?;
+        self.hold_owner(&mut tx, OwnerOf::Owner(&owner_id)).await?;
         sqlx::query(
             "INSERT INTO keygate_keys (id, owner_id, name, description, use_case, environment, \
              status, expires_at, scopes, restrictions, quotas, metadata, created_at, version) \
@@ -894,6 +936,7 @@ impl KeyStore for SqlStore {
         let now = self.clock.now();
         let until = to_nanos(now.checked_add(grace).unwrap_or(now));
         let mut tx = self.pool.begin().await.map_err(db)?;
+        self.hold_owner(&mut tx, OwnerOf::Key(id)).await?;
         let done = sqlx::query(
             "UPDATE keygate_keys SET version = version + 1 WHERE id = $1 AND version = $2",
         )
