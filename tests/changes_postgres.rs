@@ -9,20 +9,19 @@
 //! notifications or tables meet its own.
 #![cfg(feature = "test-servers")]
 
-use std::sync::Arc;
+mod common;
+
 use std::time::{Duration, Instant};
 
-use keygate::key::{ApiKey, Environment, KeyHash};
-use keygate::lookup::{CachedLookup, Change, ChangeFeed, KeyLookup};
+use common::servers::{next, spy, status_through, until, Heard};
+use keygate::key::{Environment, KeyHash};
+use keygate::lookup::CachedLookup;
 use keygate::record::Status;
 use keygate::store::{KeyStore, KeyUpdate, NewKey, OwnerStore, SqlStore};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::Row;
-use tokio::sync::mpsc;
 
 const DATABASE: &str = "keygate_changes_test";
-/// The failure bound of every wait: nothing here should take more than moments.
-const PATIENCE: Duration = Duration::from_secs(10);
 
 fn url() -> String {
     std::env::var("KEYGATE_TEST_POSTGRES_URL").expect(
@@ -62,56 +61,6 @@ async fn fresh_database() -> String {
         .expect("create the test database");
     admin.close().await;
     with_database(&url(), DATABASE)
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Heard {
-    Remote(String),
-    All,
-}
-
-/// Everything a store announces from elsewhere (its own writes are left out).
-fn spy(store: &SqlStore) -> mpsc::UnboundedReceiver<Heard> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    store.subscribe(Arc::new(move |change: Change<'_>| {
-        let heard = match change {
-            Change::Remote(hash) => Heard::Remote(hash.to_hex()),
-            Change::All => Heard::All,
-            _ => return true,
-        };
-        tx.send(heard).is_ok()
-    }));
-    rx
-}
-
-async fn next(rx: &mut mpsc::UnboundedReceiver<Heard>, waiting_for: &str) -> Heard {
-    tokio::time::timeout(PATIENCE, rx.recv())
-        .await
-        .unwrap_or_else(|_| panic!("nothing heard within {PATIENCE:?}: {waiting_for}"))
-        .expect("the spy is subscribed")
-}
-
-/// Reads announcements until this hash is heard, and returns what came before it.
-async fn until(rx: &mut mpsc::UnboundedReceiver<Heard>, hash: &KeyHash) -> Vec<Heard> {
-    let want = Heard::Remote(hash.to_hex());
-    let mut before = Vec::new();
-    loop {
-        let heard = next(rx, "a change made on the other instance").await;
-        if heard == want {
-            return before;
-        }
-        before.push(heard);
-    }
-}
-
-async fn status_through<L: KeyLookup>(cache: &L, key: &ApiKey) -> Option<Status> {
-    match cache.lookup(&key.presented()) {
-        keygate::answer::Answer::Now(result) => result,
-        keygate::answer::Answer::Later(future) => future.await,
-    }
-    .map_err(Into::<keygate::error::BoxError>::into)
-    .expect("lookup")
-    .map(|record| record.status)
 }
 
 // One test: its steps share the two instances, and run one after the other.

@@ -7,12 +7,12 @@
 //! `bash .ci/run` starts both. Without them the tests fail: they never skip.
 #![cfg(feature = "test-servers")]
 
+mod common;
 mod limiter_conformance;
 
-use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use common::servers::OwnRedis;
 use keygate::clock::FakeClock;
 use keygate::ratelimit::{
     Decision, FailurePolicy, MemoryLimiter, Quota, RedisLimiter, RedisLimiterError,
@@ -281,71 +281,6 @@ async fn noscript_reloads() {
         .await
         .expect("after flush");
     assert_eq!(d.numbers.remaining, 3);
-}
-
-/// A Redis server this test owns, on a free loopback port.
-struct OwnRedis {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl OwnRedis {
-    fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .expect("bind")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let mut own = Self { port, child: None };
-        own.restart();
-        own
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        self.child = Some(child);
-        // Up when it answers PING (bounded).
-        let client = redis::Client::open(self.url()).expect("url");
-        for _ in 0..200 {
-            if let Ok(mut c) = client.get_connection() {
-                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                    return;
-                }
-            }
-            std::thread::sleep(Duration::from_millis(25));
-        }
-        panic!("redis-server did not start on port {}", self.port);
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 async fn limiter_on(own: &OwnRedis, policy: FailurePolicy) -> RedisLimiter<String> {

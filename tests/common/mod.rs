@@ -3,6 +3,7 @@
 
 pub mod keyctl;
 pub mod layered;
+pub mod servers;
 
 use std::net::SocketAddr;
 
