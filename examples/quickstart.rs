@@ -17,7 +17,7 @@
 //! | --- | --- |
 //! | `KEYGATE_ADDR` | where to listen (default `127.0.0.1:3000`) |
 //! | `KEYGATE_DATABASE_URL` | keys in SQLite (`sqlite://FILE`) or PostgreSQL (`postgres://…`, whose changes every instance hears through `LISTEN/NOTIFY`); unset: in memory |
-//! | `KEYGATE_REDIS_URL` | buckets on Redis (`redis://…`; several comma-separated nodes: a Redis Cluster), and changes broadcast on Redis to every instance; unset: buckets in memory |
+//! | `KEYGATE_REDIS_URL` | buckets on Redis (`redis://…`, or `rediss://…` for TLS; several comma-separated nodes: a Redis Cluster), and changes broadcast on Redis to every instance; unset: buckets in memory |
 //! | `KEYGATE_REDIS_POLICY` | what happens while Redis is down: `closed` (503, the default), `open` or `local` |
 //! | `KEYGATE_DEMO=off` | no demo owner or keys: for the second and later instances of one service |
 //!

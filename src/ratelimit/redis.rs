@@ -581,7 +581,7 @@ fn build_error(error: redis::RedisError) -> RedisLimiterBuildError {
 
 impl<K: RedisBucketKey> RedisLimiter<K> {
     /// Settings for a limiter on one Redis (`redis://[:password@]host:port[/db]` or
-    /// `rediss://…`).
+    /// `rediss://…` with the feature `redis-tls`).
     pub fn builder(url: impl Into<String>) -> RedisLimiterBuilder<K> {
         RedisLimiterBuilder::new(Target::Single(url.into()))
     }

@@ -130,7 +130,7 @@ impl fmt::Debug for RedisChangesBuilder {
 }
 
 impl RedisChanges {
-    /// Connects to Redis at `url` (`redis://…` or `rediss://…`) with the default settings,
+    /// Connects to Redis at `url` (`redis://…`, or `rediss://…` with the feature `redis-tls`) with the default settings,
     /// and starts broadcasting `feed`'s changes on the channel `keygate:changes`. See
     /// [`RedisChangesBuilder::connect`].
     ///
