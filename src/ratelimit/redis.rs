@@ -43,7 +43,8 @@ pub enum FailurePolicy {
     /// its budget, at the price of the API while Redis is down.
     #[default]
     Closed,
-    /// Admit, as if every window were full, and say so: a `WARN` event (at most one a
+    /// Admit, as if every window were full (so only a cost above a window's capacity is
+    /// refused), and say so: a `WARN` event (at most one a
     /// second per limiter) with the field `keygate_limiter_fail_open` counting the requests
     /// admitted unlimited since the last event, and [`RedisLimiterStats::fail_open`].
     Open,
@@ -201,7 +202,8 @@ enum Target {
 pub struct RedisLimiterStats {
     /// Decisions Redis took.
     pub decided: u64,
-    /// Calls that failed or timed out.
+    /// Decisions Redis could not take (errors, timeouts, unreadable answers), including
+    /// the errors about one key's data that the breaker does not count.
     pub failures: u64,
     /// Requests decided by the failure policy because the breaker was open (Redis not
     /// asked).
@@ -212,7 +214,7 @@ pub struct RedisLimiterStats {
     pub fail_open: u64,
     /// Requests decided in local memory ([`FailurePolicy::Local`]).
     pub fail_local: u64,
-    /// Times the breaker opened.
+    /// Times the breaker opened (from closed, or again after a failed probe).
     pub breaker_opened: u64,
 }
 
@@ -298,7 +300,9 @@ impl Breaker {
         }
     }
 
-    /// Counts a failure; whether the breaker opened (again) now.
+    /// Counts a failure; whether the breaker opened now (from closed, or again after a
+    /// failed probe). Calls sent before it opened and failing during its cool-down change
+    /// nothing.
     fn failure(&self) -> bool {
         let failures = self
             .failures
@@ -307,7 +311,12 @@ impl Breaker {
         if failures < self.threshold {
             return false;
         }
-        let until = self.now_ms().saturating_add(millis(self.cooldown)).max(1);
+        let now = self.now_ms();
+        let open = self.open_until.load(Ordering::Acquire);
+        if open != 0 && now < open {
+            return false;
+        }
+        let until = now.saturating_add(millis(self.cooldown)).max(1);
         self.open_until.store(until, Ordering::Release);
         self.probe_since.store(0, Ordering::Release);
         true
@@ -338,19 +347,23 @@ struct Inner<K> {
 ///
 /// - **One round trip per decision**: a server-side script checks and charges every window
 ///   of the key (and the route's cost) atomically, on Redis's own clock, so no instance's
-///   clock can skew a budget. It is loaded once and called by its hash (`EVALSHA`), and
-///   loaded again transparently after a `NOSCRIPT` (a restart or a failover).
+///   clock can skew a budget. It is called by its hash (`EVALSHA`); after a `NOSCRIPT`
+///   (the first call on a node, a restart, a failover) the call is sent once more as
+///   `EVAL` with the script, which loads it.
 /// - **State only for active keys**: a bucket is one Redis hash (one field per window)
-///   that expires when its emptiest window is full again. Its windows share the key, so
-///   they share a hash slot: it works on Redis Cluster as on one Redis.
+///   that expires when its emptiest window is full again, plus one small marker per
+///   decision kept for the timeout plus a second. A decision's keys share a hash slot: it
+///   works on Redis Cluster as on one Redis.
 /// - **The same numbers as [`MemoryLimiter`]**: the script returns the windows' state and
 ///   the decision is computed by the same code, so headers and 429 bodies match.
-/// - **Failures**: each call has a timeout; [`FailurePolicy`] says what happens when it
+/// - **Failures**: each decision (its retries included) has a timeout; [`FailurePolicy`]
+///   says what happens when it
 ///   fails; a breaker stops calling Redis after repeated failures (so an outage does not
 ///   add the timeout to every request) and probes it again after a cool-down, recovering
 ///   without a restart.
 /// - **No double charge**: a call is retried once after a dropped connection (and the
-///   cluster client re-sends on redirects), so each decision carries a random token; the
+///   cluster client re-sends, up to twice, on redirects and connection errors), so each
+///   decision carries a random token; the
 ///   script keeps its answer under that token for the timeout plus a second, and a re-sent
 ///   call gets the first answer instead of a second charge.
 ///
@@ -472,7 +485,8 @@ impl<K: RedisBucketKey> RedisLimiterBuilder<K> {
     /// # Errors
     ///
     /// [`RedisLimiterBuildError`]: a URL that does not parse, a cluster that cannot be
-    /// reached, a zero timeout, threshold or cool-down, or a prefix holding `{` or `}`.
+    /// reached, a zero timeout, threshold or cool-down, a timeout over 60 s or a cool-down
+    /// over an hour, a prefix holding `{` or `}`, or a failing OS random source.
     pub async fn connect(self) -> Result<RedisLimiter<K>, RedisLimiterBuildError> {
         if self.timeout.is_zero() {
             return Err(ConfigError::Zero("redis limiter timeout").into());
@@ -1030,6 +1044,34 @@ mod tests {
         ] {
             assert!(parse_answer(bad, &quotas, 1).is_none(), "{bad:?}");
         }
+    }
+
+    fn breaker(threshold: u32, cooldown: Duration) -> Breaker {
+        Breaker {
+            threshold,
+            cooldown,
+            failures: AtomicU32::new(0),
+            open_until: AtomicU64::new(0),
+            probe_since: AtomicU64::new(0),
+            start: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn calls_failing_while_the_breaker_is_open_neither_reopen_nor_extend_it() {
+        let b = breaker(2, Duration::from_secs(3600));
+        assert!(!b.failure());
+        assert!(b.failure(), "the second failure opens it");
+        let until = b.open_until.load(Ordering::Acquire);
+        assert!(matches!(b.gate(Duration::from_millis(100)), Gate::Skip));
+        // Calls sent before it opened fail during the cool-down: no new opening.
+        for _ in 0..5 {
+            assert!(!b.failure());
+        }
+        assert_eq!(b.open_until.load(Ordering::Acquire), until);
+        // A success closes it.
+        b.success();
+        assert!(matches!(b.gate(Duration::from_millis(100)), Gate::Call));
     }
 
     #[test]

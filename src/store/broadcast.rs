@@ -232,7 +232,7 @@ impl RedisChangesBuilder {
                 if queue.try_send(*hash).is_err() && counter.fetch_add(1, Ordering::Relaxed) == 0 {
                     tracing::warn!(
                         "keygate: the queue of changes to publish to Redis is full; changes \
-                         are dropped, and other instances see them after their cache TTL"
+                         are dropped, and every instance will be told to empty its caches"
                     );
                 }
             }
@@ -377,7 +377,8 @@ async fn publish(
                 dropped.fetch_sub(lost, Ordering::Relaxed);
                 tracing::warn!(
                     lost,
-                    "keygate: changes were lost on the way to Redis; every instance was told                      to empty its caches"
+                    "keygate: changes were lost on the way to Redis; every instance was told \
+                     to empty its caches"
                 );
             } else {
                 owed = true;
@@ -404,7 +405,8 @@ async fn publish(
             if let Err(error) = send(&mut connection, &channel, &text).await {
                 tracing::warn!(
                     %error,
-                    "keygate: cannot publish changes to Redis; every instance will be told to                      empty its caches once Redis answers"
+                    "keygate: cannot publish changes to Redis; every instance will be told to \
+                     empty its caches once Redis answers"
                 );
                 owed = true;
             }
