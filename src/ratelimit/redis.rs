@@ -121,38 +121,31 @@ impl RedisBucketKey for IpAddr {
     }
 }
 
-impl RedisBucketKey for String {
-    fn write_redis_key(&self, out: &mut String) {
-        out.push_str("s:");
-        escaped(out, self);
-    }
+/// Strings of every kind share the tag `s:` (the same text, the same bucket).
+macro_rules! text_keys {
+    ($($ty:ty),*) => {$(
+        impl RedisBucketKey for $ty {
+            fn write_redis_key(&self, out: &mut String) {
+                out.push_str("s:");
+                escaped(out, self);
+            }
+        }
+    )*};
 }
 
-impl RedisBucketKey for Arc<str> {
-    fn write_redis_key(&self, out: &mut String) {
-        out.push_str("s:");
-        escaped(out, self);
-    }
+/// Integers of every width share the tag `n:` (the same number, the same bucket).
+macro_rules! number_keys {
+    ($($ty:ty),*) => {$(
+        impl RedisBucketKey for $ty {
+            fn write_redis_key(&self, out: &mut String) {
+                let _ = write!(out, "n:{self}");
+            }
+        }
+    )*};
 }
 
-impl RedisBucketKey for &'static str {
-    fn write_redis_key(&self, out: &mut String) {
-        out.push_str("s:");
-        escaped(out, self);
-    }
-}
-
-impl RedisBucketKey for u64 {
-    fn write_redis_key(&self, out: &mut String) {
-        let _ = write!(out, "n:{self}");
-    }
-}
-
-impl RedisBucketKey for u32 {
-    fn write_redis_key(&self, out: &mut String) {
-        let _ = write!(out, "n:{self}");
-    }
-}
+text_keys!(String, Arc<str>, &'static str);
+number_keys!(u32, u64);
 
 /// One Redis, or a Redis Cluster.
 #[derive(Clone)]
