@@ -916,26 +916,29 @@ impl<K: RedisBucketKey> LimiterStore<K> for RedisLimiter<K> {
             inner.counters.skipped.fetch_add(1, Ordering::Relaxed);
             return Answer::Now(self.fallback(key, quotas, cost, RedisLimiterError::BreakerOpen));
         }
-        let bucket = self.bucket_key(key);
         let token = inner
             .seed
             .wrapping_add(inner.sequence.fetch_add(1, Ordering::Relaxed));
-        let marker = format!("{bucket}:d:{token:016x}");
+        // One string: the marker is the bucket's name and a suffix.
+        let mut marker = self.bucket_key(key);
+        let bucket_len = marker.len();
+        let _ = write!(marker, ":d:{token:016x}");
         let this = self.clone();
         let key = key.clone();
         let quotas: Vec<Quota> = quotas.to_vec();
         Answer::Later(Box::pin(async move {
             let mut conn = this.inner.conn.clone();
             let deadline = Instant::now() + this.inner.timeout;
+            let bucket = marker.get(..bucket_len).unwrap_or_default();
             let call = async {
                 match this
-                    .run(&mut conn, "c", &bucket, &marker, &quotas, cost)
+                    .run(&mut conn, "c", bucket, &marker, &quotas, cost)
                     .await
                 {
                     // A dropped connection may or may not have carried the call: once more,
                     // under the same token, so that it charges at most once.
                     Err(e) if e.is_connection_dropped() || e.is_io_error() => {
-                        this.run(&mut conn, "c", &bucket, &marker, &quotas, cost)
+                        this.run(&mut conn, "c", bucket, &marker, &quotas, cost)
                             .await
                     }
                     other => other,
@@ -1037,6 +1040,62 @@ mod tests {
         ] {
             assert!(parse_answer(bad, &quotas, 1).is_none(), "{bad:?}");
         }
+    }
+
+    /// A log sink for the tests.
+    #[derive(Clone, Default)]
+    struct Log(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Log {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut log) = self.0.lock() {
+                log.extend_from_slice(buf);
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn failing_open_admits_and_says_so_in_a_countable_field() {
+        let log = Log::default();
+        let sink = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || sink.clone())
+            .with_ansi(false)
+            .finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        // Nothing listens on port 1: every call fails at once.
+        let limiter: RedisLimiter<String> = RedisLimiter::builder("redis://:hunter2@127.0.0.1:1/")
+            .policy(FailurePolicy::Open)
+            .connect()
+            .await
+            .unwrap();
+        for _ in 0..5 {
+            assert!(
+                limiter
+                    .decide(&"k".to_owned(), &[q(1)], 1)
+                    .await
+                    .unwrap()
+                    .allowed
+            );
+        }
+        let stats = limiter.stats();
+        assert_eq!(stats.fail_open, 5);
+        assert!(stats.skipped >= 2, "the breaker spared Redis: {stats:?}");
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            text.contains("keygate_limiter_fail_open=1"),
+            "one warning, counting the first admission: {text}"
+        );
+        assert_eq!(
+            text.matches("keygate_limiter_fail_open").count(),
+            1,
+            "{text}"
+        );
+        assert!(!text.contains("hunter2"), "{text}");
     }
 
     fn breaker(threshold: u32, cooldown: Duration) -> Breaker {
