@@ -23,7 +23,7 @@ async fn reset(url: &str) {
         .connect(url)
         .await
         .expect("connect to KEYGATE_TEST_POSTGRES_URL");
-    sqlx::query("DROP TABLE IF EXISTS keygate_key_hashes, keygate_keys, keygate_owners CASCADE")
+    sqlx::query("DROP TABLE IF EXISTS keygate_audit, keygate_key_hashes, keygate_keys, keygate_owners CASCADE")
         .execute(&pool)
         .await
         .expect("reset");
