@@ -43,20 +43,18 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse};
 use axum::routing::{get, post, Route};
 use axum::{Json, Router};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use keygate::key::Environment;
 use keygate::lookup::CachedLookup;
 use keygate::ratelimit::{FailurePolicy, Quota, RedisLimiter};
-use keygate::store::{
-    Actor, CreatedKey, KeyStore, NewKey, OwnerStore, RedisChanges, SqlStore, StoreError,
-};
 use keygate::service::KeyService;
+use keygate::store::{Actor, CreatedKey, NewKey, OwnerStore, RedisChanges, SqlStore, StoreError};
 use keygate::{Keygate, Principal};
-use zeroize::Zeroizing;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
 use serde_json::{json, Value};
 use tower::{Layer, Service};
 use tower_http::cors::CorsLayer;
+use zeroize::Zeroizing;
 
 #[tokio::main]
 async fn main() -> ExitCode {
