@@ -103,6 +103,9 @@ pub mod ratelimit;
 pub mod record;
 pub mod reject;
 pub mod store;
+#[cfg(feature = "service")]
+#[cfg_attr(docsrs, doc(cfg(feature = "service")))]
+pub mod service;
 pub mod validate;
 
 #[cfg(feature = "axum")]

@@ -1,0 +1,706 @@
+//! The key service (feature `service`): where an API's users get, test and manage their
+//! keys, as an axum [`Router`] over any [`OwnerStore`], mounted beside your API.
+//!
+//! | endpoint | does |
+//! | --- | --- |
+//! | `POST /auth/createkey` | username and password in, a new key out; the owner's earlier keys are revoked in the same transaction |
+//! | `GET /auth/testkey` | the key (any configured scheme) checked by the layers' own rules, no token taken |
+//! | `POST /auth/session` | username and password in, a 15-minute session token out, for the management API |
+//! | `GET`, `POST /v1/keys`; `GET`, `PATCH`, `DELETE /v1/keys/{id}` | the signed-in owner's keys |
+//! | `POST /v1/keys/{id}/disable`, `/enable`, `/rotate` | lifecycle |
+//! | `GET /v1/audit` | the owner's audit trail, newest first |
+//! | `GET /dashboard` | one self-contained page doing all of the above in a browser |
+//! | `GET /swagger/openapi.json` | OpenAPI 3.1 of the service (and of your API, if given) |
+//!
+//! ```
+//! # #[cfg(feature = "sqlite")] {
+//! use axum::{routing::get, Router};
+//! use keygate::lookup::CachedLookup;
+//! use keygate::service::KeyService;
+//! use keygate::store::MemoryStore;
+//! use keygate::Keygate;
+//!
+//! let store = MemoryStore::new();
+//! let keygate = Keygate::builder(CachedLookup::over_store(store.clone()))
+//!     .default_quota("60/min".parse()?)
+//!     .build()?;
+//! let api: Router = Router::new()
+//!     .route("/v1/health", get(|| async { "ok" }))
+//!     .layer(keygate.clone());
+//! // `/auth/testkey` runs the same checks as the API, without taking a token.
+//! let service = KeyService::builder(store)
+//!     .testkey(keygate.route().cost(0).build()?)
+//!     .build()?;
+//! let app = api.merge(service);
+//! # let _ = app;
+//! # }
+//! # Ok::<_, keygate::ConfigError>(())
+//! ```
+//!
+//! # Security
+//!
+//! - **Tenants.** Every management call acts for the owner its session names: another
+//!   owner's key id answers `404 not_found` exactly like an unknown one.
+//! - **Credentials.** Passwords are checked with argon2id, with the same work for an
+//!   unknown user; failed sign-ins are limited per username and per client IP (10 and 50 an
+//!   hour by default, tokens given back on success), answered `429
+//!   too_many_failed_attempts`. The limits are per process.
+//! - **Secrets** appear in exactly one response: the one that made them (`Cache-Control:
+//!   no-store`). Lists and views carry the public id and the prefix only.
+//! - **Sessions** are HMAC-SHA256-signed tokens (`kgs_…`), checked in constant time, ending
+//!   after 15 minutes or when the owner is disabled. Give every instance the same
+//!   [`session_secret`](KeyServiceBuilder::session_secret) so that sessions work across
+//!   them; the default is random per process.
+//! - **Bodies** are JSON objects of known fields only, at most 16 KiB: anything else is
+//!   refused (400, 413, 415, 422 naming the field) before anything is written.
+//! - **Client IPs** come from the [`ClientIp`] resolver: peers only, unless proxies are
+//!   trusted.
+//!
+//! Mount the service outside keygate's own layer (it authenticates its callers itself),
+//! and put a CORS layer, if any, outside both.
+
+mod fail;
+mod login;
+mod session;
+mod views;
+
+use std::convert::Infallible;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{FromRequestParts, Path, Query, Request, State};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post, Route};
+use axum::Router;
+use http::header::{AUTHORIZATION, CACHE_CONTROL};
+use http::request::Parts;
+use http::{HeaderValue, StatusCode};
+use serde_json::{json, Value};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use self::fail::{Fail, Json};
+use self::login::Logins;
+use self::session::Signer;
+use self::views::{
+    AuditQueryParams, AuditView, Create, Credentials, KeyView, ListQuery, Patch, Rotate,
+};
+use crate::clock::{Clock, SystemClock};
+use crate::error::ConfigError;
+use crate::head::RequestHead;
+use crate::key::{Environment, KeyFormat, KeyId};
+use crate::quota::Quota;
+use crate::record::{KeyRecord, Owner, Principal, Status};
+use crate::store::{Actor, AuditQuery, KeyStore, NewKey, OwnerStore, Page};
+use crate::validate::ClientIp;
+
+/// How long a session lasts.
+const SESSION_TTL: Duration = Duration::from_secs(900);
+/// The longest username or password read.
+const MAX_CREDENTIAL: usize = 1024;
+
+/// The key service. Start with [`KeyService::builder`].
+#[derive(Debug, Clone, Copy)]
+pub struct KeyService;
+
+impl KeyService {
+    /// A service over `store`.
+    pub fn builder<S: OwnerStore + Send + Sync + 'static>(store: S) -> KeyServiceBuilder<S> {
+        KeyServiceBuilder {
+            store,
+            template: NewKey::new("", "created by /auth/createkey", Environment::Live),
+            format: KeyFormat::default(),
+            client_ip: ClientIp::new(),
+            secret: None,
+            user_quota: Quota::per_hour(nonzero(10)),
+            ip_quota: Quota::per_hour(nonzero(50)),
+            clock: Arc::new(SystemClock),
+            testkey: None,
+            api_paths: None,
+        }
+    }
+}
+
+const fn nonzero(n: u32) -> std::num::NonZeroU32 {
+    match std::num::NonZeroU32::new(n) {
+        Some(n) => n,
+        None => std::num::NonZeroU32::MIN,
+    }
+}
+
+/// Settings of a [`KeyService`]; [`build`](Self::build) makes its [`Router`].
+pub struct KeyServiceBuilder<S> {
+    store: S,
+    template: NewKey,
+    format: KeyFormat,
+    client_ip: ClientIp,
+    secret: Option<Vec<u8>>,
+    user_quota: Quota,
+    ip_quota: Quota,
+    clock: Arc<dyn Clock>,
+    testkey: Option<Router>,
+    api_paths: Option<Value>,
+}
+
+impl<S> std::fmt::Debug for KeyServiceBuilder<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyServiceBuilder")
+            .field("createkey", &self.template)
+            .field("client_ip", &self.client_ip)
+            .field("login_quota_per_user", &self.user_quota)
+            .field("login_quota_per_ip", &self.ip_quota)
+            .field("testkey", &self.testkey.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: OwnerStore + Send + Sync + 'static> KeyServiceBuilder<S> {
+    /// The key `POST /auth/createkey` makes (its owner is the caller): name, environment,
+    /// scopes, rates… Default: a live key named "created by /auth/createkey" with no
+    /// scopes and the layer's default rate.
+    pub fn createkey(mut self, template: NewKey) -> Self {
+        self.template = template;
+        self
+    }
+
+    /// The key format of the store's keys, for the `prefix` of key views (default
+    /// `kg_live_` / `kg_test_`).
+    pub fn format(mut self, format: KeyFormat) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Where client IPs come from (for the sign-in limits, the audit trail): the peer
+    /// address by default; trust your proxies here.
+    pub fn client_ip(mut self, client_ip: ClientIp) -> Self {
+        self.client_ip = client_ip;
+        self
+    }
+
+    /// The secret that signs session tokens, at least 32 bytes. Give every instance of one
+    /// service the same secret; by default a random one is made per process (sessions then
+    /// end with it).
+    pub fn session_secret(mut self, secret: impl Into<Vec<u8>>) -> Self {
+        self.secret = Some(secret.into());
+        self
+    }
+
+    /// Failed sign-ins allowed per username and per client IP (default 10 and 50 an hour).
+    pub fn login_limits(mut self, per_user: Quota, per_ip: Quota) -> Self {
+        self.user_quota = per_user;
+        self.ip_quota = per_ip;
+        self
+    }
+
+    /// Reads time from `clock` (session expiry, key expiry from `expires_in`).
+    pub fn clock(mut self, clock: impl Clock) -> Self {
+        self.clock = Arc::new(clock);
+        self
+    }
+
+    /// Serves `GET /auth/testkey` behind `layer`: your API's keygate layer as a route layer
+    /// that takes no token, `keygate.route().cost(0).build()?`, so the answer is what your
+    /// API would say. Without it the route is not served.
+    pub fn testkey<L>(mut self, layer: L) -> Self
+    where
+        L: Layer<Route> + Clone + Send + Sync + 'static,
+        L::Service: Service<Request, Error = Infallible> + Clone + Send + Sync + 'static,
+        <L::Service as Service<Request>>::Response: IntoResponse + 'static,
+        <L::Service as Service<Request>>::Future: Send + 'static,
+    {
+        self.testkey = Some(Router::new().route(
+            "/auth/testkey",
+            get(testkey)
+                .route_layer(layer)
+                .layer(axum::middleware::map_response(rate_limit_into_body)),
+        ));
+        self
+    }
+
+    /// Adds your API's OpenAPI `paths` object to `/swagger/openapi.json`.
+    pub fn api_paths(mut self, paths: Value) -> Self {
+        self.api_paths = Some(paths);
+        self
+    }
+
+    /// The router.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::InvalidValue`] when the session secret is shorter than 32 bytes, or
+    /// when no random secret could be made.
+    pub fn build(self) -> Result<Router, ConfigError> {
+        let secret = match self.secret {
+            Some(secret) if secret.len() >= 32 => secret,
+            Some(_) => return Err(ConfigError::InvalidValue("session secret (32 bytes at least)")),
+            None => {
+                let mut secret = vec![0u8; 32];
+                getrandom::fill(&mut secret)
+                    .map_err(|_| ConfigError::InvalidValue("session secret (no randomness)"))?;
+                secret
+            }
+        };
+        let shared = Arc::new(Shared {
+            store: self.store,
+            template: self.template,
+            format: self.format,
+            client_ip: self.client_ip,
+            signer: Signer::new(secret),
+            logins: Logins::new(self.user_quota, self.ip_quota),
+            clock: self.clock,
+            openapi: openapi_document(self.api_paths),
+        });
+        let router = Router::new()
+            .route("/auth/createkey", post(createkey::<S>))
+            .route("/auth/session", post(start_session::<S>))
+            .route("/v1/keys", get(list::<S>).post(create::<S>))
+            .route(
+                "/v1/keys/{id}",
+                get(show::<S>).patch(patch::<S>).delete(delete::<S>),
+            )
+            .route("/v1/keys/{id}/disable", post(disable::<S>))
+            .route("/v1/keys/{id}/enable", post(enable::<S>))
+            .route("/v1/keys/{id}/rotate", post(rotate::<S>))
+            .route("/v1/audit", get(audit::<S>))
+            .route("/dashboard", get(dashboard))
+            .route("/swagger/openapi.json", get(openapi::<S>))
+            .with_state(shared);
+        Ok(match self.testkey {
+            Some(testkey) => router.merge(testkey),
+            None => router,
+        })
+    }
+}
+
+/// What every handler shares.
+struct Shared<S> {
+    store: S,
+    template: NewKey,
+    format: KeyFormat,
+    client_ip: ClientIp,
+    signer: Signer,
+    logins: Logins,
+    clock: Arc<dyn Clock>,
+    openapi: Value,
+}
+
+type St<S> = State<Arc<Shared<S>>>;
+
+/// The client's address, as the resolver knows it.
+#[derive(Debug, Clone, Copy)]
+struct Client(Option<IpAddr>);
+
+impl<S: Send + Sync + 'static> FromRequestParts<Arc<Shared<S>>> for Client {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        shared: &Arc<Shared<S>>,
+    ) -> Result<Self, Infallible> {
+        let head = RequestHead {
+            method: &parts.method,
+            uri: &parts.uri,
+            headers: &parts.headers,
+            extensions: &parts.extensions,
+        };
+        Ok(Self(shared.client_ip.resolve(&head)))
+    }
+}
+
+/// A signed-in owner (a valid, unexpired session whose owner is active), and the store
+/// acting for them.
+struct Session<S> {
+    owner: Owner,
+    store: S,
+}
+
+impl<S: OwnerStore + Send + Sync + 'static> FromRequestParts<Arc<Shared<S>>> for Session<S> {
+    type Rejection = Fail;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        shared: &Arc<Shared<S>>,
+    ) -> Result<Self, Fail> {
+        let Client(ip) = Client::from_request_parts(parts, shared)
+            .await
+            .unwrap_or(Client(None));
+        let token = parts
+            .headers
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                let (scheme, token) = v.trim().split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            })
+            .ok_or_else(Fail::unauthorized)?;
+        let name = shared
+            .signer
+            .verify(token, shared.clock.now())
+            .ok_or_else(Fail::unauthorized)?;
+        let owner = match shared.store.owner(&name).await {
+            Ok(owner) if owner.active => owner,
+            Ok(_) | Err(crate::store::StoreError::OwnerNotFound(_)) => {
+                return Err(Fail::unauthorized())
+            }
+            Err(other) => return Err(other.into()),
+        };
+        let store = shared
+            .store
+            .acting(Actor::new(owner.name.clone()).with_ip(ip));
+        Ok(Self { owner, store })
+    }
+}
+
+impl<S: KeyStore> Session<S> {
+    /// The key `id` if it is this owner's and not deleted; 404 otherwise, the same for an
+    /// id that does not exist, one that is not well formed and another owner's.
+    async fn key(&self, id: &str) -> Result<KeyRecord, Fail> {
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(Fail::not_found());
+        }
+        let record = self.store.get(&KeyId::new(id)).await?;
+        let mine = record
+            .owner
+            .as_ref()
+            .is_some_and(|owner| owner.id == self.owner.id);
+        if !mine || record.status == Status::Deleted {
+            return Err(Fail::not_found());
+        }
+        Ok(record)
+    }
+}
+
+/// A JSON response that must not be cached (it may hold a secret).
+fn private(status: StatusCode, body: &impl serde::Serialize) -> Response {
+    let mut response = (status, axum::Json(body)).into_response();
+    response
+        .headers_mut()
+        .insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    response
+}
+
+/// Checks a username and password against the sign-in limits and the store.
+async fn sign_in<S: OwnerStore>(
+    shared: &Shared<S>,
+    ip: Option<IpAddr>,
+    credentials: &Credentials,
+) -> Result<Owner, Fail> {
+    if credentials.username.len() > MAX_CREDENTIAL {
+        return Err(Fail::field("username", format!("at most {MAX_CREDENTIAL} bytes")));
+    }
+    if credentials.password.len() > MAX_CREDENTIAL {
+        return Err(Fail::field("password", format!("at most {MAX_CREDENTIAL} bytes")));
+    }
+    let attempt = shared
+        .logins
+        .begin(&credentials.username, ip)
+        .map_err(Fail::too_many)?;
+    match shared
+        .store
+        .verify_owner(&credentials.username, &credentials.password)
+        .await
+    {
+        Ok(owner) => {
+            shared.logins.succeeded(attempt);
+            Ok(owner)
+        }
+        Err(crate::store::StoreError::InvalidCredentials) => Err(Fail::credentials()),
+        Err(other) => {
+            // Not the caller's fault: the attempt does not count.
+            shared.logins.succeeded(attempt);
+            Err(other.into())
+        }
+    }
+}
+
+async fn createkey<S: OwnerStore + Send + Sync + 'static>(
+    State(shared): St<S>,
+    Client(ip): Client,
+    Json(credentials): Json<Credentials>,
+) -> Result<Response, Fail> {
+    let owner = sign_in(&shared, ip, &credentials).await?;
+    let mut new = shared.template.clone();
+    new.owner = owner.name.clone();
+    let created = shared
+        .store
+        .acting(Actor::new(owner.name).with_ip(ip))
+        .replace_keys(new)
+        .await?;
+    Ok(private(
+        StatusCode::OK,
+        &json!({
+            "apiKey": created.secret.expose_secret(),
+            "keyId": created.record.id.as_str(),
+        }),
+    ))
+}
+
+async fn start_session<S: OwnerStore + Send + Sync + 'static>(
+    State(shared): St<S>,
+    Client(ip): Client,
+    Json(credentials): Json<Credentials>,
+) -> Result<Response, Fail> {
+    let owner = sign_in(&shared, ip, &credentials).await?;
+    let expires = session::expiry(shared.clock.now(), SESSION_TTL);
+    let token = shared.signer.issue(&owner.name, expires);
+    Ok(private(
+        StatusCode::OK,
+        &json!({
+            "token": token.as_str(),
+            "expires_in": SESSION_TTL.as_secs(),
+            "owner": owner.name,
+        }),
+    ))
+}
+
+async fn testkey(principal: Principal) -> Response {
+    let record = principal.record();
+    private(
+        StatusCode::OK,
+        &json!({
+            "valid": true,
+            "key_id": record.id.as_str(),
+            "name": record.name,
+            "owner": record.owner.as_ref().map(|o| o.name.as_str()),
+            "environment": record.environment,
+            "scopes": record.scopes.iter().collect::<Vec<_>>(),
+            "expires_at": record.expires_at.map(views::time),
+            "rate_limit": Value::Null,
+        }),
+    )
+}
+
+/// Copies the rate-limit numbers the layer put in the headers of a `testkey` answer into
+/// its body.
+async fn rate_limit_into_body(response: Response) -> Response {
+    if response.status() != StatusCode::OK {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let number = |name: &str| {
+        parts
+            .headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    let (Some(limit), Some(remaining), Some(reset)) = (
+        number("x-ratelimit-limit"),
+        number("x-ratelimit-remaining"),
+        number("x-ratelimit-reset"),
+    ) else {
+        return Response::from_parts(parts, body);
+    };
+    let Ok(bytes) = http_body_util::BodyExt::collect(body)
+        .await
+        .map(http_body_util::Collected::to_bytes)
+    else {
+        return Fail::unavailable().into_response();
+    };
+    let Ok(mut value) = serde_json::from_slice::<Value>(&bytes) else {
+        return Response::from_parts(parts, axum::body::Body::from(bytes));
+    };
+    value["rate_limit"] = json!({"limit": limit, "remaining": remaining, "reset": reset});
+    let body = serde_json::to_vec(&value).unwrap_or_default();
+    parts.headers.remove(http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
+async fn list<S: OwnerStore + Send + Sync + 'static>(
+    State(shared): St<S>,
+    session: Session<S>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Fail> {
+    let Query(query) = query.map_err(|e| Fail::field("query", e.body_text()))?;
+    let limit = match query.limit {
+        None => 50,
+        Some(n @ 1..=100) => n,
+        Some(_) => return Err(Fail::field("limit", "1 to 100")),
+    };
+    let after = query
+        .after
+        .filter(|a| !a.is_empty())
+        .map(|a| KeyId::new(a.as_str()));
+    let page = session
+        .store
+        .list(&session.owner.name, Page { after, limit })
+        .await?;
+    let next = (page.len() == limit)
+        .then(|| page.last().map(|r| r.id.as_str().to_owned()))
+        .flatten();
+    let keys: Vec<KeyView> = page
+        .iter()
+        .filter(|r| r.status != Status::Deleted)
+        .map(|r| KeyView::of(r, &shared.format))
+        .collect();
+    Ok(private(StatusCode::OK, &json!({ "keys": keys, "next": next })))
+}
+
+async fn create<S: OwnerStore + Send + Sync + 'static>(
+    State(shared): St<S>,
+    session: Session<S>,
+    Json(body): Json<Create>,
+) -> Result<Response, Fail> {
+    let new = body.into_new_key(&session.owner.name, shared.clock.now())?;
+    let created = session.store.create(new).await?;
+    Ok(private(
+        StatusCode::CREATED,
+        &json!({
+            "key": KeyView::of(&created.record, &shared.format),
+            "secret": created.secret.expose_secret(),
+        }),
+    ))
+}
+
+async fn show<S: OwnerStore + Send + Sync + 'static>(
+    State(shared): St<S>,
+    session: Session<S>,
+    Path(id): Path<String>,
+) -> Result<Response, Fail> {
+    let record = session.key(&id).await?;
+    Ok(private(StatusCode::OK, &KeyView::of(&record, &shared.format)))
+}
+
+async fn patch<S: OwnerStore + Send + Sync + 'static>(
+    State(shared): St<S>,
+    session: Session<S>,
+    Path(id): Path<String>,
+    Json(body): Json<Patch>,
+) -> Result<Response, Fail> {
+    let record = session.key(&id).await?;
+    let update = body.into_update(&record)?;
+    let record = session.store.update(&record.id, update).await?;
+    Ok(private(StatusCode::OK, &KeyView::of(&record, &shared.format)))
+}
+
+async fn set_status<S: OwnerStore + Send + Sync + 'static>(
+    shared: &Shared<S>,
+    session: &Session<S>,
+    id: &str,
+    status: Status,
+) -> Result<Response, Fail> {
+    let record = session.key(id).await?;
+    let record = session.store.set_status(&record.id, status).await?;
+    Ok(private(StatusCode::OK, &KeyView::of(&record, &shared.format)))
+}
+
+async fn disable<S: OwnerStore + Send + Sync + 'static>(
+    State(shared): St<S>,
+    session: Session<S>,
+    Path(id): Path<String>,
+) -> Result<Response, Fail> {
+    set_status(&shared, &session, &id, Status::Disabled).await
+}
+
+async fn enable<S: OwnerStore + Send + Sync + 'static>(
+    State(shared): St<S>,
+    session: Session<S>,
+    Path(id): Path<String>,
+) -> Result<Response, Fail> {
+    set_status(&shared, &session, &id, Status::Active).await
+}
+
+async fn delete<S: OwnerStore + Send + Sync + 'static>(
+    session: Session<S>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, Fail> {
+    let record = session.key(&id).await?;
+    session.store.set_status(&record.id, Status::Deleted).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn rotate<S: OwnerStore + Send + Sync + 'static>(
+    State(shared): St<S>,
+    session: Session<S>,
+    Path(id): Path<String>,
+    Json(body): Json<Rotate>,
+) -> Result<Response, Fail> {
+    let grace = body.grace()?;
+    let record = session.key(&id).await?;
+    let created = session
+        .store
+        .rotate(&record.id, grace, Some(record.version))
+        .await?;
+    Ok(private(
+        StatusCode::OK,
+        &json!({
+            "key": KeyView::of(&created.record, &shared.format),
+            "secret": created.secret.expose_secret(),
+        }),
+    ))
+}
+
+async fn audit<S: OwnerStore + Send + Sync + 'static>(
+    session: Session<S>,
+    query: Result<Query<AuditQueryParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, Fail> {
+    let Query(query) = query.map_err(|e| Fail::field("query", e.body_text()))?;
+    let limit = match query.limit {
+        None => 50,
+        Some(n @ 1..=100) => n,
+        Some(_) => return Err(Fail::field("limit", "1 to 100")),
+    };
+    let key = match query.key.filter(|k| !k.is_empty()) {
+        // Only the owner's own keys: another's id reads as unknown.
+        Some(id) => Some(session.key(&id).await?.id),
+        None => None,
+    };
+    let mut filter = AuditQuery::default();
+    filter.owner = Some(session.owner.name.clone());
+    filter.key = key;
+    filter.before = query.before;
+    filter.limit = limit;
+    let events = session.store.audit(filter).await?;
+    let next = (events.len() == limit)
+        .then(|| events.last().map(|e| e.id))
+        .flatten();
+    let events: Vec<AuditView> = events.iter().map(AuditView::of).collect();
+    Ok(private(
+        StatusCode::OK,
+        &json!({ "events": events, "next": next }),
+    ))
+}
+
+/// The dashboard: one page, its script allowed by hash and nothing else loaded.
+async fn dashboard() -> Response {
+    static PAGE: &str = include_str!("dashboard.html");
+    let mut response = Html(PAGE).into_response();
+    let headers = response.headers_mut();
+    headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        http::header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+             frame-ancestors 'none'",
+        ),
+    );
+    headers.insert(
+        http::header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert(
+        http::header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    response
+}
+
+async fn openapi<S: Send + Sync + 'static>(State(shared): St<S>) -> Response {
+    axum::Json(&shared.openapi).into_response()
+}
+
+/// The service's OpenAPI document, with the API's own paths added.
+fn openapi_document(api_paths: Option<Value>) -> Value {
+    let mut document: Value =
+        serde_json::from_str(include_str!("openapi.json")).unwrap_or_else(|_| json!({}));
+    if let (Some(Value::Object(extra)), Some(Value::Object(paths))) =
+        (api_paths, document.get_mut("paths"))
+    {
+        for (path, item) in extra {
+            paths.entry(path).or_insert(item);
+        }
+    }
+    document
+}
