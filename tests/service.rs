@@ -498,16 +498,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
     let before = snapshot(&svc, &ada, &key_path).await;
     let big = format!("{{\"name\": \"{}\"}}", "a".repeat(20_000));
     let json = "application/json";
-    // (method, path, content type, body, status, code, field)
-    let cases: Vec<(
-        Method,
-        &str,
-        Option<&str>,
-        String,
-        StatusCode,
-        &str,
-        Option<&str>,
-    )> = vec![
+    let cases: Vec<BadCase<'_>> = vec![
         (
             Method::POST,
             "/v1/keys",
@@ -826,6 +817,18 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
         "a refused request changed something"
     );
 }
+
+/// A refused request: method, path, content type, body; then the status, code and
+/// `data.field` expected.
+type BadCase<'a> = (
+    Method,
+    &'a str,
+    Option<&'a str>,
+    String,
+    StatusCode,
+    &'a str,
+    Option<&'a str>,
+);
 
 /// What the owner can read: list, the key, the audit trail.
 async fn snapshot(

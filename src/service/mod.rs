@@ -680,11 +680,15 @@ async fn audit<S: OwnerStore + Send + Sync + 'static>(
         Some(id) => Some(session.key_kept(&id).await?.id),
         None => None,
     };
-    let mut filter = AuditQuery::default();
-    filter.owner = Some(session.owner.name.clone());
-    filter.key = key;
-    filter.before = query.before;
-    filter.limit = limit;
+    let mut filter = AuditQuery::default()
+        .with_owner(session.owner.name.clone())
+        .with_limit(limit);
+    if let Some(key) = key {
+        filter = filter.with_key(key);
+    }
+    if let Some(before) = query.before {
+        filter = filter.with_before(before);
+    }
     let events = session.store.audit(filter).await?;
     let next = (events.len() == limit)
         .then(|| events.last().map(|e| e.id))
