@@ -317,6 +317,9 @@ where
         .route("/v1/users/me", get(me))
         .route("/v1/messages", post(send_message).route_layer(messages))
         .route("/swagger", get(swagger_ui))
+        // Unknown paths are behind keygate too (401 without a key, 404 with one): what
+        // exists is not told to callers without a key.
+        .fallback(|| async { StatusCode::NOT_FOUND })
         .layer(keygate);
     // The key service authenticates its own callers: it sits beside the API, not behind
     // its layer.

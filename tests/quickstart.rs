@@ -19,9 +19,15 @@ struct Quickstart {
     addr: SocketAddr,
     full: String,
     readonly: String,
+    owner: String,
+    password: String,
 }
 
 async fn start() -> Quickstart {
+    start_on(&common::scratch_sqlite_url()).await
+}
+
+async fn start_on(database_url: &str) -> Quickstart {
     let exe = std::env::current_exe().expect("test path");
     let dir = exe
         .parent()
@@ -37,19 +43,24 @@ async fn start() -> Quickstart {
     );
     let mut child = Command::new(&bin)
         .env("KEYGATE_ADDR", "127.0.0.1:0")
-        .env("KEYGATE_DATABASE_URL", common::scratch_sqlite_url())
+        .env("KEYGATE_DATABASE_URL", database_url)
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
         .expect("start quickstart");
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let (mut full, mut readonly, mut addr) = (None, None, None);
+    let (mut owner, mut password) = (None, None);
     let read = async {
         while let Some(line) = lines.next_line().await.expect("read stdout") {
             if let Some(v) = line.strip_prefix("KEY_FULL=") {
                 full = Some(v.to_owned());
             } else if let Some(v) = line.strip_prefix("KEY_READONLY=") {
                 readonly = Some(v.to_owned());
+            } else if let Some(v) = line.strip_prefix("OWNER=") {
+                owner = Some(v.to_owned());
+            } else if let Some(v) = line.strip_prefix("OWNER_PASSWORD=") {
+                password = Some(v.to_owned());
             } else if let Some(v) = line.strip_prefix("listening on http://") {
                 addr = Some(v.parse::<SocketAddr>().expect("address"));
                 break;
@@ -65,6 +76,8 @@ async fn start() -> Quickstart {
         addr: addr.expect("listening line"),
         full: full.expect("KEY_FULL line"),
         readonly: readonly.expect("KEY_READONLY line"),
+        owner: owner.expect("OWNER line"),
+        password: password.expect("OWNER_PASSWORD line"),
     }
 }
 
@@ -236,4 +249,207 @@ async fn the_quickstart_contract() {
     let r = send(a, Method::GET, "/v1/health", &[("x-api-key", &q.full)], "").await;
     assert_eq!(r.status, 200);
     drop(q.child);
+}
+
+/// The README's key-service walkthrough: createkey, testkey, a session, the management
+/// API, the audit trail, the dashboard and the OpenAPI document; and a restart that
+/// re-issues the demo owner's password and keys on the same database.
+#[tokio::test]
+async fn the_key_service_walkthrough() {
+    let url = common::scratch_sqlite_url();
+    let q = start_on(&url).await;
+    let a = q.addr;
+    assert_eq!(q.owner, "demo");
+    assert!(q.password.len() >= 20, "a strong password");
+    let credentials = serde_json::json!({"username": q.owner, "password": q.password}).to_string();
+    let json = ("content-type", "application/json");
+
+    // createkey: a new key, the earlier ones revoked.
+    let r = send(a, Method::POST, "/auth/createkey", &[json], &credentials).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let created = r.json();
+    let key = created["apiKey"].as_str().unwrap().to_owned();
+    let key_id = created["keyId"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("kg_live_"));
+    let r = send(a, Method::GET, "/v1/health", &[("x-api-key", &q.full)], "").await;
+    assert_eq!(
+        r.code(),
+        "invalid_api_key",
+        "KEY_FULL was revoked by createkey"
+    );
+
+    // testkey: the key's details and budget, no token taken.
+    for _ in 0..2 {
+        let r = send(a, Method::GET, "/auth/testkey", &[("x-api-key", &key)], "").await;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let v = r.json();
+        assert_eq!(v["valid"], true);
+        assert_eq!(v["key_id"], key_id.as_str());
+        assert_eq!(v["owner"], "demo");
+        assert_eq!(v["scopes"], serde_json::json!(["read", "messages:write"]));
+        assert_eq!(v["rate_limit"]["limit"], 60);
+        assert_eq!(v["rate_limit"]["remaining"], 60);
+    }
+
+    // A session for the management API.
+    let r = send(a, Method::POST, "/auth/session", &[json], &credentials).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let token = r.json()["token"].as_str().unwrap().to_owned();
+    let bearer = format!("Bearer {token}");
+    let auth = ("authorization", bearer.as_str());
+    let r = send(a, Method::GET, "/v1/keys", &[auth], "").await;
+    assert_eq!(r.status, 200);
+    let statuses: Vec<String> = r.json()["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["status"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(statuses.iter().filter(|s| *s == "active").count(), 1);
+    let r = send(
+        a,
+        Method::POST,
+        "/v1/keys",
+        &[auth, json],
+        r#"{"name":"ci","environment":"test","scopes":["read"],"rates":["10/min"]}"#,
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let ci = r.json();
+    let ci_secret = ci["secret"].as_str().unwrap().to_owned();
+    let ci_id = ci["key"]["id"].as_str().unwrap().to_owned();
+    let r = send(
+        a,
+        Method::GET,
+        "/v1/users/me",
+        &[("x-api-key", &ci_secret)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let r = send(
+        a,
+        Method::PATCH,
+        &format!("/v1/keys/{ci_id}"),
+        &[auth, json],
+        r#"{"environment":"live"}"#,
+    )
+    .await;
+    assert_eq!(
+        (r.status.as_u16(), r.code()),
+        (422, "immutable_field".into())
+    );
+    let r = send(
+        a,
+        Method::POST,
+        &format!("/v1/keys/{ci_id}/disable"),
+        &[auth],
+        "",
+    )
+    .await;
+    assert_eq!(r.json()["status"], "disabled");
+    let r = send(
+        a,
+        Method::GET,
+        "/v1/users/me",
+        &[("x-api-key", &ci_secret)],
+        "",
+    )
+    .await;
+    assert_eq!(r.code(), "api_key_disabled");
+    let r = send(
+        a,
+        Method::GET,
+        &format!("/v1/audit?key={ci_id}"),
+        &[auth],
+        "",
+    )
+    .await;
+    let actions: Vec<String> = r.json()["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["action"].as_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(actions, ["disabled", "created"]);
+
+    // The dashboard and the document.
+    let r = send(a, Method::GET, "/dashboard", &[], "").await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(r.headers.contains_key("content-security-policy"));
+    let r = send(a, Method::GET, "/swagger/openapi.json", &[], "").await;
+    let doc = r.json();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3.1"));
+    for path in [
+        "/v1/health",
+        "/auth/createkey",
+        "/v1/keys/{id}",
+        "/v1/audit",
+    ] {
+        assert!(doc["paths"].get(path).is_some(), "{path} not documented");
+    }
+
+    // A restart on the same database: a new password, new demo keys; the old ones are
+    // refused.
+    let mut q = q;
+    q.child.kill().await.expect("stop the quickstart");
+    let again = start_on(&url).await;
+    assert_ne!(
+        again.password,
+        serde_json::from_str::<serde_json::Value>(&credentials).unwrap()["password"]
+    );
+    let r = send(
+        again.addr,
+        Method::POST,
+        "/auth/session",
+        &[json],
+        &credentials,
+    )
+    .await;
+    assert_eq!(
+        r.code(),
+        "invalid_credentials",
+        "the old password still works"
+    );
+    let r = send(
+        again.addr,
+        Method::GET,
+        "/v1/health",
+        &[("x-api-key", &key)],
+        "",
+    )
+    .await;
+    assert_eq!(
+        r.code(),
+        "invalid_api_key",
+        "the demo owner's earlier keys are revoked"
+    );
+    let r = send(
+        again.addr,
+        Method::GET,
+        "/v1/health",
+        &[("x-api-key", &again.full)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    // keyctl manages the same database, and sees what the service did.
+    let out = common::keyctl::keyctl_raw(&["--database-url", &url, "audit", &ci_id], None);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("disabled"), "{}", out.stdout);
+    let out = common::keyctl::keyctl_raw(&["--database-url", &url, "enable", &ci_id], None);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let r = send(
+        again.addr,
+        Method::GET,
+        "/v1/users/me",
+        &[("x-api-key", &ci_secret)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200, "enabled by keyctl: {}", r.body);
 }
