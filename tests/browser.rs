@@ -403,6 +403,11 @@ async fn steps(c: Client, addr: SocketAddr, owner: String, password: String) {
             .then_some(())
     })
     .await;
+    // The README's picture of the dashboard, when asked for (no secret is on the page now).
+    if let Some(path) = std::env::var_os("KEYGATE_SCREENSHOT") {
+        let png = c.screenshot().await.expect("a screenshot");
+        std::fs::write(&path, png).expect("write the screenshot");
+    }
 
     // Edit: the fixed fields shown read-only, a mutable one changed.
     click(&c, &format!(r#"{row_css} button[data-action="edit"]"#)).await;
