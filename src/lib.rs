@@ -63,6 +63,7 @@
 //! | backends, layers | [`ratelimit`] | token buckets and their stores; the rate-limit layer |
 //! | layers | [`auth`] | the authentication layer and its failed-attempt lockout |
 //! | layers | [`mod@keygate`] | both as one layer, with per-route variants |
+//! | service | `service` | the HTTP key service (feature `service`) |
 //!
 //! # Feature flags
 //!
@@ -72,6 +73,9 @@
 //! | `tonic` | no | the client IP from tonic's `TcpConnectInfo` |
 //! | `sqlite` | no | `store::SqlStore` on SQLite (bundled: nothing to install) |
 //! | `postgres` | no | `store::SqlStore` on PostgreSQL |
+//! | `redis` | no | `ratelimit::RedisLimiter` and `store::RedisChanges` |
+//! | `redis-tls` | no | `rediss://` for both |
+//! | `service` | no | the key service: createkey, testkey, sessions, management API, audit, dashboard |
 //!
 //! # Security notes
 //!

@@ -44,6 +44,7 @@ const FLOORS: &[(&str, &[&str])] = &[
             "axum",
         ],
     ),
+    ("service", &["service"]),
 ];
 
 fn floor_of(unit: &str) -> Option<usize> {
