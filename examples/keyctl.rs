@@ -14,6 +14,9 @@
 //! is refused without being repeated, and nothing prints a database URL.
 //!
 //! Errors are one clear line on stderr and exit status 2; nothing is half-written.
+//!
+//! Every write is recorded in the store's audit trail as made by `keyctl:$USER` (or
+//! `keyctl` when `USER` is unset or odd); `keyctl audit [ID]` prints the trail.
 
 use std::io::Read;
 use std::net::IpAddr;
@@ -26,7 +29,10 @@ use keygate::lookup::KeyLookup;
 use keygate::ratelimit::Quota;
 use keygate::record::{KeyRecord, Restrictions, Scopes, Status};
 use keygate::reject::Reason;
-use keygate::store::{KeyStore, KeyUpdate, NewKey, OwnerStore, Page, SqlStore, StoreError};
+use keygate::store::{
+    Actor, AuditEvent, AuditQuery, KeyStore, KeyUpdate, NewKey, OwnerStore, Page, SqlStore,
+    StoreError,
+};
 use keygate::validate::{check, Rules};
 
 /// A failure to report: the message, and the exit status.
@@ -214,7 +220,7 @@ fn describe(record: &KeyRecord) -> String {
         }
     };
     format!(
-        "ID={} NAME={:?} PREFIX={} ENV={} STATUS={} OWNER={} SCOPES={} RATES={} IPS={} SITES={} USE_CASE={:?} EXPIRES={} CREATED={} LAST_USED={}",
+        "ID={} NAME={:?} PREFIX={} ENV={} STATUS={} OWNER={} SCOPES={} RATES={} IPS={} SITES={} USE_CASE={:?} EXPIRES={} CREATED={} LAST_USED={} LAST_USED_IP={}",
         field(record.id.as_str()),
         record.name,
         KeyFormat::default().prefix(record.environment),
@@ -229,7 +235,34 @@ fn describe(record: &KeyRecord) -> String {
         unix(record.expires_at),
         unix(record.created_at),
         unix(record.last_used_at),
+        record.last_used_ip.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
     )
+}
+
+/// One audit event on one line; never a secret (the trail holds none).
+fn describe_event(event: &AuditEvent) -> String {
+    let status = |s: Option<Status>| s.map_or("-", Status::as_str);
+    format!(
+        "EVENT={} AT={} ACTION={} OWNER={} KEY_ID={} ACTOR={} IP={} OLD={} NEW={}",
+        event.id,
+        unix(Some(event.at)),
+        event.action,
+        field(&event.owner),
+        event.key_id.as_ref().map_or("-", |k| k.as_str()),
+        field(&event.actor),
+        event.ip.map_or_else(|| "-".to_owned(), |ip| ip.to_string()),
+        status(event.old_status),
+        status(event.new_status),
+    )
+}
+
+/// Who keyctl's writes are recorded as made by: `keyctl:$USER`, or `keyctl` when `USER` is
+/// unset or not a plain name.
+fn actor() -> Actor {
+    match std::env::var("USER") {
+        Ok(user) if safe_to_show(&user) => Actor::new(format!("keyctl:{user}")),
+        _ => Actor::new("keyctl"),
+    }
 }
 
 const USAGE: &str = "\
@@ -252,6 +285,11 @@ KEYGATE_DATABASE_URL, else sqlite://keygate.db.
   verify KEY [--ip ADDR] [--site S] [--scope S]...
                                            valid (exit 0) or the rejection code (exit 1);
                                            KEY may be - to read it from stdin (keeps it out of ps)
+  audit [ID] [--owner NAME] [--limit N]    the audit trail (of one key, of one owner), newest first,
+                                           one EVENT= line per event: time, action, owner, key,
+                                           actor, IP, old and new status; never a secret
+
+Writes are recorded in the audit trail as made by keyctl:$USER (keyctl when USER is unset).
 
 A secret is taken only as verify's KEY and printed only by create and rotate. Errors are
 one line on stderr and exit status 2; nothing is half-written.
@@ -379,7 +417,7 @@ async fn run(args: Vec<String>) -> Result<(), Fail> {
     };
     let known = [
         "owner", "create", "list", "show", "update", "disable", "enable", "delete", "rotate",
-        "verify",
+        "verify", "audit",
     ];
     if !known.contains(&command.as_str()) {
         // Never repeated: it may be anything (half of a URL, a password).
@@ -388,7 +426,7 @@ async fn run(args: Vec<String>) -> Result<(), Fail> {
             known.join(", ")
         ));
     }
-    let store = SqlStore::connect(&url).await?;
+    let store = SqlStore::connect(&url).await?.acting(actor());
     match command.as_str() {
         "owner" => {
             let opts = Opts::parse(rest, &["password-stdin"])?;
@@ -574,6 +612,42 @@ async fn run(args: Vec<String>) -> Result<(), Fail> {
                 Err(reason) => {
                     println!("{}", reason.code());
                     return Err(Fail(String::new(), 1));
+                }
+            }
+        }
+        "audit" => {
+            let opts = Opts::parse(rest, &[])?;
+            opts.only(&["owner", "limit"])?;
+            let mut query = AuditQuery::default();
+            match opts.positional.as_slice() {
+                [] => {}
+                [id] => query = query.with_key(key_id(id)?),
+                _ => return fail("usage: audit [ID] [--owner NAME] [--limit N]"),
+            }
+            if let Some(owner) = opts.one("owner") {
+                query = query.with_owner(owner);
+            }
+            let mut left = match opts.one("limit") {
+                Some(n) => n
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| Fail("--limit must be a positive whole number".into(), 2))?,
+                None => usize::MAX,
+            };
+            // Pages of at most 1000, by the `before` cursor, until the trail or --limit ends.
+            loop {
+                let page = left.min(1000);
+                let events = store.audit(query.clone().with_limit(page)).await?;
+                for event in &events {
+                    println!("{}", describe_event(event));
+                }
+                left -= events.len();
+                match events.last() {
+                    Some(last) if events.len() == page && left > 0 => {
+                        query = query.with_before(last.id);
+                    }
+                    _ => break,
                 }
             }
         }

@@ -1,7 +1,9 @@
-//! A demo API behind keygate: `cargo run --example quickstart`.
+//! The whole product on the embedded default: `cargo run --example quickstart`.
 //!
-//! Prints two demo keys (`KEY_FULL`, `KEY_READONLY`, 60 requests a minute each) and the
-//! address, then serves:
+//! Keys live in SQLite (`keygate.db` in the current directory). At each start the demo owner
+//! `demo` gets a fresh password and two fresh keys (the earlier demo keys are revoked), and
+//! the example prints them (`KEY_FULL`, `KEY_READONLY`, `OWNER`, `OWNER_PASSWORD`) with its
+//! address, then serves the demo API and the key service:
 //!
 //! | route | needs |
 //! | --- | --- |
@@ -10,15 +12,20 @@
 //! | `POST /v1/messages` | scope `messages:write`; answers 202 |
 //! | `GET /swagger`, `GET /swagger/openapi.json` | no key |
 //! | `OPTIONS *` (CORS preflight) | no key |
+//! | `POST /auth/createkey`, `POST /auth/session` | the owner's username and password |
+//! | `GET /auth/testkey` | the key to test |
+//! | `/v1/keys…`, `GET /v1/audit` | a session token (`Authorization: Bearer`) |
+//! | `GET /dashboard` | nothing: it signs in itself |
 //!
 //! Settings, from the environment:
 //!
 //! | variable | effect |
 //! | --- | --- |
 //! | `KEYGATE_ADDR` | where to listen (default `127.0.0.1:3000`) |
-//! | `KEYGATE_DATABASE_URL` | keys in SQLite (`sqlite://FILE`) or PostgreSQL (`postgres://…`, whose changes every instance hears through `LISTEN/NOTIFY`); unset: in memory |
+//! | `KEYGATE_DATABASE_URL` | where keys live: `sqlite://FILE` (default `sqlite://keygate.db`) or PostgreSQL (`postgres://…`, whose changes every instance hears through `LISTEN/NOTIFY`) |
 //! | `KEYGATE_REDIS_URL` | buckets on Redis (`redis://…`, or `rediss://…` for TLS; several comma-separated nodes: a Redis Cluster), and changes broadcast on Redis to every instance; unset: buckets in memory |
 //! | `KEYGATE_REDIS_POLICY` | what happens while Redis is down: `closed` (503, the default), `open` or `local` |
+//! | `KEYGATE_SESSION_SECRET` | the secret signing dashboard and management sessions (32 bytes or more); give every instance the same one. Unset: random per start |
 //! | `KEYGATE_DEMO=off` | no demo owner or keys: for the second and later instances of one service |
 //!
 //! Several quickstarts given the same PostgreSQL and Redis (and `KEYGATE_DEMO=off` for all
@@ -40,9 +47,13 @@ use keygate::key::Environment;
 use keygate::lookup::CachedLookup;
 use keygate::ratelimit::{FailurePolicy, Quota, RedisLimiter};
 use keygate::store::{
-    CreatedKey, MemoryStore, NewKey, OwnerStore, RedisChanges, SqlStore, StoreError,
+    Actor, CreatedKey, KeyStore, NewKey, OwnerStore, RedisChanges, SqlStore, StoreError,
 };
+use keygate::service::KeyService;
 use keygate::{Keygate, Principal};
+use zeroize::Zeroizing;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use serde_json::{json, Value};
 use tower::{Layer, Service};
 use tower_http::cors::CorsLayer;
@@ -106,41 +117,62 @@ async fn run() -> Result<(), Failure> {
             ))
         }
     };
-    let redis = var("KEYGATE_REDIS_URL");
-    match var("KEYGATE_DATABASE_URL") {
-        None => serve(MemoryStore::new(), addr, demo, redis, policy).await,
-        Some(url) => {
-            let store = SqlStore::connect(&url)
+    let settings = Settings {
+        addr,
+        demo,
+        redis: var("KEYGATE_REDIS_URL"),
+        policy,
+        session_secret: var("KEYGATE_SESSION_SECRET"),
+    };
+    let url = var("KEYGATE_DATABASE_URL").unwrap_or_else(|| "sqlite://keygate.db".to_owned());
+    let store = SqlStore::connect(&url)
+        .await
+        .map_err(|e| fail(format!("database: {e}")))?;
+    // On PostgreSQL every instance hears every change (NOTIFY in the same transaction).
+    let _listening = if url.starts_with("postgres") {
+        Some(
+            store
+                .listen()
                 .await
-                .map_err(|e| fail(format!("database: {e}")))?;
-            // On PostgreSQL every instance hears every change (NOTIFY in the same transaction).
-            let _listening = if url.starts_with("postgres") {
-                Some(
-                    store
-                        .listen()
-                        .await
-                        .map_err(|e| fail(format!("database: {e}")))?,
-                )
-            } else {
-                None
-            };
-            serve(store, addr, demo, redis, policy).await
-        }
-    }
+                .map_err(|e| fail(format!("database: {e}")))?,
+        )
+    } else {
+        None
+    };
+    serve(store, settings).await
 }
 
-async fn serve<S: OwnerStore + Send + Sync + 'static>(
-    store: S,
+/// What the environment asked for.
+struct Settings {
     addr: SocketAddr,
     demo: bool,
     redis: Option<String>,
     policy: FailurePolicy,
+    session_secret: Option<String>,
+}
+
+async fn serve<S: OwnerStore + Send + Sync + 'static>(
+    store: S,
+    settings: Settings,
 ) -> Result<(), Failure> {
-    let keys = if demo {
+    let Settings {
+        addr,
+        demo,
+        redis,
+        policy,
+        session_secret,
+    } = settings;
+    if session_secret.as_ref().is_some_and(|s| s.len() < 32) {
+        return Err(Failure(
+            2,
+            "KEYGATE_SESSION_SECRET must be at least 32 bytes".to_owned(),
+        ));
+    }
+    let demo = if demo {
         Some(
-            demo_keys(&store)
+            demo_set(&store)
                 .await
-                .map_err(|e| fail(format!("could not create the demo keys: {e}")))?,
+                .map_err(|e| fail(format!("could not create the demo owner and keys: {e}")))?,
         )
     } else {
         None
@@ -150,14 +182,14 @@ async fn serve<S: OwnerStore + Send + Sync + 'static>(
     // instance) keeps honest.
     let lookup = CachedLookup::over_store(store.clone());
     let keygate = Keygate::builder(lookup).default_quota(sixty);
+    let bad = |e: keygate::ConfigError| fail(format!("bad keygate configuration: {e}"));
     let (app, _changes) = match redis {
         None => {
-            let keygate = keygate
-                .build()
-                .map_err(|e| fail(format!("bad keygate configuration: {e}")))?;
+            let keygate = keygate.build().map_err(bad)?;
             let messages = keygate.route().scopes(["messages:write"]).build();
-            let messages = messages.map_err(|e| fail(format!("bad keygate configuration: {e}")))?;
-            (app(keygate, messages), None)
+            let testkey = keygate.route().cost(0).build().map_err(bad)?;
+            let service = key_service(store, testkey, session_secret).map_err(bad)?;
+            (app(keygate, messages.map_err(bad)?, service), None)
         }
         Some(redis) => {
             let nodes: Vec<&str> = redis.split(',').map(str::trim).collect();
@@ -175,13 +207,11 @@ async fn serve<S: OwnerStore + Send + Sync + 'static>(
             let changes = RedisChanges::connect(nodes[0], store.clone())
                 .await
                 .map_err(|e| fail(format!("KEYGATE_REDIS_URL: {e}")))?;
-            let keygate = keygate
-                .limiter_store(limiter)
-                .build()
-                .map_err(|e| fail(format!("bad keygate configuration: {e}")))?;
+            let keygate = keygate.limiter_store(limiter).build().map_err(bad)?;
             let messages = keygate.route().scopes(["messages:write"]).build();
-            let messages = messages.map_err(|e| fail(format!("bad keygate configuration: {e}")))?;
-            (app(keygate, messages), Some(changes))
+            let testkey = keygate.route().cost(0).build().map_err(bad)?;
+            let service = key_service(store, testkey, session_secret).map_err(bad)?;
+            (app(keygate, messages.map_err(bad)?, service), Some(changes))
         }
     };
 
@@ -189,9 +219,11 @@ async fn serve<S: OwnerStore + Send + Sync + 'static>(
         .await
         .map_err(|e| fail(format!("cannot listen on {addr}: {e}")))?;
     let local = listener.local_addr().unwrap_or(addr);
-    if let Some((full, readonly)) = keys {
-        println!("KEY_FULL={}", full.secret.expose_secret());
-        println!("KEY_READONLY={}", readonly.secret.expose_secret());
+    if let Some(demo) = demo {
+        println!("KEY_FULL={}", demo.full.secret.expose_secret());
+        println!("KEY_READONLY={}", demo.readonly.secret.expose_secret());
+        println!("OWNER=demo");
+        println!("OWNER_PASSWORD={}", demo.password.as_str());
     }
     println!("listening on http://{local}");
     let _ = std::io::stdout().flush();
@@ -202,10 +234,53 @@ async fn serve<S: OwnerStore + Send + Sync + 'static>(
         .map_err(|e| fail(format!("server error: {e}")))
 }
 
-/// The demo owner `demo` and two fresh keys; the demo keys of an earlier start are revoked.
-async fn demo_keys<S: OwnerStore>(store: &S) -> Result<(CreatedKey, CreatedKey), StoreError> {
-    match store.add_owner("demo", None).await {
-        Ok(_) | Err(StoreError::OwnerExists(_)) => {}
+/// The key service over `store`: `/auth/testkey` behind `testkey` (the API's own checks,
+/// no token taken), `/auth/createkey` making keys like `KEY_FULL`.
+fn key_service<S, L>(
+    store: S,
+    testkey: L,
+    session_secret: Option<String>,
+) -> Result<Router, keygate::ConfigError>
+where
+    S: OwnerStore + Send + Sync + 'static,
+    L: Layer<Route> + Clone + Send + Sync + 'static,
+    L::Service: Service<Request, Error = Infallible> + Clone + Send + Sync + 'static,
+    <L::Service as Service<Request>>::Response: IntoResponse + 'static,
+    <L::Service as Service<Request>>::Future: Send + 'static,
+{
+    let mut template = NewKey::new("", "created by /auth/createkey", Environment::Live);
+    template.scopes = ["read", "messages:write"].into_iter().collect();
+    template.quotas = vec![Quota::per_minute(NonZeroU32::MIN.saturating_add(59))];
+    let mut service = KeyService::builder(store)
+        .createkey(template)
+        .testkey(testkey)
+        .api_paths(demo_paths());
+    if let Some(secret) = session_secret {
+        service = service.session_secret(secret.into_bytes());
+    }
+    service.build()
+}
+
+/// What the demo set-up made: the owner's password and two keys, each shown once.
+struct Demo {
+    password: Zeroizing<String>,
+    full: CreatedKey,
+    readonly: CreatedKey,
+}
+
+/// The demo owner `demo` with a fresh password and two fresh keys; the demo keys of an
+/// earlier start are revoked.
+async fn demo_set<S: OwnerStore>(store: &S) -> Result<Demo, StoreError> {
+    let mut bytes = [0u8; 18];
+    getrandom::fill(&mut bytes).map_err(|e| StoreError::Random(keygate::key::RandomError(e)))?;
+    let password = Zeroizing::new(URL_SAFE_NO_PAD.encode(bytes));
+    let store = store.acting(Actor::new("quickstart"));
+    match store.add_owner("demo", Some(&password)).await {
+        Ok(_) => {}
+        Err(StoreError::OwnerExists(_)) => {
+            store.set_owner_password("demo", Some(&password)).await?;
+            store.set_owner_active("demo", true).await?;
+        }
         Err(e) => return Err(e),
     }
     store.revoke_all("demo").await?;
@@ -216,11 +291,16 @@ async fn demo_keys<S: OwnerStore>(store: &S) -> Result<(CreatedKey, CreatedKey),
     let mut readonly = NewKey::new("demo", "read only", Environment::Test);
     readonly.scopes = ["read"].into_iter().collect();
     readonly.quotas = vec![sixty];
-    Ok((store.create(full).await?, store.create(readonly).await?))
+    Ok(Demo {
+        password,
+        full: store.create(full).await?,
+        readonly: store.create(readonly).await?,
+    })
 }
 
-/// The demo API behind `keygate` (and `messages` on the route that needs its scope).
-fn app<K, M>(keygate: K, messages: M) -> Router
+/// The demo API behind `keygate` (and `messages` on the route that needs its scope), with
+/// the key service beside it.
+fn app<K, M>(keygate: K, messages: M, service: Router) -> Router
 where
     K: Layer<Route> + Clone + Send + Sync + 'static,
     K::Service: Service<Request, Error = Infallible> + Clone + Send + Sync + 'static,
@@ -231,7 +311,7 @@ where
     <M::Service as Service<Request>>::Response: IntoResponse + 'static,
     <M::Service as Service<Request>>::Future: Send + 'static,
 {
-    Router::new()
+    let api = Router::new()
         .route(
             "/v1/health",
             get(|| async { Json(json!({"status": "ok"})) }),
@@ -239,8 +319,10 @@ where
         .route("/v1/users/me", get(me))
         .route("/v1/messages", post(send_message).route_layer(messages))
         .route("/swagger", get(swagger_ui))
-        .route("/swagger/openapi.json", get(openapi))
-        .layer(keygate)
+        .layer(keygate);
+    // The key service authenticates its own callers: it sits beside the API, not behind
+    // its layer.
+    api.merge(service)
         // CORS goes outside keygate: it answers preflights itself, and it puts its headers
         // on keygate's 401s and 429s too, which a browser could not read otherwise ("Failed
         // to fetch"). A preflight that got past it would be answered 204 by keygate with no
@@ -272,25 +354,46 @@ async fn swagger_ui() -> Html<&'static str> {
     )
 }
 
-async fn openapi() -> Json<Value> {
+/// The demo API's paths, added to the key service's OpenAPI document.
+fn demo_paths() -> Value {
     let error = json!({"$ref": "#/components/schemas/Error"});
-    Json(json!({
-        "openapi": "3.1.0",
-        "info": {"title": "keygate demo API", "version": "1.0.0"},
-        "security": [{"ApiKey": []}, {"Bearer": []}],
-        "paths": {
-            "/v1/health": {"get": {"responses": {"200": {"description": "ok"}, "401": {"description": "no valid key", "content": {"application/json": {"schema": error}}}}}},
-            "/v1/users/me": {"get": {"responses": {"200": {"description": "the caller's key"}}}},
-            "/v1/messages": {"post": {"responses": {"202": {"description": "queued"}, "403": {"description": "scope messages:write missing"}}}},
-        },
-        "components": {
-            "securitySchemes": {
-                "ApiKey": {"type": "apiKey", "in": "header", "name": "X-API-KEY"},
-                "Bearer": {"type": "http", "scheme": "bearer"},
-            },
-            "schemas": {"Error": {"type": "object", "properties": {
-                "code": {"type": "string"}, "message": {"type": "string"}, "data": {"type": ["object", "null"]}
-            }}},
-        },
-    }))
+    let refused = |what: &str| json!({"description": what, "content": {"application/json": {"schema": error}}});
+    let key = json!([{"ApiKey": []}, {"Bearer": []}, {"Basic": []}]);
+    json!({
+        "/v1/health": {"get": {
+            "summary": "Health, for any valid key",
+            "security": key,
+            "responses": {
+                "200": {"description": "ok", "content": {"application/json": {"schema": {
+                    "type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]}}}},
+                "401": refused("no valid key"), "403": refused("the key may not be used from here"),
+                "429": refused("rate limited"), "503": refused("the key store is unavailable")
+            }
+        }},
+        "/v1/users/me": {"get": {
+            "summary": "The caller's key",
+            "security": key,
+            "responses": {
+                "200": {"description": "the principal", "content": {"application/json": {"schema": {"type": "object"}}}},
+                "401": refused("no valid key"), "403": refused("the key may not be used from here"),
+                "429": refused("rate limited"), "503": refused("the key store is unavailable")
+            }
+        }},
+        "/v1/messages": {"post": {
+            "summary": "Queue a message (scope messages:write)",
+            "security": key,
+            "requestBody": {"required": false, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"text": {"type": "string"}}}}}},
+            "responses": {
+                "202": {"description": "queued", "content": {"application/json": {"schema": {"type": "object"}}}},
+                "401": refused("no valid key"), "403": refused("scope messages:write missing"),
+                "429": refused("rate limited"), "503": refused("the key store is unavailable")
+            }
+        }},
+        "/swagger": {"get": {
+            "summary": "This document's landing page",
+            "security": [],
+            "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}
+        }}
+    })
 }

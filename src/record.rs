@@ -230,6 +230,11 @@ pub struct KeyRecord {
     /// reported through it since.
     #[serde(default)]
     pub last_used_at: Option<SystemTime>,
+    /// The client IP address of the use at [`last_used_at`](Self::last_used_at), when the
+    /// layer knew it (its `ClientIp` resolver gave one); written with it, and as current as
+    /// it ([`KeyRecord::last_use_ip`] is the live one).
+    #[serde(default)]
+    pub last_used_ip: Option<IpAddr>,
     /// Bumped by the store on every change: the token of optimistic concurrency (an
     /// HTTP API's `ETag`).
     #[serde(default)]
@@ -250,8 +255,8 @@ pub const LAST_USED_RESOLUTION: std::time::Duration = std::time::Duration::from_
 /// [`MemoryStore`](crate::store::MemoryStore) and `SqlStore` attach one; a lookup of your own
 /// may attach its own with [`KeyRecord::with_usage`].
 pub trait UsageSink: Send + Sync + 'static {
-    /// `key` was used at `at`.
-    fn used(&self, key: &KeyId, at: SystemTime);
+    /// `key` was used at `at`, by a client at `ip` when the layer knew it.
+    fn used(&self, key: &KeyId, at: SystemTime, ip: Option<IpAddr>);
 }
 
 /// A record's usage hook: the sink, and when a use was last reported (nanoseconds since
@@ -262,6 +267,9 @@ struct Usage(Option<Arc<UsageCell>>);
 struct UsageCell {
     sink: Arc<dyn UsageSink>,
     last: std::sync::atomic::AtomicU64,
+    /// The client IP of the use at `last` (set once a minute at most, never on the fast
+    /// path).
+    ip: std::sync::Mutex<Option<IpAddr>>,
 }
 
 impl fmt::Debug for Usage {
@@ -308,6 +316,7 @@ impl KeyRecord {
             metadata: serde_json::Value::Null,
             created_at: None,
             last_used_at: None,
+            last_used_ip: None,
             version: 0,
             usage: Usage::default(),
         }
@@ -322,6 +331,7 @@ impl KeyRecord {
         self.usage = Usage(Some(Arc::new(UsageCell {
             sink,
             last: std::sync::atomic::AtomicU64::new(last),
+            ip: std::sync::Mutex::new(self.last_used_ip),
         })));
         self
     }
@@ -340,6 +350,19 @@ impl KeyRecord {
         self.last_used_at.max(reported)
     }
 
+    /// The client IP address of the use at [`last_use`](Self::last_use):
+    /// [`last_used_ip`](Self::last_used_ip) as stored, or that of a later use reported
+    /// through the record's hook since.
+    pub fn last_use_ip(&self) -> Option<IpAddr> {
+        match &self.usage.0 {
+            Some(cell) => *cell
+                .ip
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+            None => self.last_used_ip,
+        }
+    }
+
     /// The same as [`with_usage`](Self::with_usage), unless the record has a hook already
     /// (an edited copy of a stored record): that one is kept, so that a use reported through
     /// any earlier copy of the record still counts.
@@ -353,8 +376,9 @@ impl KeyRecord {
 
     /// Reports a use at `now` to the record's hook, unless one was reported less than
     /// [`LAST_USED_RESOLUTION`] ago: one atomic read on the request path, a compare-and-swap
-    /// and the sink's call once a minute.
-    pub(crate) fn note_use(&self, now: SystemTime) {
+    /// and the sink's call once a minute. `ip` (the client's address, when it can be known)
+    /// is asked only then, so that resolving it costs nothing on the other requests.
+    pub(crate) fn note_use(&self, now: SystemTime, ip: impl FnOnce() -> Option<IpAddr>) {
         use std::sync::atomic::Ordering;
         let Some(cell) = &self.usage.0 else { return };
         let now_ns = crate::clock::nanos_since_epoch(now);
@@ -368,7 +392,12 @@ impl KeyRecord {
             .compare_exchange(last, now_ns, Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
         {
-            cell.sink.used(&self.id, now);
+            let ip = ip();
+            *cell
+                .ip
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = ip;
+            cell.sink.used(&self.id, now, ip);
         }
     }
 

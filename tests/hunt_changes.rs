@@ -1648,7 +1648,7 @@ fn run_quickstart(vars: &[(&str, &str)]) -> (Option<i32>, String, String) {
     let mut command = std::process::Command::new(quickstart());
     command
         .env("KEYGATE_ADDR", "127.0.0.1:0")
-        .env_remove("KEYGATE_DATABASE_URL")
+        .env("KEYGATE_DATABASE_URL", scratch_sqlite_url())
         .env_remove("KEYGATE_REDIS_URL")
         .env_remove("KEYGATE_DEMO")
         .env_remove("KEYGATE_REDIS_POLICY");
@@ -1721,7 +1721,7 @@ async fn quickstart_demo_off_prints_no_keys() {
     let mut child = tokio::process::Command::new(quickstart())
         .env("KEYGATE_ADDR", "127.0.0.1:0")
         .env("KEYGATE_DEMO", "off")
-        .env_remove("KEYGATE_DATABASE_URL")
+        .env("KEYGATE_DATABASE_URL", scratch_sqlite_url())
         .env_remove("KEYGATE_REDIS_URL")
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
@@ -1745,4 +1745,18 @@ async fn quickstart_demo_off_prints_no_keys() {
     assert!(text.contains("listening on"), "{text}");
     assert!(!text.contains("KEY_") && !text.contains("kg_"), "{text}");
     let _ = child.kill().await;
+}
+
+/// A fresh SQLite file for a quickstart (not `keygate.db` in the working directory).
+fn scratch_sqlite_url() -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let file = std::env::temp_dir().join(format!(
+        "keygate-hunt-{}-{nanos}-{}.db",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    format!("sqlite://{}", file.display())
 }

@@ -157,6 +157,25 @@ fn session(url: &str) {
     assert!(o.code == 2 && o.stderr.contains("deleted"), "{}", o.stderr);
     let o = keyctl(url, &["verify", &new_key], None);
     assert_eq!((o.code, o.stdout.trim()), (1, "invalid_api_key"));
+    // The key's trail, newest first, and never a secret.
+    let o = keyctl(url, &["audit", &id], None);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(
+        o.stdout
+            .lines()
+            .next()
+            .is_some_and(|l| l.contains("ACTION=deleted")),
+        "{}",
+        o.stdout
+    );
+    assert!(o
+        .stdout
+        .lines()
+        .last()
+        .is_some_and(|l| l.contains("ACTION=created")));
+    for secret in [&key, &new_key] {
+        assert!(!o.stdout.contains(secret.as_str()) && !o.stdout.contains(&secret[8..20]));
+    }
     assert!(
         keyctl(url, &["show", &id], None)
             .stdout
@@ -352,4 +371,105 @@ fn a_malformed_database_url_is_a_clear_error() {
     let o = keyctl("mysql://nope", &["list", "--owner", "x"], None);
     assert_eq!(o.code, 2);
     assert!(o.stderr.contains("invalid database URL"), "{}", o.stderr);
+}
+
+/// `audit [ID]`: one line per event, newest first, the writes recorded as keyctl's; never a
+/// secret; bad arguments refused.
+#[test]
+fn audit_prints_the_trail_newest_first() {
+    let dir = std::env::temp_dir().join(format!("keygate-keyctl-audit-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let url = format!("sqlite://{}", dir.join("keys.db").display());
+    let url = url.as_str();
+    assert_eq!(keyctl(url, &["owner", "add", "ada"], None).code, 0);
+    let o = keyctl(url, &["create", "--owner", "ada", "--name", "ci"], None);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let (key, id) = (o.value("KEY"), o.value("ID"));
+    assert_eq!(keyctl(url, &["disable", &id], None).code, 0);
+    assert_eq!(keyctl(url, &["enable", &id], None).code, 0);
+    let o = keyctl(url, &["rotate", &id, "--grace", "60"], None);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let rotated = o.value("KEY");
+    let o = keyctl(url, &["create", "--owner", "ada", "--name", "other"], None);
+    let other = o.value("ID");
+    assert_eq!(keyctl(url, &["owner", "disable", "ada"], None).code, 0);
+
+    let actions = |out: &Out| -> Vec<String> {
+        out.stdout
+            .lines()
+            .map(|line| {
+                assert!(line.starts_with("EVENT="), "{line}");
+                let field = |name: &str| {
+                    line.split(' ')
+                        .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                        .unwrap_or_else(|| panic!("no {name}= in {line}"))
+                        .to_owned()
+                };
+                assert!(field("ACTOR").starts_with("keyctl"), "{line}");
+                assert_eq!(field("IP"), "-");
+                assert!(field("AT").parse::<u64>().is_ok(), "{line}");
+                format!("{}:{}>{}", field("ACTION"), field("OLD"), field("NEW"))
+            })
+            .collect()
+    };
+    let o = keyctl(url, &["audit", &id], None);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(
+        actions(&o),
+        [
+            "rotated:->-",
+            "enabled:disabled>active",
+            "disabled:active>disabled",
+            "created:->active",
+        ]
+    );
+    assert!(o
+        .stdout
+        .lines()
+        .all(|l| l.contains(&format!("KEY_ID={id}"))));
+    let o = keyctl(url, &["audit"], None);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(
+        actions(&o),
+        [
+            "owner_disabled:->-",
+            "created:->active",
+            "rotated:->-",
+            "enabled:disabled>active",
+            "disabled:active>disabled",
+            "created:->active",
+            "owner_added:->-",
+        ]
+    );
+    assert!(o.stdout.contains(&format!("KEY_ID={other}")));
+    if let Ok(user) = std::env::var("USER") {
+        if !user.is_empty() && user.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            assert!(
+                o.stdout.contains(&format!("ACTOR=keyctl:{user} ")),
+                "{}",
+                o.stdout
+            );
+        }
+    }
+    for secret in [&key, &rotated] {
+        assert!(!o.stdout.contains(secret.as_str()) && !o.stdout.contains(&secret[8..20]));
+    }
+    let o = keyctl(url, &["audit", "--owner", "ada", "--limit", "2"], None);
+    assert_eq!(actions(&o), ["owner_disabled:->-", "created:->active"]);
+    let o = keyctl(url, &["audit", "--owner", "nobody"], None);
+    assert_eq!((o.code, o.stdout.as_str()), (0, ""));
+    for bad in [
+        &["audit", "not-an-id"][..],
+        &["audit", &id, &other],
+        &["audit", "--limit", "0"],
+        &["audit", "--limit", "x"],
+        &["audit", "--grace", "1"],
+    ] {
+        let o = keyctl(url, bad, None);
+        assert_eq!(o.code, 2, "{bad:?}");
+        assert!(o.stdout.is_empty(), "{bad:?}");
+    }
+    let help = keyctl_raw(&["--help"], None);
+    assert!(help.stdout.contains("audit [ID]"));
+    let _ = std::fs::remove_dir_all(dir);
 }

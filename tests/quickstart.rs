@@ -37,6 +37,7 @@ async fn start() -> Quickstart {
     );
     let mut child = Command::new(&bin)
         .env("KEYGATE_ADDR", "127.0.0.1:0")
+        .env("KEYGATE_DATABASE_URL", common::scratch_sqlite_url())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
         .spawn()

@@ -23,7 +23,7 @@ async fn reset(url: &str) {
         .connect(url)
         .await
         .expect("connect to KEYGATE_TEST_POSTGRES_URL");
-    sqlx::query("DROP TABLE IF EXISTS keygate_key_hashes, keygate_keys, keygate_owners CASCADE")
+    sqlx::query("DROP TABLE IF EXISTS keygate_audit, keygate_key_hashes, keygate_keys, keygate_owners CASCADE")
         .execute(&pool)
         .await
         .expect("reset");
@@ -75,7 +75,12 @@ async fn postgres_store_conforms_and_keeps_no_secret() {
         .await
         .unwrap();
     let mut dump = String::new();
-    for table in ["keygate_owners", "keygate_keys", "keygate_key_hashes"] {
+    for table in [
+        "keygate_owners",
+        "keygate_keys",
+        "keygate_key_hashes",
+        "keygate_audit",
+    ] {
         let rows = sqlx::query(&format!("SELECT row_to_json(t)::text AS j FROM {table} t"))
             .fetch_all(&pool)
             .await
@@ -98,4 +103,34 @@ async fn postgres_store_conforms_and_keeps_no_secret() {
             .collect();
         assert!(dump.contains(&hex), "the hash is what is stored");
     }
+
+    // A database from before the audit trail and the last use IP: the store adds the table
+    // and the column on connect, and what was there keeps working.
+    for step in [
+        "DROP TABLE keygate_audit",
+        "ALTER TABLE keygate_keys DROP COLUMN last_used_ip",
+    ] {
+        sqlx::query(step).execute(&pool).await.unwrap();
+    }
+    let store = SqlStore::connect(&url).await.unwrap();
+    let found = keygate::lookup::KeyLookup::lookup(&store, &secrets[19].presented())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.last_used_ip, None);
+    assert!(store
+        .audit(keygate::store::AuditQuery::default())
+        .await
+        .unwrap()
+        .is_empty());
+    store.revoke_all("ada").await.unwrap();
+    assert_eq!(
+        store
+            .audit(keygate::store::AuditQuery::default())
+            .await
+            .unwrap()
+            .len(),
+        10
+    );
+    drop(SqlStore::connect(&url).await.unwrap());
 }

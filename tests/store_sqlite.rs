@@ -121,3 +121,60 @@ async fn an_in_memory_sqlite_database_works_too() {
     let clone = store.clone();
     assert_eq!(clone.get(&created.record.id).await.unwrap().name, "k");
 }
+
+/// A database made before the audit trail and the last use IP: the store adds the table and
+/// the column on connect, and what was there keeps working.
+#[tokio::test]
+async fn a_database_from_before_the_audit_trail_keeps_working() {
+    use keygate::store::{AuditAction, AuditQuery};
+    use sqlx::Row;
+
+    let dir = scratch_dir();
+    let url = format!("sqlite://{}", dir.join("old.db").display());
+    let store = SqlStore::connect(&url).await.unwrap();
+    store.add_owner("ada", None).await.unwrap();
+    let created = store
+        .create(NewKey::new("ada", "k", Environment::Live))
+        .await
+        .unwrap();
+    drop(store);
+    // Back to the old schema.
+    let pool = sqlx::sqlite::SqlitePoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    for step in [
+        "DROP TABLE keygate_audit",
+        "ALTER TABLE keygate_keys DROP COLUMN last_used_ip",
+    ] {
+        sqlx::query(step).execute(&pool).await.unwrap();
+    }
+
+    let store = SqlStore::connect(&url).await.unwrap();
+    let found = keygate::lookup::KeyLookup::lookup(&store, &created.secret.presented())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.id, created.record.id);
+    assert_eq!(found.last_used_ip, None);
+    assert!(store.audit(AuditQuery::default()).await.unwrap().is_empty());
+    store
+        .set_status(&created.record.id, keygate::record::Status::Disabled)
+        .await
+        .unwrap();
+    let events = store.audit(AuditQuery::default()).await.unwrap();
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].action, AuditAction::Disabled);
+    let columns = sqlx::query(
+        "SELECT COUNT(*) AS n FROM pragma_table_info('keygate_keys') WHERE name = 'last_used_ip'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(columns.get::<i64, _>("n"), 1);
+    // Connecting again changes nothing.
+    drop(SqlStore::connect(&url).await.unwrap());
+    pool.close().await;
+    let _ = std::fs::remove_dir_all(dir);
+}

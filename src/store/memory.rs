@@ -1,10 +1,15 @@
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fmt;
 use std::future::Ready;
+use std::net::IpAddr;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, SystemTime};
 
-use super::{CreatedKey, KeyStore, KeyUpdate, NewKey, OwnerStore, Page, StoreError};
+use super::audit::Entry;
+use super::{
+    Actor, AuditAction, AuditEvent, AuditQuery, CreatedKey, KeyStore, KeyUpdate, NewKey,
+    OwnerStore, Page, StoreError,
+};
 use crate::answer::Answer;
 use crate::clock::{Clock, SystemClock};
 use crate::key::{ApiKey, Environment, KeyFormat, KeyHash, KeyId, PresentedKey};
@@ -16,6 +21,9 @@ use crate::record::{KeyRecord, Owner, Status, UsageSink};
 /// It implements [`KeyLookup`] (answering at once: [`Answer::Now`]), [`KeyStore`] and
 /// [`OwnerStore`]. Tests use it, and so can single-process services whose keys are made at
 /// start-up.
+///
+/// Its audit trail ([`KeyStore::audit`]) is kept in memory too, bounded: the last
+/// [`MemoryStore::AUDIT_CAPACITY`] events (100 000); older ones are forgotten.
 ///
 /// ```
 /// use keygate::record::{Owner};
@@ -35,6 +43,8 @@ pub struct MemoryStore {
     listeners: Arc<super::Listeners>,
     format: KeyFormat,
     clock: Arc<dyn Clock>,
+    /// Whom this handle's writes are recorded as made by.
+    actor: Arc<Actor>,
 }
 
 /// The store's [`UsageSink`]: nothing to write. A record's hook keeps the time of its last
@@ -44,13 +54,14 @@ pub struct MemoryStore {
 struct MemoryUsage;
 
 impl UsageSink for MemoryUsage {
-    fn used(&self, _: &KeyId, _: SystemTime) {}
+    fn used(&self, _: &KeyId, _: SystemTime, _: Option<IpAddr>) {}
 }
 
 /// A stored record as it stands now: its last use read from its hook.
 fn current(record: &KeyRecord) -> KeyRecord {
     let mut now = record.clone();
     now.last_used_at = record.last_use();
+    now.last_used_ip = record.last_use_ip();
     now
 }
 
@@ -59,6 +70,22 @@ struct State {
     keys: BTreeMap<KeyId, StoredKey>,
     hashes: HashMap<KeyHash, HashEntry>,
     owners: HashMap<String, StoredOwner>,
+    /// The audit trail, oldest first, at most [`MemoryStore::AUDIT_CAPACITY`] events.
+    audit: VecDeque<AuditEvent>,
+    /// The id of the last event recorded (ids start at 1).
+    last_event: u64,
+}
+
+impl State {
+    /// Records an event of a write made under this lock.
+    fn record(&mut self, entry: Entry, at: SystemTime, actor: &Actor) {
+        self.last_event += 1;
+        if self.audit.len() >= MemoryStore::AUDIT_CAPACITY {
+            self.audit.pop_front();
+        }
+        self.audit
+            .push_back(entry.recorded(self.last_event, at, actor));
+    }
 }
 
 struct StoredKey {
@@ -130,11 +157,15 @@ impl MemoryStoreBuilder {
             listeners: Arc::default(),
             format: self.format,
             clock: self.clock,
+            actor: Arc::new(Actor::system()),
         }
     }
 }
 
 impl MemoryStore {
+    /// The most audit events the store keeps: past it, the oldest are forgotten.
+    pub const AUDIT_CAPACITY: usize = 100_000;
+
     /// An empty store issuing keys in the default format, on the system clock.
     pub fn new() -> Self {
         Self::builder().build()
@@ -212,6 +243,8 @@ impl MemoryStore {
                             password: None,
                         },
                     );
+                    let entry = Entry::owner(&owner_name, AuditAction::OwnerAdded);
+                    state.record(entry, self.clock.now(), &self.actor);
                 }
                 (Some(_), Some(_)) if register_owner => {}
                 // `create`: the registered owner.
@@ -225,6 +258,8 @@ impl MemoryStore {
                     valid_until: None,
                 },
             );
+            let entry = Entry::status(&owner_name, &id, AuditAction::Created, None, record.status);
+            state.record(entry, self.clock.now(), &self.actor);
             state.keys.insert(
                 id,
                 StoredKey {
@@ -235,6 +270,100 @@ impl MemoryStore {
         }
         // A cache may hold this hash as unknown.
         self.notify(&[hash]);
+        Ok(CreatedKey { record, secret })
+    }
+
+    /// The record of a new key (checked); its owner is filled in from the registered owner
+    /// when it is filed.
+    fn new_record(&self, new: NewKey) -> Result<KeyRecord, StoreError> {
+        let mut record = KeyRecord::new(
+            KeyId::generate()?,
+            Owner::new(String::new(), new.owner),
+            new.environment,
+        );
+        record.name = new.name;
+        record.description = new.description;
+        record.use_case = new.use_case;
+        record.scopes = new.scopes;
+        record.restrictions = new.restrictions;
+        record.quotas = new.quotas;
+        record.expires_at = new.expires_at;
+        record.metadata = new.metadata;
+        Ok(record)
+    }
+
+    /// Revokes every key of `owner` not yet revoked or deleted, under the write lock, with
+    /// one audit event each; how many, and the hashes to tell the caches of.
+    fn revoke_in(&self, state: &mut State, owner: &str) -> (usize, Vec<KeyHash>) {
+        let ids: Vec<KeyId> = state
+            .keys
+            .iter()
+            .filter(|(_, k)| {
+                k.owner_name == owner
+                    && matches!(k.record.status, Status::Active | Status::Disabled)
+            })
+            .map(|(id, _)| id.clone())
+            .collect();
+        let now = self.clock.now();
+        let mut hashes = Vec::new();
+        for id in &ids {
+            if let Some(stored) = state.keys.get_mut(id) {
+                let mut record = current(&stored.record);
+                let old = record.status;
+                record.status = Status::Revoked;
+                record.version += 1;
+                stored.record = self.filed(record);
+                let entry =
+                    Entry::status(owner, id, AuditAction::Revoked, Some(old), Status::Revoked);
+                state.record(entry, now, &self.actor);
+            }
+            hashes.extend(Self::hashes_of(state, id));
+        }
+        (ids.len(), hashes)
+    }
+
+    /// `replace_keys` under one write lock: the owner's keys revoked, the new one filed.
+    fn file_replacing(
+        &self,
+        mut record: KeyRecord,
+        secret: ApiKey,
+    ) -> Result<CreatedKey, StoreError> {
+        let hash = secret.hash();
+        let owner_name = record
+            .owner
+            .as_ref()
+            .map(|o| o.name.clone())
+            .unwrap_or_default();
+        let id = record.id.clone();
+        let mut changed = {
+            let mut state = self.write()?;
+            let Some(owner) = state.owners.get(&owner_name).map(|o| o.owner.clone()) else {
+                return Err(StoreError::OwnerNotFound(owner_name));
+            };
+            record.owner = Some(owner);
+            let now = self.clock.now();
+            record.created_at.get_or_insert(now);
+            let (_, revoked) = self.revoke_in(&mut state, &owner_name);
+            state.hashes.insert(
+                hash,
+                HashEntry {
+                    id: id.clone(),
+                    valid_until: None,
+                },
+            );
+            let entry = Entry::status(&owner_name, &id, AuditAction::Created, None, record.status);
+            state.record(entry, now, &self.actor);
+            state.keys.insert(
+                id,
+                StoredKey {
+                    record: self.filed(record.clone()),
+                    owner_name,
+                },
+            );
+            revoked
+        };
+        changed.push(hash);
+        self.notify(&changed);
         Ok(CreatedKey { record, secret })
     }
 
@@ -267,11 +396,13 @@ impl MemoryStore {
             .collect()
     }
 
-    /// Edits one key's record under the write lock; notifies its hashes.
+    /// Edits one key's record under the write lock, records the event `audit` makes of
+    /// the owner's name and the record before and after; notifies its hashes.
     fn edit_key(
         &self,
         id: &KeyId,
         edit: impl FnOnce(&mut KeyRecord) -> Result<(), StoreError>,
+        audit: impl FnOnce(&str, &KeyRecord, &KeyRecord) -> Entry,
     ) -> Result<KeyRecord, StoreError> {
         let (record, hashes) = {
             let mut state = self.write()?;
@@ -279,10 +410,13 @@ impl MemoryStore {
                 .keys
                 .get_mut(id)
                 .ok_or_else(|| StoreError::KeyNotFound(id.clone()))?;
-            let mut record = current(&stored.record);
+            let before = current(&stored.record);
+            let mut record = before.clone();
             edit(&mut record)?;
             record.version += 1;
             stored.record = self.filed(record.clone());
+            let entry = audit(&stored.owner_name, &before, &record);
+            state.record(entry, self.clock.now(), &self.actor);
             (record, Self::hashes_of(&state, id))
         };
         self.notify(&hashes);
@@ -298,6 +432,12 @@ impl MemoryStore {
                 .ok_or_else(|| StoreError::OwnerNotFound(name.to_owned()))?;
             stored.owner.active = active;
             let owner = stored.owner.clone();
+            let action = if active {
+                AuditAction::OwnerEnabled
+            } else {
+                AuditAction::OwnerDisabled
+            };
+            state.record(Entry::owner(name, action), self.clock.now(), &self.actor);
             let ids: Vec<KeyId> = state
                 .keys
                 .iter()
@@ -354,6 +494,8 @@ impl OwnerStore for MemoryStore {
                 password,
             },
         );
+        let entry = Entry::owner(name, AuditAction::OwnerAdded);
+        state.record(entry, self.clock.now(), &self.actor);
         Ok(owner)
     }
 
@@ -371,26 +513,42 @@ impl OwnerStore for MemoryStore {
     async fn set_owner_active(&self, name: &str, active: bool) -> Result<Owner, StoreError> {
         self.owner_edit(name, active)
     }
+
+    async fn owner(&self, name: &str) -> Result<Owner, StoreError> {
+        let state = self.read()?;
+        state
+            .owners
+            .get(name)
+            .map(|o| o.owner.clone())
+            .ok_or_else(|| StoreError::OwnerNotFound(name.to_owned()))
+    }
+
+    async fn set_owner_password(
+        &self,
+        name: &str,
+        password: Option<&str>,
+    ) -> Result<Owner, StoreError> {
+        // Hashed before the lock is taken: argon2 is slow on purpose.
+        let password = password.map(super::password::hash).transpose()?;
+        let mut state = self.write()?;
+        let stored = state
+            .owners
+            .get_mut(name)
+            .ok_or_else(|| StoreError::OwnerNotFound(name.to_owned()))?;
+        stored.password = password;
+        let owner = stored.owner.clone();
+        let entry = Entry::owner(name, AuditAction::PasswordSet);
+        state.record(entry, self.clock.now(), &self.actor);
+        Ok(owner)
+    }
 }
 
 impl KeyStore for MemoryStore {
     async fn create(&self, new: NewKey) -> Result<CreatedKey, StoreError> {
         new.check()?;
-        // The owner's record is filled in from the registered owner.
-        let mut record = KeyRecord::new(
-            KeyId::generate()?,
-            Owner::new(String::new(), new.owner.clone()),
-            new.environment,
-        );
-        record.name = new.name;
-        record.description = new.description;
-        record.use_case = new.use_case;
-        record.scopes = new.scopes;
-        record.restrictions = new.restrictions;
-        record.quotas = new.quotas;
-        record.expires_at = new.expires_at;
-        record.metadata = new.metadata;
-        self.file_new(record, Some(new.owner), false)
+        let owner = new.owner.clone();
+        let record = self.new_record(new)?;
+        self.file_new(record, Some(owner), false)
     }
 
     async fn get(&self, id: &KeyId) -> Result<KeyRecord, StoreError> {
@@ -423,14 +581,25 @@ impl KeyStore for MemoryStore {
 
     async fn update(&self, id: &KeyId, update: KeyUpdate) -> Result<KeyRecord, StoreError> {
         update.check()?;
-        self.edit_key(id, |record| update.apply(record))
+        self.edit_key(
+            id,
+            |record| update.apply(record),
+            |owner, _, record| Entry::key(owner, &record.id, AuditAction::Updated),
+        )
     }
 
     async fn set_status(&self, id: &KeyId, status: Status) -> Result<KeyRecord, StoreError> {
-        self.edit_key(id, |record| {
-            record.status = super::transition(record, status)?;
-            Ok(())
-        })
+        self.edit_key(
+            id,
+            |record| {
+                record.status = super::transition(record, status)?;
+                Ok(())
+            },
+            |owner, before, after| {
+                let action = AuditAction::of_status(status);
+                Entry::status(owner, &after.id, action, Some(before.status), after.status)
+            },
+        )
     }
 
     async fn rotate(
@@ -467,6 +636,8 @@ impl KeyStore for MemoryStore {
             let mut record = current(&key.record);
             record.version += 1;
             key.record = self.filed(record.clone());
+            let entry = Entry::key(&key.owner_name, id, AuditAction::Rotated);
+            state.record(entry, now, &self.actor);
             let old: Vec<KeyHash> = Self::hashes_of(&state, id);
             let until = now.checked_add(grace).unwrap_or(now);
             for hash in &old {
@@ -499,29 +670,36 @@ impl KeyStore for MemoryStore {
             if !state.owners.contains_key(owner) {
                 return Err(StoreError::OwnerNotFound(owner.to_owned()));
             }
-            let ids: Vec<KeyId> = state
-                .keys
-                .iter()
-                .filter(|(_, k)| {
-                    k.owner_name == owner
-                        && matches!(k.record.status, Status::Active | Status::Disabled)
-                })
-                .map(|(id, _)| id.clone())
-                .collect();
-            let mut hashes = Vec::new();
-            for id in &ids {
-                if let Some(stored) = state.keys.get_mut(id) {
-                    let mut record = current(&stored.record);
-                    record.status = Status::Revoked;
-                    record.version += 1;
-                    stored.record = self.filed(record);
-                }
-                hashes.extend(Self::hashes_of(&state, id));
-            }
-            (ids.len(), hashes)
+            self.revoke_in(&mut state, owner)
         };
         self.notify(&hashes);
         Ok(count)
+    }
+
+    async fn replace_keys(&self, new: NewKey) -> Result<CreatedKey, StoreError> {
+        new.check()?;
+        let record = self.new_record(new)?;
+        let secret = self.format.generate(record.environment)?;
+        self.file_replacing(record, secret)
+    }
+
+    fn acting(&self, actor: Actor) -> Self {
+        Self {
+            actor: Arc::new(actor),
+            ..self.clone()
+        }
+    }
+
+    async fn audit(&self, query: AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
+        let state = self.read()?;
+        Ok(state
+            .audit
+            .iter()
+            .rev()
+            .filter(|e| query.matches(e))
+            .take(query.page_size())
+            .cloned()
+            .collect())
     }
 
     async fn flush_usage(&self) -> Result<(), StoreError> {
@@ -627,7 +805,7 @@ mod tests {
         let record = store.lookup(&key.presented()).await.unwrap().unwrap();
         assert_eq!(store.get(&record.id).await.unwrap().last_used_at, None);
         let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
-        record.note_use(at);
+        record.note_use(at, || None);
         assert_eq!(store.get(&record.id).await.unwrap().last_used_at, Some(at));
         store
             .set_status(&record.id, Status::Disabled)
@@ -667,7 +845,7 @@ mod tests {
             .await
             .unwrap();
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        handed_out.note_use(at);
+        handed_out.note_use(at, || None);
         assert_eq!(
             store.get(&handed_out.id).await.unwrap().last_used_at,
             Some(at),
@@ -693,7 +871,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap()
-            .note_use(at);
+            .note_use(at, || None);
         let again = store.lookup(&key.presented()).await.unwrap().unwrap();
         assert_eq!(again.last_use(), Some(at), "a record looked up says it");
         assert_eq!(
@@ -732,7 +910,7 @@ mod tests {
             async move {
                 // Through the record the store holds now (as a fresh lookup gets it).
                 let held = Arc::clone(&store.read().unwrap().keys[&id].record);
-                held.note_use(at);
+                held.note_use(at, || None);
             }
         };
         use_now(at).await;

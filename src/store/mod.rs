@@ -10,6 +10,9 @@
 //! empty the caches ([`Change::All`], a cold cache for a
 //! moment) when their subscription is lost, and again when it is back.
 //!
+//! Every lifecycle write is recorded in the store's [audit trail](AuditEvent) in the write's own
+//! transaction: see [`KeyStore::acting`] and [`KeyStore::audit`].
+//!
 //! A store knows keys only by their [`KeyHash`](crate::key::KeyHash): the secret is returned
 //! once, by [`KeyStore::create`] and [`KeyStore::rotate`], and never again.
 //!
@@ -27,6 +30,7 @@
 //! # }).unwrap();
 //! ```
 
+mod audit;
 #[cfg(feature = "redis")]
 mod broadcast;
 mod memory;
@@ -38,6 +42,10 @@ mod sql;
 #[cfg(any(feature = "sqlite", feature = "postgres", feature = "redis"))]
 mod wire;
 
+pub use audit::{
+    Actor, AuditAction, AuditEvent, AuditQuery, UnknownAction, DEFAULT_AUDIT_LIMIT, MAX_ACTOR_LEN,
+    MAX_AUDIT_LIMIT,
+};
 #[cfg(feature = "redis")]
 pub use broadcast::{RedisChanges, RedisChangesBuilder};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
@@ -457,8 +465,38 @@ pub trait KeyStore: KeyLookup + ChangeFeed + Clone {
         expected: Option<u64>,
     ) -> impl Future<Output = Result<CreatedKey, StoreError>> + Send;
 
-    /// Revokes every key of an owner; returns how many.
+    /// Revokes every key of an owner; returns how many. Audit: one `Revoked` per key.
     fn revoke_all(&self, owner: &str) -> impl Future<Output = Result<usize, StoreError>> + Send;
+
+    /// Revokes every key of `new.owner` not yet revoked or deleted and creates `new`, in one
+    /// transaction (what `POST /auth/createkey` does). Concurrent calls for one owner
+    /// serialize, so after any number of them exactly one of the owner's keys works: the
+    /// last one made. The caches are told of every revoked key. Audit: one `Revoked` per
+    /// revoked key and one `Created`.
+    ///
+    /// # Errors
+    ///
+    /// As [`create`](KeyStore::create): [`StoreError::OwnerNotFound`],
+    /// [`StoreError::Invalid`]…; on any error nothing is revoked.
+    fn replace_keys(
+        &self,
+        new: NewKey,
+    ) -> impl Future<Output = Result<CreatedKey, StoreError>> + Send;
+
+    /// A handle on the same store (sharing everything: data, caches' listeners, usage)
+    /// whose writes are recorded in the audit trail as made by `actor`. A handle never
+    /// given one records [`Actor::system`] (`"system"`, no IP address).
+    #[must_use]
+    fn acting(&self, actor: Actor) -> Self;
+
+    /// Audit events, newest first (by id, descending): those of `query.owner` and/or
+    /// `query.key` when set, with ids below `query.before` when set, at most
+    /// `query.limit` (0: 100; never more than 1000). An unknown owner or key has no events
+    /// (an empty list, not an error).
+    fn audit(
+        &self,
+        query: AuditQuery,
+    ) -> impl Future<Output = Result<Vec<AuditEvent>, StoreError>> + Send;
 
     /// Writes the last uses reported so far and not yet written (the store batches them off
     /// the request path): call it before shutting down, or in a test before reading
@@ -490,6 +528,26 @@ pub trait OwnerStore: KeyStore {
         &self,
         name: &str,
         active: bool,
+    ) -> impl Future<Output = Result<Owner, StoreError>> + Send;
+
+    /// One owner by name.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::OwnerNotFound`] for an unknown name.
+    fn owner(&self, name: &str) -> impl Future<Output = Result<Owner, StoreError>> + Send;
+
+    /// Sets an owner's password (hashed with argon2id, as [`add_owner`](Self::add_owner)
+    /// does), or clears it with `None` (the owner can no longer log in). The old password
+    /// stops working at once. Audit: `PasswordSet` (never the password).
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::OwnerNotFound`] for an unknown name.
+    fn set_owner_password(
+        &self,
+        name: &str,
+        password: Option<&str>,
     ) -> impl Future<Output = Result<Owner, StoreError>> + Send;
 }
 

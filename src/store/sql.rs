@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -10,7 +11,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use sqlx::any::{AnyPoolOptions, AnyRow};
 use sqlx::{AnyPool, Connection as _, Row};
 
-use super::{BackendError, CreatedKey, KeyStore, KeyUpdate, NewKey, OwnerStore, Page, StoreError};
+use super::audit::Entry;
+use super::{
+    Actor, AuditAction, AuditEvent, AuditQuery, BackendError, CreatedKey, KeyStore, KeyUpdate,
+    NewKey, OwnerStore, Page, StoreError,
+};
 use crate::answer::Answer;
 use crate::clock::{nanos_since_epoch, Clock, SystemClock};
 use crate::key::Environment;
@@ -30,6 +35,8 @@ enum Backend {
 /// `sqlite::memory:`) or PostgreSQL (`postgres://…`).
 ///
 /// Migrations are applied on connect; only key hashes are stored, in an indexed column.
+/// The audit trail ([`KeyStore::audit`]) is the table `keygate_audit`, written in the
+/// transaction of each write; nothing ever deletes from it (prune it yourself if you must).
 /// Clones share one connection pool; two `SqlStore`s on one database see each other's
 /// changes at once. A [`CachedLookup`](crate::lookup::CachedLookup) in another process
 /// sees them after its TTL, or at once when it listens: on PostgreSQL every write sends
@@ -43,6 +50,8 @@ pub struct SqlStore {
     format: KeyFormat,
     clock: Arc<dyn Clock>,
     listeners: Arc<super::Listeners>,
+    /// Whom this handle's writes are recorded as made by.
+    actor: Arc<Actor>,
     /// The URL, for [`SqlStore::listen`] on PostgreSQL. Never printed: it may hold a
     /// password.
     #[cfg_attr(not(feature = "postgres"), allow(dead_code))]
@@ -83,8 +92,10 @@ fn from_nanos(nanos: i64) -> SystemTime {
     UNIX_EPOCH + Duration::from_nanos(u64::try_from(nanos).unwrap_or(0))
 }
 
-/// The schema, the same on both databases but for the name of the byte-string type.
-fn migrations(bytes_type: &str) -> [String; 5] {
+/// The schema, the same on both databases but for the names of the byte-string type and
+/// of an auto-increment key. (`keygate_keys.last_used_ip` is added by
+/// [`SqlStore::migrate`] to old and new tables alike.)
+fn migrations(bytes_type: &str, serial_key: &str) -> [String; 8] {
     [
         "CREATE TABLE IF NOT EXISTS keygate_owners (
             id TEXT PRIMARY KEY,
@@ -121,12 +132,30 @@ fn migrations(bytes_type: &str) -> [String; 5] {
         ),
         "CREATE INDEX IF NOT EXISTS keygate_key_hashes_key ON keygate_key_hashes (key_id)"
             .to_owned(),
+        // The audit trail: names, not references, so that it outlives what it tells of.
+        format!(
+            "CREATE TABLE IF NOT EXISTS keygate_audit (
+                id {serial_key},
+                at BIGINT NOT NULL,
+                owner TEXT NOT NULL,
+                key_id TEXT,
+                actor TEXT NOT NULL,
+                ip TEXT,
+                action TEXT NOT NULL,
+                old_status TEXT,
+                new_status TEXT
+            )"
+        ),
+        "CREATE INDEX IF NOT EXISTS keygate_audit_owner ON keygate_audit (owner, id)".to_owned(),
+        "CREATE INDEX IF NOT EXISTS keygate_audit_key ON keygate_audit (key_id, id)".to_owned(),
     ]
 }
 
+const AUDIT_COLUMNS: &str = "id, at, owner, key_id, actor, ip, action, old_status, new_status";
+
 const KEY_COLUMNS: &str = "k.id, k.name, k.description, k.use_case, k.environment, k.status, \
     k.expires_at, k.scopes, k.restrictions, k.quotas, k.metadata, k.created_at, \
-    k.last_used_at, k.version, o.id AS owner_id, o.name AS owner_name, o.active AS owner_active";
+    k.last_used_at, k.last_used_ip, k.version, o.id AS owner_id, o.name AS owner_name, o.active AS owner_active";
 
 /// Settings for a [`SqlStore`], from [`SqlStore::builder`].
 #[must_use]
@@ -305,6 +334,7 @@ impl SqlStore {
             format: KeyFormat::default(),
             clock: Arc::new(SystemClock),
             listeners: Arc::default(),
+            actor: Arc::new(Actor::system()),
             url: Arc::from(url.as_str()),
         };
         store.migrate().await?;
@@ -312,11 +342,11 @@ impl SqlStore {
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
-        let steps = migrations(match self.backend {
-            Backend::Sqlite => "BLOB",
-            Backend::Postgres => "BYTEA",
-        });
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let steps = match self.backend {
+            Backend::Sqlite => migrations("BLOB", "INTEGER PRIMARY KEY AUTOINCREMENT"),
+            Backend::Postgres => migrations("BYTEA", "BIGSERIAL PRIMARY KEY"),
+        };
+        let mut tx = self.begin().await?;
         if self.backend == Backend::Postgres {
             // Two instances starting at once must not race on CREATE TABLE.
             sqlx::query("SELECT pg_advisory_xact_lock(7172736564)")
@@ -327,7 +357,160 @@ impl SqlStore {
         for step in &steps {
             sqlx::query(step).execute(&mut *tx).await.map_err(db)?;
         }
+        // Added after the first release: databases made before get it here.
+        match self.backend {
+            Backend::Postgres => {
+                sqlx::query("ALTER TABLE keygate_keys ADD COLUMN IF NOT EXISTS last_used_ip TEXT")
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            }
+            Backend::Sqlite => {
+                let row = sqlx::query(
+                    "SELECT COUNT(*) AS n FROM pragma_table_info('keygate_keys') \
+                     WHERE name = 'last_used_ip'",
+                )
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?;
+                if row.try_get::<i64, _>("n").map_err(db)? == 0 {
+                    sqlx::query("ALTER TABLE keygate_keys ADD COLUMN last_used_ip TEXT")
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                }
+            }
+        }
         tx.commit().await.map_err(db)
+    }
+
+    /// A write transaction. On SQLite the write lock is taken at once (`BEGIN IMMEDIATE`),
+    /// so that two writes that read before they write run one after the other, instead of
+    /// both reading and one failing (or both acting on what they read); PostgreSQL writes
+    /// lock the rows they depend on.
+    async fn begin(&self) -> Result<Tx<'static>, StoreError> {
+        match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await.map_err(db),
+            Backend::Postgres => self.pool.begin().await.map_err(db),
+        }
+    }
+
+    /// Records an audit event in the write's transaction, as made by this handle's actor.
+    async fn log(&self, tx: &mut Tx<'_>, entry: Entry, at: SystemTime) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO keygate_audit \
+             (at, owner, key_id, actor, ip, action, old_status, new_status) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(to_nanos(at))
+        .bind(entry.owner)
+        .bind(entry.key_id.map(|k| k.as_str().to_owned()))
+        .bind(self.actor.who.clone())
+        .bind(self.actor.ip.map(|ip| ip.to_string()))
+        .bind(entry.action.as_str())
+        .bind(entry.old_status.map(|s| s.as_str().to_owned()))
+        .bind(entry.new_status.map(|s| s.as_str().to_owned()))
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    /// On PostgreSQL, locks the owner's row for the rest of the transaction against every
+    /// other write for the owner's keys (`replace_keys`, `revoke_all`, a key created, a
+    /// rotation), so that those that read the owner's keys before they write run one after
+    /// the other. (SQLite runs one writer at a time: [`SqlStore::begin`].)
+    async fn lock_owner(&self, tx: &mut Tx<'_>, owner_id: &str) -> Result<(), StoreError> {
+        if self.backend != Backend::Postgres {
+            return Ok(());
+        }
+        sqlx::query("SELECT id FROM keygate_owners WHERE id = $1 FOR UPDATE")
+            .bind(owner_id.to_owned())
+            .fetch_all(&mut **tx)
+            .await
+            .map_err(db)?;
+        Ok(())
+    }
+
+    /// Revokes every key of the owner not yet revoked or deleted, in `tx` (whose owner row
+    /// is locked), with one audit event each; how many, and their hashes.
+    async fn revoke_in(
+        &self,
+        tx: &mut Tx<'_>,
+        owner_id: &str,
+        owner_name: &str,
+        at: SystemTime,
+    ) -> Result<(usize, Vec<KeyHash>), StoreError> {
+        let lock = if self.backend == Backend::Postgres {
+            " FOR UPDATE"
+        } else {
+            ""
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT id, status FROM keygate_keys \
+             WHERE owner_id = $1 AND status IN ('active', 'disabled') ORDER BY id{lock}"
+        ))
+        .bind(owner_id.to_owned())
+        .fetch_all(&mut **tx)
+        .await
+        .map_err(db)?;
+        let mut hashes = Vec::new();
+        for row in &rows {
+            let id = KeyId::new(row.try_get::<String, _>("id").map_err(db)?);
+            let old = status_from(&row.try_get::<String, _>("status").map_err(db)?)?;
+            sqlx::query(
+                "UPDATE keygate_keys SET status = 'revoked', version = version + 1 WHERE id = $1",
+            )
+            .bind(id.as_str().to_owned())
+            .execute(&mut **tx)
+            .await
+            .map_err(db)?;
+            hashes.extend(hashes_in(tx, &id).await?);
+            let entry = Entry::status(
+                owner_name,
+                &id,
+                AuditAction::Revoked,
+                Some(old),
+                Status::Revoked,
+            );
+            self.log(tx, entry, at).await?;
+        }
+        Ok((rows.len(), hashes))
+    }
+
+    /// Inserts a new key's row and its secret's hash, in `tx`.
+    async fn insert_key(
+        &self,
+        tx: &mut Tx<'_>,
+        id: &KeyId,
+        owner_id: &str,
+        new: &NewKey,
+        hash: &KeyHash,
+        at: SystemTime,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO keygate_keys (id, owner_id, name, description, use_case, environment, \
+             status, expires_at, scopes, restrictions, quotas, metadata, created_at, version) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'active', $7, $8, $9, $10, $11, $12, 0)",
+        )
+        .bind(id.as_str().to_owned())
+        .bind(owner_id.to_owned())
+        .bind(new.name.clone())
+        .bind(new.description.clone())
+        .bind(new.use_case.clone())
+        .bind(new.environment.as_str().to_owned())
+        .bind(new.expires_at.map(to_nanos))
+        .bind(json(&new.scopes)?)
+        .bind(json(&new.restrictions)?)
+        .bind(json(&new.quotas)?)
+        .bind(json(&new.metadata)?)
+        .bind(to_nanos(at))
+        .execute(&mut **tx)
+        .await
+        .map_err(db)?;
+        insert_hash(tx, hash, id).await?;
+        let entry = Entry::status(&new.owner, id, AuditAction::Created, None, Status::Active);
+        self.log(tx, entry, at).await
     }
 
     /// Tells the listeners (caches) that these hashes' answers changed.
@@ -469,8 +652,9 @@ impl SqlStore {
         &self,
         record: &KeyRecord,
         version: u64,
+        entry: Entry,
     ) -> Result<KeyRecord, StoreError> {
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.begin().await?;
         let done = sqlx::query(
             "UPDATE keygate_keys SET name = $1, description = $2, status = $3, scopes = $4, \
              restrictions = $5, quotas = $6, metadata = $7, version = version + 1 \
@@ -491,21 +675,27 @@ impl SqlStore {
         if done.rows_affected() == 0 {
             return Err(StoreError::Conflict);
         }
+        self.log(&mut tx, entry, self.clock.now()).await?;
         let hashes = hashes_in(&mut tx, &record.id).await?;
         let written = get_in(&mut tx, &record.id).await?;
         self.commit(tx, &hashes).await?;
         Ok(written)
     }
 
+    /// Edits a key's record (if it has not changed since it was read) and records the
+    /// event `audit` makes of the owner's name, the status before and the record after.
     async fn edit(
         &self,
         id: &KeyId,
         edit: impl FnOnce(&mut KeyRecord) -> Result<(), StoreError>,
+        audit: impl FnOnce(&str, Status, &KeyRecord) -> Entry,
     ) -> Result<KeyRecord, StoreError> {
         let mut record = self.get(id).await?;
-        let version = record.version;
+        let (version, before) = (record.version, record.status);
         edit(&mut record)?;
-        self.write_record(&record, version).await
+        let owner = record.owner.as_ref().map_or("", |o| o.name.as_str());
+        let entry = audit(owner, before, &record);
+        self.write_record(&record, version, entry).await
     }
 }
 
@@ -592,6 +782,42 @@ fn status_from(text: &str) -> Result<Status, StoreError> {
     })
 }
 
+fn owner_from(row: &AnyRow, name: &str) -> Result<Owner, StoreError> {
+    Ok(Owner {
+        id: row.try_get("id").map_err(db)?,
+        name: name.to_owned(),
+        active: row.try_get::<i64, _>("active").map_err(db)? != 0,
+    })
+}
+
+fn event_from(row: &AnyRow) -> Result<AuditEvent, StoreError> {
+    let status = |column: &str| -> Result<Option<Status>, StoreError> {
+        row.try_get::<Option<String>, _>(column)
+            .map_err(db)?
+            .map(|s| status_from(&s))
+            .transpose()
+    };
+    let action: String = row.try_get("action").map_err(db)?;
+    let ip: Option<String> = row.try_get("ip").map_err(db)?;
+    Ok(AuditEvent {
+        id: u64::try_from(row.try_get::<i64, _>("id").map_err(db)?)
+            .map_err(|_| corrupt("audit id"))?,
+        at: from_nanos(row.try_get("at").map_err(db)?),
+        owner: row.try_get("owner").map_err(db)?,
+        key_id: row
+            .try_get::<Option<String>, _>("key_id")
+            .map_err(db)?
+            .map(KeyId::new),
+        actor: row.try_get("actor").map_err(db)?,
+        ip: ip
+            .map(|ip| ip.parse().map_err(|_| corrupt("audit ip")))
+            .transpose()?,
+        action: action.parse().map_err(|_| corrupt("audit action"))?,
+        old_status: status("old_status")?,
+        new_status: status("new_status")?,
+    })
+}
+
 fn record_from(row: &AnyRow) -> Result<KeyRecord, StoreError> {
     let id: String = row.try_get("id").map_err(db)?;
     let environment: String = row.try_get("environment").map_err(db)?;
@@ -620,6 +846,11 @@ fn record_from(row: &AnyRow) -> Result<KeyRecord, StoreError> {
         .try_get::<Option<i64>, _>("last_used_at")
         .map_err(db)?
         .map(from_nanos);
+    // Informational: an address that does not parse reads as unknown, never as a failure.
+    record.last_used_ip = row
+        .try_get::<Option<String>, _>("last_used_ip")
+        .map_err(db)?
+        .and_then(|ip| ip.parse().ok());
     record.version = u64::try_from(row.try_get::<i64, _>("version").map_err(db)?).unwrap_or(0);
     Ok(record)
 }
@@ -653,7 +884,7 @@ const MAX_PENDING_USES: usize = 100_000;
 /// (or by [`KeyStore::flush_usage`]).
 struct SqlUsage {
     pool: AnyPool,
-    pending: std::sync::Mutex<std::collections::HashMap<KeyId, SystemTime>>,
+    pending: std::sync::Mutex<std::collections::HashMap<KeyId, (SystemTime, Option<IpAddr>)>>,
     scheduled: std::sync::atomic::AtomicBool,
     warned: std::sync::atomic::AtomicBool,
     /// One writer at a time: a flush waits for the batch in flight before its own.
@@ -711,7 +942,7 @@ impl SqlUsage {
     /// Writes every queued use, in one transaction. On failure the uses are queued again.
     async fn flush(&self) -> Result<(), StoreError> {
         let _writer = self.writer.lock().await;
-        let batch: Vec<(KeyId, SystemTime)> = match self.pending.lock() {
+        let batch: Vec<(KeyId, (SystemTime, Option<IpAddr>))> = match self.pending.lock() {
             Ok(mut pending) => pending.drain().collect(),
             Err(_) => return Err(StoreError::Poisoned),
         };
@@ -721,24 +952,35 @@ impl SqlUsage {
         let written = self.write(&batch).await;
         if written.is_err() {
             if let Ok(mut pending) = self.pending.lock() {
-                for (id, at) in batch {
-                    let at = pending.get(&id).map_or(at, |later| (*later).max(at));
-                    pending.insert(id, at);
+                for (id, use_) in batch {
+                    // A use reported meanwhile is later: it wins.
+                    let use_ = pending.get(&id).map_or(use_, |later| {
+                        if later.0 >= use_.0 {
+                            *later
+                        } else {
+                            use_
+                        }
+                    });
+                    pending.insert(id, use_);
                 }
             }
         }
         written
     }
 
-    async fn write(&self, batch: &[(KeyId, SystemTime)]) -> Result<(), StoreError> {
+    async fn write(
+        &self,
+        batch: &[(KeyId, (SystemTime, Option<IpAddr>))],
+    ) -> Result<(), StoreError> {
         let mut tx = self.pool.begin().await.map_err(db)?;
-        for (id, at) in batch {
+        for (id, (at, ip)) in batch {
             let before = at.checked_sub(LAST_USED_RESOLUTION).unwrap_or(UNIX_EPOCH);
             sqlx::query(
-                "UPDATE keygate_keys SET last_used_at = $1 \
-                 WHERE id = $2 AND (last_used_at IS NULL OR last_used_at <= $3)",
+                "UPDATE keygate_keys SET last_used_at = $1, last_used_ip = $2 \
+                 WHERE id = $3 AND (last_used_at IS NULL OR last_used_at <= $4)",
             )
             .bind(to_nanos(*at))
+            .bind(ip.map(|ip| ip.to_string()))
             .bind(id.as_str().to_owned())
             .bind(to_nanos(before))
             .execute(&mut *tx)
@@ -750,7 +992,7 @@ impl SqlUsage {
 }
 
 impl UsageSink for SqlUsage {
-    fn used(&self, key: &KeyId, at: SystemTime) {
+    fn used(&self, key: &KeyId, at: SystemTime, ip: Option<IpAddr>) {
         {
             let Ok(mut pending) = self.pending.lock() else {
                 return;
@@ -760,7 +1002,7 @@ impl UsageSink for SqlUsage {
                 self.warn_once("too many last uses waiting to be written: some are dropped");
                 return;
             }
-            pending.insert(key.clone(), at);
+            pending.insert(key.clone(), (at, ip));
         }
         self.schedule();
     }
@@ -769,6 +1011,7 @@ impl UsageSink for SqlUsage {
 impl OwnerStore for SqlStore {
     async fn add_owner(&self, name: &str, password: Option<&str>) -> Result<Owner, StoreError> {
         let (owner, password) = super::new_owner(name, password)?;
+        let mut tx = self.begin().await?;
         let done = sqlx::query(
             "INSERT INTO keygate_owners (id, name, active, password) VALUES ($1, $2, 1, $3) \
              ON CONFLICT (name) DO NOTHING",
@@ -776,12 +1019,15 @@ impl OwnerStore for SqlStore {
         .bind(owner.id.clone())
         .bind(name.to_owned())
         .bind(password)
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(db)?;
         if done.rows_affected() == 0 {
             return Err(StoreError::OwnerExists(name.to_owned()));
         }
+        let entry = Entry::owner(name, AuditAction::OwnerAdded);
+        self.log(&mut tx, entry, self.clock.now()).await?;
+        self.finish(tx, &[]).await?;
         Ok(owner)
     }
 
@@ -793,11 +1039,7 @@ impl OwnerStore for SqlStore {
             .map_err(db)?;
         let (owner, stored) = match &row {
             Some(row) => {
-                let owner = Owner {
-                    id: row.try_get("id").map_err(db)?,
-                    name: name.to_owned(),
-                    active: row.try_get::<i64, _>("active").map_err(db)? != 0,
-                };
+                let owner = owner_from(row, name)?;
                 let stored: Option<String> = row.try_get("password").map_err(db)?;
                 (Some(owner), stored)
             }
@@ -808,7 +1050,7 @@ impl OwnerStore for SqlStore {
 
     async fn set_owner_active(&self, name: &str, active: bool) -> Result<Owner, StoreError> {
         let id = self.owner_id(name).await?;
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.begin().await?;
         sqlx::query("UPDATE keygate_owners SET active = $1 WHERE id = $2")
             .bind(i64::from(active))
             .bind(id.clone())
@@ -824,9 +1066,57 @@ impl OwnerStore for SqlStore {
         .await
         .map_err(db)?;
         let hashes = rows.iter().map(row_hash).collect::<Result<Vec<_>, _>>()?;
+        let action = if active {
+            AuditAction::OwnerEnabled
+        } else {
+            AuditAction::OwnerDisabled
+        };
+        self.log(&mut tx, Entry::owner(name, action), self.clock.now())
+            .await?;
         self.commit(tx, &hashes).await?;
         let mut owner = Owner::new(id, name);
         owner.active = active;
+        Ok(owner)
+    }
+
+    async fn owner(&self, name: &str) -> Result<Owner, StoreError> {
+        let row = sqlx::query("SELECT id, active FROM keygate_owners WHERE name = $1")
+            .bind(name.to_owned())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        match row {
+            Some(row) => owner_from(&row, name),
+            None => Err(StoreError::OwnerNotFound(name.to_owned())),
+        }
+    }
+
+    async fn set_owner_password(
+        &self,
+        name: &str,
+        password: Option<&str>,
+    ) -> Result<Owner, StoreError> {
+        // Hashed before the transaction: argon2 is slow on purpose.
+        let password = password.map(super::password::hash).transpose()?;
+        let mut tx = self.begin().await?;
+        let done = sqlx::query("UPDATE keygate_owners SET password = $1 WHERE name = $2")
+            .bind(password)
+            .bind(name.to_owned())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::OwnerNotFound(name.to_owned()));
+        }
+        let row = sqlx::query("SELECT id, active FROM keygate_owners WHERE name = $1")
+            .bind(name.to_owned())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        let owner = owner_from(&row, name)?;
+        let entry = Entry::owner(name, AuditAction::PasswordSet);
+        self.log(&mut tx, entry, self.clock.now()).await?;
+        self.finish(tx, &[]).await?;
         Ok(owner)
     }
 }
@@ -838,29 +1128,10 @@ impl KeyStore for SqlStore {
         let secret = self.format.generate(new.environment)?;
         let id = KeyId::generate()?;
         let now = self.clock.now();
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.begin().await?;
         self.hold_owner(&mut tx, OwnerOf::Owner(&owner_id)).await?;
-        sqlx::query(
-            "INSERT INTO keygate_keys (id, owner_id, name, description, use_case, environment, \
-             status, expires_at, scopes, restrictions, quotas, metadata, created_at, version) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'active', $7, $8, $9, $10, $11, $12, 0)",
-        )
-        .bind(id.as_str().to_owned())
-        .bind(owner_id)
-        .bind(new.name.clone())
-        .bind(new.description.clone())
-        .bind(new.use_case.clone())
-        .bind(new.environment.as_str().to_owned())
-        .bind(new.expires_at.map(to_nanos))
-        .bind(json(&new.scopes)?)
-        .bind(json(&new.restrictions)?)
-        .bind(json(&new.quotas)?)
-        .bind(json(&new.metadata)?)
-        .bind(to_nanos(now))
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        insert_hash(&mut tx, &secret.hash(), &id).await?;
+        self.insert_key(&mut tx, &id, &owner_id, &new, &secret.hash(), now)
+            .await?;
         let record = get_in(&mut tx, &id).await?;
         self.publish(&mut tx, &[secret.hash()]).await?;
         if let Err(error) = self.finish(tx, &[secret.hash()]).await {
@@ -910,14 +1181,26 @@ impl KeyStore for SqlStore {
 
     async fn update(&self, id: &KeyId, update: KeyUpdate) -> Result<KeyRecord, StoreError> {
         update.check()?;
-        self.edit(id, |record| update.apply(record)).await
+        self.edit(
+            id,
+            |record| update.apply(record),
+            |owner, _, record| Entry::key(owner, &record.id, AuditAction::Updated),
+        )
+        .await
     }
 
     async fn set_status(&self, id: &KeyId, status: Status) -> Result<KeyRecord, StoreError> {
-        self.edit(id, |record| {
-            record.status = super::transition(record, status)?;
-            Ok(())
-        })
+        self.edit(
+            id,
+            |record| {
+                record.status = super::transition(record, status)?;
+                Ok(())
+            },
+            |owner, before, record| {
+                let action = AuditAction::of_status(status);
+                Entry::status(owner, &record.id, action, Some(before), record.status)
+            },
+        )
         .await
     }
 
@@ -935,7 +1218,7 @@ impl KeyStore for SqlStore {
         let secret = self.format.generate(record.environment)?;
         let now = self.clock.now();
         let until = to_nanos(now.checked_add(grace).unwrap_or(now));
-        let mut tx = self.pool.begin().await.map_err(db)?;
+        let mut tx = self.begin().await?;
         self.hold_owner(&mut tx, OwnerOf::Key(id)).await?;
         let done = sqlx::query(
             "UPDATE keygate_keys SET version = version + 1 WHERE id = $1 AND version = $2",
@@ -968,6 +1251,9 @@ impl KeyStore for SqlStore {
         }
         insert_hash(&mut tx, &secret.hash(), id).await?;
         changed.push(secret.hash());
+        let owner = record.owner.as_ref().map_or("", |o| o.name.as_str());
+        self.log(&mut tx, Entry::key(owner, id, AuditAction::Rotated), now)
+            .await?;
         let record = get_in(&mut tx, id).await?;
         self.publish(&mut tx, &changed).await?;
         if let Err(error) = self.finish(tx, &changed).await {
@@ -979,28 +1265,70 @@ impl KeyStore for SqlStore {
 
     async fn revoke_all(&self, owner: &str) -> Result<usize, StoreError> {
         let owner_id = self.owner_id(owner).await?;
-        let mut tx = self.pool.begin().await.map_err(db)?;
-        let done = sqlx::query(
-            "UPDATE keygate_keys SET status = 'revoked', version = version + 1 \
-             WHERE owner_id = $1 AND status IN ('active', 'disabled')",
-        )
-        .bind(owner_id.clone())
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        // Read after the update, in the same transaction: every key it revoked, and none
-        // created since.
-        let rows = sqlx::query(
-            "SELECT h.hash FROM keygate_key_hashes h JOIN keygate_keys k ON k.id = h.key_id \
-             WHERE k.owner_id = $1 AND k.status = 'revoked'",
-        )
-        .bind(owner_id)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(db)?;
-        let hashes = rows.iter().map(row_hash).collect::<Result<Vec<_>, _>>()?;
+        let mut tx = self.begin().await?;
+        self.lock_owner(&mut tx, &owner_id).await?;
+        let (count, hashes) = self
+            .revoke_in(&mut tx, &owner_id, owner, self.clock.now())
+            .await?;
         self.commit(tx, &hashes).await?;
-        Ok(usize::try_from(done.rows_affected()).unwrap_or(usize::MAX))
+        Ok(count)
+    }
+
+    async fn replace_keys(&self, new: NewKey) -> Result<CreatedKey, StoreError> {
+        new.check()?;
+        let owner_id = self.owner_id(&new.owner).await?;
+        let secret = self.format.generate(new.environment)?;
+        let id = KeyId::generate()?;
+        let now = self.clock.now();
+        let mut tx = self.begin().await?;
+        // Every other replace_keys for this owner waits here until this one commits, and
+        // then reads the keys as this one left them.
+        self.lock_owner(&mut tx, &owner_id).await?;
+        let (_, mut changed) = self.revoke_in(&mut tx, &owner_id, &new.owner, now).await?;
+        self.insert_key(&mut tx, &id, &owner_id, &new, &secret.hash(), now)
+            .await?;
+        changed.push(secret.hash());
+        let record = get_in(&mut tx, &id).await?;
+        self.publish(&mut tx, &changed).await?;
+        if let Err(error) = self.finish(tx, &changed).await {
+            // The secret exists only here: if the key was stored after all, hand it over.
+            self.committed_after_all(&secret.hash(), error).await?;
+        }
+        Ok(CreatedKey { record, secret })
+    }
+
+    fn acting(&self, actor: Actor) -> Self {
+        Self {
+            actor: Arc::new(actor),
+            ..self.clone()
+        }
+    }
+
+    async fn audit(&self, query: AuditQuery) -> Result<Vec<AuditEvent>, StoreError> {
+        let mut sql = format!("SELECT {AUDIT_COLUMNS} FROM keygate_audit WHERE id < $1");
+        let mut n = 1;
+        if query.owner.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND owner = ${n}"));
+        }
+        if query.key.is_some() {
+            n += 1;
+            sql.push_str(&format!(" AND key_id = ${n}"));
+        }
+        sql.push_str(&format!(" ORDER BY id DESC LIMIT ${}", n + 1));
+        let before = query
+            .before
+            .map_or(i64::MAX, |b| i64::try_from(b).unwrap_or(i64::MAX));
+        let mut q = sqlx::query(&sql).bind(before);
+        if let Some(owner) = &query.owner {
+            q = q.bind(owner.clone());
+        }
+        if let Some(key) = &query.key {
+            q = q.bind(key.as_str().to_owned());
+        }
+        let limit = i64::try_from(query.page_size()).unwrap_or(i64::MAX);
+        let rows = q.bind(limit).fetch_all(&self.pool).await.map_err(db)?;
+        rows.iter().map(event_from).collect()
     }
 
     async fn flush_usage(&self) -> Result<(), StoreError> {

@@ -101,6 +101,10 @@ pub async fn example(name: &str, env: &[(&str, &str)]) -> Example {
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true);
+    if !env.iter().any(|(k, _)| *k == "KEYGATE_DATABASE_URL") {
+        // Not the default `keygate.db` in the working directory: each run its own file.
+        command.env("KEYGATE_DATABASE_URL", scratch_sqlite_url());
+    }
     for (k, v) in env {
         command.env(k, v);
     }
@@ -142,4 +146,19 @@ pub async fn example(name: &str, env: &[(&str, &str)]) -> Example {
         vars,
         stderr,
     }
+}
+
+/// A fresh SQLite file's URL in the temporary directory, for an example's keys.
+pub fn scratch_sqlite_url() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let file = std::env::temp_dir().join(format!(
+        "keygate-test-{}-{nanos}-{}.db",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    format!("sqlite://{}", file.display())
 }

@@ -13,7 +13,9 @@ use keygate::lookup::{CachedLookup, KeyLookup};
 use keygate::ratelimit::Quota;
 use keygate::record::{Restrictions, Scopes, Status};
 use keygate::reject::Reason;
-use keygate::store::{KeyUpdate, NewKey, OwnerStore, Page, StoreError};
+use keygate::store::{
+    Actor, AuditAction, AuditEvent, AuditQuery, KeyUpdate, NewKey, OwnerStore, Page, StoreError,
+};
 use keygate::validate::{check, Rules};
 
 /// Runs the whole suite; `open` gives two handles on one empty store.
@@ -42,6 +44,11 @@ where
     case!(last_used_once_a_minute);
     case!(two_handles_see_each_other);
     case!(a_cache_over_the_store_stays_honest);
+    case!(every_lifecycle_write_is_audited);
+    case!(audit_filters_and_pages);
+    case!(replace_keys_revokes_the_owners_keys);
+    case!(concurrent_replace_keys_leave_one_working_key);
+    case!(owner_and_password);
 }
 
 /// What the layers would answer for `secret` through `lookup` at `clock`'s time.
@@ -535,31 +542,62 @@ async fn last_used_once_a_minute<S: OwnerStore>(store: &S, _: &S, clock: &FakeCl
         .layer(tower::service_fn(|_: http::Request<String>| async {
             Ok::<_, std::convert::Infallible>(http::Response::new(String::new()))
         }));
-    let send = || {
-        let req = http::Request::get("/v1/health")
+    // The client IP comes from the connection's peer address (the default resolver).
+    let send = |peer: &str| {
+        let mut req = http::Request::get("/v1/health")
             .header("x-api-key", created.secret.expose_secret())
             .body(String::new())
             .unwrap();
+        req.extensions_mut()
+            .insert(keygate::validate::PeerAddr(peer.parse().unwrap()));
         let svc = svc.clone();
         async move { svc.oneshot(req).await.unwrap().status() }
     };
-    assert_eq!(store.get(id).await.unwrap().last_used_at, None);
-    assert_eq!(send().await, 200);
+    let ip = |text: &str| Some(text.parse::<std::net::IpAddr>().unwrap());
+    let before = store.get(id).await.unwrap();
+    assert_eq!((before.last_used_at, before.last_used_ip), (None, None));
+    assert_eq!(send("192.0.2.7:5000").await, 200);
     store.flush_usage().await.unwrap();
     let first = clock.now();
-    assert_eq!(store.get(id).await.unwrap().last_used_at, Some(first));
+    let after = store.get(id).await.unwrap();
+    assert_eq!(after.last_used_at, Some(first));
+    assert_eq!(after.last_used_ip, ip("192.0.2.7"), "the client IP is kept");
     clock.advance(Duration::from_secs(59));
-    assert_eq!(send().await, 200);
+    assert_eq!(send("198.51.100.1:5000").await, 200);
     store.flush_usage().await.unwrap();
+    let after = store.get(id).await.unwrap();
     assert_eq!(
-        store.get(id).await.unwrap().last_used_at,
+        after.last_used_at,
         Some(first),
         "not rewritten within a minute"
     );
+    assert_eq!(after.last_used_ip, ip("192.0.2.7"), "nor its IP");
     clock.advance(Duration::from_secs(1));
-    assert_eq!(send().await, 200);
+    assert_eq!(send("[2001:db8::1]:443").await, 200);
     store.flush_usage().await.unwrap();
-    assert_eq!(store.get(id).await.unwrap().last_used_at, Some(clock.now()));
+    let after = store.get(id).await.unwrap();
+    assert_eq!(after.last_used_at, Some(clock.now()));
+    assert_eq!(
+        after.last_used_ip,
+        ip("2001:db8::1"),
+        "with the IP of that use"
+    );
+    let listed = store.list("ada", Page::default()).await.unwrap();
+    assert_eq!(
+        listed[0].last_used_ip,
+        ip("2001:db8::1"),
+        "list says it too"
+    );
+    // A looked-up record says it as well, and an edit keeps it.
+    let found = store
+        .lookup(&created.secret.presented())
+        .await
+        .ok()
+        .flatten()
+        .unwrap();
+    assert_eq!(found.last_use_ip(), ip("2001:db8::1"));
+    store.set_status(id, Status::Disabled).await.unwrap();
+    assert_eq!(store.get(id).await.unwrap().last_used_ip, ip("2001:db8::1"));
 }
 
 async fn two_handles_see_each_other<S: OwnerStore>(a: &S, b: &S, clock: &FakeClock) {
@@ -620,4 +658,567 @@ async fn a_cache_over_the_store_stays_honest<S: OwnerStore>(store: &S, _: &S, cl
         verdict(&cache, &rotated.secret, clock).await,
         Err(Reason::OwnerInactive)
     );
+}
+
+/// The events of `query`, oldest first (easier to read against the writes made).
+async fn events<S: OwnerStore>(store: &S, query: AuditQuery) -> Vec<AuditEvent> {
+    let mut events = store.audit(query).await.unwrap();
+    assert!(
+        events.windows(2).all(|w| w[0].id > w[1].id),
+        "newest first, ids strictly decreasing"
+    );
+    events.reverse();
+    events
+}
+
+/// An event's action, key, old and new status, actor and IP, in one tuple to compare.
+type Seen = (
+    AuditAction,
+    Option<String>,
+    Option<Status>,
+    Option<Status>,
+    String,
+    Option<std::net::IpAddr>,
+);
+
+fn seen(event: &AuditEvent) -> Seen {
+    (
+        event.action,
+        event.key_id.as_ref().map(|k| k.as_str().to_owned()),
+        event.old_status,
+        event.new_status,
+        event.actor.clone(),
+        event.ip,
+    )
+}
+
+async fn every_lifecycle_write_is_audited<S: OwnerStore>(plain: &S, _: &S, clock: &FakeClock) {
+    use AuditAction as A;
+    use Status::{Active, Deleted, Disabled, Revoked};
+    let ip: std::net::IpAddr = "192.0.2.7".parse().unwrap();
+    let store = plain.acting(Actor::new("ops:alice").with_ip(ip));
+    let start = clock.now();
+    let tick = || clock.advance(Duration::from_secs(1));
+
+    store.add_owner("ada", Some("correct horse")).await.unwrap();
+    tick();
+    store.set_owner_active("ada", false).await.unwrap();
+    tick();
+    store.set_owner_active("ada", true).await.unwrap();
+    tick();
+    store
+        .set_owner_password("ada", Some("battery staple"))
+        .await
+        .unwrap();
+    tick();
+    let one = store
+        .create(NewKey::new("ada", "one", Environment::Live))
+        .await
+        .unwrap()
+        .record
+        .id;
+    tick();
+    let mut rename = KeyUpdate::default();
+    rename.name = Some("uno".into());
+    store.update(&one, rename).await.unwrap();
+    tick();
+    store.set_status(&one, Disabled).await.unwrap();
+    tick();
+    store.set_status(&one, Active).await.unwrap();
+    tick();
+    store.rotate(&one, Duration::ZERO, None).await.unwrap();
+    tick();
+    let two = store
+        .create(NewKey::new("ada", "two", Environment::Test))
+        .await
+        .unwrap()
+        .record
+        .id;
+    store.set_status(&two, Disabled).await.unwrap();
+    tick();
+    assert_eq!(store.revoke_all("ada").await.unwrap(), 2);
+    tick();
+    let three = store
+        .create(NewKey::new("ada", "three", Environment::Live))
+        .await
+        .unwrap()
+        .record
+        .id;
+    store.set_status(&three, Deleted).await.unwrap();
+
+    // Writes that fail record nothing.
+    assert!(store.add_owner("ada", None).await.is_err());
+    assert!(store.set_status(&three, Active).await.is_err());
+    assert!(store.set_status(&one, Active).await.is_err());
+    assert!(store.rotate(&one, Duration::ZERO, None).await.is_err());
+    let mut immutable = KeyUpdate::default();
+    immutable.use_case = Some("x".into());
+    assert!(store.update(&three, immutable).await.is_err());
+    assert!(store.set_owner_password("nobody", Some("x")).await.is_err());
+    assert!(store.revoke_all("nobody").await.is_err());
+
+    let who = "ops:alice".to_owned();
+    let k = |id: &keygate::key::KeyId| Some(id.as_str().to_owned());
+    let expected: Vec<Seen> = vec![
+        (A::OwnerAdded, None, None, None, who.clone(), Some(ip)),
+        (A::OwnerDisabled, None, None, None, who.clone(), Some(ip)),
+        (A::OwnerEnabled, None, None, None, who.clone(), Some(ip)),
+        (A::PasswordSet, None, None, None, who.clone(), Some(ip)),
+        (
+            A::Created,
+            k(&one),
+            None,
+            Some(Active),
+            who.clone(),
+            Some(ip),
+        ),
+        (A::Updated, k(&one), None, None, who.clone(), Some(ip)),
+        (
+            A::Disabled,
+            k(&one),
+            Some(Active),
+            Some(Disabled),
+            who.clone(),
+            Some(ip),
+        ),
+        (
+            A::Enabled,
+            k(&one),
+            Some(Disabled),
+            Some(Active),
+            who.clone(),
+            Some(ip),
+        ),
+        (A::Rotated, k(&one), None, None, who.clone(), Some(ip)),
+        (
+            A::Created,
+            k(&two),
+            None,
+            Some(Active),
+            who.clone(),
+            Some(ip),
+        ),
+        (
+            A::Disabled,
+            k(&two),
+            Some(Active),
+            Some(Disabled),
+            who.clone(),
+            Some(ip),
+        ),
+        (
+            A::Revoked,
+            k(&one),
+            Some(Active),
+            Some(Revoked),
+            who.clone(),
+            Some(ip),
+        ),
+        (
+            A::Revoked,
+            k(&two),
+            Some(Disabled),
+            Some(Revoked),
+            who.clone(),
+            Some(ip),
+        ),
+        (
+            A::Created,
+            k(&three),
+            None,
+            Some(Active),
+            who.clone(),
+            Some(ip),
+        ),
+        (
+            A::Deleted,
+            k(&three),
+            Some(Active),
+            Some(Deleted),
+            who.clone(),
+            Some(ip),
+        ),
+    ];
+    let mut all = events(&store, AuditQuery::default()).await;
+    // revoke_all's events are in no particular order among themselves.
+    all[11..13].sort_by_key(|e| e.key_id.clone());
+    let mut want = expected.clone();
+    want[11..13].sort_by_key(|e| e.1.clone());
+    assert_eq!(all.iter().map(seen).collect::<Vec<_>>(), want);
+    assert!(all.iter().all(|e| e.owner == "ada"));
+    let times: Vec<u64> = all
+        .iter()
+        .map(|e| e.at.duration_since(start).unwrap().as_secs())
+        .collect();
+    assert_eq!(times, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 10, 10, 11, 11]);
+
+    // The handle the actor was given to is unchanged: it records "system", no IP.
+    let key = plain
+        .create(NewKey::new("ada", "four", Environment::Live))
+        .await
+        .unwrap()
+        .record
+        .id;
+    let newest = plain
+        .audit(AuditQuery::default().with_limit(1))
+        .await
+        .unwrap();
+    assert_eq!(newest.len(), 1);
+    assert_eq!(
+        seen(&newest[0]),
+        (
+            A::Created,
+            k(&key),
+            None,
+            Some(Active),
+            "system".into(),
+            None
+        )
+    );
+    // And both handles share one trail.
+    assert_eq!(store.audit(AuditQuery::default()).await.unwrap().len(), 16);
+}
+
+async fn audit_filters_and_pages<S: OwnerStore>(store: &S, other: &S, _: &FakeClock) {
+    let (ada1, _) = owner_and_key(store, "ada").await;
+    let ada2 = store
+        .create(NewKey::new("ada", "two", Environment::Live))
+        .await
+        .unwrap();
+    let (bob1, _) = owner_and_key(store, "bob").await;
+    for i in 0..4 {
+        let mut rename = KeyUpdate::default();
+        rename.name = Some(format!("n{i}"));
+        store.update(&ada1.record.id, rename.clone()).await.unwrap();
+        other.update(&bob1.record.id, rename).await.unwrap();
+    }
+    store
+        .set_status(&ada2.record.id, Status::Disabled)
+        .await
+        .unwrap();
+
+    let ada = events(store, AuditQuery::default().with_owner("ada")).await;
+    assert_eq!(
+        ada.len(),
+        1 + 2 + 4 + 1,
+        "owner added, two created, updates, disable"
+    );
+    assert!(ada.iter().all(|e| e.owner == "ada"));
+    let bob = events(other, AuditQuery::default().with_owner("bob")).await;
+    assert_eq!(bob.len(), 1 + 1 + 4);
+    assert!(bob.iter().all(|e| e.owner == "bob"));
+
+    let one = events(
+        store,
+        AuditQuery::default().with_key(ada1.record.id.clone()),
+    )
+    .await;
+    assert_eq!(
+        one.iter().map(|e| e.action).collect::<Vec<_>>(),
+        [
+            AuditAction::Created,
+            AuditAction::Updated,
+            AuditAction::Updated,
+            AuditAction::Updated,
+            AuditAction::Updated
+        ]
+    );
+    assert!(one
+        .iter()
+        .all(|e| e.key_id.as_ref() == Some(&ada1.record.id)));
+    // Owner and key together: the key's events if it is the owner's, else none.
+    let both = AuditQuery::default()
+        .with_owner("ada")
+        .with_key(ada2.record.id.clone());
+    assert_eq!(events(store, both).await.len(), 2);
+    let mismatch = AuditQuery::default()
+        .with_owner("bob")
+        .with_key(ada2.record.id.clone());
+    assert!(events(store, mismatch).await.is_empty());
+    assert!(events(store, AuditQuery::default().with_owner("nobody"))
+        .await
+        .is_empty());
+
+    // Pages of 3 by the `before` cursor: every event once, newest first.
+    let all = store.audit(AuditQuery::default()).await.unwrap();
+    assert_eq!(all.len(), ada.len() + bob.len());
+    let mut paged: Vec<AuditEvent> = Vec::new();
+    let mut query = AuditQuery::default().with_limit(3);
+    loop {
+        let page = store.audit(query.clone()).await.unwrap();
+        assert!(page.len() <= 3);
+        let Some(last) = page.last() else { break };
+        query = query.with_before(last.id);
+        paged.extend(page);
+    }
+    assert_eq!(paged, all);
+    // Paging within one owner's events.
+    let newest_two = store
+        .audit(AuditQuery::default().with_owner("bob").with_limit(2))
+        .await
+        .unwrap();
+    let rest = store
+        .audit(
+            AuditQuery::default()
+                .with_owner("bob")
+                .with_before(newest_two[1].id),
+        )
+        .await
+        .unwrap();
+    assert_eq!(newest_two.len() + rest.len(), bob.len());
+    assert!(rest
+        .iter()
+        .all(|e| e.id < newest_two[1].id && e.owner == "bob"));
+
+    // A limit of 0 is 100; a larger limit is capped at 1000.
+    for i in 0..100 {
+        let mut rename = KeyUpdate::default();
+        rename.name = Some(format!("m{i}"));
+        store.update(&ada1.record.id, rename).await.unwrap();
+    }
+    let total = all.len() + 100;
+    assert_eq!(store.audit(AuditQuery::default()).await.unwrap().len(), 100);
+    assert_eq!(
+        store
+            .audit(AuditQuery::default().with_limit(5000))
+            .await
+            .unwrap()
+            .len(),
+        total
+    );
+}
+
+async fn replace_keys_revokes_the_owners_keys<S: OwnerStore>(store: &S, _: &S, clock: &FakeClock) {
+    let cache = CachedLookup::builder(store.clone())
+        .clock(clock.clone())
+        .build_over_store()
+        .unwrap();
+    let (active, _) = owner_and_key(store, "ada").await;
+    let disabled = store
+        .create(NewKey::new("ada", "disabled", Environment::Test))
+        .await
+        .unwrap();
+    store
+        .set_status(&disabled.record.id, Status::Disabled)
+        .await
+        .unwrap();
+    let deleted = store
+        .create(NewKey::new("ada", "deleted", Environment::Live))
+        .await
+        .unwrap();
+    store
+        .set_status(&deleted.record.id, Status::Deleted)
+        .await
+        .unwrap();
+    let (bobs, _) = owner_and_key(store, "bob").await;
+    assert_eq!(verdict(&cache, &active.secret, clock).await, Ok(()));
+
+    // Refused input and an unknown owner change nothing.
+    let before = store.audit(AuditQuery::default()).await.unwrap().len();
+    assert!(matches!(
+        store
+            .replace_keys(NewKey::new("ada", " ", Environment::Live))
+            .await,
+        Err(StoreError::Invalid { .. })
+    ));
+    assert_eq!(
+        store
+            .replace_keys(NewKey::new("nobody", "k", Environment::Live))
+            .await
+            .unwrap_err(),
+        StoreError::OwnerNotFound("nobody".into())
+    );
+    assert_eq!(
+        store.audit(AuditQuery::default()).await.unwrap().len(),
+        before
+    );
+    assert_eq!(verdict(&cache, &active.secret, clock).await, Ok(()));
+
+    let mut new = NewKey::new("ada", "fresh", Environment::Live);
+    new.scopes = Scopes::parse("read");
+    let fresh = store.replace_keys(new).await.unwrap();
+    assert_eq!(fresh.record.name, "fresh");
+    assert_eq!(fresh.record.status, Status::Active);
+    assert_eq!(fresh.record.owner.as_ref().unwrap().name, "ada");
+    assert_eq!(fresh.record.created_at, Some(clock.now()));
+    assert_eq!(verdict(&cache, &fresh.secret, clock).await, Ok(()));
+    assert_eq!(
+        verdict(&cache, &active.secret, clock).await,
+        Err(Reason::InvalidApiKey),
+        "the cache was told"
+    );
+    assert_eq!(
+        verdict(store, &disabled.secret, clock).await,
+        Err(Reason::InvalidApiKey)
+    );
+    let status = |id| async move { store.get(id).await.unwrap().status };
+    assert_eq!(status(&active.record.id).await, Status::Revoked);
+    assert_eq!(status(&disabled.record.id).await, Status::Revoked);
+    assert_eq!(
+        status(&deleted.record.id).await,
+        Status::Deleted,
+        "stays deleted"
+    );
+    assert_eq!(
+        verdict(store, &bobs.secret, clock).await,
+        Ok(()),
+        "other owners' keys"
+    );
+
+    let newest = store
+        .audit(AuditQuery::default().with_limit(3))
+        .await
+        .unwrap();
+    assert_eq!(
+        (newest[0].action, newest[0].key_id.as_ref()),
+        (AuditAction::Created, Some(&fresh.record.id))
+    );
+    let mut revoked: Vec<_> = newest[1..]
+        .iter()
+        .map(|e| {
+            (
+                e.action,
+                e.key_id.clone().unwrap(),
+                e.old_status,
+                e.new_status,
+            )
+        })
+        .collect();
+    revoked.sort_by(|a, b| a.1.cmp(&b.1));
+    let mut want = vec![
+        (
+            AuditAction::Revoked,
+            active.record.id.clone(),
+            Some(Status::Active),
+            Some(Status::Revoked),
+        ),
+        (
+            AuditAction::Revoked,
+            disabled.record.id.clone(),
+            Some(Status::Disabled),
+            Some(Status::Revoked),
+        ),
+    ];
+    want.sort_by(|a, b| a.1.cmp(&b.1));
+    assert_eq!(revoked, want);
+
+    // Again: the key made by the last call is revoked in turn.
+    let again = store
+        .replace_keys(NewKey::new("ada", "again", Environment::Live))
+        .await
+        .unwrap();
+    assert_eq!(
+        verdict(&cache, &fresh.secret, clock).await,
+        Err(Reason::InvalidApiKey)
+    );
+    assert_eq!(verdict(&cache, &again.secret, clock).await, Ok(()));
+}
+
+async fn concurrent_replace_keys_leave_one_working_key<S: OwnerStore + 'static>(
+    a: &S,
+    b: &S,
+    clock: &FakeClock,
+) {
+    owner_and_key(a, "ada").await;
+    for round in 0..3 {
+        // Eight calls on two handles, released together.
+        let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(8));
+        let tasks: Vec<_> = (0..8)
+            .map(|i| {
+                let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+                let barrier = std::sync::Arc::clone(&barrier);
+                tokio::spawn(async move {
+                    barrier.wait().await;
+                    store
+                        .replace_keys(NewKey::new("ada", format!("k{i}"), Environment::Live))
+                        .await
+                })
+            })
+            .collect();
+        let mut made = Vec::new();
+        for task in tasks {
+            made.push(
+                task.await
+                    .unwrap()
+                    .expect("every call succeeds, one after another"),
+            );
+        }
+        let mut working = 0;
+        for created in &made {
+            if verdict(a, &created.secret, clock).await == Ok(()) {
+                working += 1;
+            }
+        }
+        assert_eq!(working, 1, "round {round}: exactly one key works");
+        let keys = a.list("ada", Page::default()).await.unwrap();
+        let active: Vec<_> = keys.iter().filter(|k| k.status == Status::Active).collect();
+        assert_eq!(active.len(), 1, "round {round}: exactly one active key");
+        assert!(keys
+            .iter()
+            .all(|k| k.status == Status::Active || k.status == Status::Revoked));
+        // Every key but the survivor was revoked exactly once.
+        let revocations = a
+            .audit(AuditQuery::default().with_owner("ada").with_limit(1000))
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.action == AuditAction::Revoked)
+            .count();
+        assert_eq!(revocations, keys.len() - 1, "round {round}");
+    }
+}
+
+async fn owner_and_password<S: OwnerStore>(store: &S, other: &S, _: &FakeClock) {
+    let ada = store.add_owner("ada", Some("correct horse")).await.unwrap();
+    assert_eq!(other.owner("ada").await.unwrap(), ada);
+    assert_eq!(
+        store.owner("nobody").await.unwrap_err(),
+        StoreError::OwnerNotFound("nobody".into())
+    );
+    store.set_owner_active("ada", false).await.unwrap();
+    assert!(!store.owner("ada").await.unwrap().active);
+    store.set_owner_active("ada", true).await.unwrap();
+
+    let set = store
+        .set_owner_password("ada", Some("battery staple"))
+        .await
+        .unwrap();
+    assert_eq!(set, ada);
+    assert_eq!(
+        other.verify_owner("ada", "battery staple").await.unwrap(),
+        ada,
+        "the new password works"
+    );
+    assert_eq!(
+        other
+            .verify_owner("ada", "correct horse")
+            .await
+            .unwrap_err(),
+        StoreError::InvalidCredentials,
+        "the old one does not"
+    );
+    store.set_owner_password("ada", None).await.unwrap();
+    assert_eq!(
+        store
+            .verify_owner("ada", "battery staple")
+            .await
+            .unwrap_err(),
+        StoreError::InvalidCredentials,
+        "no password: no login"
+    );
+    assert_eq!(
+        store
+            .set_owner_password("nobody", Some("x"))
+            .await
+            .unwrap_err(),
+        StoreError::OwnerNotFound("nobody".into())
+    );
+    let sets = store
+        .audit(AuditQuery::default().with_owner("ada"))
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.action == AuditAction::PasswordSet)
+        .count();
+    assert_eq!(sets, 2);
 }
