@@ -43,20 +43,18 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse};
 use axum::routing::{get, post, Route};
 use axum::{Json, Router};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use keygate::key::Environment;
 use keygate::lookup::CachedLookup;
 use keygate::ratelimit::{FailurePolicy, Quota, RedisLimiter};
-use keygate::store::{
-    Actor, CreatedKey, KeyStore, NewKey, OwnerStore, RedisChanges, SqlStore, StoreError,
-};
 use keygate::service::KeyService;
+use keygate::store::{Actor, CreatedKey, NewKey, OwnerStore, RedisChanges, SqlStore, StoreError};
 use keygate::{Keygate, Principal};
-use zeroize::Zeroizing;
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
 use serde_json::{json, Value};
 use tower::{Layer, Service};
 use tower_http::cors::CorsLayer;
+use zeroize::Zeroizing;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -187,7 +185,7 @@ async fn serve<S: OwnerStore + Send + Sync + 'static>(
         None => {
             let keygate = keygate.build().map_err(bad)?;
             let messages = keygate.route().scopes(["messages:write"]).build();
-            let testkey = keygate.route().cost(0).build().map_err(bad)?;
+            let testkey = keygate.route().build().map_err(bad)?;
             let service = key_service(store, testkey, session_secret).map_err(bad)?;
             (app(keygate, messages.map_err(bad)?, service), None)
         }
@@ -209,7 +207,7 @@ async fn serve<S: OwnerStore + Send + Sync + 'static>(
                 .map_err(|e| fail(format!("KEYGATE_REDIS_URL: {e}")))?;
             let keygate = keygate.limiter_store(limiter).build().map_err(bad)?;
             let messages = keygate.route().scopes(["messages:write"]).build();
-            let testkey = keygate.route().cost(0).build().map_err(bad)?;
+            let testkey = keygate.route().build().map_err(bad)?;
             let service = key_service(store, testkey, session_secret).map_err(bad)?;
             (app(keygate, messages.map_err(bad)?, service), Some(changes))
         }
@@ -236,7 +234,7 @@ async fn serve<S: OwnerStore + Send + Sync + 'static>(
 
 /// The key service over `store`: `/auth/testkey` behind `testkey` (the API's own checks,
 /// no token taken), `/auth/createkey` making keys like `KEY_FULL`.
-fn key_service<S, L>(
+pub(crate) fn key_service<S, L>(
     store: S,
     testkey: L,
     session_secret: Option<String>,
@@ -300,7 +298,7 @@ async fn demo_set<S: OwnerStore>(store: &S) -> Result<Demo, StoreError> {
 
 /// The demo API behind `keygate` (and `messages` on the route that needs its scope), with
 /// the key service beside it.
-fn app<K, M>(keygate: K, messages: M, service: Router) -> Router
+pub(crate) fn app<K, M>(keygate: K, messages: M, service: Router) -> Router
 where
     K: Layer<Route> + Clone + Send + Sync + 'static,
     K::Service: Service<Request, Error = Infallible> + Clone + Send + Sync + 'static,
@@ -354,46 +352,9 @@ async fn swagger_ui() -> Html<&'static str> {
     )
 }
 
-/// The demo API's paths, added to the key service's OpenAPI document.
+/// The demo API's paths (`quickstart.openapi.json`), added to the key service's OpenAPI
+/// document; they use its components (the error responses, the security schemes).
 fn demo_paths() -> Value {
-    let error = json!({"$ref": "#/components/schemas/Error"});
-    let refused = |what: &str| json!({"description": what, "content": {"application/json": {"schema": error}}});
-    let key = json!([{"ApiKey": []}, {"Bearer": []}, {"Basic": []}]);
-    json!({
-        "/v1/health": {"get": {
-            "summary": "Health, for any valid key",
-            "security": key,
-            "responses": {
-                "200": {"description": "ok", "content": {"application/json": {"schema": {
-                    "type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]}}}},
-                "401": refused("no valid key"), "403": refused("the key may not be used from here"),
-                "429": refused("rate limited"), "503": refused("the key store is unavailable")
-            }
-        }},
-        "/v1/users/me": {"get": {
-            "summary": "The caller's key",
-            "security": key,
-            "responses": {
-                "200": {"description": "the principal", "content": {"application/json": {"schema": {"type": "object"}}}},
-                "401": refused("no valid key"), "403": refused("the key may not be used from here"),
-                "429": refused("rate limited"), "503": refused("the key store is unavailable")
-            }
-        }},
-        "/v1/messages": {"post": {
-            "summary": "Queue a message (scope messages:write)",
-            "security": key,
-            "requestBody": {"required": false, "content": {"application/json": {"schema": {
-                "type": "object", "properties": {"text": {"type": "string"}}}}}},
-            "responses": {
-                "202": {"description": "queued", "content": {"application/json": {"schema": {"type": "object"}}}},
-                "401": refused("no valid key"), "403": refused("scope messages:write missing"),
-                "429": refused("rate limited"), "503": refused("the key store is unavailable")
-            }
-        }},
-        "/swagger": {"get": {
-            "summary": "This document's landing page",
-            "security": [],
-            "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}
-        }}
-    })
+    serde_json::from_str(include_str!("quickstart.openapi.json"))
+        .unwrap_or_else(|e| unreachable!("quickstart.openapi.json is JSON: {e}"))
 }
