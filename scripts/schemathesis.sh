@@ -5,7 +5,7 @@
 #   bash scripts/schemathesis.sh [SCHEMATHESIS RUN OPTIONS…]   # e.g. --include-path-regex '^/v1/keys'
 #
 # Settings, from the environment:
-#   SCHEMATHESIS_MAX_EXAMPLES  test cases per operation and phase (default 30)
+#   SCHEMATHESIS_MAX_EXAMPLES  test cases per operation and phase (default 100)
 #   SCHEMATHESIS_SEED          a seed, to replay a run (default: random, printed)
 #   SCHEMATHESIS_VERSION       the schemathesis release (default 4.32.5)
 #   CARGO_TARGET_DIR           where the quickstart is built and the venv is cached
@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 
 target=${CARGO_TARGET_DIR:-target}
 version=${SCHEMATHESIS_VERSION:-4.32.5}
-examples=${SCHEMATHESIS_MAX_EXAMPLES:-30}
+examples=${SCHEMATHESIS_MAX_EXAMPLES:-100}
 seed=${SCHEMATHESIS_SEED:-$RANDOM$RANDOM}
 venv=$target/schemathesis-venv
 
@@ -86,6 +86,9 @@ bearer = "${KEYGATE_SESSION}"
 api_key = "${KEY_FULL}"
 EOF
 
+# Every check but positive_data_acceptance: data valid by the schema is still refused where
+# the schema cannot say why (an id that names no key: 404; a name of 256 characters but more
+# than 256 bytes: 422), and those refusals are documented.
 echo "schemathesis: seed $seed, $examples examples per operation"
 status=0
 "$venv/bin/schemathesis" --config-file "$work/schemathesis.toml" --no-color run \
