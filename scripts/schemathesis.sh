@@ -91,7 +91,10 @@ EOF
 # than 256 bytes: 422), and those refusals are documented.
 echo "schemathesis: seed $seed, $examples examples per operation"
 status=0
-"$venv/bin/schemathesis" --config-file "$work/schemathesis.toml" --no-color run \
+# From the scratch directory, so that schemathesis's cache (.schemathesis/) lands there.
+report=$(realpath -m "$target/schemathesis-report")
+schemathesis=$(realpath "$venv/bin/schemathesis")
+(cd "$work" && "$schemathesis" --config-file "$work/schemathesis.toml" --no-color run \
   "$url/swagger/openapi.json" \
   --checks all \
   --exclude-checks positive_data_acceptance \
@@ -99,8 +102,8 @@ status=0
   --seed "$seed" \
   --workers 1 \
   --request-timeout 10 \
-  --report junit --report-dir "$target/schemathesis-report" \
-  "$@" || status=$?
+  --report junit --report-dir "$report" \
+  "$@") || status=$?
 if [ "$status" -ne 0 ]; then
   echo "schemathesis failed (exit $status); replay with SCHEMATHESIS_SEED=$seed" >&2
   echo "--- quickstart stderr (last 40 lines)" >&2
