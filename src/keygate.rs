@@ -271,7 +271,9 @@ impl<L: KeyLookup, St: LimiterStore<KeyBucket> + Clone> KeygateRoute<'_, L, St> 
         self
     }
 
-    /// What one request to the route costs in all (default 1).
+    /// What one request to the route costs in all (default 1). A cost of 0 makes a probe:
+    /// the key is checked and its budget reported in the headers, nothing is taken (a
+    /// key-test endpoint such as the key service's `GET /auth/testkey`).
     pub fn cost(mut self, cost: u32) -> Self {
         self.cost = cost;
         self
@@ -287,8 +289,7 @@ impl<L: KeyLookup, St: LimiterStore<KeyBucket> + Clone> KeygateRoute<'_, L, St> 
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Zero`] for a zero cost, [`ConfigError::InvalidQuota`] for a bucket
-    /// without windows.
+    /// [`ConfigError::InvalidQuota`] for a bucket without windows.
     pub fn build(self) -> Result<KeygateLayer<L, St>, ConfigError> {
         let mut auth = self.base.auth.clone();
         if let Some(scopes) = self.scopes {

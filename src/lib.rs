@@ -102,10 +102,10 @@ pub mod quota;
 pub mod ratelimit;
 pub mod record;
 pub mod reject;
-pub mod store;
 #[cfg(feature = "service")]
 #[cfg_attr(docsrs, doc(cfg(feature = "service")))]
 pub mod service;
+pub mod store;
 pub mod validate;
 
 #[cfg(feature = "axum")]

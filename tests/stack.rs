@@ -216,7 +216,14 @@ async fn route_cost_totals_and_own_buckets_share_one_store() {
     );
     let res = send(&plain, k).await;
     assert_eq!(res.headers()["x-ratelimit-remaining"], "9");
-    assert!(base.route().cost(0).build().is_err());
+    // A probe route (cost 0) reports the budget and takes nothing.
+    let probe = base.route().cost(0).build().unwrap();
+    let probed = probe.layer(service_fn(ok));
+    for _ in 0..2 {
+        let res = send(&probed, k).await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["x-ratelimit-remaining"], "9");
+    }
     assert!(base.route().bucket("x", []).build().is_err());
 }
 

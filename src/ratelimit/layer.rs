@@ -72,14 +72,16 @@ impl<F: KeyFn, St: LimiterStore<F::Key>> RateLimitLayer<F, St> {
     /// Inside an outer layer of the same store and bucket, the route's total is `cost`:
     /// only the difference is charged.
     ///
+    /// A cost of 0 makes a probe: the bucket is read and reported in the headers, nothing
+    /// is taken and nothing refused (a key-test endpoint, `GET /auth/testkey`).
+    ///
     /// # Errors
     ///
-    /// [`ConfigError::Zero`] when `cost` is 0.
+    /// None today; the `Result` is kept for settings that can be refused.
     pub fn cost(&self, cost: u32) -> Result<Self, ConfigError> {
-        if cost == 0 {
-            return Err(ConfigError::Zero("cost"));
+        if cost > 0 {
+            self.shared.nested.store(true, Ordering::Relaxed);
         }
-        self.shared.nested.store(true, Ordering::Relaxed);
         Ok(Self {
             shared: Arc::clone(&self.shared),
             cost,
@@ -142,8 +144,9 @@ impl<F: KeyFn, St: LimiterStore<F::Key>> RateLimitBuilder<F, St> {
         self
     }
 
-    /// Tokens each request takes (default 1). For a route that shares another layer's
-    /// buckets at another cost, use [`RateLimitLayer::cost`] on that layer instead.
+    /// Tokens each request takes (default 1; 0 reads and reports the bucket without taking
+    /// anything). For a route that shares another layer's buckets at another cost, use
+    /// [`RateLimitLayer::cost`] on that layer instead.
     pub fn cost(mut self, cost: u32) -> Self {
         self.cost = cost;
         self
@@ -171,11 +174,8 @@ impl<F: KeyFn, St: LimiterStore<F::Key>> RateLimitBuilder<F, St> {
     /// # Errors
     ///
     /// [`ConfigError::InvalidQuota`] when there is no window, or more than
-    /// [`MAX_WINDOWS`](super::MAX_WINDOWS); [`ConfigError::Zero`] for a zero cost.
+    /// [`MAX_WINDOWS`](super::MAX_WINDOWS).
     pub fn build(self) -> Result<RateLimitLayer<F, St>, ConfigError> {
-        if self.cost == 0 {
-            return Err(ConfigError::Zero("cost"));
-        }
         if self.quotas.is_empty() || self.quotas.len() > super::MAX_WINDOWS {
             return Err(ConfigError::InvalidQuota(format!(
                 "{} quotas (1 to {} expected)",

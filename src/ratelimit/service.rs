@@ -76,10 +76,11 @@ where
             _ => 0,
         };
         let cost = self.cost.saturating_sub(prior);
-        if cost == 0 {
+        if cost == 0 && self.cost > 0 {
             // Charged in full already.
             return RateLimitFuture::new(Flow::call(self.inner.call(req), None));
         }
+        // A cost of 0 (a probe) reads the bucket: it takes nothing and is never refused.
         match shared.store.check(&key, quotas, cost) {
             Answer::Now(answer) => {
                 match shared.verdict(answer.map_err(Into::into), req.headers()) {

@@ -315,8 +315,23 @@ async fn route_cost() {
         expensive.clone().oneshot(req()).await.unwrap().status(),
         200
     );
-    assert_eq!(expensive.oneshot(req()).await.unwrap().status(), 429);
-    assert!(layer.cost(0).is_err());
+    assert_eq!(
+        expensive.clone().oneshot(req()).await.unwrap().status(),
+        429
+    );
+    // A probe (cost 0) reads the empty bucket: admitted, reported, nothing taken.
+    let probe = layer
+        .cost(0)
+        .unwrap()
+        .layer(service_fn(|_: Request<Body>| async {
+            Ok::<_, Infallible>(Response::new(Body::default()))
+        }));
+    for _ in 0..3 {
+        let res = probe.clone().oneshot(req()).await.unwrap();
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["x-ratelimit-remaining"], "0");
+        assert_eq!(res.headers()["x-ratelimit-limit"], "10");
+    }
     assert!(RateLimitLayer::builder(by_header(), MemoryLimiter::new())
         .quotas([])
         .build()

@@ -115,10 +115,6 @@ impl Fail {
         self.data = data;
         self
     }
-
-    pub(crate) fn code(&self) -> &'static str {
-        self.code
-    }
 }
 
 impl From<StoreError> for Fail {
@@ -137,9 +133,10 @@ impl From<StoreError> for Fail {
                 "The key was changed at the same time; read it again and retry.",
             ),
             StoreError::Immutable(field) => Self::immutable(&field.replace(' ', "_")),
-            StoreError::Invalid { field, reason } => {
-                Self::field(field.replace(' ', "_"), format!("invalid {field}: {reason}"))
-            }
+            StoreError::Invalid { field, reason } => Self::field(
+                field.replace(' ', "_"),
+                format!("invalid {field}: {reason}"),
+            ),
             StoreError::InvalidCredentials => Self::credentials(),
             // The session's owner is gone: sign in again.
             StoreError::OwnerNotFound(_) => Self::unauthorized(),

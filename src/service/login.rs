@@ -127,9 +127,17 @@ mod tests {
     #[test]
     fn an_ipv6_block_is_one_client() {
         let logins = logins(100, 2);
-        logins.begin("a", Some("2001:db8::1".parse().unwrap())).unwrap();
-        logins.begin("b", Some("2001:db8::ffff:2".parse().unwrap())).unwrap();
-        assert!(logins.begin("c", Some("2001:db8::3".parse().unwrap())).is_err());
-        logins.begin("d", Some("2001:db8:0:1::3".parse().unwrap())).unwrap();
+        logins
+            .begin("a", Some("2001:db8::1".parse().unwrap()))
+            .unwrap();
+        logins
+            .begin("b", Some("2001:db8::ffff:2".parse().unwrap()))
+            .unwrap();
+        assert!(logins
+            .begin("c", Some("2001:db8::3".parse().unwrap()))
+            .is_err());
+        logins
+            .begin("d", Some("2001:db8:0:1::3".parse().unwrap()))
+            .unwrap();
     }
 }

@@ -209,12 +209,14 @@ impl<S: OwnerStore + Send + Sync + 'static> KeyServiceBuilder<S> {
         <L::Service as Service<Request>>::Response: IntoResponse + 'static,
         <L::Service as Service<Request>>::Future: Send + 'static,
     {
-        self.testkey = Some(Router::new().route(
-            "/auth/testkey",
-            get(testkey)
-                .route_layer(layer)
-                .layer(axum::middleware::map_response(rate_limit_into_body)),
-        ));
+        self.testkey = Some(
+            Router::new().route(
+                "/auth/testkey",
+                get(testkey)
+                    .route_layer(layer)
+                    .layer(axum::middleware::map_response(rate_limit_into_body)),
+            ),
+        );
         self
     }
 
@@ -233,7 +235,11 @@ impl<S: OwnerStore + Send + Sync + 'static> KeyServiceBuilder<S> {
     pub fn build(self) -> Result<Router, ConfigError> {
         let secret = match self.secret {
             Some(secret) if secret.len() >= 32 => secret,
-            Some(_) => return Err(ConfigError::InvalidValue("session secret (32 bytes at least)")),
+            Some(_) => {
+                return Err(ConfigError::InvalidValue(
+                    "session secret (32 bytes at least)",
+                ))
+            }
             None => {
                 let mut secret = vec![0u8; 32];
                 getrandom::fill(&mut secret)
@@ -318,10 +324,7 @@ struct Session<S> {
 impl<S: OwnerStore + Send + Sync + 'static> FromRequestParts<Arc<Shared<S>>> for Session<S> {
     type Rejection = Fail;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        shared: &Arc<Shared<S>>,
-    ) -> Result<Self, Fail> {
+    async fn from_request_parts(parts: &mut Parts, shared: &Arc<Shared<S>>) -> Result<Self, Fail> {
         let Client(ip) = Client::from_request_parts(parts, shared)
             .await
             .unwrap_or(Client(None));
@@ -354,8 +357,18 @@ impl<S: OwnerStore + Send + Sync + 'static> FromRequestParts<Arc<Shared<S>>> for
 
 impl<S: KeyStore> Session<S> {
     /// The key `id` if it is this owner's and not deleted; 404 otherwise, the same for an
-    /// id that does not exist, one that is not well formed and another owner's.
+    /// id that does not exist, one that is not well formed, a deleted key and another
+    /// owner's.
     async fn key(&self, id: &str) -> Result<KeyRecord, Fail> {
+        let record = self.key_kept(id).await?;
+        if record.status == Status::Deleted {
+            return Err(Fail::not_found());
+        }
+        Ok(record)
+    }
+
+    /// The key `id` if it is this owner's, deleted or not (its audit trail stays readable).
+    async fn key_kept(&self, id: &str) -> Result<KeyRecord, Fail> {
         if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(Fail::not_found());
         }
@@ -364,7 +377,7 @@ impl<S: KeyStore> Session<S> {
             .owner
             .as_ref()
             .is_some_and(|owner| owner.id == self.owner.id);
-        if !mine || record.status == Status::Deleted {
+        if !mine {
             return Err(Fail::not_found());
         }
         Ok(record)
@@ -387,10 +400,16 @@ async fn sign_in<S: OwnerStore>(
     credentials: &Credentials,
 ) -> Result<Owner, Fail> {
     if credentials.username.len() > MAX_CREDENTIAL {
-        return Err(Fail::field("username", format!("at most {MAX_CREDENTIAL} bytes")));
+        return Err(Fail::field(
+            "username",
+            format!("at most {MAX_CREDENTIAL} bytes"),
+        ));
     }
     if credentials.password.len() > MAX_CREDENTIAL {
-        return Err(Fail::field("password", format!("at most {MAX_CREDENTIAL} bytes")));
+        return Err(Fail::field(
+            "password",
+            format!("at most {MAX_CREDENTIAL} bytes"),
+        ));
     }
     let attempt = shared
         .logins
@@ -534,7 +553,10 @@ async fn list<S: OwnerStore + Send + Sync + 'static>(
         .filter(|r| r.status != Status::Deleted)
         .map(|r| KeyView::of(r, &shared.format))
         .collect();
-    Ok(private(StatusCode::OK, &json!({ "keys": keys, "next": next })))
+    Ok(private(
+        StatusCode::OK,
+        &json!({ "keys": keys, "next": next }),
+    ))
 }
 
 async fn create<S: OwnerStore + Send + Sync + 'static>(
@@ -559,7 +581,10 @@ async fn show<S: OwnerStore + Send + Sync + 'static>(
     Path(id): Path<String>,
 ) -> Result<Response, Fail> {
     let record = session.key(&id).await?;
-    Ok(private(StatusCode::OK, &KeyView::of(&record, &shared.format)))
+    Ok(private(
+        StatusCode::OK,
+        &KeyView::of(&record, &shared.format),
+    ))
 }
 
 async fn patch<S: OwnerStore + Send + Sync + 'static>(
@@ -571,7 +596,10 @@ async fn patch<S: OwnerStore + Send + Sync + 'static>(
     let record = session.key(&id).await?;
     let update = body.into_update(&record)?;
     let record = session.store.update(&record.id, update).await?;
-    Ok(private(StatusCode::OK, &KeyView::of(&record, &shared.format)))
+    Ok(private(
+        StatusCode::OK,
+        &KeyView::of(&record, &shared.format),
+    ))
 }
 
 async fn set_status<S: OwnerStore + Send + Sync + 'static>(
@@ -582,7 +610,10 @@ async fn set_status<S: OwnerStore + Send + Sync + 'static>(
 ) -> Result<Response, Fail> {
     let record = session.key(id).await?;
     let record = session.store.set_status(&record.id, status).await?;
-    Ok(private(StatusCode::OK, &KeyView::of(&record, &shared.format)))
+    Ok(private(
+        StatusCode::OK,
+        &KeyView::of(&record, &shared.format),
+    ))
 }
 
 async fn disable<S: OwnerStore + Send + Sync + 'static>(
@@ -606,7 +637,10 @@ async fn delete<S: OwnerStore + Send + Sync + 'static>(
     Path(id): Path<String>,
 ) -> Result<StatusCode, Fail> {
     let record = session.key(&id).await?;
-    session.store.set_status(&record.id, Status::Deleted).await?;
+    session
+        .store
+        .set_status(&record.id, Status::Deleted)
+        .await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
@@ -643,14 +677,18 @@ async fn audit<S: OwnerStore + Send + Sync + 'static>(
     };
     let key = match query.key.filter(|k| !k.is_empty()) {
         // Only the owner's own keys: another's id reads as unknown.
-        Some(id) => Some(session.key(&id).await?.id),
+        Some(id) => Some(session.key_kept(&id).await?.id),
         None => None,
     };
-    let mut filter = AuditQuery::default();
-    filter.owner = Some(session.owner.name.clone());
-    filter.key = key;
-    filter.before = query.before;
-    filter.limit = limit;
+    let mut filter = AuditQuery::default()
+        .with_owner(session.owner.name.clone())
+        .with_limit(limit);
+    if let Some(key) = key {
+        filter = filter.with_key(key);
+    }
+    if let Some(before) = query.before {
+        filter = filter.with_before(before);
+    }
     let events = session.store.audit(filter).await?;
     let next = (events.len() == limit)
         .then(|| events.last().map(|e| e.id))

@@ -112,10 +112,15 @@ mod tests {
         assert!(token.starts_with("kgs_"));
         assert_eq!(signer().verify(&token, now).as_deref(), Some("ada"));
         assert_eq!(
-            signer().verify(&token, now + Duration::from_secs(899)).as_deref(),
+            signer()
+                .verify(&token, now + Duration::from_secs(899))
+                .as_deref(),
             Some("ada")
         );
-        assert_eq!(signer().verify(&token, now + Duration::from_secs(900)), None);
+        assert_eq!(
+            signer().verify(&token, now + Duration::from_secs(900)),
+            None
+        );
     }
 
     #[test]

@@ -124,16 +124,8 @@ impl Input for Credentials {
     const FIELDS: &'static [&'static str] = &["username", "password"];
 }
 
-/// The mutable fields, as `POST /v1/keys` and `PATCH /v1/keys/{id}` take them.
-#[derive(Debug, Default, Deserialize)]
-pub(crate) struct Fields {
-    name: Option<String>,
-    description: Option<String>,
-    scopes: Option<Vec<String>>,
-    rates: Option<Vec<String>>,
-    ips: Option<Vec<String>>,
-    sites: Option<Vec<String>>,
-}
+/// The checks of the mutable fields `POST /v1/keys` and `PATCH /v1/keys/{id}` share.
+struct Fields;
 
 impl Fields {
     fn scopes(list: Vec<String>) -> Result<Scopes, Fail> {
@@ -185,11 +177,16 @@ fn bounded(field: &'static str, list: &[String]) -> Result<(), Fail> {
     Ok(())
 }
 
-/// `POST /v1/keys`.
+/// `POST /v1/keys`. (Fields spelled out, not flattened: serde's `flatten` loses the path
+/// of a badly typed field, which the 422 must name.)
 #[derive(Debug, Deserialize)]
 pub(crate) struct Create {
-    #[serde(flatten)]
-    fields: Fields,
+    name: Option<String>,
+    description: Option<String>,
+    scopes: Option<Vec<String>>,
+    rates: Option<Vec<String>>,
+    ips: Option<Vec<String>>,
+    sites: Option<Vec<String>>,
     use_case: Option<String>,
     environment: Option<Environment>,
     expires_in: Option<u64>,
@@ -212,14 +209,15 @@ impl Input for Create {
 impl Create {
     /// The key to make for `owner`.
     pub(crate) fn into_new_key(self, owner: &str, now: SystemTime) -> Result<NewKey, Fail> {
-        let Fields {
+        let Self {
             name,
             description,
             scopes,
             rates,
             ips,
             sites,
-        } = self.fields;
+            ..
+        } = self;
         let Some(name) = name else {
             return Err(Fail::field("name", "a key needs a name"));
         };
@@ -255,8 +253,12 @@ impl Create {
 /// `PATCH /v1/keys/{id}`: the mutable fields only.
 #[derive(Debug, Deserialize)]
 pub(crate) struct Patch {
-    #[serde(flatten)]
-    fields: Fields,
+    name: Option<String>,
+    description: Option<String>,
+    scopes: Option<Vec<String>>,
+    rates: Option<Vec<String>>,
+    ips: Option<Vec<String>>,
+    sites: Option<Vec<String>>,
 }
 
 impl Input for Patch {
@@ -277,14 +279,14 @@ impl Patch {
     /// The store's update. The allowlists are one value in the store: a patch that names
     /// only `ips` keeps the sites (and the reverse).
     pub(crate) fn into_update(self, current: &KeyRecord) -> Result<KeyUpdate, Fail> {
-        let Fields {
+        let Self {
             name,
             description,
             scopes,
             rates,
             ips,
             sites,
-        } = self.fields;
+        } = self;
         let mut update = KeyUpdate {
             name,
             description,

@@ -482,7 +482,7 @@ impl ChangeFeed for MemoryStore {
 
 impl OwnerStore for MemoryStore {
     async fn add_owner(&self, name: &str, password: Option<&str>) -> Result<Owner, StoreError> {
-        let (owner, password) = super::new_owner(name, password)?;
+        let (owner, password) = super::new_owner(name, password).await?;
         let mut state = self.write()?;
         if state.owners.contains_key(name) {
             return Err(StoreError::OwnerExists(name.to_owned()));
@@ -507,7 +507,7 @@ impl OwnerStore for MemoryStore {
                 None => (None, None),
             }
         };
-        super::check_credentials(owner, stored.as_deref(), password)
+        super::check_credentials(owner, stored, password).await
     }
 
     async fn set_owner_active(&self, name: &str, active: bool) -> Result<Owner, StoreError> {
@@ -529,7 +529,7 @@ impl OwnerStore for MemoryStore {
         password: Option<&str>,
     ) -> Result<Owner, StoreError> {
         // Hashed before the lock is taken: argon2 is slow on purpose.
-        let password = password.map(super::password::hash).transpose()?;
+        let password = super::password::hash_off_thread(password).await?;
         let mut state = self.write()?;
         let stored = state
             .owners

@@ -625,12 +625,12 @@ pub(crate) fn rotatable(record: &KeyRecord) -> Result<(), StoreError> {
     }
 }
 
-pub(crate) fn check_credentials(
+pub(crate) async fn check_credentials(
     owner: Option<Owner>,
-    stored: Option<&str>,
+    stored: Option<String>,
     password: &str,
 ) -> Result<Owner, StoreError> {
-    let ok = password::verify(password, stored);
+    let ok = password::verify_off_thread(password, stored).await;
     match owner {
         Some(owner) if ok && owner.active => Ok(owner),
         _ => Err(StoreError::InvalidCredentials),
@@ -638,7 +638,7 @@ pub(crate) fn check_credentials(
 }
 
 /// A new owner's id, and its password hashed (argon2id), after checking the name.
-pub(crate) fn new_owner(
+pub(crate) async fn new_owner(
     name: &str,
     password: Option<&str>,
 ) -> Result<(Owner, Option<String>), StoreError> {
@@ -646,7 +646,7 @@ pub(crate) fn new_owner(
         return Err(StoreError::invalid("owner name", "it must not be empty"));
     }
     check_text("owner name", name, false)?;
-    let password = password.map(password::hash).transpose()?;
+    let password = password::hash_off_thread(password).await?;
     let id = KeyId::generate()?.as_str().replacen("key_", "own_", 1);
     Ok((Owner::new(id, name), password))
 }

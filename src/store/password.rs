@@ -41,6 +41,44 @@ pub(crate) fn verify(password: &str, stored: Option<&str>) -> bool {
     matches && real
 }
 
+/// [`hash`], on tokio's blocking pool: argon2 takes tens of milliseconds on purpose, which
+/// must not stall the async workers serving other requests. Without a runtime, here.
+pub(crate) async fn hash_off_thread(password: Option<&str>) -> Result<Option<String>, StoreError> {
+    let Some(password) = password else {
+        return Ok(None);
+    };
+    let password = zeroize::Zeroizing::new(password.to_owned());
+    off_thread(move || hash(&password))
+        .await
+        .unwrap_or_else(|| {
+            Err(StoreError::Backend(BackendError::plain(
+                "argon2: the blocking pool is shutting down",
+            )))
+        })
+        .map(Some)
+}
+
+/// [`verify`], on tokio's blocking pool (see [`hash_off_thread`]).
+pub(crate) async fn verify_off_thread(password: &str, stored: Option<String>) -> bool {
+    let password = zeroize::Zeroizing::new(password.to_owned());
+    off_thread(move || verify(&password, stored.as_deref()))
+        .await
+        .unwrap_or(false)
+}
+
+/// Runs `work` on tokio's blocking pool when there is a runtime, here otherwise. `None`
+/// when the runtime is shutting down; a panic in `work` is passed on.
+async fn off_thread<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) => match handle.spawn_blocking(work).await {
+            Ok(value) => Some(value),
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => None,
+        },
+        Err(_) => Some(work()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -55,5 +93,31 @@ mod tests {
         assert!(!verify("hunter3", Some(&a)));
         assert!(!verify("keygate dummy password", None));
         assert!(!verify("x", Some("not a phc string")));
+    }
+
+    /// A sign-in does not hold the async worker while argon2 runs: on a one-thread runtime,
+    /// another task makes progress before the check ends (inline, the check would finish in
+    /// its first poll, before the other task ran at all).
+    #[tokio::test(flavor = "current_thread")]
+    async fn argon2_runs_off_the_async_worker() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let stored = hash("hunter2").unwrap();
+        let ticks = AtomicUsize::new(0);
+        let done = AtomicBool::new(false);
+        let (seen, ()) = tokio::join!(
+            async {
+                let ok = verify_off_thread("hunter2", Some(stored)).await;
+                done.store(true, Ordering::Relaxed);
+                assert!(ok);
+                ticks.load(Ordering::Relaxed)
+            },
+            async {
+                while !done.load(Ordering::Relaxed) {
+                    ticks.fetch_add(1, Ordering::Relaxed);
+                    tokio::task::yield_now().await;
+                }
+            }
+        );
+        assert!(seen > 0, "the check held the only worker");
     }
 }

@@ -1010,7 +1010,7 @@ impl UsageSink for SqlUsage {
 
 impl OwnerStore for SqlStore {
     async fn add_owner(&self, name: &str, password: Option<&str>) -> Result<Owner, StoreError> {
-        let (owner, password) = super::new_owner(name, password)?;
+        let (owner, password) = super::new_owner(name, password).await?;
         let mut tx = self.begin().await?;
         let done = sqlx::query(
             "INSERT INTO keygate_owners (id, name, active, password) VALUES ($1, $2, 1, $3) \
@@ -1045,7 +1045,7 @@ impl OwnerStore for SqlStore {
             }
             None => (None, None),
         };
-        super::check_credentials(owner, stored.as_deref(), password)
+        super::check_credentials(owner, stored, password).await
     }
 
     async fn set_owner_active(&self, name: &str, active: bool) -> Result<Owner, StoreError> {
@@ -1097,7 +1097,7 @@ impl OwnerStore for SqlStore {
         password: Option<&str>,
     ) -> Result<Owner, StoreError> {
         // Hashed before the transaction: argon2 is slow on purpose.
-        let password = password.map(super::password::hash).transpose()?;
+        let password = super::password::hash_off_thread(password).await?;
         let mut tx = self.begin().await?;
         let done = sqlx::query("UPDATE keygate_owners SET password = $1 WHERE name = $2")
             .bind(password)
