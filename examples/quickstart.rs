@@ -185,7 +185,7 @@ async fn serve<S: OwnerStore + Send + Sync + 'static>(
         None => {
             let keygate = keygate.build().map_err(bad)?;
             let messages = keygate.route().scopes(["messages:write"]).build();
-            let testkey = keygate.route().build().map_err(bad)?;
+            let testkey = keygate.route().cost(0).build().map_err(bad)?;
             let service = key_service(store, testkey, session_secret).map_err(bad)?;
             (app(keygate, messages.map_err(bad)?, service), None)
         }
@@ -207,7 +207,7 @@ async fn serve<S: OwnerStore + Send + Sync + 'static>(
                 .map_err(|e| fail(format!("KEYGATE_REDIS_URL: {e}")))?;
             let keygate = keygate.limiter_store(limiter).build().map_err(bad)?;
             let messages = keygate.route().scopes(["messages:write"]).build();
-            let testkey = keygate.route().build().map_err(bad)?;
+            let testkey = keygate.route().cost(0).build().map_err(bad)?;
             let service = key_service(store, testkey, session_secret).map_err(bad)?;
             (app(keygate, messages.map_err(bad)?, service), Some(changes))
         }
