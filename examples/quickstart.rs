@@ -234,7 +234,7 @@ async fn serve<S: OwnerStore + Send + Sync + 'static>(
 
 /// The key service over `store`: `/auth/testkey` behind `testkey` (the API's own checks,
 /// no token taken), `/auth/createkey` making keys like `KEY_FULL`.
-fn key_service<S, L>(
+pub(crate) fn key_service<S, L>(
     store: S,
     testkey: L,
     session_secret: Option<String>,
@@ -298,7 +298,7 @@ async fn demo_set<S: OwnerStore>(store: &S) -> Result<Demo, StoreError> {
 
 /// The demo API behind `keygate` (and `messages` on the route that needs its scope), with
 /// the key service beside it.
-fn app<K, M>(keygate: K, messages: M, service: Router) -> Router
+pub(crate) fn app<K, M>(keygate: K, messages: M, service: Router) -> Router
 where
     K: Layer<Route> + Clone + Send + Sync + 'static,
     K::Service: Service<Request, Error = Infallible> + Clone + Send + Sync + 'static,
@@ -355,46 +355,9 @@ async fn swagger_ui() -> Html<&'static str> {
     )
 }
 
-/// The demo API's paths, added to the key service's OpenAPI document.
+/// The demo API's paths (`quickstart.openapi.json`), added to the key service's OpenAPI
+/// document; they use its components (the error responses, the security schemes).
 fn demo_paths() -> Value {
-    let error = json!({"$ref": "#/components/schemas/Error"});
-    let refused = |what: &str| json!({"description": what, "content": {"application/json": {"schema": error}}});
-    let key = json!([{"ApiKey": []}, {"Bearer": []}, {"Basic": []}]);
-    json!({
-        "/v1/health": {"get": {
-            "summary": "Health, for any valid key",
-            "security": key,
-            "responses": {
-                "200": {"description": "ok", "content": {"application/json": {"schema": {
-                    "type": "object", "properties": {"status": {"const": "ok"}}, "required": ["status"]}}}},
-                "401": refused("no valid key"), "403": refused("the key may not be used from here"),
-                "429": refused("rate limited"), "503": refused("the key store is unavailable")
-            }
-        }},
-        "/v1/users/me": {"get": {
-            "summary": "The caller's key",
-            "security": key,
-            "responses": {
-                "200": {"description": "the principal", "content": {"application/json": {"schema": {"type": "object"}}}},
-                "401": refused("no valid key"), "403": refused("the key may not be used from here"),
-                "429": refused("rate limited"), "503": refused("the key store is unavailable")
-            }
-        }},
-        "/v1/messages": {"post": {
-            "summary": "Queue a message (scope messages:write)",
-            "security": key,
-            "requestBody": {"required": false, "content": {"application/json": {"schema": {
-                "type": "object", "properties": {"text": {"type": "string"}}}}}},
-            "responses": {
-                "202": {"description": "queued", "content": {"application/json": {"schema": {"type": "object"}}}},
-                "401": refused("no valid key"), "403": refused("scope messages:write missing"),
-                "429": refused("rate limited"), "503": refused("the key store is unavailable")
-            }
-        }},
-        "/swagger": {"get": {
-            "summary": "This document's landing page",
-            "security": [],
-            "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": {"type": "string"}}}}}
-        }}
-    })
+    serde_json::from_str(include_str!("quickstart.openapi.json"))
+        .unwrap_or_else(|e| unreachable!("quickstart.openapi.json is JSON: {e}"))
 }
