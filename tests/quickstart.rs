@@ -441,15 +441,32 @@ async fn the_key_service_walkthrough() {
     let out = common::keyctl::keyctl_raw(&["--database-url", &url, "audit", &ci_id], None);
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert!(out.stdout.contains("disabled"), "{}", out.stdout);
-    let out = common::keyctl::keyctl_raw(&["--database-url", &url, "enable", &ci_id], None);
+    assert!(
+        out.stdout.contains("revoked"),
+        "the restart revoked it: {}",
+        out.stdout
+    );
+    let out = common::keyctl::keyctl_raw(
+        &[
+            "--database-url",
+            &url,
+            "create",
+            "--owner",
+            "demo",
+            "--name",
+            "ops",
+        ],
+        None,
+    );
     assert_eq!(out.code, 0, "{}", out.stderr);
+    let ops = out.value("KEY");
     let r = send(
         again.addr,
         Method::GET,
         "/v1/users/me",
-        &[("x-api-key", &ci_secret)],
+        &[("x-api-key", &ops)],
         "",
     )
     .await;
-    assert_eq!(r.status, 200, "enabled by keyctl: {}", r.body);
+    assert_eq!(r.status, 200, "made by keyctl: {}", r.body);
 }

@@ -743,6 +743,51 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             None,
         ),
         (
+            Method::POST,
+            "/v1/keys",
+            Some(json),
+            "{\"name\":\"x\",\"scopes\":[\"read\",\"a,b\"]}".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("scopes[1]"),
+        ),
+        (
+            Method::POST,
+            "/v1/keys",
+            Some(json),
+            "{\"name\":\"x\",\"sites\":[\"\"]}".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("sites[0]"),
+        ),
+        (
+            Method::PATCH,
+            &key_path,
+            Some(json),
+            "{\"sites\":[\"a b\"]}".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            Some("sites[0]"),
+        ),
+        (
+            Method::GET,
+            "/v1/keys/%FF",
+            None,
+            String::new(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+        ),
+        (
+            Method::POST,
+            "/v1/keys/%C3%28/disable",
+            None,
+            String::new(),
+            StatusCode::NOT_FOUND,
+            "not_found",
+            None,
+        ),
+        (
             Method::GET,
             "/v1/keys?limit=0",
             None,
@@ -1192,4 +1237,80 @@ fn a_short_session_secret_is_refused() {
         .build();
     assert!(built.is_err());
     let _ = NonZeroU32::MIN;
+}
+
+#[tokio::test]
+async fn a_missing_field_is_named() {
+    let svc = memory().await;
+    let reply = svc
+        .call_from(
+            "198.51.100.1",
+            Method::POST,
+            "/auth/session",
+            &[("content-type", "application/json")],
+            json!({"username": ADA}).to_string(),
+        )
+        .await;
+    assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(reply.json()["data"]["field"], "password", "{}", reply.body);
+}
+
+#[tokio::test]
+async fn a_revoked_key_cannot_be_changed() {
+    let svc = memory().await;
+    let ada = svc.sign_in(ADA, ADA_PASSWORD).await;
+    let (id, _) = svc.create(&ada, "old").await;
+    // createkey revokes it.
+    let reply = sign_in_from(&svc, "203.0.113.1", "/auth/createkey", ADA, ADA_PASSWORD).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let path = format!("/v1/keys/{id}");
+    let before = svc.call(Method::GET, &path, &ada, None).await.body;
+    for (method, path, body) in [
+        (Method::PATCH, path.clone(), Some(json!({"name": "back"}))),
+        (Method::POST, format!("{path}/enable"), None),
+        (Method::POST, format!("{path}/disable"), None),
+        (Method::POST, format!("{path}/rotate"), None),
+    ] {
+        let reply = svc.call(method.clone(), &path, &ada, body).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::CONFLICT,
+            "{method} {path}: {}",
+            reply.body
+        );
+        assert_eq!(reply.code(), "invalid_state");
+    }
+    assert_eq!(svc.call(Method::GET, &path, &ada, None).await.body, before);
+}
+
+#[tokio::test]
+async fn a_created_key_reads_like_any_other_view() {
+    let svc = memory().await;
+    let ada = svc.sign_in(ADA, ADA_PASSWORD).await;
+    let reply = svc
+        .call(Method::POST, "/v1/keys", &ada, Some(json!({"name": "k"})))
+        .await;
+    let id = reply.json()["key"]["id"].as_str().unwrap().to_owned();
+    let got = svc
+        .call(Method::GET, &format!("/v1/keys/{id}"), &ada, None)
+        .await;
+    // The same fields in the same order, so clients (and diffs) see one shape.
+    let created = reply.body.split("\"key\":").nth(1).unwrap();
+    let created = &created[..created.rfind(",\"secret\"").unwrap()];
+    assert_eq!(created, got.body);
+}
+
+#[tokio::test]
+async fn the_dashboard_runs_only_its_own_script() {
+    let svc = memory().await;
+    let reply = svc
+        .call_from("198.51.100.1", Method::GET, "/dashboard", &[], "")
+        .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let policy = reply.headers["content-security-policy"].to_str().unwrap();
+    assert!(policy.contains("script-src 'sha256-"), "{policy}");
+    assert!(!policy.contains("script-src 'unsafe-inline'"), "{policy}");
+    assert!(policy.contains("default-src 'none'"), "{policy}");
+    assert!(policy.contains("frame-ancestors 'none'"), "{policy}");
+    assert!(!reply.body.contains("http://") && !reply.body.contains("https://"));
 }

@@ -287,7 +287,17 @@ pub(crate) fn parse<T: Input>(value: Value) -> Result<T, Fail> {
         }
     }
     serde_path_to_error::deserialize::<_, T>(value).map_err(|e| {
-        let field = e.path().to_string();
+        let message = e.inner().to_string();
+        // A missing field is an error of the object around it: name the field itself.
+        let missing = message
+            .strip_prefix("missing field `")
+            .and_then(|rest| rest.split_once('`'))
+            .map(|(name, _)| name.to_owned());
+        let field = match (missing, e.path().to_string()) {
+            (Some(name), path) if path == "." => name,
+            (Some(name), path) => format!("{path}.{name}"),
+            (None, path) => path,
+        };
         // serde's sentence says what was expected; the value sent is not repeated back.
         let reason = e.inner().to_string();
         let reason = match reason.rsplit_once("expected ") {

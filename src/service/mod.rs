@@ -84,7 +84,7 @@ use self::fail::{Fail, Json};
 use self::login::Logins;
 use self::session::Signer;
 use self::views::{
-    AuditQueryParams, AuditView, Create, Credentials, KeyView, ListQuery, Patch, Rotate,
+    AuditQueryParams, AuditView, Create, Created, Credentials, KeyView, ListQuery, Patch, Rotate,
 };
 use crate::clock::{Clock, SystemClock};
 use crate::error::ConfigError;
@@ -311,6 +311,21 @@ impl<S: Send + Sync + 'static> FromRequestParts<Arc<Shared<S>>> for Client {
             extensions: &parts.extensions,
         };
         Ok(Self(shared.client_ip.resolve(&head)))
+    }
+}
+
+/// The `{id}` of a key's path. One that cannot be read (not UTF-8) names no key: 404,
+/// like any unknown id, in the service's envelope.
+struct KeyPath(String);
+
+impl<St: Send + Sync> FromRequestParts<St> for KeyPath {
+    type Rejection = Fail;
+
+    async fn from_request_parts(parts: &mut Parts, state: &St) -> Result<Self, Fail> {
+        Path::<String>::from_request_parts(parts, state)
+            .await
+            .map(|Path(id)| Self(id))
+            .map_err(|_| Fail::not_found())
     }
 }
 
@@ -568,17 +583,17 @@ async fn create<S: OwnerStore + Send + Sync + 'static>(
     let created = session.store.create(new).await?;
     Ok(private(
         StatusCode::CREATED,
-        &json!({
-            "key": KeyView::of(&created.record, &shared.format),
-            "secret": created.secret.expose_secret(),
-        }),
+        &Created {
+            key: KeyView::of(&created.record, &shared.format),
+            secret: created.secret.expose_secret(),
+        },
     ))
 }
 
 async fn show<S: OwnerStore + Send + Sync + 'static>(
     State(shared): St<S>,
     session: Session<S>,
-    Path(id): Path<String>,
+    KeyPath(id): KeyPath,
 ) -> Result<Response, Fail> {
     let record = session.key(&id).await?;
     Ok(private(
@@ -590,10 +605,18 @@ async fn show<S: OwnerStore + Send + Sync + 'static>(
 async fn patch<S: OwnerStore + Send + Sync + 'static>(
     State(shared): St<S>,
     session: Session<S>,
-    Path(id): Path<String>,
+    KeyPath(id): KeyPath,
     Json(body): Json<Patch>,
 ) -> Result<Response, Fail> {
     let record = session.key(&id).await?;
+    if record.status == Status::Revoked {
+        // As disable, enable and rotate: a revoked key is over.
+        return Err(crate::store::StoreError::InvalidState(
+            "revoked",
+            "a revoked key cannot be changed",
+        )
+        .into());
+    }
     let update = body.into_update(&record)?;
     let record = session.store.update(&record.id, update).await?;
     Ok(private(
@@ -619,7 +642,7 @@ async fn set_status<S: OwnerStore + Send + Sync + 'static>(
 async fn disable<S: OwnerStore + Send + Sync + 'static>(
     State(shared): St<S>,
     session: Session<S>,
-    Path(id): Path<String>,
+    KeyPath(id): KeyPath,
 ) -> Result<Response, Fail> {
     set_status(&shared, &session, &id, Status::Disabled).await
 }
@@ -627,14 +650,14 @@ async fn disable<S: OwnerStore + Send + Sync + 'static>(
 async fn enable<S: OwnerStore + Send + Sync + 'static>(
     State(shared): St<S>,
     session: Session<S>,
-    Path(id): Path<String>,
+    KeyPath(id): KeyPath,
 ) -> Result<Response, Fail> {
     set_status(&shared, &session, &id, Status::Active).await
 }
 
 async fn delete<S: OwnerStore + Send + Sync + 'static>(
     session: Session<S>,
-    Path(id): Path<String>,
+    KeyPath(id): KeyPath,
 ) -> Result<StatusCode, Fail> {
     let record = session.key(&id).await?;
     session
@@ -647,7 +670,7 @@ async fn delete<S: OwnerStore + Send + Sync + 'static>(
 async fn rotate<S: OwnerStore + Send + Sync + 'static>(
     State(shared): St<S>,
     session: Session<S>,
-    Path(id): Path<String>,
+    KeyPath(id): KeyPath,
     Json(body): Json<Rotate>,
 ) -> Result<Response, Fail> {
     let grace = body.grace()?;
@@ -658,10 +681,10 @@ async fn rotate<S: OwnerStore + Send + Sync + 'static>(
         .await?;
     Ok(private(
         StatusCode::OK,
-        &json!({
-            "key": KeyView::of(&created.record, &shared.format),
-            "secret": created.secret.expose_secret(),
-        }),
+        &Created {
+            key: KeyView::of(&created.record, &shared.format),
+            secret: created.secret.expose_secret(),
+        },
     ))
 }
 
@@ -700,20 +723,15 @@ async fn audit<S: OwnerStore + Send + Sync + 'static>(
     ))
 }
 
-/// The dashboard: one page, its script allowed by hash and nothing else loaded.
+/// The dashboard: one page, its inline script allowed by its hash and nothing else loaded.
 async fn dashboard() -> Response {
     static PAGE: &str = include_str!("dashboard.html");
+    static POLICY: std::sync::OnceLock<HeaderValue> = std::sync::OnceLock::new();
+    let policy = POLICY.get_or_init(|| content_security_policy(PAGE));
     let mut response = Html(PAGE).into_response();
     let headers = response.headers_mut();
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    headers.insert(
-        http::header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static(
-            "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; \
-             connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
-             frame-ancestors 'none'",
-        ),
-    );
+    headers.insert(http::header::CONTENT_SECURITY_POLICY, policy.clone());
     headers.insert(
         http::header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
@@ -723,6 +741,34 @@ async fn dashboard() -> Response {
         HeaderValue::from_static("no-referrer"),
     );
     response
+}
+
+/// A policy that runs the page's own inline scripts (by their SHA-256) and nothing else:
+/// no other script, no inline event handler, no other origin; requests to this origin
+/// only; no framing, no form posted anywhere.
+fn content_security_policy(page: &str) -> HeaderValue {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let mut scripts = String::new();
+    let mut rest = page;
+    while let Some(start) = rest.find("<script>") {
+        let body = &rest[start + "<script>".len()..];
+        let Some(end) = body.find("</script>") else {
+            break;
+        };
+        let digest = sha2::Sha256::digest(&body.as_bytes()[..end]);
+        scripts.push_str(" 'sha256-");
+        scripts.push_str(&base64::engine::general_purpose::STANDARD.encode(digest));
+        scripts.push('\'');
+        rest = &body[end..];
+    }
+    let policy = format!(
+        "default-src 'none'; script-src{scripts}; style-src 'unsafe-inline'; \
+         connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; \
+         frame-ancestors 'none'"
+    );
+    HeaderValue::from_str(&policy)
+        .unwrap_or_else(|_| HeaderValue::from_static("default-src 'none'"))
 }
 
 async fn openapi<S: Send + Sync + 'static>(State(shared): St<S>) -> Response {

@@ -75,6 +75,13 @@ impl KeyView {
     }
 }
 
+/// A key just made or rotated: its view and its secret, the one time it is shown.
+#[derive(Debug, Serialize)]
+pub(crate) struct Created<'a> {
+    pub(crate) key: KeyView,
+    pub(crate) secret: &'a str,
+}
+
 /// An audit event as the owner sees it.
 #[derive(Debug, Serialize)]
 pub(crate) struct AuditView {
@@ -129,8 +136,25 @@ struct Fields;
 
 impl Fields {
     fn scopes(list: Vec<String>) -> Result<Scopes, Fail> {
-        bounded("scopes", &list)?;
+        Self::words("scopes", "scope", &list)?;
         Ok(list.into_iter().collect())
+    }
+
+    /// A list of scopes or sites: each one word of visible ASCII, named by its index when
+    /// it is not.
+    fn words(field: &'static str, one: &'static str, list: &[String]) -> Result<(), Fail> {
+        bounded(field, list)?;
+        for (i, word) in list.iter().enumerate() {
+            if let Err(crate::store::StoreError::Invalid { reason, .. }) =
+                crate::store::check_word(one, word)
+            {
+                return Err(Fail::field(
+                    format!("{field}[{i}]"),
+                    format!("a {one}: {reason}"),
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn quotas(list: &[String]) -> Result<Vec<Quota>, Fail> {
@@ -234,7 +258,7 @@ impl Create {
             new.restrictions.ips = Fields::networks(&ips)?;
         }
         if let Some(sites) = sites {
-            bounded("sites", &sites)?;
+            Fields::words("sites", "site", &sites)?;
             new.restrictions.sites = sites;
         }
         if let Some(seconds) = self.expires_in {
@@ -304,7 +328,7 @@ impl Patch {
                 restrictions.ips = Fields::networks(&ips)?;
             }
             if let Some(sites) = sites {
-                bounded("sites", &sites)?;
+                Fields::words("sites", "site", &sites)?;
                 restrictions.sites = sites;
             }
             update.restrictions = Some(restrictions);

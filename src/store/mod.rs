@@ -267,7 +267,7 @@ fn check_text(field: &'static str, text: &str, lines: bool) -> Result<(), StoreE
 }
 
 /// A scope or a site: one word of visible ASCII.
-fn check_word(field: &'static str, word: &str) -> Result<(), StoreError> {
+pub(crate) fn check_word(field: &'static str, word: &str) -> Result<(), StoreError> {
     if word.is_empty() || word.len() > MAX_WORD {
         return Err(StoreError::invalid(
             field,
