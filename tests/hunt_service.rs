@@ -667,7 +667,6 @@ async fn sessions_and_api_keys_do_not_stand_in_for_each_other() {
 // the owner again brings every session issued before the disabling back to life, the
 // attacker's stolen one included, until its 15 minutes are up.
 #[tokio::test]
-#[ignore = "FINDING: re-enabling an owner revives sessions issued before it was disabled"]
 async fn a_session_ended_by_disabling_stays_ended() {
     let svc = memory().await;
     let stolen = svc.sign_in(ADA, ADA_PASSWORD).await;
@@ -689,7 +688,6 @@ async fn a_session_ended_by_disabling_stays_ended() {
 // an owner who resets a leaked password cannot end the attacker's session (only disabling
 // the owner does, and see the finding above for re-enabling).
 #[tokio::test]
-#[ignore = "FINDING: a password change does not end the sessions signed in with the old one"]
 async fn a_password_change_ends_earlier_sessions() {
     let svc = memory().await;
     let stolen = svc.sign_in(ADA, ADA_PASSWORD).await;
@@ -1700,7 +1698,6 @@ async fn odd_query_strings_are_refused() {
 // hourly budget, taken before the hash): with a few workers the whole server (the
 // protected API too) stalls, and each concurrent hash holds 19 MiB.
 #[tokio::test(flavor = "current_thread")]
-#[ignore = "FINDING: argon2 runs on the async runtime, blocking every other request"]
 async fn a_sign_in_does_not_block_the_runtime() {
     let svc = build(MemoryStore::new(), 1000, 1000).await;
     let done = Arc::new(AtomicBool::new(false));
@@ -2100,7 +2097,6 @@ async fn the_dashboard_has_no_html_sink_for_data() {
 // browser extension's injection, an HTML-injection bug) runs as script with the session
 // token in reach. A `'sha256-…'` of the one inline script is enough.
 #[tokio::test]
-#[ignore = "FINDING: the dashboard's CSP allows any inline script ('unsafe-inline')"]
 async fn the_dashboard_csp_allows_only_its_own_script() {
     let svc = memory().await;
     let reply = svc

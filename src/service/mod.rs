@@ -352,12 +352,16 @@ impl<S: OwnerStore + Send + Sync + 'static> FromRequestParts<Arc<Shared<S>>> for
                 scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
             })
             .ok_or_else(Fail::unauthorized)?;
-        let name = shared
+        let (name, credentials) = shared
             .signer
             .verify(token, shared.clock.now())
             .ok_or_else(Fail::unauthorized)?;
-        let owner = match shared.store.owner(&name).await {
-            Ok(owner) if owner.active => owner,
+        // The owner as it stands now: active, and with the credentials the session was
+        // granted on (a new password or a disabling since ends it).
+        let owner = match shared.store.standing(&name).await {
+            Ok(standing) if standing.owner.active && standing.credentials == credentials => {
+                standing.owner
+            }
             Ok(_) | Err(crate::store::StoreError::OwnerNotFound(_)) => {
                 return Err(Fail::unauthorized())
             }
@@ -408,12 +412,14 @@ fn private(status: StatusCode, body: &impl serde::Serialize) -> Response {
     response
 }
 
-/// Checks a username and password against the sign-in limits and the store.
+/// Checks a username and password against the sign-in limits and the store: the owner,
+/// and the credentials version read *before* the password was checked (so that a session
+/// granted on a password changed meanwhile is void from the start).
 async fn sign_in<S: OwnerStore>(
     shared: &Shared<S>,
     ip: Option<IpAddr>,
     credentials: &Credentials,
-) -> Result<Owner, Fail> {
+) -> Result<(Owner, u64), Fail> {
     if credentials.username.len() > MAX_CREDENTIAL {
         return Err(Fail::field(
             "username",
@@ -430,6 +436,15 @@ async fn sign_in<S: OwnerStore>(
         .logins
         .begin(&credentials.username, ip)
         .map_err(Fail::too_many)?;
+    // An unknown name reads as version 0 here and fails the check below like any other.
+    let version = match shared.store.standing(&credentials.username).await {
+        Ok(standing) => standing.credentials,
+        Err(crate::store::StoreError::OwnerNotFound(_)) => 0,
+        Err(other) => {
+            shared.logins.succeeded(attempt);
+            return Err(other.into());
+        }
+    };
     match shared
         .store
         .verify_owner(&credentials.username, &credentials.password)
@@ -437,7 +452,7 @@ async fn sign_in<S: OwnerStore>(
     {
         Ok(owner) => {
             shared.logins.succeeded(attempt);
-            Ok(owner)
+            Ok((owner, version))
         }
         Err(crate::store::StoreError::InvalidCredentials) => Err(Fail::credentials()),
         Err(other) => {
@@ -453,7 +468,7 @@ async fn createkey<S: OwnerStore + Send + Sync + 'static>(
     Client(ip): Client,
     Json(credentials): Json<Credentials>,
 ) -> Result<Response, Fail> {
-    let owner = sign_in(&shared, ip, &credentials).await?;
+    let (owner, _) = sign_in(&shared, ip, &credentials).await?;
     let mut new = shared.template.clone();
     new.owner = owner.name.clone();
     let created = shared
@@ -475,9 +490,9 @@ async fn start_session<S: OwnerStore + Send + Sync + 'static>(
     Client(ip): Client,
     Json(credentials): Json<Credentials>,
 ) -> Result<Response, Fail> {
-    let owner = sign_in(&shared, ip, &credentials).await?;
+    let (owner, credentials) = sign_in(&shared, ip, &credentials).await?;
     let expires = session::expiry(shared.clock.now(), SESSION_TTL);
-    let token = shared.signer.issue(&owner.name, expires);
+    let token = shared.signer.issue(&owner.name, credentials, expires);
     Ok(private(
         StatusCode::OK,
         &json!({

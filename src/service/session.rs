@@ -1,9 +1,11 @@
-//! Session tokens for the management API: `kgs_<payload>.<tag>`, the payload (version,
-//! expiry, owner name) signed with HMAC-SHA256 under the service's secret.
+//! Session tokens for the management API: `kgs_<payload>.<tag>`, the payload (format,
+//! expiry, the owner's credentials version, owner name) signed with HMAC-SHA256 under the
+//! service's secret.
 //!
 //! Stateless, so every instance given the same secret accepts every instance's sessions,
-//! and nothing is written per sign-in. A token ends at its expiry; the owner is read again
-//! on every call, so disabling an owner ends its sessions at once.
+//! and nothing is written per sign-in. A token ends at its expiry, and as soon as the
+//! owner's credentials version moves on (a new password, the owner disabled: the owner is
+//! read on every call), never to come back.
 
 use std::time::{Duration, SystemTime};
 
@@ -16,9 +18,9 @@ use zeroize::Zeroizing;
 use crate::clock::nanos_since_epoch;
 
 const PREFIX: &str = "kgs_";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 /// Domain separation: a tag made here cannot be one made for anything else with the key.
-const CONTEXT: &[u8] = b"keygate session v1\0";
+const CONTEXT: &[u8] = b"keygate session v2\0";
 /// The longest token read (an owner name is at most 256 bytes).
 const MAX_TOKEN: usize = 512;
 
@@ -49,11 +51,17 @@ impl Signer {
         mac
     }
 
-    /// A token for `owner`, valid until `expires`.
-    pub(crate) fn issue(&self, owner: &str, expires: SystemTime) -> Zeroizing<String> {
-        let mut payload = Vec::with_capacity(9 + owner.len());
+    /// A token for `owner` at credentials version `credentials`, valid until `expires`.
+    pub(crate) fn issue(
+        &self,
+        owner: &str,
+        credentials: u64,
+        expires: SystemTime,
+    ) -> Zeroizing<String> {
+        let mut payload = Vec::with_capacity(17 + owner.len());
         payload.push(VERSION);
         payload.extend_from_slice(&(nanos_since_epoch(expires) / 1_000_000_000).to_be_bytes());
+        payload.extend_from_slice(&credentials.to_be_bytes());
         payload.extend_from_slice(owner.as_bytes());
         let mut mac = self.mac();
         mac.update(&payload);
@@ -66,9 +74,9 @@ impl Signer {
         token
     }
 
-    /// The owner a token names, if its tag is right (compared in constant time) and it has
-    /// not expired at `now`.
-    pub(crate) fn verify(&self, token: &str, now: SystemTime) -> Option<String> {
+    /// The owner a token names and the credentials version it was issued at, if its tag is
+    /// right (compared in constant time) and it has not expired at `now`.
+    pub(crate) fn verify(&self, token: &str, now: SystemTime) -> Option<(String, u64)> {
         if token.len() > MAX_TOKEN {
             return None;
         }
@@ -79,7 +87,8 @@ impl Signer {
         mac.update(&payload);
         mac.verify_slice(&tag).ok()?;
         let (&version, rest) = payload.split_first()?;
-        let (expires, owner) = rest.split_at_checked(8)?;
+        let (expires, rest) = rest.split_at_checked(8)?;
+        let (credentials, owner) = rest.split_at_checked(8)?;
         if version != VERSION {
             return None;
         }
@@ -88,7 +97,8 @@ impl Signer {
         if now_secs >= expires {
             return None;
         }
-        String::from_utf8(owner.to_vec()).ok()
+        let credentials = u64::from_be_bytes(credentials.try_into().ok()?);
+        Some((String::from_utf8(owner.to_vec()).ok()?, credentials))
     }
 }
 
@@ -108,14 +118,12 @@ mod tests {
     #[test]
     fn a_token_names_its_owner_until_it_expires() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let token = signer().issue("ada", now + Duration::from_secs(900));
+        let token = signer().issue("ada", 3, now + Duration::from_secs(900));
         assert!(token.starts_with("kgs_"));
-        assert_eq!(signer().verify(&token, now).as_deref(), Some("ada"));
+        assert_eq!(signer().verify(&token, now), Some(("ada".to_owned(), 3)));
         assert_eq!(
-            signer()
-                .verify(&token, now + Duration::from_secs(899))
-                .as_deref(),
-            Some("ada")
+            signer().verify(&token, now + Duration::from_secs(899)),
+            Some(("ada".to_owned(), 3))
         );
         assert_eq!(
             signer().verify(&token, now + Duration::from_secs(900)),
@@ -126,7 +134,7 @@ mod tests {
     #[test]
     fn forged_or_altered_tokens_are_refused() {
         let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
-        let token = signer().issue("ada", now + Duration::from_secs(900));
+        let token = signer().issue("ada", 3, now + Duration::from_secs(900));
         // Another secret.
         assert_eq!(Signer::new(vec![8; 32]).verify(&token, now), None);
         // Another owner with the same tag.
@@ -135,11 +143,13 @@ mod tests {
         *raw.last_mut().unwrap() = b'b';
         let forged = format!("kgs_{}.{tag}", URL_SAFE_NO_PAD.encode(&raw));
         assert_eq!(signer().verify(&forged, now), None);
-        // A later expiry with the same tag.
-        raw = URL_SAFE_NO_PAD.decode(&payload[4..]).unwrap();
-        raw[1] = 0xff;
-        let forged = format!("kgs_{}.{tag}", URL_SAFE_NO_PAD.encode(&raw));
-        assert_eq!(signer().verify(&forged, now), None);
+        // A later expiry, or a later credentials version, with the same tag.
+        for at in [1, 16] {
+            raw = URL_SAFE_NO_PAD.decode(&payload[4..]).unwrap();
+            raw[at] = 0xff;
+            let forged = format!("kgs_{}.{tag}", URL_SAFE_NO_PAD.encode(&raw));
+            assert_eq!(signer().verify(&forged, now), None);
+        }
         // Truncated, empty, garbage, oversized.
         for bad in [
             "",

@@ -102,6 +102,8 @@ struct HashEntry {
 struct StoredOwner {
     owner: Owner,
     password: Option<String>,
+    /// Bumped when the password is set or the owner disabled.
+    credentials: u64,
 }
 
 impl fmt::Debug for MemoryStore {
@@ -241,6 +243,7 @@ impl MemoryStore {
                         StoredOwner {
                             owner: owner.clone(),
                             password: None,
+                            credentials: 0,
                         },
                     );
                     let entry = Entry::owner(&owner_name, AuditAction::OwnerAdded);
@@ -431,6 +434,9 @@ impl MemoryStore {
                 .get_mut(name)
                 .ok_or_else(|| StoreError::OwnerNotFound(name.to_owned()))?;
             stored.owner.active = active;
+            if !active {
+                stored.credentials += 1;
+            }
             let owner = stored.owner.clone();
             let action = if active {
                 AuditAction::OwnerEnabled
@@ -492,6 +498,7 @@ impl OwnerStore for MemoryStore {
             StoredOwner {
                 owner: owner.clone(),
                 password,
+                credentials: 0,
             },
         );
         let entry = Entry::owner(name, AuditAction::OwnerAdded);
@@ -512,6 +519,18 @@ impl OwnerStore for MemoryStore {
 
     async fn set_owner_active(&self, name: &str, active: bool) -> Result<Owner, StoreError> {
         self.owner_edit(name, active)
+    }
+
+    async fn standing(&self, name: &str) -> Result<super::Standing, StoreError> {
+        let state = self.read()?;
+        state
+            .owners
+            .get(name)
+            .map(|o| super::Standing {
+                owner: o.owner.clone(),
+                credentials: o.credentials,
+            })
+            .ok_or_else(|| StoreError::OwnerNotFound(name.to_owned()))
     }
 
     async fn owner(&self, name: &str) -> Result<Owner, StoreError> {
@@ -536,6 +555,7 @@ impl OwnerStore for MemoryStore {
             .get_mut(name)
             .ok_or_else(|| StoreError::OwnerNotFound(name.to_owned()))?;
         stored.password = password;
+        stored.credentials += 1;
         let owner = stored.owner.clone();
         let entry = Entry::owner(name, AuditAction::PasswordSet);
         state.record(entry, self.clock.now(), &self.actor);

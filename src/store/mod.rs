@@ -504,6 +504,18 @@ pub trait KeyStore: KeyLookup + ChangeFeed + Clone {
     fn flush_usage(&self) -> impl Future<Output = Result<(), StoreError>> + Send;
 }
 
+/// An owner, and the version of its credentials: bumped whenever its password is set or it
+/// is disabled, so that whatever was granted on the strength of the earlier credentials (a
+/// key service session) can be refused from then on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Standing {
+    /// The owner.
+    pub owner: Owner,
+    /// Bumped by [`OwnerStore::set_owner_password`] and by disabling the owner.
+    pub credentials: u64,
+}
+
 /// The owners keys belong to: an ability of the stores that keep them (both stores here),
 /// apart from the keys themselves.
 pub trait OwnerStore: KeyStore {
@@ -549,6 +561,9 @@ pub trait OwnerStore: KeyStore {
         name: &str,
         password: Option<&str>,
     ) -> impl Future<Output = Result<Owner, StoreError>> + Send;
+
+    /// The owner and the version of its credentials ([`Standing`]).
+    fn standing(&self, name: &str) -> impl Future<Output = Result<Standing, StoreError>> + Send;
 }
 
 /// The listeners of one store (shared by its clones). A listener whose cache is gone is

@@ -357,31 +357,53 @@ impl SqlStore {
         for step in &steps {
             sqlx::query(step).execute(&mut *tx).await.map_err(db)?;
         }
-        // Added after the first release: databases made before get it here.
+        // Added after the first release: databases made before get them here.
+        for (table, column, kind) in [
+            ("keygate_keys", "last_used_ip", "TEXT"),
+            (
+                "keygate_owners",
+                "credentials_version",
+                "BIGINT NOT NULL DEFAULT 0",
+            ),
+        ] {
+            self.add_column(&mut tx, table, column, kind).await?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    /// Adds `column` to `table` unless it is there (the names are this file's constants).
+    async fn add_column(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        table: &str,
+        column: &str,
+        kind: &str,
+    ) -> Result<(), StoreError> {
         match self.backend {
             Backend::Postgres => {
-                sqlx::query("ALTER TABLE keygate_keys ADD COLUMN IF NOT EXISTS last_used_ip TEXT")
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
+                sqlx::query(&format!(
+                    "ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column} {kind}"
+                ))
+                .execute(&mut **tx)
+                .await
+                .map_err(db)?;
             }
             Backend::Sqlite => {
-                let row = sqlx::query(
-                    "SELECT COUNT(*) AS n FROM pragma_table_info('keygate_keys') \
-                     WHERE name = 'last_used_ip'",
-                )
-                .fetch_one(&mut *tx)
+                let row = sqlx::query(&format!(
+                    "SELECT COUNT(*) AS n FROM pragma_table_info('{table}') WHERE name = '{column}'"
+                ))
+                .fetch_one(&mut **tx)
                 .await
                 .map_err(db)?;
                 if row.try_get::<i64, _>("n").map_err(db)? == 0 {
-                    sqlx::query("ALTER TABLE keygate_keys ADD COLUMN last_used_ip TEXT")
-                        .execute(&mut *tx)
+                    sqlx::query(&format!("ALTER TABLE {table} ADD COLUMN {column} {kind}"))
+                        .execute(&mut **tx)
                         .await
                         .map_err(db)?;
                 }
             }
         }
-        tx.commit().await.map_err(db)
+        Ok(())
     }
 
     /// A write transaction. On SQLite the write lock is taken at once (`BEGIN IMMEDIATE`),
@@ -1051,12 +1073,17 @@ impl OwnerStore for SqlStore {
     async fn set_owner_active(&self, name: &str, active: bool) -> Result<Owner, StoreError> {
         let id = self.owner_id(name).await?;
         let mut tx = self.begin().await?;
-        sqlx::query("UPDATE keygate_owners SET active = $1 WHERE id = $2")
-            .bind(i64::from(active))
-            .bind(id.clone())
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+        // Disabling ends the owner's sessions for good (enabling again does not revive them).
+        sqlx::query(
+            "UPDATE keygate_owners SET active = $1, \
+             credentials_version = credentials_version + $3 WHERE id = $2",
+        )
+        .bind(i64::from(active))
+        .bind(id.clone())
+        .bind(i64::from(!active))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
         let rows = sqlx::query(
             "SELECT h.hash FROM keygate_key_hashes h JOIN keygate_keys k ON k.id = h.key_id \
              WHERE k.owner_id = $1",
@@ -1079,6 +1106,24 @@ impl OwnerStore for SqlStore {
         Ok(owner)
     }
 
+    async fn standing(&self, name: &str) -> Result<super::Standing, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, active, credentials_version FROM keygate_owners WHERE name = $1",
+        )
+        .bind(name.to_owned())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(db)?;
+        let Some(row) = row else {
+            return Err(StoreError::OwnerNotFound(name.to_owned()));
+        };
+        let credentials = row.try_get::<i64, _>("credentials_version").map_err(db)?;
+        Ok(super::Standing {
+            owner: owner_from(&row, name)?,
+            credentials: u64::try_from(credentials).map_err(|_| corrupt("credentials version"))?,
+        })
+    }
+
     async fn owner(&self, name: &str) -> Result<Owner, StoreError> {
         let row = sqlx::query("SELECT id, active FROM keygate_owners WHERE name = $1")
             .bind(name.to_owned())
@@ -1099,12 +1144,15 @@ impl OwnerStore for SqlStore {
         // Hashed before the transaction: argon2 is slow on purpose.
         let password = super::password::hash_off_thread(password).await?;
         let mut tx = self.begin().await?;
-        let done = sqlx::query("UPDATE keygate_owners SET password = $1 WHERE name = $2")
-            .bind(password)
-            .bind(name.to_owned())
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+        let done = sqlx::query(
+            "UPDATE keygate_owners SET password = $1, \
+             credentials_version = credentials_version + 1 WHERE name = $2",
+        )
+        .bind(password)
+        .bind(name.to_owned())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
         if done.rows_affected() == 0 {
             return Err(StoreError::OwnerNotFound(name.to_owned()));
         }

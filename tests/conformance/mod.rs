@@ -49,6 +49,58 @@ where
     case!(replace_keys_revokes_the_owners_keys);
     case!(concurrent_replace_keys_leave_one_working_key);
     case!(owner_and_password);
+    case!(credentials_version_moves_on_password_and_disabling);
+}
+
+/// The credentials version ends sessions: a new password and a disabling move it on (seen
+/// by every handle), enabling again and other writes do not move it back or on.
+async fn credentials_version_moves_on_password_and_disabling<S: OwnerStore>(
+    store: &S,
+    other: &S,
+    _: &FakeClock,
+) {
+    store.add_owner("ada", Some("correct horse")).await.unwrap();
+    store.add_owner("bob", Some("x")).await.unwrap();
+    let start = other.standing("ada").await.unwrap();
+    assert!(start.owner.active);
+    let created = store
+        .create(NewKey::new("ada", "k", Environment::Live))
+        .await
+        .unwrap();
+    store
+        .set_status(&created.record.id, Status::Disabled)
+        .await
+        .unwrap();
+    assert_eq!(
+        other.standing("ada").await.unwrap().credentials,
+        start.credentials
+    );
+    store
+        .set_owner_password("ada", Some("battery staple"))
+        .await
+        .unwrap();
+    let changed = other.standing("ada").await.unwrap();
+    assert!(changed.credentials > start.credentials, "a new password");
+    store.set_owner_active("ada", false).await.unwrap();
+    let disabled = other.standing("ada").await.unwrap();
+    assert!(disabled.credentials > changed.credentials, "disabled");
+    assert!(!disabled.owner.active);
+    store.set_owner_active("ada", true).await.unwrap();
+    let enabled = other.standing("ada").await.unwrap();
+    assert_eq!(
+        enabled.credentials, disabled.credentials,
+        "enabling revives nothing"
+    );
+    assert!(enabled.owner.active);
+    // Another owner's is its own.
+    assert_eq!(
+        other.standing("bob").await.unwrap().credentials,
+        start.credentials
+    );
+    assert_eq!(
+        store.standing("nobody").await.unwrap_err(),
+        StoreError::OwnerNotFound("nobody".into())
+    );
 }
 
 /// What the layers would answer for `secret` through `lookup` at `clock`'s time.
