@@ -207,10 +207,20 @@ impl Answer {
 
     /// axum's own answer for a path no route matches (404) or a method the route does
     /// not serve (405): no content type, no body. The service's `not_found` is JSON.
+    /// The router's own answer for a request no route takes: axum's bare 404, or the
+    /// service's 405 `method_not_allowed` (a known path, another method).
     fn unrouted(&self) -> bool {
-        matches!(self.status.as_u16(), 404 | 405)
-            && self.content_type().is_none()
-            && self.body.is_empty()
+        let bare = self.content_type().is_none() && self.body.is_empty();
+        match self.status.as_u16() {
+            404 => bare,
+            // A HEAD answer loses its body on the way out.
+            405 => {
+                self.body.is_empty()
+                    || serde_json::from_slice::<Value>(&self.body)
+                        .is_ok_and(|v| v["code"] == "method_not_allowed")
+            }
+            _ => false,
+        }
     }
 }
 
@@ -966,7 +976,7 @@ async fn a_sessions_answers_match_the_document() {
             .status,
         200
     );
-    let patch = json!({"name": "ci 2", "description": null, "scopes": [], "rates": ["10/s;burst=20"], "ips": [], "sites": null});
+    let patch = json!({"name": "ci 2", "scopes": [], "rates": ["10/s;burst=20"], "ips": []});
     assert_eq!(
         call(
             "PATCH",
@@ -1033,7 +1043,7 @@ async fn a_sessions_answers_match_the_document() {
     );
     for path in [
         "/v1/audit".to_owned(),
-        "/v1/audit?limit=2&before=1000".to_owned(),
+        "/v1/audit?limit=2".to_owned(),
         format!("/v1/audit?key={id}"),
     ] {
         assert_eq!(

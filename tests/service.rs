@@ -812,7 +812,7 @@ async fn bad_input_gets_a_clear_error_and_changes_nothing() {
             String::new(),
             StatusCode::UNPROCESSABLE_ENTITY,
             "invalid_field",
-            Some("query"),
+            Some("before"),
         ),
     ];
     for (method, path, content_type, body, status, code, field) in cases {

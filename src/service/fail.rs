@@ -231,8 +231,46 @@ impl<T: Input, St: Send + Sync> FromRequest<St> for Json<T> {
                 ),
             )
         })?;
+        if let Some(repeated) = repeated_key(&bytes) {
+            return Err(Fail::field(
+                repeated.chars().take(64).collect::<String>(),
+                "This field is given twice; send each field once.",
+            ));
+        }
         parse::<T>(value).map(Self)
     }
+}
+
+/// The first key the body's top-level object repeats, as serde reads it (escapes decoded:
+/// `"environm\u0065nt"` is `environment`). serde_json keeps the last of two, while a proxy
+/// in front may read the first: one request must not mean two things.
+fn repeated_key(bytes: &[u8]) -> Option<String> {
+    struct Keys(Option<String>);
+    struct Visit;
+    impl<'de> serde::de::Visitor<'de> for Visit {
+        type Value = Keys;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Keys, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            let mut first = None;
+            // Read to the end: the parser checks the object is whole once the visitor is done.
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                if let Some(again) = seen.replace(key) {
+                    first.get_or_insert(again);
+                }
+            }
+            Ok(Keys(first))
+        }
+    }
+    impl<'de> serde::Deserialize<'de> for Keys {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            d.deserialize_map(Visit)
+        }
+    }
+    serde_json::from_slice::<Keys>(bytes).ok().and_then(|k| k.0)
 }
 
 fn too_large() -> Fail {
@@ -274,6 +312,12 @@ pub(crate) fn parse<T: Input>(value: Value) -> Result<T, Fail> {
         if let Some(fixed) = T::IMMUTABLE.iter().find(|f| **f == name) {
             return Err(Fail::immutable(fixed));
         }
+        if map.get(name).is_some_and(Value::is_null) && T::FIELDS.contains(&name.as_str()) {
+            return Err(Fail::field(
+                name.clone(),
+                format!("`{name}` must not be null: leave it out to keep the value as it is."),
+            ));
+        }
         if !T::FIELDS.contains(&name.as_str()) {
             let shown: String = name.chars().take(64).collect();
             return Err(Fail::field(
@@ -306,4 +350,25 @@ pub(crate) fn parse<T: Input>(value: Value) -> Result<T, Fail> {
         };
         Fail::field(field.clone(), format!("{field}: {reason}"))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::repeated_key;
+
+    #[test]
+    fn a_repeated_top_level_key_is_found() {
+        assert_eq!(repeated_key(br#"{"a":1,"b":2}"#), None);
+        assert_eq!(repeated_key(br#"{"a":1,"a":2}"#).as_deref(), Some("a"));
+        assert_eq!(
+            repeated_key(br#"{"username":"nobody","username":"ada","password":"x y"}"#).as_deref(),
+            Some("username")
+        );
+        assert_eq!(
+            repeated_key(br#"{"environment":"live","environm\u0065nt":"test"}"#).as_deref(),
+            Some("environment")
+        );
+        // Nested objects are values, not the body's fields.
+        assert_eq!(repeated_key(br#"{"a":{"x":1,"x":2}}"#), None);
+    }
 }

@@ -59,6 +59,7 @@
 //! Mount the service outside keygate's own layer (it authenticates its callers itself),
 //! and put a CORS layer, if any, outside both.
 
+mod cursor;
 mod fail;
 mod login;
 mod session;
@@ -80,6 +81,7 @@ use serde_json::{json, Value};
 use tower_layer::Layer;
 use tower_service::Service;
 
+use self::cursor::EventIds;
 use self::fail::{Fail, Json};
 use self::login::Logins;
 use self::session::Signer;
@@ -252,6 +254,7 @@ impl<S: OwnerStore + Send + Sync + 'static> KeyServiceBuilder<S> {
             template: self.template,
             format: self.format,
             client_ip: self.client_ip,
+            ids: EventIds::new(&secret),
             signer: Signer::new(secret),
             logins: Logins::new(self.user_quota, self.ip_quota),
             clock: self.clock,
@@ -272,10 +275,19 @@ impl<S: OwnerStore + Send + Sync + 'static> KeyServiceBuilder<S> {
             .route("/dashboard", get(dashboard))
             .route("/swagger/openapi.json", get(openapi::<S>))
             .with_state(shared);
-        Ok(match self.testkey {
+        let router = match self.testkey {
             Some(testkey) => router.merge(testkey),
             None => router,
-        })
+        };
+        // A known path with another method: 405 in the envelope (axum adds `Allow`). Unknown
+        // paths are left to the application's own fallback.
+        Ok(router.method_not_allowed_fallback(|| async {
+            Fail::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "This path does not take this method; `Allow` lists those it takes.",
+            )
+        }))
     }
 }
 
@@ -286,6 +298,7 @@ struct Shared<S> {
     format: KeyFormat,
     client_ip: ClientIp,
     signer: Signer,
+    ids: EventIds,
     logins: Logins,
     clock: Arc<dyn Clock>,
     openapi: Value,
@@ -632,6 +645,13 @@ async fn patch<S: OwnerStore + Send + Sync + 'static>(
         )
         .into());
     }
+    if body.is_empty() {
+        // Nothing to change: nothing written, nothing in the audit trail.
+        return Ok(private(
+            StatusCode::OK,
+            &KeyView::of(&record, &shared.format),
+        ));
+    }
     let update = body.into_update(&record)?;
     let record = session.store.update(&record.id, update).await?;
     Ok(private(
@@ -704,6 +724,7 @@ async fn rotate<S: OwnerStore + Send + Sync + 'static>(
 }
 
 async fn audit<S: OwnerStore + Send + Sync + 'static>(
+    State(shared): St<S>,
     session: Session<S>,
     query: Result<Query<AuditQueryParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Fail> {
@@ -725,13 +746,20 @@ async fn audit<S: OwnerStore + Send + Sync + 'static>(
         filter = filter.with_key(key);
     }
     if let Some(before) = query.before {
+        let before = shared
+            .ids
+            .read(&before)
+            .ok_or_else(|| Fail::field("before", "the `next` of an earlier page"))?;
         filter = filter.with_before(before);
     }
     let events = session.store.audit(filter).await?;
     let next = (events.len() == limit)
-        .then(|| events.last().map(|e| e.id))
+        .then(|| events.last().map(|e| shared.ids.show(e.id)))
         .flatten();
-    let events: Vec<AuditView> = events.iter().map(AuditView::of).collect();
+    let events: Vec<AuditView> = events
+        .iter()
+        .map(|e| AuditView::of(e, &shared.ids))
+        .collect();
     Ok(private(
         StatusCode::OK,
         &json!({ "events": events, "next": next }),

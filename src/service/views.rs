@@ -85,7 +85,7 @@ pub(crate) struct Created<'a> {
 /// An audit event as the owner sees it.
 #[derive(Debug, Serialize)]
 pub(crate) struct AuditView {
-    id: u64,
+    id: String,
     at: String,
     key_id: Option<String>,
     owner: String,
@@ -97,9 +97,9 @@ pub(crate) struct AuditView {
 }
 
 impl AuditView {
-    pub(crate) fn of(event: &AuditEvent) -> Self {
+    pub(crate) fn of(event: &AuditEvent, ids: &super::cursor::EventIds) -> Self {
         Self {
-            id: event.id,
+            id: ids.show(event.id),
             at: time(event.at),
             key_id: event.key_id.as_ref().map(|id| id.as_str().to_owned()),
             owner: event.owner.clone(),
@@ -300,6 +300,16 @@ impl Input for Patch {
 }
 
 impl Patch {
+    /// Whether the patch names no field at all (then nothing is written).
+    pub(crate) fn is_empty(&self) -> bool {
+        self.name.is_none()
+            && self.description.is_none()
+            && self.scopes.is_none()
+            && self.rates.is_none()
+            && self.ips.is_none()
+            && self.sites.is_none()
+    }
+
     /// The store's update. The allowlists are one value in the store: a patch that names
     /// only `ips` keeps the sites (and the reverse).
     pub(crate) fn into_update(self, current: &KeyRecord) -> Result<KeyUpdate, Fail> {
@@ -374,6 +384,6 @@ pub(crate) struct ListQuery {
 #[serde(deny_unknown_fields)]
 pub(crate) struct AuditQueryParams {
     pub(crate) key: Option<String>,
-    pub(crate) before: Option<u64>,
+    pub(crate) before: Option<String>,
     pub(crate) limit: Option<usize>,
 }
