@@ -320,15 +320,17 @@ where
         // Unknown paths are behind keygate too (401 without a key, 404 with one): what
         // exists is not told to callers without a key.
         .fallback(|| async { StatusCode::NOT_FOUND })
-        .layer(keygate);
-    // The key service authenticates its own callers: it sits beside the API, not behind
-    // its layer.
-    api.merge(service)
+        .layer(keygate)
         // CORS goes outside keygate: it answers preflights itself, and it puts its headers
         // on keygate's 401s and 429s too, which a browser could not read otherwise ("Failed
         // to fetch"). A preflight that got past it would be answered 204 by keygate with no
         // CORS headers, and never handed to a handler.
-        .layer(CorsLayer::permissive())
+        .layer(CorsLayer::permissive());
+    // The key service authenticates its own callers: it sits beside the API, not behind
+    // its layer, and without CORS: its sign-in endpoints are for the dashboard on this
+    // origin and for tools, not for scripts on other sites (which could otherwise spread
+    // password guesses over their visitors' addresses).
+    api.merge(service)
 }
 
 async fn me(principal: Principal) -> Json<Principal> {

@@ -2326,3 +2326,28 @@ async fn audit_ids_do_not_count_other_owners_events() {
         .await;
     assert_eq!(reply.status, StatusCode::UNPROCESSABLE_ENTITY);
 }
+
+/// Lockout by a stranger: spending a username's sign-in budget from other addresses locks
+/// the owner out only of addresses she never signed in from.
+#[tokio::test]
+async fn a_stranger_cannot_lock_the_owner_out_of_her_usual_address() {
+    let svc = memory().await;
+    let home = "198.51.100.77";
+    let ok = svc.login(home, "/auth/session", ADA, ADA_PASSWORD).await;
+    assert_eq!(ok.status, StatusCode::OK);
+    for i in 0..40 {
+        let ip = format!("203.0.113.{}", 100 + i);
+        svc.login(&ip, "/auth/session", ADA, "guess").await;
+    }
+    let stranger = svc
+        .login("203.0.113.250", "/auth/session", ADA, ADA_PASSWORD)
+        .await;
+    assert_eq!(
+        stranger.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        stranger.body
+    );
+    let again = svc.login(home, "/auth/createkey", ADA, ADA_PASSWORD).await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.body);
+}

@@ -492,6 +492,15 @@ async fn every_documented_route_is_routed_and_other_methods_get_405() {
 /// its paths is answered 405 with the documented methods in `Allow`. `key`, when given, is
 /// sent in `X-API-KEY` (a router behind keygate turns away keyless requests first). With
 /// `cors`, a CORS layer outside everything answers every `OPTIONS` itself.
+/// The quickstart's own API, behind its CORS layer (the key service beside it is not:
+/// its sign-in endpoints are for this origin).
+fn demo_api(template: &str) -> bool {
+    matches!(
+        template,
+        "/v1/health" | "/v1/users/me" | "/v1/messages" | "/swagger"
+    )
+}
+
 async fn check_routing(app: &Router, doc: &Value, key: Option<&str>, cors: bool) {
     let mut by_path: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (method, path) in documented(doc) {
@@ -507,7 +516,7 @@ async fn check_routing(app: &Router, doc: &Value, key: Option<&str>, cors: bool)
                     .insert("x-api-key", key.parse().unwrap());
             }
             let answer = send(app, request).await;
-            if cors && *method == "OPTIONS" {
+            if cors && *method == "OPTIONS" && demo_api(template) {
                 assert_eq!(answer.status, StatusCode::OK, "OPTIONS {template}");
                 assert!(
                     answer.headers.contains_key("access-control-allow-methods"),

@@ -373,6 +373,27 @@ async fn the_key_service_walkthrough() {
         .collect();
     assert_eq!(actions, ["disabled", "created"]);
 
+    // Other sites' scripts may call the API (CORS), not the sign-in endpoints.
+    for path in ["/auth/createkey", "/auth/session"] {
+        let r = send(
+            a,
+            Method::OPTIONS,
+            path,
+            &[
+                ("origin", "https://elsewhere.example"),
+                ("access-control-request-method", "POST"),
+                ("access-control-request-headers", "content-type"),
+            ],
+            "",
+        )
+        .await;
+        assert!(
+            !r.headers.contains_key("access-control-allow-origin"),
+            "{path}: {:?}",
+            r.headers
+        );
+    }
+
     // The dashboard and the document.
     let r = send(a, Method::GET, "/dashboard", &[], "").await;
     assert_eq!(r.status, 200);

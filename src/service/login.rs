@@ -5,19 +5,44 @@
 //! of concurrent guesses gets no more checks than the budget; a successful sign-in gives
 //! its tokens back. Guessing one user's password from many addresses meets the username's
 //! bucket; guessing many users' from one address meets the address's.
+//!
+//! A stranger's failures must not lock the owner out: an address the user signed in from
+//! before (within 30 days) does not meet the username's bucket, only its own address's. So
+//! an attacker spending a username's budget locks out only the addresses the user never
+//! signed in from.
 
 use std::net::{IpAddr, Ipv6Addr};
+use std::sync::Arc;
+use std::time::Duration;
 
+use crate::clock::Clock;
 use crate::quota::Quota;
 use crate::ratelimit::MemoryLimiter;
 
-/// The two budgets.
-#[derive(Debug, Clone)]
+/// How long an address stays known good for a user after a successful sign-in.
+const KNOWN_GOOD_FOR: Duration = Duration::from_secs(30 * 86_400);
+/// The most (user, address) pairs remembered.
+const KNOWN_GOOD_CAPACITY: usize = 100_000;
+
+/// The two budgets, and the addresses each user signed in from.
+#[derive(Clone)]
 pub(crate) struct Logins {
     by_user: MemoryLimiter<String>,
     by_ip: MemoryLimiter<IpAddr>,
     user_quota: [Quota; 1],
     ip_quota: [Quota; 1],
+    /// (user, address) → when the user last signed in from there (nanoseconds).
+    known_good: Arc<quick_cache::sync::Cache<(String, IpAddr), u64>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for Logins {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Logins")
+            .field("per_user", &self.user_quota[0])
+            .field("per_ip", &self.ip_quota[0])
+            .finish_non_exhaustive()
+    }
 }
 
 /// Tokens taken for one attempt, to give back if it succeeds.
@@ -25,16 +50,35 @@ pub(crate) struct Logins {
 pub(crate) struct Attempt {
     user: String,
     ip: Option<IpAddr>,
+    /// Whether the username's bucket was charged (not for a known-good address).
+    charged_user: bool,
 }
 
 impl Logins {
-    pub(crate) fn new(user_quota: Quota, ip_quota: Quota) -> Self {
+    pub(crate) fn new(user_quota: Quota, ip_quota: Quota, clock: Arc<dyn Clock>) -> Self {
+        fn limiter<K: crate::ratelimit::BucketKey>(clock: &Arc<dyn Clock>) -> MemoryLimiter<K> {
+            // The builder refuses only a cap of 0, which this is not.
+            MemoryLimiter::builder()
+                .clock(Arc::clone(clock))
+                .build()
+                .unwrap_or_default()
+        }
         Self {
-            by_user: MemoryLimiter::new(),
-            by_ip: MemoryLimiter::new(),
+            by_user: limiter(&clock),
+            by_ip: limiter(&clock),
             user_quota: [user_quota],
             ip_quota: [ip_quota],
+            known_good: Arc::new(quick_cache::sync::Cache::new(KNOWN_GOOD_CAPACITY)),
+            clock,
         }
+    }
+
+    fn is_known_good(&self, user: &str, ip: Option<IpAddr>) -> bool {
+        let Some(ip) = ip else { return false };
+        let window = u64::try_from(KNOWN_GOOD_FOR.as_nanos()).unwrap_or(u64::MAX);
+        self.known_good
+            .get(&(user.to_owned(), ip))
+            .is_some_and(|at| self.clock.now_nanos().saturating_sub(at) < window)
     }
 
     /// Takes one attempt from the username's and the address's budgets, or says how many
@@ -50,8 +94,19 @@ impl Logins {
                 Err(_) => return Err(1),
             }
         }
+        if self.is_known_good(&user, ip) {
+            return Ok(Attempt {
+                user,
+                ip,
+                charged_user: false,
+            });
+        }
         match self.by_user.decide(&user, &self.user_quota, 1) {
-            Ok(d) if d.allowed => Ok(Attempt { user, ip }),
+            Ok(d) if d.allowed => Ok(Attempt {
+                user,
+                ip,
+                charged_user: true,
+            }),
             other => {
                 if let Some(ip) = ip {
                     self.by_ip.refund(&ip, &self.ip_quota, 1);
@@ -61,9 +116,25 @@ impl Logins {
         }
     }
 
-    /// The attempt succeeded: its tokens go back.
+    /// The attempt succeeded: its tokens go back, and its address is known good for the
+    /// user from now on.
     pub(crate) fn succeeded(&self, attempt: Attempt) {
-        self.by_user.refund(&attempt.user, &self.user_quota, 1);
+        self.given_back(&attempt);
+        if let Some(ip) = attempt.ip {
+            self.known_good
+                .insert((attempt.user, ip), self.clock.now_nanos());
+        }
+    }
+
+    /// The attempt did not count (the store failed): its tokens go back.
+    pub(crate) fn void(&self, attempt: Attempt) {
+        self.given_back(&attempt);
+    }
+
+    fn given_back(&self, attempt: &Attempt) {
+        if attempt.charged_user {
+            self.by_user.refund(&attempt.user, &self.user_quota, 1);
+        }
         if let Some(ip) = attempt.ip {
             self.by_ip.refund(&ip, &self.ip_quota, 1);
         }
@@ -92,7 +163,7 @@ mod tests {
 
     fn logins(user: u32, ip: u32) -> Logins {
         let q = |n| Quota::per_hour(NonZeroU32::new(n).unwrap());
-        Logins::new(q(user), q(ip))
+        Logins::new(q(user), q(ip), Arc::new(crate::clock::SystemClock))
     }
 
     #[test]
@@ -139,5 +210,39 @@ mod tests {
         logins
             .begin("d", Some("2001:db8:0:1::3".parse().unwrap()))
             .unwrap();
+    }
+
+    #[test]
+    fn a_stranger_cannot_lock_the_user_out_of_an_address_she_used() {
+        use crate::clock::FakeClock;
+        let clock = FakeClock::new(std::time::SystemTime::now());
+        let q = |n| Quota::per_hour(NonZeroU32::new(n).unwrap());
+        let logins = Logins::new(q(3), q(100), Arc::new(clock.clone()));
+        let home: IpAddr = "198.51.100.7".parse().unwrap();
+        let attempt = logins.begin("ada", Some(home)).unwrap();
+        logins.succeeded(attempt);
+        // A stranger spends ada's budget from elsewhere.
+        for i in 0..3 {
+            let ip: IpAddr = format!("203.0.113.{i}").parse().unwrap();
+            logins.begin("ada", Some(ip)).unwrap();
+        }
+        assert!(logins
+            .begin("ada", Some("203.0.113.99".parse().unwrap()))
+            .is_err());
+        // ada, from home, is not refused.
+        let attempt = logins.begin("ada", Some(home)).unwrap();
+        logins.succeeded(attempt);
+        // Known good is per user: another user from ada's home meets the budget.
+        for _ in 0..3 {
+            logins.begin("bob", Some(home)).unwrap();
+        }
+        assert!(logins.begin("bob", Some(home)).is_err());
+        // After 30 days without a sign-in from home, home is a stranger again.
+        clock.advance(KNOWN_GOOD_FOR);
+        for i in 0..3 {
+            let ip: IpAddr = format!("203.0.113.{i}").parse().unwrap();
+            let _ = logins.begin("ada", Some(ip));
+        }
+        assert!(logins.begin("ada", Some(home)).is_err());
     }
 }

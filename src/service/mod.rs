@@ -256,7 +256,7 @@ impl<S: OwnerStore + Send + Sync + 'static> KeyServiceBuilder<S> {
             client_ip: self.client_ip,
             ids: EventIds::new(&secret),
             signer: Signer::new(secret),
-            logins: Logins::new(self.user_quota, self.ip_quota),
+            logins: Logins::new(self.user_quota, self.ip_quota, Arc::clone(&self.clock)),
             clock: self.clock,
             openapi: openapi_document(self.api_paths),
         });
@@ -454,7 +454,7 @@ async fn sign_in<S: OwnerStore>(
         Ok(standing) => standing.credentials,
         Err(crate::store::StoreError::OwnerNotFound(_)) => 0,
         Err(other) => {
-            shared.logins.succeeded(attempt);
+            shared.logins.void(attempt);
             return Err(other.into());
         }
     };
@@ -470,7 +470,7 @@ async fn sign_in<S: OwnerStore>(
         Err(crate::store::StoreError::InvalidCredentials) => Err(Fail::credentials()),
         Err(other) => {
             // Not the caller's fault: the attempt does not count.
-            shared.logins.succeeded(attempt);
+            shared.logins.void(attempt);
             Err(other.into())
         }
     }
