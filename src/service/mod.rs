@@ -41,18 +41,24 @@
 //!
 //! - **Tenants.** Every management call acts for the owner its session names: another
 //!   owner's key id answers `404 not_found` exactly like an unknown one.
-//! - **Credentials.** Passwords are checked with argon2id, with the same work for an
-//!   unknown user; failed sign-ins are limited per username and per client IP (10 and 50 an
-//!   hour by default, tokens given back on success), answered `429
-//!   too_many_failed_attempts`. The limits are per process.
+//! - **Credentials.** Passwords are checked with argon2id on tokio's blocking pool, with the
+//!   same work for an unknown user; failed sign-ins are limited per username and per client
+//!   IP (10 and 50 an hour by default, tokens given back on success), answered `429
+//!   too_many_failed_attempts`. An address the user signed in from in the last 30 days
+//!   skips the username's budget, so a stranger cannot lock her out of it. The limits are
+//!   per process.
 //! - **Secrets** appear in exactly one response: the one that made them (`Cache-Control:
 //!   no-store`). Lists and views carry the public id and the prefix only.
 //! - **Sessions** are HMAC-SHA256-signed tokens (`kgs_…`), checked in constant time, ending
-//!   after 15 minutes or when the owner is disabled. Give every instance the same
+//!   after 15 minutes, and for good when the owner's password is set or the owner is
+//!   disabled ([`Standing`](crate::store::Standing)). Give every instance the same
 //!   [`session_secret`](KeyServiceBuilder::session_secret) so that sessions work across
 //!   them; the default is random per process.
-//! - **Bodies** are JSON objects of known fields only, at most 16 KiB: anything else is
-//!   refused (400, 413, 415, 422 naming the field) before anything is written.
+//! - **Bodies** are JSON objects of known fields only, each given once and not `null`, at
+//!   most 16 KiB: anything else is refused (400, 413, 415, 422 naming the field) before
+//!   anything is written.
+//! - **Audit ids** are opaque: a keyed permutation of the store's sequence, so that their
+//!   gaps do not count other owners' events.
 //! - **Client IPs** come from the [`ClientIp`] resolver: peers only, unless proxies are
 //!   trusted.
 //!
