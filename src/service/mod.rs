@@ -422,6 +422,15 @@ impl<S: KeyStore> Session<S> {
     }
 }
 
+/// The `limit` of a page: 50 unless given, 1 to 100.
+fn page_limit(asked: Option<usize>) -> Result<usize, Fail> {
+    match asked {
+        None => Ok(50),
+        Some(n @ 1..=100) => Ok(n),
+        Some(_) => Err(Fail::field("limit", "1 to 100")),
+    }
+}
+
 /// A JSON response that must not be cached (it may hold a secret).
 fn private(status: StatusCode, body: &impl serde::Serialize) -> Response {
     let mut response = (status, axum::Json(body)).into_response();
@@ -581,11 +590,7 @@ async fn list<S: OwnerStore + Send + Sync + 'static>(
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Fail> {
     let Query(query) = query.map_err(|e| Fail::field("query", e.body_text()))?;
-    let limit = match query.limit {
-        None => 50,
-        Some(n @ 1..=100) => n,
-        Some(_) => return Err(Fail::field("limit", "1 to 100")),
-    };
+    let limit = page_limit(query.limit)?;
     let after = query
         .after
         .filter(|a| !a.is_empty())
@@ -617,10 +622,7 @@ async fn create<S: OwnerStore + Send + Sync + 'static>(
     let created = session.store.create(new).await?;
     Ok(private(
         StatusCode::CREATED,
-        &Created {
-            key: KeyView::of(&created.record, &shared.format),
-            secret: created.secret.expose_secret(),
-        },
+        &Created::of(&created, &shared.format),
     ))
 }
 
@@ -722,10 +724,7 @@ async fn rotate<S: OwnerStore + Send + Sync + 'static>(
         .await?;
     Ok(private(
         StatusCode::OK,
-        &Created {
-            key: KeyView::of(&created.record, &shared.format),
-            secret: created.secret.expose_secret(),
-        },
+        &Created::of(&created, &shared.format),
     ))
 }
 
@@ -735,11 +734,7 @@ async fn audit<S: OwnerStore + Send + Sync + 'static>(
     query: Result<Query<AuditQueryParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Fail> {
     let Query(query) = query.map_err(|e| Fail::field("query", e.body_text()))?;
-    let limit = match query.limit {
-        None => 50,
-        Some(n @ 1..=100) => n,
-        Some(_) => return Err(Fail::field("limit", "1 to 100")),
-    };
+    let limit = page_limit(query.limit)?;
     let key = match query.key.filter(|k| !k.is_empty()) {
         // Only the owner's own keys: another's id reads as unknown.
         Some(id) => Some(session.key_kept(&id).await?.id),

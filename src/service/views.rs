@@ -10,7 +10,7 @@ use super::fail::{Fail, Input};
 use crate::key::{Environment, KeyFormat};
 use crate::quota::Quota;
 use crate::record::{KeyRecord, Restrictions, Scopes, Status};
-use crate::store::{AuditEvent, KeyUpdate, NewKey};
+use crate::store::{AuditEvent, CreatedKey, KeyUpdate, NewKey};
 
 /// The longest lifetime `expires_in` may ask for: ten years.
 const MAX_EXPIRES_IN: u64 = 10 * 365 * 86_400;
@@ -80,6 +80,15 @@ impl KeyView {
 pub(crate) struct Created<'a> {
     pub(crate) key: KeyView,
     pub(crate) secret: &'a str,
+}
+
+impl<'a> Created<'a> {
+    pub(crate) fn of(created: &'a CreatedKey, format: &KeyFormat) -> Self {
+        Self {
+            key: KeyView::of(&created.record, format),
+            secret: created.secret.expose_secret(),
+        }
+    }
 }
 
 /// An audit event as the owner sees it.
