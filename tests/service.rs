@@ -1294,7 +1294,13 @@ async fn a_created_key_reads_like_any_other_view() {
     let got = svc
         .call(Method::GET, &format!("/v1/keys/{id}"), &ada, None)
         .await;
-    // The same fields in the same order, so clients (and diffs) see one shape.
+    // The same fields in the same order, so clients (and diffs) see one shape; in a list
+    // too.
+    let list = svc.call(Method::GET, "/v1/keys", &ada, None).await.body;
+    assert!(
+        list.starts_with(&format!("{{\"keys\":[{{\"id\":\"{id}\",\"name\"")),
+        "{list}"
+    );
     let created = reply.body.split("\"key\":").nth(1).unwrap();
     let created = &created[..created.rfind(",\"secret\"").unwrap()];
     assert_eq!(created, got.body);

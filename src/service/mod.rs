@@ -92,7 +92,8 @@ use self::fail::{Fail, Json};
 use self::login::Logins;
 use self::session::Signer;
 use self::views::{
-    AuditQueryParams, AuditView, Create, Created, Credentials, KeyView, ListQuery, Patch, Rotate,
+    AuditPage, AuditQueryParams, AuditView, Create, Created, Credentials, KeyPage, KeyView,
+    ListQuery, NewApiKey, Patch, RateLimitView, Rotate, SessionView, TestKeyView,
 };
 use crate::clock::{Clock, SystemClock};
 use crate::error::ConfigError;
@@ -506,10 +507,10 @@ async fn createkey<S: OwnerStore + Send + Sync + 'static>(
         .await?;
     Ok(private(
         StatusCode::OK,
-        &json!({
-            "apiKey": created.secret.expose_secret(),
-            "keyId": created.record.id.as_str(),
-        }),
+        &NewApiKey {
+            api_key: created.secret.expose_secret(),
+            key_id: created.record.id.as_str(),
+        },
     ))
 }
 
@@ -523,38 +524,31 @@ async fn start_session<S: OwnerStore + Send + Sync + 'static>(
     let token = shared.signer.issue(&owner.name, credentials, expires);
     Ok(private(
         StatusCode::OK,
-        &json!({
-            "token": token.as_str(),
-            "expires_in": SESSION_TTL.as_secs(),
-            "owner": owner.name,
-        }),
+        &SessionView {
+            token: token.as_str(),
+            expires_in: SESSION_TTL.as_secs(),
+            owner: &owner.name,
+        },
     ))
 }
 
+/// `GET /auth/testkey` behind the layers: the key's view, handed to
+/// [`rate_limit_into_body`] (outside the layers) to be written with its budget.
 async fn testkey(principal: Principal) -> Response {
-    let record = principal.record();
-    private(
-        StatusCode::OK,
-        &json!({
-            "valid": true,
-            "key_id": record.id.as_str(),
-            "name": record.name,
-            "owner": record.owner.as_ref().map(|o| o.name.as_str()),
-            "environment": record.environment,
-            "scopes": record.scopes.iter().collect::<Vec<_>>(),
-            "expires_at": record.expires_at.map(views::time),
-            "rate_limit": Value::Null,
-        }),
-    )
+    let mut response = StatusCode::OK.into_response();
+    response
+        .extensions_mut()
+        .insert(TestKeyView::of(principal.record()));
+    response
 }
 
-/// Copies the rate-limit numbers the layer put in the headers of a `testkey` answer into
-/// its body.
+/// Writes a `testkey` answer: the key's view with the rate-limit numbers the layer put in
+/// the headers. Refusals (no view) pass as the layers made them.
 async fn rate_limit_into_body(response: Response) -> Response {
-    if response.status() != StatusCode::OK {
-        return response;
-    }
     let (mut parts, body) = response.into_parts();
+    let Some(mut view) = parts.extensions.remove::<TestKeyView>() else {
+        return Response::from_parts(parts, body);
+    };
     let number = |name: &str| {
         parts
             .headers
@@ -562,26 +556,24 @@ async fn rate_limit_into_body(response: Response) -> Response {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
     };
-    let (Some(limit), Some(remaining), Some(reset)) = (
+    if let (Some(limit), Some(remaining), Some(reset)) = (
         number("x-ratelimit-limit"),
         number("x-ratelimit-remaining"),
         number("x-ratelimit-reset"),
-    ) else {
-        return Response::from_parts(parts, body);
-    };
-    let Ok(bytes) = http_body_util::BodyExt::collect(body)
-        .await
-        .map(http_body_util::Collected::to_bytes)
-    else {
-        return Fail::unavailable().into_response();
-    };
-    let Ok(mut value) = serde_json::from_slice::<Value>(&bytes) else {
-        return Response::from_parts(parts, axum::body::Body::from(bytes));
-    };
-    value["rate_limit"] = json!({"limit": limit, "remaining": remaining, "reset": reset});
-    let body = serde_json::to_vec(&value).unwrap_or_default();
-    parts.headers.remove(http::header::CONTENT_LENGTH);
-    Response::from_parts(parts, axum::body::Body::from(body))
+    ) {
+        view.rate_limit = Some(RateLimitView {
+            limit,
+            remaining,
+            reset,
+        });
+    }
+    let mut response = private(StatusCode::OK, &view);
+    for (name, value) in &parts.headers {
+        if name.as_str().starts_with("x-ratelimit") || name.as_str().starts_with("ratelimit") {
+            response.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    response
 }
 
 async fn list<S: OwnerStore + Send + Sync + 'static>(
@@ -607,10 +599,7 @@ async fn list<S: OwnerStore + Send + Sync + 'static>(
         .filter(|r| r.status != Status::Deleted)
         .map(|r| KeyView::of(r, &shared.format))
         .collect();
-    Ok(private(
-        StatusCode::OK,
-        &json!({ "keys": keys, "next": next }),
-    ))
+    Ok(private(StatusCode::OK, &KeyPage { keys, next }))
 }
 
 async fn create<S: OwnerStore + Send + Sync + 'static>(
@@ -761,10 +750,7 @@ async fn audit<S: OwnerStore + Send + Sync + 'static>(
         .iter()
         .map(|e| AuditView::of(e, &shared.ids))
         .collect();
-    Ok(private(
-        StatusCode::OK,
-        &json!({ "events": events, "next": next }),
-    ))
+    Ok(private(StatusCode::OK, &AuditPage { events, next }))
 }
 
 /// The dashboard: one page, its inline script allowed by its hash and nothing else loaded.

@@ -91,6 +91,74 @@ impl<'a> Created<'a> {
     }
 }
 
+/// `POST /auth/createkey`'s answer, in the seed's spelling.
+#[derive(Debug, Serialize)]
+pub(crate) struct NewApiKey<'a> {
+    #[serde(rename = "apiKey")]
+    pub(crate) api_key: &'a str,
+    #[serde(rename = "keyId")]
+    pub(crate) key_id: &'a str,
+}
+
+/// `POST /auth/session`'s answer.
+#[derive(Debug, Serialize)]
+pub(crate) struct SessionView<'a> {
+    pub(crate) token: &'a str,
+    pub(crate) expires_in: u64,
+    pub(crate) owner: &'a str,
+}
+
+/// `GET /auth/testkey`'s answer for a key the layers accepted.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct TestKeyView {
+    valid: bool,
+    key_id: String,
+    name: String,
+    owner: Option<String>,
+    environment: Environment,
+    scopes: Vec<String>,
+    expires_at: Option<String>,
+    pub(crate) rate_limit: Option<RateLimitView>,
+}
+
+impl TestKeyView {
+    pub(crate) fn of(record: &KeyRecord) -> Self {
+        Self {
+            valid: true,
+            key_id: record.id.as_str().to_owned(),
+            name: record.name.clone(),
+            owner: record.owner.as_ref().map(|o| o.name.clone()),
+            environment: record.environment,
+            scopes: record.scopes.iter().map(str::to_owned).collect(),
+            expires_at: time_opt(record.expires_at),
+            rate_limit: None,
+        }
+    }
+}
+
+/// A key's budget as `testkey` reports it.
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct RateLimitView {
+    pub(crate) limit: u64,
+    pub(crate) remaining: u64,
+    pub(crate) reset: u64,
+}
+
+/// A page of `GET /v1/keys`. (Structs, not `json!` maps, for every answer: the fields come
+/// out in the documented order, the same in every answer.)
+#[derive(Debug, Serialize)]
+pub(crate) struct KeyPage {
+    pub(crate) keys: Vec<KeyView>,
+    pub(crate) next: Option<String>,
+}
+
+/// A page of `GET /v1/audit`.
+#[derive(Debug, Serialize)]
+pub(crate) struct AuditPage {
+    pub(crate) events: Vec<AuditView>,
+    pub(crate) next: Option<String>,
+}
+
 /// An audit event as the owner sees it.
 #[derive(Debug, Serialize)]
 pub(crate) struct AuditView {
