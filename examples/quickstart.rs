@@ -2,8 +2,9 @@
 //!
 //! Keys live in SQLite (`keygate.db` in the current directory). At each start the demo owner
 //! `demo` gets a fresh password and two fresh keys (the earlier demo keys are revoked), and
-//! the example prints them (`KEY_FULL`, `KEY_READONLY`, `OWNER`, `OWNER_PASSWORD`) with its
-//! address, then serves the demo API and the key service:
+//! the example prints them (`KEY_FULL`, `KEY_READONLY`, `OWNER`, `OWNER_PASSWORD`, and an
+//! OAuth2 client's `CLIENT_ID` and `CLIENT_SECRET`, scope `read`) with its address, then
+//! serves the demo API and the key service:
 //!
 //! | route | needs |
 //! | --- | --- |
@@ -14,7 +15,10 @@
 //! | `OPTIONS *` (CORS preflight) | no key |
 //! | `POST /auth/createkey`, `POST /auth/session` | the owner's username and password |
 //! | `GET /auth/testkey` | the key to test |
-//! | `/v1/keys…`, `GET /v1/audit` | a session token (`Authorization: Bearer`) |
+//! | `/v1/keys…`, `/v1/clients…`, `GET /v1/audit` | a session token (`Authorization: Bearer`) |
+//! | `POST /oauth/token`, `/oauth/revoke`, `/oauth/introspect` | the client's id and secret (HTTP Basic) |
+//! | `POST /v1/keys/revoke` | the key to revoke, in the body |
+//! | `POST /v1/keys/leaked` | a GitHub secret-scanning signature (see `KEYGATE_GITHUB_PUBLIC_KEYS`) |
 //! | `GET /dashboard` | nothing: it signs in itself |
 //!
 //! Settings, from the environment:
@@ -26,6 +30,7 @@
 //! | `KEYGATE_REDIS_URL` | buckets on Redis (`redis://…`, or `rediss://…` for TLS; several comma-separated nodes: a Redis Cluster), and changes broadcast on Redis to every instance; unset: buckets in memory |
 //! | `KEYGATE_REDIS_POLICY` | what happens while Redis is down: `closed` (503, the default), `open` or `local` |
 //! | `KEYGATE_SESSION_SECRET` | the secret signing dashboard and management sessions (32 bytes or more); give every instance the same one. Unset: random per start |
+//! | `KEYGATE_GITHUB_PUBLIC_KEYS` | a file holding GitHub's secret-scanning public keys (the JSON of `https://api.github.com/meta/public_keys/secret_scanning`), trusted by `POST /v1/keys/leaked` |
 //! | `KEYGATE_DEMO=off` | no demo owner or keys: for the second and later instances of one service |
 //!
 //! Several quickstarts given the same PostgreSQL and Redis (and `KEYGATE_DEMO=off` for all
@@ -49,7 +54,10 @@ use keygate::key::Environment;
 use keygate::lookup::CachedLookup;
 use keygate::ratelimit::{FailurePolicy, Quota, RedisLimiter};
 use keygate::service::KeyService;
-use keygate::store::{Actor, CreatedKey, NewKey, OwnerStore, RedisChanges, SqlStore, StoreError};
+use keygate::store::{
+    Actor, ClientStore, CreatedClient, CreatedKey, NewClient, NewKey, OwnerStore, RedisChanges,
+    SqlStore, StoreError,
+};
 use keygate::{Keygate, Principal};
 use serde_json::{json, Value};
 use tower::{Layer, Service};
@@ -121,6 +129,12 @@ async fn run() -> Result<(), Failure> {
         redis: var("KEYGATE_REDIS_URL"),
         policy,
         session_secret: var("KEYGATE_SESSION_SECRET"),
+        github_keys: match var("KEYGATE_GITHUB_PUBLIC_KEYS") {
+            None => None,
+            Some(path) => Some(std::fs::read_to_string(&path).map_err(|e| {
+                Failure(2, format!("KEYGATE_GITHUB_PUBLIC_KEYS={path:?}: {e}"))
+            })?),
+        },
     };
     let url = var("KEYGATE_DATABASE_URL").unwrap_or_else(|| "sqlite://keygate.db".to_owned());
     let store = SqlStore::connect(&url)
@@ -147,9 +161,10 @@ struct Settings {
     redis: Option<String>,
     policy: FailurePolicy,
     session_secret: Option<String>,
+    github_keys: Option<String>,
 }
 
-async fn serve<S: OwnerStore + Send + Sync + 'static>(
+async fn serve<S: ClientStore + Send + Sync + 'static>(
     store: S,
     settings: Settings,
 ) -> Result<(), Failure> {
@@ -159,6 +174,7 @@ async fn serve<S: OwnerStore + Send + Sync + 'static>(
         redis,
         policy,
         session_secret,
+        github_keys,
     } = settings;
     if session_secret.as_ref().is_some_and(|s| s.len() < 32) {
         return Err(Failure(
@@ -186,7 +202,8 @@ async fn serve<S: OwnerStore + Send + Sync + 'static>(
             let keygate = keygate.build().map_err(bad)?;
             let messages = keygate.route().scopes(["messages:write"]).build();
             let testkey = keygate.route().cost(0).build().map_err(bad)?;
-            let service = key_service(store, testkey, session_secret).map_err(bad)?;
+            let service = key_service(store, testkey, session_secret, github_keys)
+                .map_err(bad)?;
             (app(keygate, messages.map_err(bad)?, service), None)
         }
         Some(redis) => {
@@ -208,7 +225,8 @@ async fn serve<S: OwnerStore + Send + Sync + 'static>(
             let keygate = keygate.limiter_store(limiter).build().map_err(bad)?;
             let messages = keygate.route().scopes(["messages:write"]).build();
             let testkey = keygate.route().cost(0).build().map_err(bad)?;
-            let service = key_service(store, testkey, session_secret).map_err(bad)?;
+            let service = key_service(store, testkey, session_secret, github_keys)
+                .map_err(bad)?;
             (app(keygate, messages.map_err(bad)?, service), Some(changes))
         }
     };
@@ -222,6 +240,8 @@ async fn serve<S: OwnerStore + Send + Sync + 'static>(
         println!("KEY_READONLY={}", demo.readonly.secret.expose_secret());
         println!("OWNER=demo");
         println!("OWNER_PASSWORD={}", demo.password.as_str());
+        println!("CLIENT_ID={}", demo.client.client.id);
+        println!("CLIENT_SECRET={}", demo.client.secret.expose_secret());
     }
     println!("listening on http://{local}");
     let _ = std::io::stdout().flush();
@@ -238,9 +258,10 @@ pub(crate) fn key_service<S, L>(
     store: S,
     testkey: L,
     session_secret: Option<String>,
+    github_keys: Option<String>,
 ) -> Result<Router, keygate::ConfigError>
 where
-    S: OwnerStore + Send + Sync + 'static,
+    S: ClientStore + Send + Sync + 'static,
     L: Layer<Route> + Clone + Send + Sync + 'static,
     L::Service: Service<Request, Error = Infallible> + Clone + Send + Sync + 'static,
     <L::Service as Service<Request>>::Response: IntoResponse + 'static,
@@ -256,6 +277,11 @@ where
     if let Some(secret) = session_secret {
         service = service.session_secret(secret.into_bytes());
     }
+    if let Some(keys) = github_keys {
+        service = service
+            .github_public_keys(keys)
+            .on_leak(|report| eprintln!("leaked key revoked: {}", report.key_id));
+    }
     service.build()
 }
 
@@ -264,11 +290,12 @@ struct Demo {
     password: Zeroizing<String>,
     full: CreatedKey,
     readonly: CreatedKey,
+    client: CreatedClient,
 }
 
 /// The demo owner `demo` with a fresh password and two fresh keys; the demo keys of an
 /// earlier start are revoked.
-async fn demo_set<S: OwnerStore>(store: &S) -> Result<Demo, StoreError> {
+async fn demo_set<S: ClientStore>(store: &S) -> Result<Demo, StoreError> {
     let mut bytes = [0u8; 18];
     getrandom::fill(&mut bytes).map_err(|e| StoreError::Random(keygate::key::RandomError(e)))?;
     let password = Zeroizing::new(URL_SAFE_NO_PAD.encode(bytes));
@@ -289,10 +316,19 @@ async fn demo_set<S: OwnerStore>(store: &S) -> Result<Demo, StoreError> {
     let mut readonly = NewKey::new("demo", "read only", Environment::Test);
     readonly.scopes = ["read"].into_iter().collect();
     readonly.quotas = vec![sixty];
+    // One OAuth2 client, scope `read`; the earlier demo clients (and their tokens) revoked.
+    for earlier in store.clients("demo").await? {
+        if earlier.active {
+            store.revoke_client(&earlier.id).await?;
+        }
+    }
+    let mut client = NewClient::new("demo", "demo client");
+    client.scopes = ["read"].into_iter().collect();
     Ok(Demo {
         password,
         full: store.create(full).await?,
         readonly: store.create(readonly).await?,
+        client: store.create_client(client).await?,
     })
 }
 

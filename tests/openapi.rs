@@ -1334,7 +1334,7 @@ async fn quickstart_app() -> (Router, String, String) {
         .unwrap();
     let messages = keygate.route().scopes(["messages:write"]).build().unwrap();
     let testkey = keygate.route().build().unwrap();
-    let service = quickstart::key_service(store.clone(), testkey, None).unwrap();
+    let service = quickstart::key_service(store.clone(), testkey, None, None).unwrap();
     let app = quickstart::app(keygate, messages, service);
     let key = |name: &str, scopes: &[&str]| {
         let mut new = NewKey::new("ada", name, Environment::Live);

@@ -209,7 +209,7 @@ impl<T: Input, St: Send + Sync> FromRequest<St> for Json<T> {
             return Err(too_large());
         }
         let content_type = parts.headers.get(CONTENT_TYPE);
-        let bytes = read(body).await?;
+        let bytes = read_body(body).await?;
         if content_type.is_none() && bytes.is_empty() && T::MAY_BE_EMPTY {
             return parse::<T>(Value::Object(serde_json::Map::new())).map(Self);
         }
@@ -282,7 +282,7 @@ fn too_large() -> Fail {
 }
 
 /// The body's bytes, refused past [`MAX_BODY`] whatever the headers said.
-async fn read(body: Body) -> Result<bytes::Bytes, Fail> {
+pub(crate) async fn read_body(body: Body) -> Result<bytes::Bytes, Fail> {
     match http_body_util::Limited::new(body, MAX_BODY).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),

@@ -126,6 +126,26 @@ impl Logins {
         }
     }
 
+    /// Takes one attempt from the address's budget only (for endpoints that name no user:
+    /// a guess at a key to revoke), or says how many seconds to wait.
+    pub(crate) fn begin_address(&self, ip: Option<IpAddr>) -> Result<Option<IpAddr>, u64> {
+        let Some(ip) = ip.map(network) else {
+            return Ok(None);
+        };
+        match self.by_ip.decide(&ip, &self.ip_quota, 1) {
+            Ok(d) if d.allowed => Ok(Some(ip)),
+            Ok(d) => Err(d.numbers.retry_after.max(1)),
+            Err(_) => Err(1),
+        }
+    }
+
+    /// An address-only attempt that was no guess (the key existed): its token goes back.
+    pub(crate) fn address_ok(&self, attempt: Option<IpAddr>) {
+        if let Some(ip) = attempt {
+            self.by_ip.refund(&ip, &self.ip_quota, 1);
+        }
+    }
+
     /// The attempt did not count (the store failed): its tokens go back.
     pub(crate) fn void(&self, attempt: Attempt) {
         self.given_back(&attempt);

@@ -65,9 +65,12 @@
 //! Mount the service outside keygate's own layer (it authenticates its callers itself),
 //! and put a CORS layer, if any, outside both.
 
+mod clients;
 mod cursor;
 mod fail;
+mod leaked;
 mod login;
+mod oauth;
 mod session;
 mod views;
 
@@ -101,7 +104,9 @@ use crate::head::RequestHead;
 use crate::key::{Environment, KeyFormat, KeyId};
 use crate::quota::Quota;
 use crate::record::{KeyRecord, Owner, Principal, Status};
-use crate::store::{Actor, AuditQuery, KeyStore, NewKey, OwnerStore, Page};
+use crate::store::{Actor, AuditQuery, ClientStore, KeyStore, NewKey, Page};
+
+pub use self::leaked::LeakReport;
 use crate::validate::ClientIp;
 
 /// How long a session lasts.
@@ -115,7 +120,7 @@ pub struct KeyService;
 
 impl KeyService {
     /// A service over `store`.
-    pub fn builder<S: OwnerStore + Send + Sync + 'static>(store: S) -> KeyServiceBuilder<S> {
+    pub fn builder<S: ClientStore + Send + Sync + 'static>(store: S) -> KeyServiceBuilder<S> {
         KeyServiceBuilder {
             store,
             template: NewKey::new("", "created by /auth/createkey", Environment::Live),
@@ -127,6 +132,10 @@ impl KeyService {
             clock: Arc::new(SystemClock),
             testkey: None,
             api_paths: None,
+            oauth_body_credentials: false,
+            oauth_quotas: Vec::new(),
+            github_keys: Vec::new(),
+            on_leak: None,
         }
     }
 }
@@ -150,6 +159,10 @@ pub struct KeyServiceBuilder<S> {
     clock: Arc<dyn Clock>,
     testkey: Option<Router>,
     api_paths: Option<Value>,
+    oauth_body_credentials: bool,
+    oauth_quotas: Vec<Quota>,
+    github_keys: Vec<String>,
+    on_leak: Option<Arc<dyn Fn(&LeakReport) + Send + Sync>>,
 }
 
 impl<S> std::fmt::Debug for KeyServiceBuilder<S> {
@@ -164,7 +177,7 @@ impl<S> std::fmt::Debug for KeyServiceBuilder<S> {
     }
 }
 
-impl<S: OwnerStore + Send + Sync + 'static> KeyServiceBuilder<S> {
+impl<S: ClientStore + Send + Sync + 'static> KeyServiceBuilder<S> {
     /// The key `POST /auth/createkey` makes (its owner is the caller): name, environment,
     /// scopes, rates… Default: a live key named "created by /auth/createkey" with no
     /// scopes and the layer's default rate.
@@ -229,6 +242,41 @@ impl<S: OwnerStore + Send + Sync + 'static> KeyServiceBuilder<S> {
         self
     }
 
+    /// Whether `POST /oauth/token` (and revoke, introspect) also take `client_id` and
+    /// `client_secret` in the body. Off by default: RFC 6749 §2.3.1 does not recommend it,
+    /// and HTTP Basic is always taken. A request never may use both.
+    pub fn oauth_body_credentials(mut self, allowed: bool) -> Self {
+        self.oauth_body_credentials = allowed;
+        self
+    }
+
+    /// The rate-limit windows of OAuth2 access tokens, shared by every token of one client
+    /// (default: none, the layer's default quota).
+    pub fn oauth_token_quotas(mut self, quotas: impl IntoIterator<Item = Quota>) -> Self {
+        self.oauth_token_quotas_set(quotas.into_iter().collect());
+        self
+    }
+
+    fn oauth_token_quotas_set(&mut self, quotas: Vec<Quota>) {
+        self.oauth_quotas = quotas;
+    }
+
+    /// Trusts GitHub's secret-scanning public keys for `POST /v1/keys/leaked`: the JSON
+    /// document of `https://api.github.com/meta/public_keys/secret_scanning`
+    /// (`{"public_keys": [{"key_identifier", "key", …}]}`), fetched by you (for tests, one
+    /// of your own). Without any, every alert is refused as unsigned.
+    pub fn github_public_keys(mut self, document: impl Into<String>) -> Self {
+        self.github_keys.push(document.into());
+        self
+    }
+
+    /// Called for every key a leak report revoked (or found revoked already): to e-mail
+    /// its owner, say. It runs on the request; hand slow work to a task.
+    pub fn on_leak(mut self, hook: impl Fn(&LeakReport) + Send + Sync + 'static) -> Self {
+        self.on_leak = Some(Arc::new(hook));
+        self
+    }
+
     /// Adds your API's OpenAPI `paths` object to `/swagger/openapi.json`.
     pub fn api_paths(mut self, paths: Value) -> Self {
         self.api_paths = Some(paths);
@@ -239,9 +287,14 @@ impl<S: OwnerStore + Send + Sync + 'static> KeyServiceBuilder<S> {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::InvalidValue`] when the session secret is shorter than 32 bytes, or
-    /// when no random secret could be made.
+    /// [`ConfigError::InvalidValue`] when the session secret is shorter than 32 bytes, when
+    /// no random secret could be made, or when a GitHub public-key document does not parse.
     pub fn build(self) -> Result<Router, ConfigError> {
+        let mut scanners = leaked::Scanners::default();
+        for document in &self.github_keys {
+            scanners.add_github_keys(document)?;
+        }
+        scanners.hook = self.on_leak;
         let secret = match self.secret {
             Some(secret) if secret.len() >= 32 => secret,
             Some(_) => {
@@ -266,6 +319,9 @@ impl<S: OwnerStore + Send + Sync + 'static> KeyServiceBuilder<S> {
             logins: Logins::new(self.user_quota, self.ip_quota, Arc::clone(&self.clock)),
             clock: self.clock,
             openapi: openapi_document(self.api_paths),
+            oauth_body_credentials: self.oauth_body_credentials,
+            oauth_quotas: self.oauth_quotas,
+            scanners,
         });
         let router = Router::new()
             .route("/auth/createkey", post(createkey::<S>))
@@ -278,6 +334,19 @@ impl<S: OwnerStore + Send + Sync + 'static> KeyServiceBuilder<S> {
             .route("/v1/keys/{id}/disable", post(disable::<S>))
             .route("/v1/keys/{id}/enable", post(enable::<S>))
             .route("/v1/keys/{id}/rotate", post(rotate::<S>))
+            .route("/v1/keys/revoke", post(leaked::revoke_by_key::<S>))
+            .route("/v1/keys/leaked", post(leaked::leaked::<S>))
+            .route(
+                "/v1/clients",
+                get(clients::list::<S>).post(clients::create::<S>),
+            )
+            .route(
+                "/v1/clients/{id}",
+                axum::routing::delete(clients::revoke::<S>),
+            )
+            .route("/oauth/token", post(oauth::token::<S>))
+            .route("/oauth/revoke", post(oauth::revoke::<S>))
+            .route("/oauth/introspect", post(oauth::introspect::<S>))
             .route("/v1/audit", get(audit::<S>))
             .route("/dashboard", get(dashboard))
             .route("/swagger/openapi.json", get(openapi::<S>))
@@ -309,6 +378,9 @@ struct Shared<S> {
     logins: Logins,
     clock: Arc<dyn Clock>,
     openapi: Value,
+    oauth_body_credentials: bool,
+    oauth_quotas: Vec<Quota>,
+    scanners: leaked::Scanners,
 }
 
 type St<S> = State<Arc<Shared<S>>>;
@@ -356,7 +428,7 @@ struct Session<S> {
     store: S,
 }
 
-impl<S: OwnerStore + Send + Sync + 'static> FromRequestParts<Arc<Shared<S>>> for Session<S> {
+impl<S: ClientStore + Send + Sync + 'static> FromRequestParts<Arc<Shared<S>>> for Session<S> {
     type Rejection = Fail;
 
     async fn from_request_parts(parts: &mut Parts, shared: &Arc<Shared<S>>) -> Result<Self, Fail> {
@@ -400,7 +472,8 @@ impl<S: KeyStore> Session<S> {
     /// owner's.
     async fn key(&self, id: &str) -> Result<KeyRecord, Fail> {
         let record = self.key_kept(id).await?;
-        if record.status == Status::Deleted {
+        // Deleted keys are gone; OAuth2 access tokens are managed through their client.
+        if record.status == Status::Deleted || record.use_case == oauth::TOKEN_USE_CASE {
             return Err(Fail::not_found());
         }
         Ok(record)
@@ -492,7 +565,7 @@ async fn sign_in<S: OwnerStore>(
     }
 }
 
-async fn createkey<S: OwnerStore + Send + Sync + 'static>(
+async fn createkey<S: ClientStore + Send + Sync + 'static>(
     State(shared): St<S>,
     Client(ip): Client,
     Json(credentials): Json<Credentials>,
@@ -514,7 +587,7 @@ async fn createkey<S: OwnerStore + Send + Sync + 'static>(
     ))
 }
 
-async fn start_session<S: OwnerStore + Send + Sync + 'static>(
+async fn start_session<S: ClientStore + Send + Sync + 'static>(
     State(shared): St<S>,
     Client(ip): Client,
     Json(credentials): Json<Credentials>,
@@ -576,7 +649,7 @@ async fn rate_limit_into_body(response: Response) -> Response {
     response
 }
 
-async fn list<S: OwnerStore + Send + Sync + 'static>(
+async fn list<S: ClientStore + Send + Sync + 'static>(
     State(shared): St<S>,
     session: Session<S>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
@@ -596,13 +669,13 @@ async fn list<S: OwnerStore + Send + Sync + 'static>(
         .flatten();
     let keys: Vec<KeyView> = page
         .iter()
-        .filter(|r| r.status != Status::Deleted)
+        .filter(|r| r.status != Status::Deleted && r.use_case != oauth::TOKEN_USE_CASE)
         .map(|r| KeyView::of(r, &shared.format))
         .collect();
     Ok(private(StatusCode::OK, &KeyPage { keys, next }))
 }
 
-async fn create<S: OwnerStore + Send + Sync + 'static>(
+async fn create<S: ClientStore + Send + Sync + 'static>(
     State(shared): St<S>,
     session: Session<S>,
     Json(body): Json<Create>,
@@ -615,7 +688,7 @@ async fn create<S: OwnerStore + Send + Sync + 'static>(
     ))
 }
 
-async fn show<S: OwnerStore + Send + Sync + 'static>(
+async fn show<S: ClientStore + Send + Sync + 'static>(
     State(shared): St<S>,
     session: Session<S>,
     KeyPath(id): KeyPath,
@@ -627,7 +700,7 @@ async fn show<S: OwnerStore + Send + Sync + 'static>(
     ))
 }
 
-async fn patch<S: OwnerStore + Send + Sync + 'static>(
+async fn patch<S: ClientStore + Send + Sync + 'static>(
     State(shared): St<S>,
     session: Session<S>,
     KeyPath(id): KeyPath,
@@ -657,7 +730,7 @@ async fn patch<S: OwnerStore + Send + Sync + 'static>(
     ))
 }
 
-async fn set_status<S: OwnerStore + Send + Sync + 'static>(
+async fn set_status<S: ClientStore + Send + Sync + 'static>(
     shared: &Shared<S>,
     session: &Session<S>,
     id: &str,
@@ -671,7 +744,7 @@ async fn set_status<S: OwnerStore + Send + Sync + 'static>(
     ))
 }
 
-async fn disable<S: OwnerStore + Send + Sync + 'static>(
+async fn disable<S: ClientStore + Send + Sync + 'static>(
     State(shared): St<S>,
     session: Session<S>,
     KeyPath(id): KeyPath,
@@ -679,7 +752,7 @@ async fn disable<S: OwnerStore + Send + Sync + 'static>(
     set_status(&shared, &session, &id, Status::Disabled).await
 }
 
-async fn enable<S: OwnerStore + Send + Sync + 'static>(
+async fn enable<S: ClientStore + Send + Sync + 'static>(
     State(shared): St<S>,
     session: Session<S>,
     KeyPath(id): KeyPath,
@@ -687,7 +760,7 @@ async fn enable<S: OwnerStore + Send + Sync + 'static>(
     set_status(&shared, &session, &id, Status::Active).await
 }
 
-async fn delete<S: OwnerStore + Send + Sync + 'static>(
+async fn delete<S: ClientStore + Send + Sync + 'static>(
     session: Session<S>,
     KeyPath(id): KeyPath,
 ) -> Result<StatusCode, Fail> {
@@ -699,7 +772,7 @@ async fn delete<S: OwnerStore + Send + Sync + 'static>(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn rotate<S: OwnerStore + Send + Sync + 'static>(
+async fn rotate<S: ClientStore + Send + Sync + 'static>(
     State(shared): St<S>,
     session: Session<S>,
     KeyPath(id): KeyPath,
@@ -717,7 +790,7 @@ async fn rotate<S: OwnerStore + Send + Sync + 'static>(
     ))
 }
 
-async fn audit<S: OwnerStore + Send + Sync + 'static>(
+async fn audit<S: ClientStore + Send + Sync + 'static>(
     State(shared): St<S>,
     session: Session<S>,
     query: Result<Query<AuditQueryParams>, axum::extract::rejection::QueryRejection>,

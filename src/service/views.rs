@@ -217,21 +217,8 @@ impl Fields {
         Ok(list.into_iter().collect())
     }
 
-    /// A list of scopes or sites: each one word of visible ASCII, named by its index when
-    /// it is not.
     fn words(field: &'static str, one: &'static str, list: &[String]) -> Result<(), Fail> {
-        bounded(field, list)?;
-        for (i, word) in list.iter().enumerate() {
-            if let Err(crate::store::StoreError::Invalid { reason, .. }) =
-                crate::store::check_word(one, word)
-            {
-                return Err(Fail::field(
-                    format!("{field}[{i}]"),
-                    format!("a {one}: {reason}"),
-                ));
-            }
-        }
-        Ok(())
+        check_words(field, one, list)
     }
 
     fn quotas(list: &[String]) -> Result<Vec<Quota>, Fail> {
@@ -269,6 +256,27 @@ impl Fields {
             })
             .collect()
     }
+}
+
+/// A list of scopes or sites: each one word of visible ASCII, named by its index when it is
+/// not.
+pub(crate) fn check_words(
+    field: &'static str,
+    one: &'static str,
+    list: &[String],
+) -> Result<(), Fail> {
+    bounded(field, list)?;
+    for (i, word) in list.iter().enumerate() {
+        if let Err(crate::store::StoreError::Invalid { reason, .. }) =
+            crate::store::check_word(one, word)
+        {
+            return Err(Fail::field(
+                format!("{field}[{i}]"),
+                format!("a {one}: {reason}"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn bounded(field: &'static str, list: &[String]) -> Result<(), Fail> {
@@ -325,6 +333,12 @@ impl Create {
         let mut new = NewKey::new(owner, name, self.environment.unwrap_or(Environment::Live));
         new.description = description.unwrap_or_default();
         new.use_case = self.use_case.unwrap_or_default();
+        if new.use_case.starts_with("keygate:") {
+            return Err(Fail::field(
+                "use_case",
+                "use cases starting with `keygate:` are keygate's own",
+            ));
+        }
         if let Some(scopes) = scopes {
             new.scopes = Fields::scopes(scopes)?;
         }
