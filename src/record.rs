@@ -239,6 +239,12 @@ pub struct KeyRecord {
     /// HTTP API's `ETag`).
     #[serde(default)]
     pub version: u64,
+    /// The key whose rate-limit bucket this one shares (`None`: its own): an OAuth2 access
+    /// token shares its client's (`KeyId::new(client id)`), so that every token of one
+    /// client draws on one budget. [`PerKey`](crate::ratelimit::PerKey) keys buckets by it
+    /// when it is set. Fixed at creation.
+    #[serde(default)]
+    pub rate_bucket: Option<KeyId>,
     /// Where this record's uses are reported (the store's hook), with its throttle.
     #[serde(skip)]
     usage: Usage,
@@ -318,6 +324,7 @@ impl KeyRecord {
             last_used_at: None,
             last_used_ip: None,
             version: 0,
+            rate_bucket: None,
             usage: Usage::default(),
         }
     }

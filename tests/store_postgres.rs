@@ -7,7 +7,7 @@
 mod conformance;
 
 use keygate::key::Environment;
-use keygate::store::{KeyStore, NewKey, OwnerStore, SqlStore};
+use keygate::store::{ClientStore, KeyStore, NewClient, NewKey, OwnerStore, SqlStore};
 use sqlx::Row;
 
 fn url() -> String {
@@ -23,7 +23,7 @@ async fn reset(url: &str) {
         .connect(url)
         .await
         .expect("connect to KEYGATE_TEST_POSTGRES_URL");
-    sqlx::query("DROP TABLE IF EXISTS keygate_audit, keygate_key_hashes, keygate_keys, keygate_owners CASCADE")
+    sqlx::query("DROP TABLE IF EXISTS keygate_audit, keygate_clients, keygate_key_hashes, keygate_keys, keygate_owners CASCADE")
         .execute(&pool)
         .await
         .expect("reset");
@@ -69,6 +69,11 @@ async fn postgres_store_conforms_and_keeps_no_secret() {
             .await
             .unwrap();
         secrets.push(rotated.secret);
+        let client = store
+            .create_client(NewClient::new("ada", format!("c{i}")))
+            .await
+            .unwrap();
+        secrets.push(client.secret);
     }
     let pool = sqlx::postgres::PgPoolOptions::new()
         .connect(&url)
@@ -80,6 +85,7 @@ async fn postgres_store_conforms_and_keeps_no_secret() {
         "keygate_keys",
         "keygate_key_hashes",
         "keygate_audit",
+        "keygate_clients",
     ] {
         let rows = sqlx::query(&format!("SELECT row_to_json(t)::text AS j FROM {table} t"))
             .fetch_all(&pool)
@@ -109,6 +115,9 @@ async fn postgres_store_conforms_and_keeps_no_secret() {
     for step in [
         "DROP TABLE keygate_audit",
         "ALTER TABLE keygate_keys DROP COLUMN last_used_ip",
+        "DROP TABLE keygate_clients",
+        "DROP INDEX keygate_keys_rate_bucket",
+        "ALTER TABLE keygate_keys DROP COLUMN rate_bucket",
     ] {
         sqlx::query(step).execute(&pool).await.unwrap();
     }
@@ -118,6 +127,7 @@ async fn postgres_store_conforms_and_keeps_no_secret() {
         .unwrap()
         .unwrap();
     assert_eq!(found.last_used_ip, None);
+    assert_eq!(found.rate_bucket, None);
     assert!(store
         .audit(keygate::store::AuditQuery::default())
         .await
@@ -131,6 +141,23 @@ async fn postgres_store_conforms_and_keeps_no_secret() {
             .unwrap()
             .len(),
         10
+    );
+    // Clients and rate buckets work on the upgraded database.
+    let client = store
+        .create_client(NewClient::new("ada", "after"))
+        .await
+        .unwrap();
+    let mut token = NewKey::new("ada", "token", Environment::Live);
+    token.rate_bucket = Some(keygate::key::KeyId::new(client.client.id.as_str()));
+    let token = store.create(token).await.unwrap();
+    assert_eq!(
+        store.get(&token.record.id).await.unwrap().rate_bucket,
+        token.record.rate_bucket
+    );
+    store.revoke_client(&client.client.id).await.unwrap();
+    assert_eq!(
+        store.get(&token.record.id).await.unwrap().status,
+        keygate::record::Status::Revoked
     );
     drop(SqlStore::connect(&url).await.unwrap());
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use keygate::key::Environment;
-use keygate::store::{KeyStore, NewKey, OwnerStore, SqlStore};
+use keygate::store::{ClientStore, KeyStore, NewClient, NewKey, OwnerStore, SqlStore};
 
 fn scratch_dir() -> PathBuf {
     static RUN: AtomicUsize = AtomicUsize::new(0);
@@ -65,6 +65,11 @@ async fn secrets_never_reach_the_database_file() {
             .await
             .unwrap();
         secrets.push(rotated.secret);
+        let client = store
+            .create_client(NewClient::new("ada", format!("c{i}")))
+            .await
+            .unwrap();
+        secrets.push(client.secret);
     }
     drop(store);
     let mut bytes = Vec::new();
@@ -147,6 +152,9 @@ async fn a_database_from_before_the_audit_trail_keeps_working() {
     for step in [
         "DROP TABLE keygate_audit",
         "ALTER TABLE keygate_keys DROP COLUMN last_used_ip",
+        "DROP TABLE keygate_clients",
+        "DROP INDEX keygate_keys_rate_bucket",
+        "ALTER TABLE keygate_keys DROP COLUMN rate_bucket",
     ] {
         sqlx::query(step).execute(&pool).await.unwrap();
     }
@@ -173,6 +181,24 @@ async fn a_database_from_before_the_audit_trail_keeps_working() {
     .await
     .unwrap();
     assert_eq!(columns.get::<i64, _>("n"), 1);
+    assert_eq!(found.rate_bucket, None);
+    // Clients and rate buckets work on the upgraded database.
+    let client = store
+        .create_client(NewClient::new("ada", "after"))
+        .await
+        .unwrap();
+    let mut token = NewKey::new("ada", "token", Environment::Live);
+    token.rate_bucket = Some(keygate::key::KeyId::new(client.client.id.as_str()));
+    let token = store.create(token).await.unwrap();
+    assert_eq!(
+        store.get(&token.record.id).await.unwrap().rate_bucket,
+        token.record.rate_bucket
+    );
+    store.revoke_client(&client.client.id).await.unwrap();
+    assert_eq!(
+        store.get(&token.record.id).await.unwrap().status,
+        keygate::record::Status::Revoked
+    );
     // Connecting again changes nothing.
     drop(SqlStore::connect(&url).await.unwrap());
     pool.close().await;

@@ -410,6 +410,15 @@ const BASE62: [u8; 256] = {
     table
 };
 
+/// `prefix` followed by `n` uniformly random base62 characters from the OS CSPRNG (client
+/// ids and client secrets are made so).
+pub(crate) fn random_base62(prefix: &str, n: usize) -> Result<String, RandomError> {
+    let mut out = String::with_capacity(prefix.len() + n);
+    out.push_str(prefix);
+    push_random(&mut out, n)?;
+    Ok(out)
+}
+
 /// Appends `n` uniformly random base62 characters (rejection sampling, no modulo bias).
 fn push_random(out: &mut String, n: usize) -> Result<(), RandomError> {
     let mut pushed = 0;

@@ -42,7 +42,10 @@ where
 }
 
 /// Keys buckets by the authenticated key (the [`Principal`] an auth layer put in the
-/// request), with the key record's quotas, in the key's main bucket or a named one.
+/// request), with the key record's quotas, in the key's main bucket or a named one. A key
+/// whose record names a [`rate_bucket`](crate::record::KeyRecord::rate_bucket) (an OAuth2
+/// access token: its client's id) uses that key's buckets instead, so that keys sharing one
+/// share one budget.
 #[derive(Debug, Clone, Default)]
 pub struct PerKey {
     bucket: Option<Arc<str>>,
@@ -72,6 +75,9 @@ impl KeyFn for PerKey {
         } else {
             &record.quotas
         };
-        Some(((record.id.clone(), self.bucket.clone()), quotas))
+        // The bucket of the key it shares one with (an OAuth2 client's tokens), else its own:
+        // one `Arc` clone either way.
+        let id = record.rate_bucket.as_ref().unwrap_or(&record.id).clone();
+        Some(((id, self.bucket.clone()), quotas))
     }
 }

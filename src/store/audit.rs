@@ -113,13 +113,20 @@ pub enum AuditAction {
     Deleted,
     /// A key was given a new secret.
     Rotated,
-    /// A key was revoked (by `revoke_all`, `replace_keys` or a status change).
+    /// A key was revoked (by `revoke_all`, `replace_keys`, `revoke_client` or a status
+    /// change).
     Revoked,
+    /// An OAuth2 client was created. The event's [`key_id`](AuditEvent::key_id) is the
+    /// client's id (`kgc_…`).
+    ClientCreated,
+    /// An OAuth2 client was revoked (its tokens' `Revoked` events come with it). The event's
+    /// [`key_id`](AuditEvent::key_id) is the client's id (`kgc_…`).
+    ClientRevoked,
 }
 
 impl AuditAction {
     /// Every action, in declaration order.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 13] = [
         Self::OwnerAdded,
         Self::OwnerDisabled,
         Self::OwnerEnabled,
@@ -131,6 +138,8 @@ impl AuditAction {
         Self::Deleted,
         Self::Rotated,
         Self::Revoked,
+        Self::ClientCreated,
+        Self::ClientRevoked,
     ];
 
     /// The snake_case name: `"owner_added"`, `"created"`, `"revoked"`…
@@ -147,6 +156,8 @@ impl AuditAction {
             Self::Deleted => "deleted",
             Self::Rotated => "rotated",
             Self::Revoked => "revoked",
+            Self::ClientCreated => "client_created",
+            Self::ClientRevoked => "client_revoked",
         }
     }
 
@@ -195,7 +206,9 @@ pub struct AuditEvent {
     pub at: SystemTime,
     /// The name of the owner concerned (the key's owner for a key's event).
     pub owner: String,
-    /// The key concerned; `None` for an owner's event.
+    /// The key concerned; `None` for an owner's event. For an OAuth2 client's event
+    /// ([`AuditAction::ClientCreated`], [`AuditAction::ClientRevoked`]) the client's id
+    /// (`kgc_…`), so that [`AuditQuery::with_key`]`(KeyId::new(client id))` finds them.
     pub key_id: Option<KeyId>,
     /// Who made the change ([`Actor::who`]).
     pub actor: String,

@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use super::audit::Entry;
 use super::{
-    Actor, AuditAction, AuditEvent, AuditQuery, CreatedKey, KeyStore, KeyUpdate, NewKey,
-    OwnerStore, Page, StoreError,
+    Actor, AuditAction, AuditEvent, AuditQuery, ClientStore, CreatedClient, CreatedKey, KeyStore,
+    KeyUpdate, NewClient, NewKey, OAuthClient, OwnerStore, Page, StoreError,
 };
 use crate::answer::Answer;
 use crate::clock::{Clock, SystemClock};
@@ -70,6 +70,8 @@ struct State {
     keys: BTreeMap<KeyId, StoredKey>,
     hashes: HashMap<KeyHash, HashEntry>,
     owners: HashMap<String, StoredOwner>,
+    /// OAuth2 clients by id.
+    clients: BTreeMap<String, StoredClient>,
     /// The audit trail, oldest first, at most [`MemoryStore::AUDIT_CAPACITY`] events.
     audit: VecDeque<AuditEvent>,
     /// The id of the last event recorded (ids start at 1).
@@ -85,6 +87,23 @@ impl State {
         }
         self.audit
             .push_back(entry.recorded(self.last_event, at, actor));
+    }
+}
+
+struct StoredClient {
+    client: OAuthClient,
+    /// The SHA-256 of its secret.
+    secret: KeyHash,
+}
+
+impl State {
+    /// Refuses a new key whose rate bucket names a revoked client (checked under the write
+    /// lock that files the key, so that no token outlives its client's revocation).
+    fn bucket_open(&self, bucket: Option<&KeyId>) -> Result<(), StoreError> {
+        match bucket.and_then(|b| self.clients.get(b.as_str())) {
+            Some(stored) if !stored.client.active => Err(super::client::REVOKED),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -234,6 +253,7 @@ impl MemoryStore {
         let id = record.id.clone();
         {
             let mut state = self.write()?;
+            state.bucket_open(record.rate_bucket.as_ref())?;
             let owner_name = owner_name.unwrap_or_default();
             match (&record.owner, state.owners.get(&owner_name)) {
                 // `issue`: the record's owner as given, registered if new.
@@ -292,6 +312,7 @@ impl MemoryStore {
         record.quotas = new.quotas;
         record.expires_at = new.expires_at;
         record.metadata = new.metadata;
+        record.rate_bucket = new.rate_bucket;
         Ok(record)
     }
 
@@ -344,6 +365,7 @@ impl MemoryStore {
                 return Err(StoreError::OwnerNotFound(owner_name));
             };
             record.owner = Some(owner);
+            state.bucket_open(record.rate_bucket.as_ref())?;
             let now = self.clock.now();
             record.created_at.get_or_insert(now);
             let (_, revoked) = self.revoke_in(&mut state, &owner_name);
@@ -560,6 +582,126 @@ impl OwnerStore for MemoryStore {
         let entry = Entry::owner(name, AuditAction::PasswordSet);
         state.record(entry, self.clock.now(), &self.actor);
         Ok(owner)
+    }
+}
+
+impl ClientStore for MemoryStore {
+    async fn create_client(&self, new: NewClient) -> Result<CreatedClient, StoreError> {
+        new.check()?;
+        let (id, secret) = super::client::generate()?;
+        let mut state = self.write()?;
+        if !state.owners.contains_key(&new.owner) {
+            return Err(StoreError::OwnerNotFound(new.owner));
+        }
+        let now = self.clock.now();
+        let client = OAuthClient {
+            id: id.clone(),
+            owner: new.owner,
+            name: new.name,
+            scopes: new.scopes,
+            created_at: Some(now),
+            active: true,
+        };
+        let entry = Entry::key(
+            &client.owner,
+            &KeyId::new(id.as_str()),
+            AuditAction::ClientCreated,
+        );
+        state.record(entry, now, &self.actor);
+        state.clients.insert(
+            id,
+            StoredClient {
+                client: client.clone(),
+                secret: secret.hash(),
+            },
+        );
+        Ok(CreatedClient { client, secret })
+    }
+
+    async fn client(&self, id: &str) -> Result<OAuthClient, StoreError> {
+        let state = self.read()?;
+        state
+            .clients
+            .get(id)
+            .map(|c| c.client.clone())
+            .ok_or_else(|| StoreError::ClientNotFound(id.to_owned()))
+    }
+
+    async fn clients(&self, owner: &str) -> Result<Vec<OAuthClient>, StoreError> {
+        let state = self.read()?;
+        if !state.owners.contains_key(owner) {
+            return Err(StoreError::OwnerNotFound(owner.to_owned()));
+        }
+        Ok(state
+            .clients
+            .values()
+            .filter(|c| c.client.owner == owner)
+            .map(|c| c.client.clone())
+            .collect())
+    }
+
+    async fn revoke_client(&self, id: &str) -> Result<OAuthClient, StoreError> {
+        let bucket = KeyId::new(id);
+        let (client, hashes) = {
+            let mut state = self.write()?;
+            let stored = state
+                .clients
+                .get_mut(id)
+                .ok_or_else(|| StoreError::ClientNotFound(id.to_owned()))?;
+            let was_active = stored.client.active;
+            stored.client.active = false;
+            let client = stored.client.clone();
+            let now = self.clock.now();
+            if was_active {
+                let entry = Entry::key(&client.owner, &bucket, AuditAction::ClientRevoked);
+                state.record(entry, now, &self.actor);
+            }
+            let tokens: Vec<KeyId> = state
+                .keys
+                .iter()
+                .filter(|(_, k)| {
+                    k.record.rate_bucket.as_ref() == Some(&bucket)
+                        && matches!(k.record.status, Status::Active | Status::Disabled)
+                })
+                .map(|(id, _)| id.clone())
+                .collect();
+            let mut hashes = Vec::new();
+            for token in &tokens {
+                if let Some(stored) = state.keys.get_mut(token) {
+                    let mut record = current(&stored.record);
+                    let old = record.status;
+                    record.status = Status::Revoked;
+                    record.version += 1;
+                    stored.record = self.filed(record);
+                    let entry = Entry::status(
+                        &stored.owner_name,
+                        token,
+                        AuditAction::Revoked,
+                        Some(old),
+                        Status::Revoked,
+                    );
+                    state.record(entry, now, &self.actor);
+                }
+                hashes.extend(Self::hashes_of(&state, token));
+            }
+            (client, hashes)
+        };
+        self.notify(&hashes);
+        Ok(client)
+    }
+
+    async fn verify_client(&self, id: &str, secret: &str) -> Result<OAuthClient, StoreError> {
+        let found = {
+            let state = self.read()?;
+            state.clients.get(id).map(|c| {
+                let owner_active = state
+                    .owners
+                    .get(&c.client.owner)
+                    .is_some_and(|o| o.owner.active);
+                (c.client.clone(), c.secret, owner_active)
+            })
+        };
+        super::client::check_secret(found, secret)
     }
 }
 

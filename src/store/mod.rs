@@ -33,6 +33,7 @@
 mod audit;
 #[cfg(feature = "redis")]
 mod broadcast;
+mod client;
 mod memory;
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 mod notify;
@@ -48,6 +49,7 @@ pub use audit::{
 };
 #[cfg(feature = "redis")]
 pub use broadcast::{RedisChanges, RedisChangesBuilder};
+pub use client::{ClientStore, CreatedClient, NewClient, OAuthClient};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use notify::Listening;
@@ -79,6 +81,9 @@ pub enum StoreError {
     /// No owner with this name.
     #[error("no owner named {0:?}")]
     OwnerNotFound(String),
+    /// No OAuth2 client with this id.
+    #[error("no client with id {0:?}")]
+    ClientNotFound(String),
     /// An owner with this name exists already.
     #[error("an owner named {0:?} exists already")]
     OwnerExists(String),
@@ -201,6 +206,10 @@ pub struct NewKey {
     pub expires_at: Option<SystemTime>,
     /// Free-form data.
     pub metadata: serde_json::Value,
+    /// The key whose rate-limit bucket this one shares (immutable): an OAuth2 access token
+    /// names its client (`KeyId::new(client id)`). A key naming a revoked client is refused
+    /// ([`StoreError::InvalidState`]), so that no token outlives its client's revocation.
+    pub rate_bucket: Option<KeyId>,
 }
 
 impl NewKey {
@@ -221,11 +230,15 @@ impl NewKey {
             quotas: Vec::new(),
             expires_at: None,
             metadata: serde_json::Value::Null,
+            rate_bucket: None,
         }
     }
 
     pub(crate) fn check(&self) -> Result<(), StoreError> {
         check_name(&self.name)?;
+        if let Some(bucket) = &self.rate_bucket {
+            check_word("rate bucket", bucket.as_str())?;
+        }
         check_text("description", &self.description, true)?;
         check_text("use case", &self.use_case, false)?;
         check_scopes(&self.scopes)?;

@@ -13,8 +13,8 @@ use sqlx::{AnyPool, Connection as _, Row};
 
 use super::audit::Entry;
 use super::{
-    Actor, AuditAction, AuditEvent, AuditQuery, BackendError, CreatedKey, KeyStore, KeyUpdate,
-    NewKey, OwnerStore, Page, StoreError,
+    Actor, AuditAction, AuditEvent, AuditQuery, BackendError, ClientStore, CreatedClient,
+    CreatedKey, KeyStore, KeyUpdate, NewClient, NewKey, OAuthClient, OwnerStore, Page, StoreError,
 };
 use crate::answer::Answer;
 use crate::clock::{nanos_since_epoch, Clock, SystemClock};
@@ -93,9 +93,9 @@ fn from_nanos(nanos: i64) -> SystemTime {
 }
 
 /// The schema, the same on both databases but for the names of the byte-string type and
-/// of an auto-increment key. (`keygate_keys.last_used_ip` is added by
-/// [`SqlStore::migrate`] to old and new tables alike.)
-fn migrations(bytes_type: &str, serial_key: &str) -> [String; 8] {
+/// of an auto-increment key. (`keygate_keys.last_used_ip` and `keygate_keys.rate_bucket`
+/// are added by [`SqlStore::migrate`] to old and new tables alike.)
+fn migrations(bytes_type: &str, serial_key: &str) -> [String; 10] {
     [
         "CREATE TABLE IF NOT EXISTS keygate_owners (
             id TEXT PRIMARY KEY,
@@ -148,6 +148,20 @@ fn migrations(bytes_type: &str, serial_key: &str) -> [String; 8] {
         ),
         "CREATE INDEX IF NOT EXISTS keygate_audit_owner ON keygate_audit (owner, id)".to_owned(),
         "CREATE INDEX IF NOT EXISTS keygate_audit_key ON keygate_audit (key_id, id)".to_owned(),
+        // OAuth2 clients: the secret's SHA-256 only.
+        format!(
+            "CREATE TABLE IF NOT EXISTS keygate_clients (
+                id TEXT PRIMARY KEY,
+                owner_id TEXT NOT NULL REFERENCES keygate_owners(id),
+                name TEXT NOT NULL,
+                scopes TEXT NOT NULL,
+                secret_hash {bytes_type} NOT NULL,
+                created_at BIGINT NOT NULL,
+                active BIGINT NOT NULL
+            )"
+        ),
+        "CREATE INDEX IF NOT EXISTS keygate_clients_owner ON keygate_clients (owner_id, id)"
+            .to_owned(),
     ]
 }
 
@@ -155,7 +169,10 @@ const AUDIT_COLUMNS: &str = "id, at, owner, key_id, actor, ip, action, old_statu
 
 const KEY_COLUMNS: &str = "k.id, k.name, k.description, k.use_case, k.environment, k.status, \
     k.expires_at, k.scopes, k.restrictions, k.quotas, k.metadata, k.created_at, \
-    k.last_used_at, k.last_used_ip, k.version, o.id AS owner_id, o.name AS owner_name, o.active AS owner_active";
+    k.last_used_at, k.last_used_ip, k.version, k.rate_bucket, o.id AS owner_id, o.name AS owner_name, o.active AS owner_active";
+
+const CLIENT_COLUMNS: &str = "c.id, c.name, c.scopes, c.created_at, c.active, \
+    o.name AS owner_name, o.active AS owner_active";
 
 /// Settings for a [`SqlStore`], from [`SqlStore::builder`].
 #[must_use]
@@ -365,9 +382,17 @@ impl SqlStore {
                 "credentials_version",
                 "BIGINT NOT NULL DEFAULT 0",
             ),
+            ("keygate_keys", "rate_bucket", "TEXT"),
         ] {
             self.add_column(&mut tx, table, column, kind).await?;
         }
+        // After the column: a client's tokens are found by it.
+        sqlx::query(
+            "CREATE INDEX IF NOT EXISTS keygate_keys_rate_bucket ON keygate_keys (rate_bucket)",
+        )
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
         tx.commit().await.map_err(db)
     }
 
@@ -510,10 +535,14 @@ impl SqlStore {
         hash: &KeyHash,
         at: SystemTime,
     ) -> Result<(), StoreError> {
+        if let Some(bucket) = &new.rate_bucket {
+            self.bucket_open(tx, bucket).await?;
+        }
         sqlx::query(
             "INSERT INTO keygate_keys (id, owner_id, name, description, use_case, environment, \
-             status, expires_at, scopes, restrictions, quotas, metadata, created_at, version) \
-             VALUES ($1, $2, $3, $4, $5, $6, 'active', $7, $8, $9, $10, $11, $12, 0)",
+             status, expires_at, scopes, restrictions, quotas, metadata, created_at, version, \
+             rate_bucket) \
+             VALUES ($1, $2, $3, $4, $5, $6, 'active', $7, $8, $9, $10, $11, $12, 0, $13)",
         )
         .bind(id.as_str().to_owned())
         .bind(owner_id.to_owned())
@@ -527,12 +556,39 @@ impl SqlStore {
         .bind(json(&new.quotas)?)
         .bind(json(&new.metadata)?)
         .bind(to_nanos(at))
+        .bind(new.rate_bucket.as_ref().map(|b| b.as_str().to_owned()))
         .execute(&mut **tx)
         .await
         .map_err(db)?;
         insert_hash(tx, hash, id).await?;
         let entry = Entry::status(&new.owner, id, AuditAction::Created, None, Status::Active);
         self.log(tx, entry, at).await
+    }
+
+    /// Refuses a new key whose rate bucket names a revoked client. On PostgreSQL the
+    /// client's row is held (`FOR SHARE`) until the key commits, against a concurrent
+    /// `revoke_client` (which locks it `FOR UPDATE`): either the revocation waits and then
+    /// finds the new token, or the token waits and then finds the client revoked. (SQLite
+    /// runs one writer at a time.)
+    async fn bucket_open(&self, tx: &mut Tx<'_>, bucket: &KeyId) -> Result<(), StoreError> {
+        let lock = if self.backend == Backend::Postgres {
+            " FOR SHARE"
+        } else {
+            ""
+        };
+        let row = sqlx::query(&format!(
+            "SELECT active FROM keygate_clients WHERE id = $1{lock}"
+        ))
+        .bind(bucket.as_str().to_owned())
+        .fetch_optional(&mut **tx)
+        .await
+        .map_err(db)?;
+        match row {
+            Some(row) if row.try_get::<i64, _>("active").map_err(db)? == 0 => {
+                Err(super::client::REVOKED)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Tells the listeners (caches) that these hashes' answers changed.
@@ -840,6 +896,17 @@ fn event_from(row: &AnyRow) -> Result<AuditEvent, StoreError> {
     })
 }
 
+fn client_from(row: &AnyRow) -> Result<OAuthClient, StoreError> {
+    Ok(OAuthClient {
+        id: row.try_get("id").map_err(db)?,
+        owner: row.try_get("owner_name").map_err(db)?,
+        name: row.try_get("name").map_err(db)?,
+        scopes: parse(row, "scopes")?,
+        created_at: Some(from_nanos(row.try_get("created_at").map_err(db)?)),
+        active: row.try_get::<i64, _>("active").map_err(db)? != 0,
+    })
+}
+
 fn record_from(row: &AnyRow) -> Result<KeyRecord, StoreError> {
     let id: String = row.try_get("id").map_err(db)?;
     let environment: String = row.try_get("environment").map_err(db)?;
@@ -874,6 +941,10 @@ fn record_from(row: &AnyRow) -> Result<KeyRecord, StoreError> {
         .map_err(db)?
         .and_then(|ip| ip.parse().ok());
     record.version = u64::try_from(row.try_get::<i64, _>("version").map_err(db)?).unwrap_or(0);
+    record.rate_bucket = row
+        .try_get::<Option<String>, _>("rate_bucket")
+        .map_err(db)?
+        .map(KeyId::new);
     Ok(record)
 }
 
@@ -1166,6 +1237,180 @@ impl OwnerStore for SqlStore {
         self.log(&mut tx, entry, self.clock.now()).await?;
         self.finish(tx, &[]).await?;
         Ok(owner)
+    }
+}
+
+impl ClientStore for SqlStore {
+    async fn create_client(&self, new: NewClient) -> Result<CreatedClient, StoreError> {
+        new.check()?;
+        let owner_id = self.owner_id(&new.owner).await?;
+        let (id, secret) = super::client::generate()?;
+        let now = self.clock.now();
+        let mut tx = self.begin().await?;
+        sqlx::query(
+            "INSERT INTO keygate_clients \
+             (id, owner_id, name, scopes, secret_hash, created_at, active) \
+             VALUES ($1, $2, $3, $4, $5, $6, 1)",
+        )
+        .bind(id.clone())
+        .bind(owner_id)
+        .bind(new.name.clone())
+        .bind(json(&new.scopes)?)
+        .bind(secret.hash().as_bytes().to_vec())
+        .bind(to_nanos(now))
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let entry = Entry::key(
+            &new.owner,
+            &KeyId::new(id.as_str()),
+            AuditAction::ClientCreated,
+        );
+        self.log(&mut tx, entry, now).await?;
+        let sql = format!(
+            "SELECT {CLIENT_COLUMNS} FROM keygate_clients c \
+             JOIN keygate_owners o ON o.id = c.owner_id WHERE c.id = $1"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.clone())
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+        let client = client_from(&row)?;
+        if let Err(error) = self.finish(tx, &[]).await {
+            // The secret exists only here: if the client was stored after all, hand it over.
+            match self.client(&id).await {
+                Ok(_) => {}
+                Err(StoreError::ClientNotFound(_)) => {
+                    return Err(StoreError::Backend(BackendError::plain(
+                        "the change was not committed; nothing was written",
+                    )))
+                }
+                Err(_) => return Err(error),
+            }
+        }
+        Ok(CreatedClient { client, secret })
+    }
+
+    async fn client(&self, id: &str) -> Result<OAuthClient, StoreError> {
+        let sql = format!(
+            "SELECT {CLIENT_COLUMNS} FROM keygate_clients c \
+             JOIN keygate_owners o ON o.id = c.owner_id WHERE c.id = $1"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.to_owned())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        match row {
+            Some(row) => client_from(&row),
+            None => Err(StoreError::ClientNotFound(id.to_owned())),
+        }
+    }
+
+    async fn clients(&self, owner: &str) -> Result<Vec<OAuthClient>, StoreError> {
+        let owner_id = self.owner_id(owner).await?;
+        let sql = format!(
+            "SELECT {CLIENT_COLUMNS} FROM keygate_clients c \
+             JOIN keygate_owners o ON o.id = c.owner_id WHERE c.owner_id = $1 ORDER BY c.id"
+        );
+        let rows = sqlx::query(&sql)
+            .bind(owner_id)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(db)?;
+        rows.iter().map(client_from).collect()
+    }
+
+    async fn revoke_client(&self, id: &str) -> Result<OAuthClient, StoreError> {
+        let postgres = self.backend == Backend::Postgres;
+        let mut tx = self.begin().await?;
+        // On PostgreSQL the client's row is locked first: a token being created for it
+        // (which holds the row `FOR SHARE`) commits before this reads the tokens, or waits
+        // and then finds the client revoked.
+        let sql = format!(
+            "SELECT {CLIENT_COLUMNS} FROM keygate_clients c \
+             JOIN keygate_owners o ON o.id = c.owner_id WHERE c.id = $1{}",
+            if postgres { " FOR UPDATE OF c" } else { "" }
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.to_owned())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+        let Some(row) = row else {
+            return Err(StoreError::ClientNotFound(id.to_owned()));
+        };
+        let mut client = client_from(&row)?;
+        let bucket = KeyId::new(id);
+        let now = self.clock.now();
+        if client.active {
+            sqlx::query("UPDATE keygate_clients SET active = 0 WHERE id = $1")
+                .bind(id.to_owned())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            let entry = Entry::key(&client.owner, &bucket, AuditAction::ClientRevoked);
+            self.log(&mut tx, entry, now).await?;
+            client.active = false;
+        }
+        let sql = format!(
+            "SELECT k.id, k.status, o.name AS owner_name FROM keygate_keys k \
+             JOIN keygate_owners o ON o.id = k.owner_id \
+             WHERE k.rate_bucket = $1 AND k.status IN ('active', 'disabled') ORDER BY k.id{}",
+            if postgres { " FOR UPDATE OF k" } else { "" }
+        );
+        let tokens = sqlx::query(&sql)
+            .bind(id.to_owned())
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?;
+        let mut hashes = Vec::new();
+        for row in &tokens {
+            let token = KeyId::new(row.try_get::<String, _>("id").map_err(db)?);
+            let old = status_from(&row.try_get::<String, _>("status").map_err(db)?)?;
+            let owner: String = row.try_get("owner_name").map_err(db)?;
+            sqlx::query(
+                "UPDATE keygate_keys SET status = 'revoked', version = version + 1 WHERE id = $1",
+            )
+            .bind(token.as_str().to_owned())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            hashes.extend(hashes_in(&mut tx, &token).await?);
+            let entry = Entry::status(
+                &owner,
+                &token,
+                AuditAction::Revoked,
+                Some(old),
+                Status::Revoked,
+            );
+            self.log(&mut tx, entry, now).await?;
+        }
+        self.commit(tx, &hashes).await?;
+        Ok(client)
+    }
+
+    async fn verify_client(&self, id: &str, secret: &str) -> Result<OAuthClient, StoreError> {
+        let sql = format!(
+            "SELECT {CLIENT_COLUMNS}, c.secret_hash FROM keygate_clients c \
+             JOIN keygate_owners o ON o.id = c.owner_id WHERE c.id = $1"
+        );
+        let row = sqlx::query(&sql)
+            .bind(id.to_owned())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        let found = match &row {
+            Some(row) => {
+                let bytes: Vec<u8> = row.try_get("secret_hash").map_err(db)?;
+                let bytes: [u8; 32] = bytes.try_into().map_err(|_| corrupt("secret_hash"))?;
+                let owner_active = row.try_get::<i64, _>("owner_active").map_err(db)? != 0;
+                Some((client_from(row)?, KeyHash::from_bytes(bytes), owner_active))
+            }
+            None => None,
+        };
+        super::client::check_secret(found, secret)
     }
 }
 

@@ -14,14 +14,17 @@ use keygate::ratelimit::Quota;
 use keygate::record::{Restrictions, Scopes, Status};
 use keygate::reject::Reason;
 use keygate::store::{
-    Actor, AuditAction, AuditEvent, AuditQuery, KeyUpdate, NewKey, OwnerStore, Page, StoreError,
+    Actor, AuditAction, AuditEvent, AuditQuery, ClientStore, KeyUpdate, NewKey, OwnerStore, Page,
+    StoreError,
 };
+
+mod clients;
 use keygate::validate::{check, Rules};
 
 /// Runs the whole suite; `open` gives two handles on one empty store.
 pub async fn run<S, F, Fut>(open: F)
 where
-    S: OwnerStore + 'static,
+    S: ClientStore + 'static,
     F: Fn(FakeClock) -> Fut,
     Fut: Future<Output = (S, S)>,
 {
@@ -50,7 +53,15 @@ where
     case!(concurrent_replace_keys_leave_one_working_key);
     case!(owner_and_password);
     case!(credentials_version_moves_on_password_and_disabling);
+    case!(clients_create_list_verify_revoke);
+    case!(revoke_client_revokes_its_tokens_and_nothing_else);
+    case!(rate_bucket_round_trips);
 }
+
+use clients::{
+    clients_create_list_verify_revoke, rate_bucket_round_trips,
+    revoke_client_revokes_its_tokens_and_nothing_else,
+};
 
 /// The credentials version ends sessions: a new password and a disabling move it on (seen
 /// by every handle), enabling again and other writes do not move it back or on.

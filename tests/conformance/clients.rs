@@ -1,0 +1,322 @@
+//! OAuth2 clients and the rate bucket their tokens share.
+
+use keygate::clock::{Clock, FakeClock};
+use keygate::key::{Environment, KeyId};
+use keygate::lookup::CachedLookup;
+use keygate::record::{Scopes, Status};
+use keygate::reject::Reason;
+use keygate::store::{
+    AuditAction, AuditQuery, ClientStore, KeyUpdate, NewClient, NewKey, Page, StoreError,
+};
+
+use super::{events, verdict};
+
+/// Clients are made for existing owners with checked names and scopes, read back by id and
+/// by owner (never a secret), verified in one way for every failure, and revoked for good.
+pub async fn clients_create_list_verify_revoke<S: ClientStore>(
+    store: &S,
+    other: &S,
+    clock: &FakeClock,
+) {
+    store.add_owner("ada", None).await.unwrap();
+    store.add_owner("bob", None).await.unwrap();
+    let created = store
+        .create_client(NewClient::new("ada", "billing").with_scopes(["read", "write"]))
+        .await
+        .unwrap();
+    let client = created.client.clone();
+    let secret = created.secret.expose_secret().to_owned();
+    assert!(
+        client.id.starts_with("kgc_") && client.id.len() == 24,
+        "{}",
+        client.id
+    );
+    assert!(client.id[4..].bytes().all(|b| b.is_ascii_alphanumeric()));
+    assert!(secret.starts_with("kgcs_") && secret.len() == 37);
+    assert!(secret[5..].bytes().all(|b| b.is_ascii_alphanumeric()));
+    assert_eq!(client.owner, "ada");
+    assert_eq!(client.name, "billing");
+    assert_eq!(client.scopes, Scopes::parse("read,write"));
+    assert_eq!(client.created_at, Some(clock.now()));
+    assert!(client.active);
+    assert!(!format!("{:?}", client).contains(&secret));
+
+    // Bad input writes nothing.
+    assert_eq!(
+        store
+            .create_client(NewClient::new("nobody", "x"))
+            .await
+            .unwrap_err(),
+        StoreError::OwnerNotFound("nobody".into())
+    );
+    for bad in [
+        NewClient::new("ada", " "),
+        NewClient::new("ada", "a\nb"),
+        NewClient::new("ada", "ok").with_scopes(["a b"]),
+    ] {
+        assert!(matches!(
+            store.create_client(bad).await,
+            Err(StoreError::Invalid { .. })
+        ));
+    }
+
+    let second = store
+        .create_client(NewClient::new("ada", "reports"))
+        .await
+        .unwrap();
+    assert_ne!(second.client.id, client.id);
+    assert_ne!(second.secret.expose_secret(), secret);
+
+    // Read back through the other handle.
+    assert_eq!(other.client(&client.id).await.unwrap(), client);
+    assert_eq!(
+        other.client("kgc_unknown").await.unwrap_err(),
+        StoreError::ClientNotFound("kgc_unknown".into())
+    );
+    let mut expected = vec![client.clone(), second.client.clone()];
+    expected.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(other.clients("ada").await.unwrap(), expected);
+    assert!(other.clients("bob").await.unwrap().is_empty());
+    assert_eq!(
+        other.clients("nobody").await.unwrap_err(),
+        StoreError::OwnerNotFound("nobody".into())
+    );
+
+    // Verification: one answer for every failure.
+    assert_eq!(
+        other.verify_client(&client.id, &secret).await.unwrap(),
+        client
+    );
+    let wrong = [
+        (client.id.as_str(), "kgcs_wrong"),
+        (client.id.as_str(), ""),
+        (client.id.as_str(), second.secret.expose_secret()),
+        ("kgc_unknown", secret.as_str()),
+        ("", secret.as_str()),
+        (second.client.id.as_str(), secret.as_str()),
+    ];
+    for (id, presented) in wrong {
+        assert_eq!(
+            other.verify_client(id, presented).await,
+            Err(StoreError::InvalidCredentials)
+        );
+    }
+    // An inactive owner's clients fail alike, until the owner is enabled again.
+    store.set_owner_active("ada", false).await.unwrap();
+    assert_eq!(
+        other.verify_client(&client.id, &secret).await,
+        Err(StoreError::InvalidCredentials)
+    );
+    store.set_owner_active("ada", true).await.unwrap();
+    assert!(other.verify_client(&client.id, &secret).await.is_ok());
+
+    // Revoked for good, idempotently.
+    let revoked = store.revoke_client(&client.id).await.unwrap();
+    assert!(!revoked.active);
+    assert_eq!(revoked.id, client.id);
+    assert_eq!(
+        other.verify_client(&client.id, &secret).await,
+        Err(StoreError::InvalidCredentials)
+    );
+    assert!(!other.client(&client.id).await.unwrap().active);
+    assert!(!store.revoke_client(&client.id).await.unwrap().active);
+    assert_eq!(
+        store.revoke_client("kgc_unknown").await.unwrap_err(),
+        StoreError::ClientNotFound("kgc_unknown".into())
+    );
+    // The other client is untouched.
+    assert!(other
+        .verify_client(&second.client.id, second.secret.expose_secret())
+        .await
+        .is_ok());
+    assert_eq!(other.clients("ada").await.unwrap().len(), 2);
+
+    // Audit: created, then revoked once, under the client's id.
+    let trail = events(
+        other,
+        AuditQuery::default().with_key(KeyId::new(client.id.as_str())),
+    )
+    .await;
+    let actions: Vec<_> = trail.iter().map(|e| e.action).collect();
+    assert_eq!(
+        actions,
+        [AuditAction::ClientCreated, AuditAction::ClientRevoked]
+    );
+    assert!(trail.iter().all(|e| e.owner == "ada"));
+}
+
+/// `revoke_client` revokes the keys whose rate bucket is the client (its tokens), every
+/// cache drops them, and nothing else changes; no token can be made for it afterwards.
+pub async fn revoke_client_revokes_its_tokens_and_nothing_else<S: ClientStore>(
+    store: &S,
+    other: &S,
+    clock: &FakeClock,
+) {
+    store.add_owner("ada", None).await.unwrap();
+    store.add_owner("bob", None).await.unwrap();
+    let one = store
+        .create_client(NewClient::new("ada", "one"))
+        .await
+        .unwrap()
+        .client;
+    let two = store
+        .create_client(NewClient::new("bob", "two"))
+        .await
+        .unwrap()
+        .client;
+    let token = |owner: &str, client: &str| {
+        let mut new = NewKey::new(owner, "token", Environment::Live);
+        new.use_case = "keygate:oauth2".into();
+        new.rate_bucket = Some(KeyId::new(client));
+        new
+    };
+    let t1 = store.create(token("ada", &one.id)).await.unwrap();
+    let t2 = store.create(token("ada", &one.id)).await.unwrap();
+    let t3 = store.create(token("ada", &one.id)).await.unwrap();
+    let other_client = store.create(token("bob", &two.id)).await.unwrap();
+    let plain = store
+        .create(NewKey::new("ada", "plain", Environment::Live))
+        .await
+        .unwrap();
+    store
+        .set_status(&t2.record.id, Status::Disabled)
+        .await
+        .unwrap();
+    store
+        .set_status(&t3.record.id, Status::Deleted)
+        .await
+        .unwrap();
+
+    // A cache over the store holding the token: told of the revocation.
+    let cache = CachedLookup::builder(store.clone())
+        .clock(clock.clone())
+        .build_over_store()
+        .unwrap();
+    assert_eq!(verdict(&cache, &t1.secret, clock).await, Ok(()));
+    assert_eq!(verdict(&cache, &plain.secret, clock).await, Ok(()));
+
+    store.revoke_client(&one.id).await.unwrap();
+    assert_eq!(
+        verdict(&cache, &t1.secret, clock).await,
+        Err(Reason::InvalidApiKey)
+    );
+    assert_eq!(
+        verdict(other, &t2.secret, clock).await,
+        Err(Reason::InvalidApiKey)
+    );
+    for (id, status) in [
+        (&t1.record.id, Status::Revoked),
+        (&t2.record.id, Status::Revoked),
+        (&t3.record.id, Status::Deleted),
+        (&other_client.record.id, Status::Active),
+        (&plain.record.id, Status::Active),
+    ] {
+        assert_eq!(other.get(id).await.unwrap().status, status, "{id}");
+    }
+    assert_eq!(verdict(&cache, &plain.secret, clock).await, Ok(()));
+    assert_eq!(verdict(other, &other_client.secret, clock).await, Ok(()));
+
+    // One `Revoked` per token (the deleted one stays deleted), from active and disabled.
+    for (key, old) in [(&t1, Status::Active), (&t2, Status::Disabled)] {
+        let trail = events(other, AuditQuery::default().with_key(key.record.id.clone())).await;
+        let last = trail.last().unwrap();
+        assert_eq!(last.action, AuditAction::Revoked);
+        assert_eq!(last.old_status, Some(old));
+        assert_eq!(last.new_status, Some(Status::Revoked));
+        assert_eq!(last.owner, "ada");
+    }
+    let revoked = events(other, AuditQuery::default().with_owner("ada"))
+        .await
+        .iter()
+        .filter(|e| e.action == AuditAction::Revoked)
+        .count();
+    assert_eq!(revoked, 2);
+
+    // No new token for a revoked client, and nothing written; plain keys still can be made.
+    let before = other.list("ada", Page::default()).await.unwrap().len();
+    assert!(matches!(
+        store.create(token("ada", &one.id)).await,
+        Err(StoreError::InvalidState(..))
+    ));
+    assert!(matches!(
+        store.replace_keys(token("ada", &one.id)).await,
+        Err(StoreError::InvalidState(..))
+    ));
+    assert_eq!(
+        other.list("ada", Page::default()).await.unwrap().len(),
+        before
+    );
+    assert_eq!(
+        verdict(other, &plain.secret, clock).await,
+        Ok(()),
+        "replace_keys wrote nothing"
+    );
+    assert!(store.create(token("bob", &two.id)).await.is_ok());
+}
+
+/// A key's rate bucket is stored with it and comes back on every read, unchanged by edits.
+pub async fn rate_bucket_round_trips<S: ClientStore>(store: &S, other: &S, _: &FakeClock) {
+    store.add_owner("ada", None).await.unwrap();
+    let bucket = KeyId::new("kgc_0123456789abcdefghij");
+    let mut new = NewKey::new("ada", "token", Environment::Test);
+    new.rate_bucket = Some(bucket.clone());
+    let created = store.create(new.clone()).await.unwrap();
+    assert_eq!(created.record.rate_bucket, Some(bucket.clone()));
+    let id = created.record.id.clone();
+    let plain = store
+        .create(NewKey::new("ada", "plain", Environment::Test))
+        .await
+        .unwrap();
+    assert_eq!(plain.record.rate_bucket, None);
+
+    assert_eq!(
+        other.get(&id).await.unwrap().rate_bucket,
+        Some(bucket.clone())
+    );
+    assert_eq!(other.get(&plain.record.id).await.unwrap().rate_bucket, None);
+    let looked_up = other
+        .lookup(&created.secret.presented())
+        .await
+        .ok()
+        .flatten()
+        .unwrap();
+    assert_eq!(looked_up.rate_bucket, Some(bucket.clone()));
+    let listed = other.list("ada", Page::default()).await.unwrap();
+    let mine = listed.iter().find(|r| r.id == id).unwrap();
+    assert_eq!(mine.rate_bucket, Some(bucket.clone()));
+
+    let mut update = KeyUpdate::default();
+    update.name = Some("renamed".into());
+    assert_eq!(
+        store.update(&id, update).await.unwrap().rate_bucket,
+        Some(bucket.clone())
+    );
+    assert_eq!(
+        store
+            .set_status(&id, Status::Disabled)
+            .await
+            .unwrap()
+            .rate_bucket,
+        Some(bucket.clone())
+    );
+    let rotated = store
+        .rotate(&id, std::time::Duration::ZERO, None)
+        .await
+        .unwrap();
+    assert_eq!(rotated.record.rate_bucket, Some(bucket.clone()));
+
+    let replaced = store.replace_keys(new).await.unwrap();
+    assert_eq!(replaced.record.rate_bucket, Some(bucket.clone()));
+    assert_eq!(
+        other.get(&replaced.record.id).await.unwrap().rate_bucket,
+        Some(bucket.clone())
+    );
+
+    // A bucket that is not a plain word is refused, as scopes are.
+    let mut bad = NewKey::new("ada", "bad", Environment::Test);
+    bad.rate_bucket = Some(KeyId::new("a b"));
+    assert!(matches!(
+        store.create(bad).await,
+        Err(StoreError::Invalid { .. })
+    ));
+}
