@@ -55,8 +55,8 @@ use keygate::lookup::CachedLookup;
 use keygate::ratelimit::{FailurePolicy, Quota, RedisLimiter};
 use keygate::service::KeyService;
 use keygate::store::{
-    Actor, ClientStore, CreatedClient, CreatedKey, NewClient, NewKey, OwnerStore, RedisChanges,
-    SqlStore, StoreError,
+    Actor, ClientStore, CreatedClient, CreatedKey, NewClient, NewKey, RedisChanges, SqlStore,
+    StoreError,
 };
 use keygate::{Keygate, Principal};
 use serde_json::{json, Value};
@@ -131,9 +131,10 @@ async fn run() -> Result<(), Failure> {
         session_secret: var("KEYGATE_SESSION_SECRET"),
         github_keys: match var("KEYGATE_GITHUB_PUBLIC_KEYS") {
             None => None,
-            Some(path) => Some(std::fs::read_to_string(&path).map_err(|e| {
-                Failure(2, format!("KEYGATE_GITHUB_PUBLIC_KEYS={path:?}: {e}"))
-            })?),
+            Some(path) => Some(
+                std::fs::read_to_string(&path)
+                    .map_err(|e| Failure(2, format!("KEYGATE_GITHUB_PUBLIC_KEYS={path:?}: {e}")))?,
+            ),
         },
     };
     let url = var("KEYGATE_DATABASE_URL").unwrap_or_else(|| "sqlite://keygate.db".to_owned());
@@ -202,8 +203,7 @@ async fn serve<S: ClientStore + Send + Sync + 'static>(
             let keygate = keygate.build().map_err(bad)?;
             let messages = keygate.route().scopes(["messages:write"]).build();
             let testkey = keygate.route().cost(0).build().map_err(bad)?;
-            let service = key_service(store, testkey, session_secret, github_keys)
-                .map_err(bad)?;
+            let service = key_service(store, testkey, session_secret, github_keys).map_err(bad)?;
             (app(keygate, messages.map_err(bad)?, service), None)
         }
         Some(redis) => {
@@ -225,8 +225,7 @@ async fn serve<S: ClientStore + Send + Sync + 'static>(
             let keygate = keygate.limiter_store(limiter).build().map_err(bad)?;
             let messages = keygate.route().scopes(["messages:write"]).build();
             let testkey = keygate.route().cost(0).build().map_err(bad)?;
-            let service = key_service(store, testkey, session_secret, github_keys)
-                .map_err(bad)?;
+            let service = key_service(store, testkey, session_secret, github_keys).map_err(bad)?;
             (app(keygate, messages.map_err(bad)?, service), Some(changes))
         }
     };

@@ -75,7 +75,11 @@ fn quota(n: u32, per: &str) -> Quota {
     Quota::parse(&format!("{n}/{per}")).unwrap()
 }
 
-async fn build<S: OwnerStore + Send + Sync + 'static>(store: S, user: u32, ip: u32) -> Svc<S> {
+async fn build<S: keygate::store::ClientStore + Send + Sync + 'static>(
+    store: S,
+    user: u32,
+    ip: u32,
+) -> Svc<S> {
     store.add_owner(ADA, Some(ADA_PASSWORD)).await.unwrap();
     store.add_owner(BOB, Some(BOB_PASSWORD)).await.unwrap();
     store.add_owner(CY, None).await.unwrap();
@@ -113,7 +117,7 @@ fn scratch_sqlite() -> String {
     common::scratch_sqlite_url()
 }
 
-impl<S: OwnerStore + Send + Sync + 'static> Svc<S> {
+impl<S: keygate::store::ClientStore + Send + Sync + 'static> Svc<S> {
     async fn raw(&self, ip: &str, req: Request<Body>) -> Reply {
         let mut req = req;
         let ip: IpAddr = ip.parse().unwrap();
@@ -731,7 +735,7 @@ async fn username_spellings_neither_escape_nor_share_the_limit() {
     spellings_against(build(store, 5, 1000).await).await;
 }
 
-async fn spellings_against<S: OwnerStore + Send + Sync + 'static>(svc: Svc<S>) {
+async fn spellings_against<S: keygate::store::ClientStore + Send + Sync + 'static>(svc: Svc<S>) {
     for i in 0..5 {
         let reply = svc
             .login(&format!("203.0.113.{i}"), "/auth/session", ADA, "guess")

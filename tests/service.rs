@@ -56,7 +56,7 @@ fn quota(n: u32, per: &str) -> Quota {
     Quota::parse(&format!("{n}/{per}")).unwrap()
 }
 
-async fn service<S: OwnerStore + Send + Sync + 'static>(store: S) -> Service<S> {
+async fn service<S: keygate::store::ClientStore + Send + Sync + 'static>(store: S) -> Service<S> {
     store.add_owner(ADA, Some(ADA_PASSWORD)).await.unwrap();
     store.add_owner(BOB, Some(BOB_PASSWORD)).await.unwrap();
     let clock = FakeClock::new(SystemTime::now());
@@ -393,7 +393,9 @@ async fn createkey_replaces_the_owners_keys() {
     assert_eq!(new_view.json()["scopes"], json!(["read"]));
 }
 
-async fn concurrent_createkey_leaves_one_working_key<S: OwnerStore + Send + Sync + 'static>(
+async fn concurrent_createkey_leaves_one_working_key<
+    S: keygate::store::ClientStore + Send + Sync + 'static,
+>(
     svc: Service<S>,
 ) {
     // As many as the username's sign-in budget (5): each attempt holds a token until it

@@ -1,13 +1,12 @@
 //! The signed-in owner's OAuth2 clients: `GET`, `POST /v1/clients`, `DELETE
 //! /v1/clients/{id}` (revokes the client and every token it holds).
 
-use axum::extract::State;
 use axum::response::Response;
 use http::StatusCode;
 use serde::{Deserialize, Serialize};
 
 use super::fail::{Fail, Input, Json};
-use super::{private, KeyPath, Session, St};
+use super::{private, KeyPath, Session};
 use crate::store::{ClientStore, NewClient, OAuthClient, StoreError};
 
 /// A client as its owner sees it; never its secret.

@@ -2,7 +2,6 @@
 //! `POST /v1/keys/leaked` (GitHub's secret-scanning partner alerts, signed with ECDSA P-256).
 
 use std::collections::HashMap;
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -48,11 +47,14 @@ pub struct LeakReport {
     pub revoked_now: bool,
 }
 
+/// The hook told of every leaked key.
+pub(crate) type LeakHook = Arc<dyn Fn(&LeakReport) + Send + Sync>;
+
 /// What the leak endpoint trusts: GitHub's public keys by identifier, and the hook.
 #[derive(Clone, Default)]
 pub(crate) struct Scanners {
     keys: HashMap<String, VerifyingKey>,
-    pub(crate) hook: Option<Arc<dyn Fn(&LeakReport) + Send + Sync>>,
+    pub(crate) hook: Option<LeakHook>,
 }
 
 impl std::fmt::Debug for Scanners {
@@ -128,7 +130,13 @@ async fn find<S: KeyStore>(store: &S, secret: &str) -> Result<Option<KeyRecord>,
     if secret.is_empty() || secret.len() > 256 {
         return Ok(None);
     }
-    let found = store.lookup(&PresentedKey::new(secret)).await?;
+    let found = store
+        .lookup(&PresentedKey::new(secret))
+        .await
+        .map_err(|e| {
+            let e: crate::error::BoxError = e.into();
+            StoreError::Backend(crate::store::BackendError::plain(format!("lookup: {e}")))
+        })?;
     Ok(found.map(|record| (*record).clone()))
 }
 

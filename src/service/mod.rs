@@ -162,7 +162,7 @@ pub struct KeyServiceBuilder<S> {
     oauth_body_credentials: bool,
     oauth_quotas: Vec<Quota>,
     github_keys: Vec<String>,
-    on_leak: Option<Arc<dyn Fn(&LeakReport) + Send + Sync>>,
+    on_leak: Option<leaked::LeakHook>,
 }
 
 impl<S> std::fmt::Debug for KeyServiceBuilder<S> {
@@ -517,7 +517,7 @@ fn private(status: StatusCode, body: &impl serde::Serialize) -> Response {
 /// Checks a username and password against the sign-in limits and the store: the owner,
 /// and the credentials version read *before* the password was checked (so that a session
 /// granted on a password changed meanwhile is void from the start).
-async fn sign_in<S: OwnerStore>(
+async fn sign_in<S: ClientStore>(
     shared: &Shared<S>,
     ip: Option<IpAddr>,
     credentials: &Credentials,

@@ -26,7 +26,7 @@ use super::fail::{read_body, MAX_BODY};
 use super::{Client, St};
 use crate::key::{Environment, KeyId, PresentedKey};
 use crate::record::{KeyRecord, Status};
-use crate::store::{Actor, ClientStore, KeyStore, NewKey, OAuthClient, StoreError};
+use crate::store::{Actor, ClientStore, NewKey, OAuthClient, StoreError};
 
 /// How long an access token lives.
 pub(crate) const TOKEN_TTL: Duration = Duration::from_secs(3600);
