@@ -10,7 +10,7 @@
 //! commands are in [`USAGE`], which `--help` prints.
 //!
 //! Secrets: a secret is taken only as `verify`'s KEY (or on stdin with `verify -`) and
-//! printed only by `create` and `rotate`. An argument anywhere else that looks like a key
+//! printed only by `create`, `rotate` and `client create` (its `CLIENT_SECRET=`). An argument anywhere else that looks like a key
 //! is refused without being repeated, and nothing prints a database URL.
 //!
 //! Errors are one clear line on stderr and exit status 2; nothing is half-written.
@@ -30,8 +30,8 @@ use keygate::ratelimit::Quota;
 use keygate::record::{KeyRecord, Restrictions, Scopes, Status};
 use keygate::reject::Reason;
 use keygate::store::{
-    Actor, AuditEvent, AuditQuery, KeyStore, KeyUpdate, NewKey, OwnerStore, Page, SqlStore,
-    StoreError,
+    Actor, AuditEvent, AuditQuery, ClientStore, KeyStore, KeyUpdate, NewClient, NewKey,
+    OAuthClient, OwnerStore, Page, SqlStore, StoreError,
 };
 use keygate::validate::{check, Rules};
 
@@ -45,6 +45,7 @@ impl From<StoreError> for Fail {
         let message = match e {
             StoreError::OwnerNotFound(_) => "no such owner".to_owned(),
             StoreError::OwnerExists(_) => "an owner of that name exists already".to_owned(),
+            StoreError::ClientNotFound(_) => "no such client".to_owned(),
             other => other.to_string(),
         };
         Fail(message, 2)
@@ -239,6 +240,24 @@ fn describe(record: &KeyRecord) -> String {
     )
 }
 
+/// One OAuth2 client on one line; never its secret (the store holds none).
+fn describe_client(client: &OAuthClient) -> String {
+    let scopes: Vec<String> = client.scopes.iter().map(field).collect();
+    format!(
+        "CLIENT_ID={} NAME={:?} OWNER={} SCOPES={} ACTIVE={} CREATED={}",
+        field(&client.id),
+        client.name,
+        field(&client.owner),
+        if scopes.is_empty() {
+            "-".to_owned()
+        } else {
+            scopes.join(",")
+        },
+        client.active,
+        unix(client.created_at),
+    )
+}
+
 /// One audit event on one line; never a secret (the trail holds none).
 fn describe_event(event: &AuditEvent) -> String {
     let status = |s: Option<Status>| s.map_or("-", Status::as_str);
@@ -285,13 +304,18 @@ KEYGATE_DATABASE_URL, else sqlite://keygate.db.
   verify KEY [--ip ADDR] [--site S] [--scope S]...
                                            valid (exit 0) or the rejection code (exit 1);
                                            KEY may be - to read it from stdin (keeps it out of ps)
-  audit [ID] [--owner NAME] [--limit N]    the audit trail (of one key, of one owner), newest first,
+  client create --owner NAME [--name N] [--scopes a,b]
+                                           an OAuth2 client: prints CLIENT_ID=<id> and
+                                           CLIENT_SECRET=<secret> (this once)
+  client list --owner NAME                 the owner's clients; never a secret
+  client revoke CLIENT_ID                  the client and every access token it was issued
+  audit [ID] [--owner NAME] [--limit N]    the audit trail (of one key or client, of one owner), newest first,
                                            one EVENT= line per event: time, action, owner, key,
                                            actor, IP, old and new status; never a secret
 
 Writes are recorded in the audit trail as made by keyctl:$USER (keyctl when USER is unset).
 
-A secret is taken only as verify's KEY and printed only by create and rotate. Errors are
+A secret is taken only as verify's KEY and printed only by create, rotate and client create. Errors are
 one line on stderr and exit status 2; nothing is half-written.
 ";
 
@@ -302,8 +326,12 @@ fn looks_secret(arg: &str) -> bool {
         return true;
     }
     let lower = arg.to_ascii_lowercase();
-    if lower.contains("kg_live_") || lower.contains("kg_test_") {
+    if lower.contains("kg_live_") || lower.contains("kg_test_") || lower.contains("kgcs_") {
         return true;
+    }
+    // A client id is public, though as long as a secret's body.
+    if client_id(arg).is_some() {
+        return false;
     }
     arg.split(|c: char| !c.is_ascii_alphanumeric()).any(|run| {
         run.len() >= 20
@@ -343,6 +371,13 @@ fn key_id(text: &str) -> Result<KeyId, Fail> {
     } else {
         fail("expected a key id (key_ followed by letters and digits)")
     }
+}
+
+/// A client id as the store makes them (`kgc_` and 20 letters and digits).
+fn client_id(text: &str) -> Option<&str> {
+    text.strip_prefix("kgc_")
+        .filter(|rest| rest.len() == 20 && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
+        .map(|_| text)
 }
 
 /// The arguments without `--database-url`, and its value (the option may come anywhere).
@@ -417,7 +452,7 @@ async fn run(args: Vec<String>) -> Result<(), Fail> {
     };
     let known = [
         "owner", "create", "list", "show", "update", "disable", "enable", "delete", "rotate",
-        "verify", "audit",
+        "verify", "audit", "client",
     ];
     if !known.contains(&command.as_str()) {
         // Never repeated: it may be anything (half of a URL, a password).
@@ -615,12 +650,51 @@ async fn run(args: Vec<String>) -> Result<(), Fail> {
                 }
             }
         }
+        "client" => {
+            let opts = Opts::parse(rest, &[])?;
+            let usage = "usage: client create --owner NAME [--name N] [--scopes a,b] | \
+                         client list --owner NAME | client revoke CLIENT_ID";
+            match opts.positional.as_slice() {
+                [action] if action == "create" => {
+                    opts.only(&["owner", "name", "scopes"])?;
+                    let Some(owner) = opts.one("owner") else {
+                        return fail("client create needs --owner NAME");
+                    };
+                    let new = NewClient::new(owner, opts.one("name").unwrap_or("client"))
+                        .with_scopes(Scopes::parse(opts.one("scopes").unwrap_or_default()));
+                    let created = store.create_client(new).await?;
+                    println!("CLIENT_ID={}", created.client.id);
+                    println!("CLIENT_SECRET={}", created.secret.expose_secret());
+                }
+                [action] if action == "list" => {
+                    opts.only(&["owner"])?;
+                    let Some(owner) = opts.one("owner") else {
+                        return fail("client list needs --owner NAME");
+                    };
+                    for client in store.clients(owner).await? {
+                        println!("{}", describe_client(&client));
+                    }
+                }
+                [action, id] if action == "revoke" => {
+                    opts.only(&[])?;
+                    let Some(id) = client_id(id) else {
+                        return fail(
+                            "expected a client id (kgc_ followed by 20 letters and digits)",
+                        );
+                    };
+                    println!("{}", describe_client(&store.revoke_client(id).await?));
+                }
+                _ => return fail(usage),
+            }
+        }
         "audit" => {
             let opts = Opts::parse(rest, &[])?;
             opts.only(&["owner", "limit"])?;
             let mut query = AuditQuery::default();
             match opts.positional.as_slice() {
                 [] => {}
+                // A client's events are filed under its id.
+                [id] if client_id(id).is_some() => query = query.with_key(KeyId::new(id.as_str())),
                 [id] => query = query.with_key(key_id(id)?),
                 _ => return fail("usage: audit [ID] [--owner NAME] [--limit N]"),
             }

@@ -473,3 +473,131 @@ fn audit_prints_the_trail_newest_first() {
     assert!(help.stdout.contains("audit [ID]"));
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `client create|list|revoke`: the secret printed once (`CLIENT_SECRET=`) and never again,
+/// not even when typed back in the wrong place; revoking takes the client's tokens with it.
+#[test]
+fn clients_are_created_listed_and_revoked() {
+    use keygate::key::{Environment, KeyId};
+    use keygate::record::Status;
+    use keygate::store::{KeyStore, NewKey, SqlStore};
+
+    let dir = std::env::temp_dir().join(format!("keygate-keyctl-client-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let url = format!("sqlite://{}", dir.join("keys.db").display());
+    let url = url.as_str();
+    assert_eq!(keyctl(url, &["owner", "add", "ada"], None).code, 0);
+
+    let o = keyctl(
+        url,
+        &[
+            "client",
+            "create",
+            "--owner",
+            "ada",
+            "--name",
+            "billing",
+            "--scopes",
+            "read,write",
+        ],
+        None,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let (id, secret) = (o.value("CLIENT_ID"), o.value("CLIENT_SECRET"));
+    assert!(id.starts_with("kgc_") && id.len() == 24, "{id}");
+    assert!(secret.starts_with("kgcs_") && secret.len() == 37);
+    assert_eq!(o.stdout.lines().count(), 2, "{}", o.stdout);
+    // DESIGN's form, without --name.
+    let o = keyctl(
+        url,
+        &["client", "create", "--owner", "ada", "--scopes", "read"],
+        None,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let second = o.value("CLIENT_ID");
+
+    // A token issued to the client (as the key service makes them).
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let store = runtime.block_on(SqlStore::connect(url)).expect("connect");
+    let token = runtime.block_on(async {
+        let mut new = NewKey::new("ada", "token", Environment::Live);
+        new.rate_bucket = Some(KeyId::new(id.as_str()));
+        store.create(new).await.expect("token")
+    });
+    let plain = runtime
+        .block_on(store.create(NewKey::new("ada", "plain", Environment::Live)))
+        .expect("key");
+
+    let list = keyctl(url, &["client", "list", "--owner", "ada"], None);
+    assert_eq!(list.code, 0, "{}", list.stderr);
+    assert_eq!(list.stdout.lines().count(), 2);
+    let line = list
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&format!("CLIENT_ID={id} ")))
+        .expect("the client is listed");
+    assert!(line.contains("NAME=\"billing\"") && line.contains("OWNER=ada"));
+    assert!(line.contains("SCOPES=read,write") && line.contains("ACTIVE=true"));
+    assert!(list.stdout.contains(&format!("CLIENT_ID={second} ")));
+
+    let o = keyctl(url, &["client", "revoke", &id], None);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert!(o.stdout.contains("ACTIVE=false"), "{}", o.stdout);
+    let status = |id: &KeyId| runtime.block_on(store.get(id)).expect("get").status;
+    assert_eq!(status(&token.record.id), Status::Revoked);
+    assert_eq!(status(&plain.record.id), Status::Active);
+    assert_eq!(keyctl(url, &["client", "revoke", &id], None).code, 0);
+    let list = keyctl(url, &["client", "list", "--owner", "ada"], None);
+    assert!(list.stdout.contains("ACTIVE=false") && list.stdout.contains("ACTIVE=true"));
+
+    let o = keyctl(url, &["audit", &id], None);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let actions: Vec<&str> = o
+        .stdout
+        .lines()
+        .filter_map(|l| l.split(' ').find_map(|w| w.strip_prefix("ACTION=")))
+        .collect();
+    assert_eq!(actions, ["client_revoked", "client_created"]);
+
+    // Every output so far, and every refusal below: never the secret, nor part of it.
+    let mut outs = vec![list, o];
+    let unknown = format!("kgc_{}", "A".repeat(20));
+    let secret_eq = format!("--name={secret}");
+    for (args, code) in [
+        (&["client", "revoke", &unknown][..], 2),
+        (&["client", "revoke", "nope"], 2),
+        (&["client", "revoke"], 2),
+        (&["client"], 2),
+        (&["client", "create", "--name", "x"], 2),
+        (&["client", "list"], 2),
+        (&["client", "list", "--owner", "nobody"], 2),
+        (&["client", "revoke", &secret], 2),
+        (&["client", "list", "--owner", &secret], 2),
+        (
+            &["client", "create", "--owner", "ada", "--name", &secret],
+            2,
+        ),
+        (&["client", "create", "--owner", "ada", &secret_eq], 2),
+        (&["show", &secret], 2),
+        (&["verify", &secret], 1),
+    ] {
+        let o = keyctl(url, args, None);
+        assert_eq!(o.code, code, "{args:?}: {}", o.stderr);
+        outs.push(o);
+    }
+    for o in &outs {
+        for out in [&o.stdout, &o.stderr] {
+            assert!(
+                !out.contains(&secret[5..17]) && !out.contains(&secret[20..]),
+                "a client secret was printed: {out}"
+            );
+        }
+    }
+    let help = keyctl_raw(&["--help"], None);
+    assert!(help.stdout.contains("client create --owner NAME"));
+    assert!(help.stdout.contains("client revoke CLIENT_ID"));
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -518,3 +518,66 @@ async fn accepted_requests_record_last_use_at_most_once_a_minute() {
     );
     assert_eq!(store.get(id).await.unwrap().last_used_at, before);
 }
+
+/// Keys naming one rate bucket (an OAuth2 client's access tokens) draw on one budget: the
+/// bucket's, under the quotas of the key presented; other keys keep their own.
+#[tokio::test]
+async fn keys_sharing_a_rate_bucket_share_one_budget() {
+    use keygate::key::KeyId;
+    use keygate::store::{ClientStore, KeyStore, NewClient, NewKey, OwnerStore};
+
+    let store = MemoryStore::new();
+    store.add_owner("ada", None).await.unwrap();
+    let client = store
+        .create_client(NewClient::new("ada", "billing"))
+        .await
+        .unwrap()
+        .client;
+    let other = store
+        .create_client(NewClient::new("ada", "reports"))
+        .await
+        .unwrap()
+        .client;
+    let key = |bucket: Option<&str>| {
+        let mut new = NewKey::new("ada", "token", Environment::Live);
+        new.quotas = vec![Quota::per_minute(nz(10))];
+        new.rate_bucket = bucket.map(KeyId::new);
+        let store = store.clone();
+        async move { store.create(new).await.unwrap().secret }
+    };
+    let (t1, t2) = (key(Some(&client.id)).await, key(Some(&client.id)).await);
+    let (elsewhere, plain) = (key(Some(&other.id)).await, key(None).await);
+
+    let c = clock();
+    let keygate = Keygate::builder(store).clock(c.clone()).build().unwrap();
+    let svc = keygate.layer(service_fn(ok));
+    let mut admitted = 0;
+    for i in 0..20 {
+        let token = if i % 2 == 0 { &t1 } else { &t2 };
+        let res = send(&svc, token.expose_secret()).await;
+        if res.status() == 200 {
+            admitted += 1;
+            assert_eq!(
+                res.headers()["x-ratelimit-remaining"],
+                (10 - admitted).to_string().as_str(),
+                "one count across both tokens"
+            );
+        } else {
+            assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+        }
+    }
+    assert_eq!(admitted, 10, "ten a minute for both tokens together");
+    for token in [&t1, &t2] {
+        assert_eq!(
+            send(&svc, token.expose_secret()).await.status(),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+    }
+    for own in [&elsewhere, &plain] {
+        let res = send(&svc, own.expose_secret()).await;
+        assert_eq!(res.status(), 200);
+        assert_eq!(res.headers()["x-ratelimit-remaining"], "9");
+    }
+    c.advance(Duration::from_secs(6));
+    assert_eq!(send(&svc, t2.expose_secret()).await.status(), 200);
+}

@@ -18,8 +18,8 @@ use crate::record::{KeyRecord, Owner, Status, UsageSink};
 
 /// Keys and owners in memory. Clones share one store.
 ///
-/// It implements [`KeyLookup`] (answering at once: [`Answer::Now`]), [`KeyStore`] and
-/// [`OwnerStore`]. Tests use it, and so can single-process services whose keys are made at
+/// It implements [`KeyLookup`] (answering at once: [`Answer::Now`]), [`KeyStore`],
+/// [`OwnerStore`] and [`ClientStore`]. Tests use it, and so can single-process services whose keys are made at
 /// start-up.
 ///
 /// Its audit trail ([`KeyStore::audit`]) is kept in memory too, bounded: the last

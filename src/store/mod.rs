@@ -1,5 +1,5 @@
-//! Where keys live: the [`KeyStore`] trait (keys) and its [`OwnerStore`] sub-trait
-//! (owners), and [`MemoryStore`], which keeps both in the process (the fastest
+//! Where keys live: the [`KeyStore`] trait (keys), its [`OwnerStore`] sub-trait (owners)
+//! and that one's [`ClientStore`] sub-trait (OAuth2 clients), and [`MemoryStore`], which keeps both in the process (the fastest
 //! [`KeyLookup`] there is); `SqlStore` keeps them in SQLite or PostgreSQL.
 //!
 //! Many instances: every write names the keys it affects, and two bridges carry those
