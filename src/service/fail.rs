@@ -121,6 +121,9 @@ impl From<StoreError> for Fail {
     fn from(error: StoreError) -> Self {
         match error {
             StoreError::KeyNotFound(_) => Self::not_found(),
+            StoreError::ClientNotFound(_) => {
+                Self::new(StatusCode::NOT_FOUND, "not_found", "No such client.")
+            }
             // A deleted key is gone as far as its owner's API is concerned.
             StoreError::InvalidState("deleted", _) => Self::not_found(),
             StoreError::InvalidState(state, reason) => {
