@@ -87,7 +87,13 @@ pub(crate) async fn revoke<S: ClientStore + Send + Sync + 'static>(
 ) -> Result<StatusCode, Fail> {
     let client = match session.store.client(&id).await {
         Ok(client) if client.owner == session.owner.name => client,
-        Ok(_) | Err(StoreError::ClientNotFound(_)) => return Err(Fail::not_found()),
+        Ok(_) | Err(StoreError::ClientNotFound(_)) => {
+            return Err(Fail::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "No such client.",
+            ))
+        }
         Err(other) => return Err(other.into()),
     };
     session.store.revoke_client(&client.id).await?;

@@ -92,9 +92,10 @@ impl OAuthError {
 impl From<StoreError> for OAuthError {
     fn from(error: StoreError) -> Self {
         match error {
-            StoreError::InvalidCredentials | StoreError::ClientNotFound(_) => {
-                Self::invalid_client()
-            }
+            // A client revoked while its token was being made is no client any more.
+            StoreError::InvalidCredentials
+            | StoreError::ClientNotFound(_)
+            | StoreError::InvalidState(..) => Self::invalid_client(),
             other => {
                 tracing::error!(target: "keygate", error = %other, "oauth: store failed");
                 Self::unavailable()
