@@ -496,6 +496,24 @@ pub struct UnknownEnvironment(pub String);
 mod tests {
     use super::*;
 
+    /// The README gives GitHub `\bkg_(live|test)_[0-9A-Za-z]{30}\b` for secret scanning:
+    /// every generated key matches it.
+    #[test]
+    fn generated_keys_match_the_pattern_registered_with_github() {
+        let format = KeyFormat::default();
+        for environment in [Environment::Live, Environment::Test] {
+            for _ in 0..200 {
+                let key = format.generate(environment).unwrap();
+                let body = key
+                    .expose_secret()
+                    .strip_prefix(format.prefix(environment))
+                    .unwrap();
+                assert_eq!(body.len(), 30);
+                assert!(body.bytes().all(|b| b.is_ascii_alphanumeric()), "{body}");
+            }
+        }
+    }
+
     #[test]
     fn generated_keys_pass_their_own_check_and_are_distinct() {
         let format = KeyFormat::default();
