@@ -21,6 +21,8 @@ struct Quickstart {
     readonly: String,
     owner: String,
     password: String,
+    client_id: String,
+    client_secret: String,
 }
 
 async fn start() -> Quickstart {
@@ -51,6 +53,7 @@ async fn start_on(database_url: &str) -> Quickstart {
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let (mut full, mut readonly, mut addr) = (None, None, None);
     let (mut owner, mut password) = (None, None);
+    let (mut client_id, mut client_secret) = (None, None);
     let read = async {
         while let Some(line) = lines.next_line().await.expect("read stdout") {
             if let Some(v) = line.strip_prefix("KEY_FULL=") {
@@ -61,6 +64,10 @@ async fn start_on(database_url: &str) -> Quickstart {
                 owner = Some(v.to_owned());
             } else if let Some(v) = line.strip_prefix("OWNER_PASSWORD=") {
                 password = Some(v.to_owned());
+            } else if let Some(v) = line.strip_prefix("CLIENT_ID=") {
+                client_id = Some(v.to_owned());
+            } else if let Some(v) = line.strip_prefix("CLIENT_SECRET=") {
+                client_secret = Some(v.to_owned());
             } else if let Some(v) = line.strip_prefix("listening on http://") {
                 addr = Some(v.parse::<SocketAddr>().expect("address"));
                 break;
@@ -78,6 +85,8 @@ async fn start_on(database_url: &str) -> Quickstart {
         readonly: readonly.expect("KEY_READONLY line"),
         owner: owner.expect("OWNER line"),
         password: password.expect("OWNER_PASSWORD line"),
+        client_id: client_id.expect("CLIENT_ID line"),
+        client_secret: client_secret.expect("CLIENT_SECRET line"),
     }
 }
 
@@ -490,4 +499,110 @@ async fn the_key_service_walkthrough() {
     )
     .await;
     assert_eq!(r.status, 200, "made by keyctl: {}", r.body);
+}
+
+/// The README's OAuth2 and self-revoke calls against the quickstart.
+#[tokio::test]
+async fn the_oauth2_walkthrough() {
+    let q = start().await;
+    let a = q.addr;
+    assert!(q.client_id.starts_with("kgc_") && q.client_secret.starts_with("kgcs_"));
+    let basic = format!(
+        "Basic {}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            format!("{}:{}", q.client_id, q.client_secret)
+        )
+    );
+    let form = ("content-type", "application/x-www-form-urlencoded");
+    let r = send(
+        a,
+        Method::POST,
+        "/oauth/token",
+        &[("authorization", &basic), form],
+        "grant_type=client_credentials&scope=read",
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.headers["cache-control"], "no-store");
+    let token = r.json()["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(r.json()["scope"], "read");
+    let bearer = format!("Bearer {token}");
+    let r = send(
+        a,
+        Method::GET,
+        "/v1/health",
+        &[("authorization", &bearer)],
+        "",
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let r = send(
+        a,
+        Method::POST,
+        "/oauth/introspect",
+        &[("authorization", &basic), form],
+        &format!("token={token}"),
+    )
+    .await;
+    assert_eq!(r.json()["active"], true);
+    let r = send(
+        a,
+        Method::POST,
+        "/oauth/revoke",
+        &[("authorization", &basic), form],
+        &format!("token={token}"),
+    )
+    .await;
+    assert_eq!(r.status, 200);
+    let r = send(
+        a,
+        Method::GET,
+        "/v1/health",
+        &[("authorization", &bearer)],
+        "",
+    )
+    .await;
+    assert_eq!(r.code(), "invalid_api_key");
+    let wrong = format!(
+        "Basic {}",
+        base64::Engine::encode(
+            &base64::engine::general_purpose::STANDARD,
+            format!("{}:wrong", q.client_id)
+        )
+    );
+    let r = send(
+        a,
+        Method::POST,
+        "/oauth/token",
+        &[("authorization", &wrong), form],
+        "grant_type=client_credentials",
+    )
+    .await;
+    assert_eq!(r.status, 401);
+    assert!(r.headers["www-authenticate"]
+        .to_str()
+        .unwrap()
+        .starts_with("Basic"));
+    assert_eq!(r.json()["error"], "invalid_client");
+    // Self-revoke: KEY_READONLY is dead after it.
+    let body = serde_json::json!({"key": q.readonly}).to_string();
+    let r = send(
+        a,
+        Method::POST,
+        "/v1/keys/revoke",
+        &[("content-type", "application/json")],
+        &body,
+    )
+    .await;
+    assert_eq!(r.json(), serde_json::json!({"revoked": true}));
+    let r = send(
+        a,
+        Method::GET,
+        "/v1/health",
+        &[("x-api-key", &q.readonly)],
+        "",
+    )
+    .await;
+    assert_eq!(r.code(), "invalid_api_key");
 }
