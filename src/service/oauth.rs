@@ -254,7 +254,8 @@ async fn authenticate<S: ClientStore + Send + Sync + 'static>(
     if id.len() > 256 || secret.len() > 256 {
         return Err(answer(OAuthError::invalid_client()));
     }
-    let attempt = shared.logins.begin(&id, ip).map_err(|retry| {
+    // Client ids have their own budgets, apart from usernames (which cannot hold a NUL).
+    let attempt = shared.logins.begin(&format!("\0client:{id}"), ip).map_err(|retry| {
         let mut error = OAuthError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "invalid_client",
