@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The quickstart's OAuth2 endpoints (/oauth/token, /oauth/revoke, /oauth/introspect) and a
+# token on the demo API, through two Python client libraries no one here wrote:
+# requests-oauthlib and Authlib, used as their docs show (scripts/oauth_clients.py).
+#
+#   bash scripts/oauth-clients.sh
+#
+# Settings, from the environment:
+#   CARGO_TARGET_DIR   where the quickstart is built and the venv is cached
+#
+# Prints one line per check and `oauth-clients: N passed, N failed`; exits non-zero when a
+# check fails (or the libraries or the quickstart cannot run).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+target=${CARGO_TARGET_DIR:-target}
+venv=$target/oauth-clients-venv
+# Pinned: the two libraries, and what their behaviour rests on (oauthlib under
+# requests-oauthlib, requests under both).
+requirements="requests-oauthlib==2.0.0 Authlib==1.9.10 oauthlib==4.0.1 requests==2.34.2"
+
+if [ "$(cat "$venv/requirements" 2>/dev/null)" != "$requirements" ]; then
+  echo "installing $requirements in $venv"
+  rm -rf "$venv"
+  if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv) >/dev/null
+  fi
+  python3 -m venv "$venv"
+  # shellcheck disable=SC2086 # one word per requirement
+  "$venv/bin/pip" install -q --disable-pip-version-check $requirements
+  echo "$requirements" >"$venv/requirements"
+fi
+"$venv/bin/python" -c 'import authlib, oauthlib, requests_oauthlib; print(f"Authlib {authlib.__version__}, requests-oauthlib {requests_oauthlib.__version__}, oauthlib {oauthlib.__version__}")'
+
+cargo build -q --example quickstart
+quickstart=$target/debug/examples/quickstart
+
+work=$(mktemp -d)
+pid=
+cleanup() {
+  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+KEYGATE_ADDR=127.0.0.1:0 KEYGATE_DATABASE_URL="sqlite://$work/keygate.db" \
+  "$quickstart" >"$work/out" 2>"$work/err" &
+pid=$!
+for _ in $(seq 300); do
+  grep -q '^listening on http://' "$work/out" 2>/dev/null && break
+  if ! kill -0 "$pid" 2>/dev/null; then
+    echo "the quickstart stopped:" >&2; cat "$work/err" >&2; exit 1
+  fi
+  sleep 0.1
+done
+url=$(sed -n 's/^listening on \(http:\/\/[^ ]*\).*/\1/p' "$work/out" | head -1)
+[ -n "$url" ] || { echo "the quickstart did not say where it listens" >&2; cat "$work/err" >&2; exit 1; }
+value() { sed -n "s/^$1=//p" "$work/out" | head -1; }
+CLIENT_ID=$(value CLIENT_ID)
+CLIENT_SECRET=$(value CLIENT_SECRET)
+for name in CLIENT_ID CLIENT_SECRET; do
+  [ -n "${!name}" ] || { echo "the quickstart printed no $name=" >&2; exit 1; }
+done
+echo "quickstart at $url (OAuth2 client $CLIENT_ID, scope read)"
+
+status=0
+URL=$url CLIENT_ID=$CLIENT_ID CLIENT_SECRET=$CLIENT_SECRET \
+  "$venv/bin/python" scripts/oauth_clients.py || status=$?
+if [ "$status" -ne 0 ]; then
+  echo "--- quickstart stderr (last 40 lines)" >&2
+  tail -40 "$work/err" >&2
+fi
+exit "$status"
