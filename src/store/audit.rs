@@ -113,8 +113,8 @@ pub enum AuditAction {
     Deleted,
     /// A key was given a new secret.
     Rotated,
-    /// A key was revoked (by `revoke_all`, `replace_keys`, `revoke_client` or a status
-    /// change).
+    /// A key was revoked (by `revoke_all`, `replace_keys`, `revoke_client`, `report_leak` or
+    /// a status change).
     Revoked,
     /// An OAuth2 client was created. The event's [`key_id`](AuditEvent::key_id) is the
     /// client's id (`kgc_…`).
@@ -122,11 +122,16 @@ pub enum AuditAction {
     /// An OAuth2 client was revoked (its tokens' `Revoked` events come with it). The event's
     /// [`key_id`](AuditEvent::key_id) is the client's id (`kgc_…`).
     ClientRevoked,
+    /// A key's secret was reported found in public (a secret-scanning alert), by
+    /// [`KeyStore::report_leak`](super::KeyStore::report_leak). Its statuses are the key's
+    /// before and after the report; the `Revoked` event comes with it when the report revoked
+    /// the key.
+    LeakReported,
 }
 
 impl AuditAction {
     /// Every action, in declaration order.
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::OwnerAdded,
         Self::OwnerDisabled,
         Self::OwnerEnabled,
@@ -140,6 +145,7 @@ impl AuditAction {
         Self::Revoked,
         Self::ClientCreated,
         Self::ClientRevoked,
+        Self::LeakReported,
     ];
 
     /// The snake_case name: `"owner_added"`, `"created"`, `"revoked"`…
@@ -158,6 +164,7 @@ impl AuditAction {
             Self::Revoked => "revoked",
             Self::ClientCreated => "client_created",
             Self::ClientRevoked => "client_revoked",
+            Self::LeakReported => "leak_reported",
         }
     }
 

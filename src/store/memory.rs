@@ -421,13 +421,15 @@ impl MemoryStore {
             .collect()
     }
 
-    /// Edits one key's record under the write lock, records the event `audit` makes of
-    /// the owner's name and the record before and after; notifies its hashes.
+    /// Edits one key's record under the write lock, records the events `audit` makes of
+    /// the owner's name and the record before and after; notifies its hashes. An edit that
+    /// answers `false` changed nothing: the record is left as it was (its version too) and
+    /// nobody is notified, but the events are recorded all the same.
     fn edit_key(
         &self,
         id: &KeyId,
-        edit: impl FnOnce(&mut KeyRecord) -> Result<(), StoreError>,
-        audit: impl FnOnce(&str, &KeyRecord, &KeyRecord) -> Entry,
+        edit: impl FnOnce(&mut KeyRecord) -> Result<bool, StoreError>,
+        audit: impl FnOnce(&str, &KeyRecord, &KeyRecord) -> Vec<Entry>,
     ) -> Result<KeyRecord, StoreError> {
         let (record, hashes) = {
             let mut state = self.write()?;
@@ -437,12 +439,24 @@ impl MemoryStore {
                 .ok_or_else(|| StoreError::KeyNotFound(id.clone()))?;
             let before = current(&stored.record);
             let mut record = before.clone();
-            edit(&mut record)?;
-            record.version += 1;
-            stored.record = self.filed(record.clone());
-            let entry = audit(&stored.owner_name, &before, &record);
-            state.record(entry, self.clock.now(), &self.actor);
-            (record, Self::hashes_of(&state, id))
+            let changed = edit(&mut record)?;
+            if changed {
+                record.version += 1;
+                stored.record = self.filed(record.clone());
+            } else {
+                record = before.clone();
+            }
+            let entries = audit(&stored.owner_name, &before, &record);
+            let now = self.clock.now();
+            for entry in entries {
+                state.record(entry, now, &self.actor);
+            }
+            let hashes = if changed {
+                Self::hashes_of(&state, id)
+            } else {
+                Vec::new()
+            };
+            (record, hashes)
         };
         self.notify(&hashes);
         Ok(record)
@@ -745,8 +759,8 @@ impl KeyStore for MemoryStore {
         update.check()?;
         self.edit_key(
             id,
-            |record| update.apply(record),
-            |owner, _, record| Entry::key(owner, &record.id, AuditAction::Updated),
+            |record| update.apply(record).map(|()| true),
+            |owner, _, record| vec![Entry::key(owner, &record.id, AuditAction::Updated)],
         )
     }
 
@@ -755,13 +769,32 @@ impl KeyStore for MemoryStore {
             id,
             |record| {
                 record.status = super::transition(record, status)?;
-                Ok(())
+                Ok(true)
             },
             |owner, before, after| {
                 let action = AuditAction::of_status(status);
-                Entry::status(owner, &after.id, action, Some(before.status), after.status)
+                vec![Entry::status(
+                    owner,
+                    &after.id,
+                    action,
+                    Some(before.status),
+                    after.status,
+                )]
             },
         )
+    }
+
+    async fn report_leak(&self, id: &KeyId) -> Result<(KeyRecord, bool), StoreError> {
+        let mut revoked = false;
+        let record = self.edit_key(
+            id,
+            |record| {
+                revoked = super::revoke_leaked(record);
+                Ok(revoked)
+            },
+            |owner, before, after| super::leak_entries(owner, before.status, after),
+        )?;
+        Ok((record, revoked))
     }
 
     async fn rotate(

@@ -458,6 +458,25 @@ pub trait KeyStore: KeyLookup + ChangeFeed + Clone {
         status: Status,
     ) -> impl Future<Output = Result<KeyRecord, StoreError>> + Send;
 
+    /// A report that `id`'s secret was found in public (a secret-scanning alert): in one
+    /// transaction, the key is revoked unless it is revoked or deleted already, and the report
+    /// is recorded as an audit event [`AuditAction::LeakReported`] (`old_status`/`new_status`:
+    /// the status before and after; the actor is the handle's actor, as for every write),
+    /// plus the usual `Revoked` event when it revoked it. Caches are told when the status
+    /// changed, as [`set_status`](KeyStore::set_status) does. Returns the record after, and
+    /// whether this report revoked it.
+    ///
+    /// A deleted key's report is recorded too (`LeakReported`, deleted before and after) and
+    /// nothing else changes; nor does anything but the trail for a key revoked already.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::KeyNotFound`] for an unknown id.
+    fn report_leak(
+        &self,
+        id: &KeyId,
+    ) -> impl Future<Output = Result<(KeyRecord, bool), StoreError>> + Send;
+
     /// A new secret at once; the old one keeps working for `grace` (never past the key's own
     /// expiry).
     ///
@@ -637,6 +656,41 @@ pub(crate) fn transition(record: &KeyRecord, to: Status) -> Result<Status, Store
         )),
         _ => Ok(to),
     }
+}
+
+/// A leak report's change to a key ([`KeyStore::report_leak`]): revoked unless it is revoked
+/// or deleted already. Whether it revoked it.
+pub(crate) fn revoke_leaked(record: &mut KeyRecord) -> bool {
+    match record.status {
+        Status::Revoked | Status::Deleted => false,
+        Status::Active | Status::Disabled => {
+            record.status = Status::Revoked;
+            true
+        }
+    }
+}
+
+/// A leak report's audit events: `LeakReported` with the status before and after, and
+/// `Revoked` when the report revoked the key.
+pub(crate) fn leak_entries(owner: &str, before: Status, after: &KeyRecord) -> Vec<audit::Entry> {
+    let mut entries = vec![audit::Entry::status(
+        owner,
+        &after.id,
+        AuditAction::LeakReported,
+        Some(before),
+        after.status,
+    )];
+    if before != after.status {
+        let action = AuditAction::of_status(after.status);
+        entries.push(audit::Entry::status(
+            owner,
+            &after.id,
+            action,
+            Some(before),
+            after.status,
+        ));
+    }
+    entries
 }
 
 /// The owner, if the password matches and the owner is active. The same argon2 work is

@@ -724,18 +724,21 @@ impl SqlStore {
         }
     }
 
-    /// Writes a record's mutable columns and status if its version is still `version`, and
-    /// returns the record as committed.
+    /// Writes a record's mutable columns and status if its version is still `version`, with
+    /// its audit events, and returns the record as committed. A record not `changed` is
+    /// written back as it was, its version too, and nobody is notified: the write only
+    /// checks (and on PostgreSQL locks) the version its events were made from.
     async fn write_record(
         &self,
         record: &KeyRecord,
         version: u64,
-        entry: Entry,
+        changed: bool,
+        entries: Vec<Entry>,
     ) -> Result<KeyRecord, StoreError> {
         let mut tx = self.begin().await?;
         let done = sqlx::query(
             "UPDATE keygate_keys SET name = $1, description = $2, status = $3, scopes = $4, \
-             restrictions = $5, quotas = $6, metadata = $7, version = version + 1 \
+             restrictions = $5, quotas = $6, metadata = $7, version = version + $10 \
              WHERE id = $8 AND version = $9",
         )
         .bind(record.name.clone())
@@ -747,37 +750,49 @@ impl SqlStore {
         .bind(json(&record.metadata)?)
         .bind(record.id.as_str().to_owned())
         .bind(i64::try_from(version).unwrap_or(i64::MAX))
+        .bind(i64::from(changed))
         .execute(&mut *tx)
         .await
         .map_err(db)?;
         if done.rows_affected() == 0 {
             return Err(StoreError::Conflict);
         }
-        self.log(&mut tx, entry, self.clock.now()).await?;
-        let hashes = hashes_in(&mut tx, &record.id).await?;
+        let now = self.clock.now();
+        for entry in entries {
+            self.log(&mut tx, entry, now).await?;
+        }
+        let hashes = if changed {
+            hashes_in(&mut tx, &record.id).await?
+        } else {
+            Vec::new()
+        };
         let written = get_in(&mut tx, &record.id).await?;
         self.commit(tx, &hashes).await?;
         Ok(written)
     }
 
     /// Edits a key's record (if it has not changed since it was read) and records the
-    /// event `audit` makes of the owner's name, the status before and the record after.
+    /// events `audit` makes of the owner's name, the status before and the record after.
+    /// An edit that answers `false` changed nothing: see [`write_record`](Self::write_record).
     async fn edit(
         &self,
         id: &KeyId,
-        edit: impl FnOnce(&mut KeyRecord) -> Result<(), StoreError>,
-        audit: impl FnOnce(&str, Status, &KeyRecord) -> Entry,
+        edit: impl FnOnce(&mut KeyRecord) -> Result<bool, StoreError>,
+        audit: impl FnOnce(&str, Status, &KeyRecord) -> Vec<Entry>,
     ) -> Result<KeyRecord, StoreError> {
         let mut record = self.get(id).await?;
         let (version, before) = (record.version, record.status);
-        edit(&mut record)?;
+        let changed = edit(&mut record)?;
         let owner = record.owner.as_ref().map_or("", |o| o.name.as_str());
-        let entry = audit(owner, before, &record);
-        self.write_record(&record, version, entry).await
+        let entries = audit(owner, before, &record);
+        self.write_record(&record, version, changed, entries).await
     }
 }
 
 type Tx<'a> = sqlx::Transaction<'a, sqlx::Any>;
+
+/// How many times [`KeyStore::report_leak`] tries again after a conflict.
+const LEAK_TRIES: u32 = 4;
 
 /// The hashes filed under a key, read inside a transaction.
 async fn hashes_in(tx: &mut Tx<'_>, id: &KeyId) -> Result<Vec<KeyHash>, StoreError> {
@@ -1476,8 +1491,8 @@ impl KeyStore for SqlStore {
         update.check()?;
         self.edit(
             id,
-            |record| update.apply(record),
-            |owner, _, record| Entry::key(owner, &record.id, AuditAction::Updated),
+            |record| update.apply(record).map(|()| true),
+            |owner, _, record| vec![Entry::key(owner, &record.id, AuditAction::Updated)],
         )
         .await
     }
@@ -1487,14 +1502,43 @@ impl KeyStore for SqlStore {
             id,
             |record| {
                 record.status = super::transition(record, status)?;
-                Ok(())
+                Ok(true)
             },
             |owner, before, record| {
                 let action = AuditAction::of_status(status);
-                Entry::status(owner, &record.id, action, Some(before), record.status)
+                vec![Entry::status(
+                    owner,
+                    &record.id,
+                    action,
+                    Some(before),
+                    record.status,
+                )]
             },
         )
         .await
+    }
+
+    async fn report_leak(&self, id: &KeyId) -> Result<(KeyRecord, bool), StoreError> {
+        // A leak must not go unreported for a concurrent edit of the key: a conflict (the
+        // key changed between the read and the write) is tried again from a fresh read.
+        let mut tries = 0;
+        loop {
+            let mut revoked = false;
+            let written = self
+                .edit(
+                    id,
+                    |record| {
+                        revoked = super::revoke_leaked(record);
+                        Ok(revoked)
+                    },
+                    super::leak_entries,
+                )
+                .await;
+            match written {
+                Err(StoreError::Conflict) if tries < LEAK_TRIES => tries += 1,
+                written => return written.map(|record| (record, revoked)),
+            }
+        }
     }
 
     async fn rotate(

@@ -56,6 +56,7 @@ where
     case!(clients_create_list_verify_revoke);
     case!(revoke_client_revokes_its_tokens_and_nothing_else);
     case!(rate_bucket_round_trips);
+    case!(report_leak_revokes_once_and_records_every_report);
 }
 
 use clients::{
@@ -1284,4 +1285,150 @@ async fn owner_and_password<S: OwnerStore>(store: &S, other: &S, _: &FakeClock) 
         .filter(|e| e.action == AuditAction::PasswordSet)
         .count();
     assert_eq!(sets, 2);
+}
+
+/// `report_leak`: a live key (active or disabled) is revoked at once, every cache over the
+/// store drops it, and the trail has the report and the revocation; a key revoked already or
+/// deleted has the report recorded and nothing else changes; an unknown id is refused and
+/// records nothing.
+async fn report_leak_revokes_once_and_records_every_report<S: OwnerStore>(
+    plain: &S,
+    other: &S,
+    clock: &FakeClock,
+) {
+    use std::collections::HashSet;
+    use AuditAction as A;
+    use Status::{Active, Deleted, Disabled, Revoked};
+    let store = plain.acting(Actor::new("scanner:github"));
+    let cache = CachedLookup::builder(plain.clone())
+        .clock(clock.clone())
+        .build_over_store()
+        .unwrap();
+    let (active, _) = owner_and_key(plain, "ada").await;
+    let id = &active.record.id;
+    // Cached as usable, so that the report must drop the entry.
+    assert_eq!(verdict(&cache, &active.secret, clock).await, Ok(()));
+    let trail = |id: &keygate::key::KeyId| AuditQuery::default().with_key(id.clone());
+    let start = events(plain, trail(id)).await.len();
+    let by_scanner = |action, old, new| {
+        (
+            action,
+            Some(id.as_str().to_owned()),
+            Some(old),
+            Some(new),
+            "scanner:github".to_owned(),
+            None,
+        )
+    };
+
+    let (record, revoked) = store.report_leak(id).await.unwrap();
+    assert!(revoked);
+    assert_eq!(record.status, Revoked);
+    assert_eq!(other.get(id).await.unwrap(), record);
+    assert_eq!(
+        verdict(&cache, &active.secret, clock).await,
+        Err(Reason::InvalidApiKey)
+    );
+    assert_eq!(
+        verdict(other, &active.secret, clock).await,
+        Err(Reason::InvalidApiKey)
+    );
+    let after: Vec<Seen> = events(other, trail(id)).await[start..]
+        .iter()
+        .map(seen)
+        .collect();
+    // One transaction's events: their order among themselves is not promised.
+    assert_eq!(after.len(), 2, "{after:?}");
+    assert_eq!(
+        after.into_iter().collect::<HashSet<_>>(),
+        HashSet::from([
+            by_scanner(A::LeakReported, Active, Revoked),
+            by_scanner(A::Revoked, Active, Revoked),
+        ])
+    );
+
+    // Reported again: still revoked, unchanged, and the report is on record.
+    let (again, revoked) = store.report_leak(id).await.unwrap();
+    assert!(!revoked);
+    assert_eq!(again.status, Revoked);
+    assert_eq!(again.version, record.version);
+    let after: Vec<Seen> = events(other, trail(id)).await[start + 2..]
+        .iter()
+        .map(seen)
+        .collect();
+    assert_eq!(after, [by_scanner(A::LeakReported, Revoked, Revoked)]);
+
+    // A disabled key is revoked too.
+    let disabled = plain
+        .create(NewKey::new("ada", "disabled", Environment::Test))
+        .await
+        .unwrap()
+        .record
+        .id;
+    plain.set_status(&disabled, Disabled).await.unwrap();
+    let start = events(plain, trail(&disabled)).await.len();
+    let (record, revoked) = store.report_leak(&disabled).await.unwrap();
+    assert!(revoked);
+    assert_eq!(record.status, Revoked);
+    assert_eq!(other.get(&disabled).await.unwrap().status, Revoked);
+    let after: HashSet<(AuditAction, Option<Status>, Option<Status>)> =
+        events(other, trail(&disabled)).await[start..]
+            .iter()
+            .map(|e| (e.action, e.old_status, e.new_status))
+            .collect();
+    assert_eq!(
+        after,
+        HashSet::from([
+            (A::LeakReported, Some(Disabled), Some(Revoked)),
+            (A::Revoked, Some(Disabled), Some(Revoked)),
+        ])
+    );
+
+    // A deleted key: the report is recorded, nothing else changes.
+    let deleted = plain
+        .create(NewKey::new("ada", "deleted", Environment::Live))
+        .await
+        .unwrap()
+        .record
+        .id;
+    let before = plain.set_status(&deleted, Deleted).await.unwrap();
+    let start = events(plain, trail(&deleted)).await.len();
+    let (record, revoked) = store.report_leak(&deleted).await.unwrap();
+    assert!(!revoked);
+    assert_eq!(record.status, Deleted);
+    assert_eq!(record.version, before.version);
+    assert_eq!(other.get(&deleted).await.unwrap(), record);
+    let after: Vec<_> = events(other, trail(&deleted)).await[start..]
+        .iter()
+        .map(|e| (e.action, e.old_status, e.new_status, e.actor.clone()))
+        .collect();
+    assert_eq!(
+        after,
+        [(
+            A::LeakReported,
+            Some(Deleted),
+            Some(Deleted),
+            "scanner:github".to_owned()
+        )]
+    );
+
+    // An unknown id: refused, nothing recorded.
+    let total = plain
+        .audit(AuditQuery::default().with_limit(1000))
+        .await
+        .unwrap()
+        .len();
+    let missing = keygate::key::KeyId::new("key_nobody");
+    assert_eq!(
+        store.report_leak(&missing).await.unwrap_err(),
+        StoreError::KeyNotFound(missing)
+    );
+    assert_eq!(
+        plain
+            .audit(AuditQuery::default().with_limit(1000))
+            .await
+            .unwrap()
+            .len(),
+        total
+    );
 }
