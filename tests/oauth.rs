@@ -715,7 +715,13 @@ async fn a_github_leak_alert_revokes_the_key() {
         .audit(AuditQuery::default().with_key(key.record.id.clone()))
         .await
         .unwrap();
-    assert_eq!(events[0].actor, "github-secret-scanning");
+    let actions: Vec<String> = events.iter().map(|e| e.action.to_string()).collect();
+    assert!(actions.contains(&"leak_reported".to_owned()), "{actions:?}");
+    assert!(actions.contains(&"revoked".to_owned()), "{actions:?}");
+    assert!(events
+        .iter()
+        .filter(|e| e.action.to_string() != "created")
+        .all(|e| e.actor == "github-secret-scanning"));
     assert_eq!(events[0].new_status, Some(keygate::record::Status::Revoked));
     let leaks = s.leaks.lock().unwrap().clone();
     assert_eq!(leaks.len(), 1);
@@ -732,6 +738,16 @@ async fn a_github_leak_alert_revokes_the_key() {
         .await;
     assert_eq!(reply.json()[0]["label"], "true_positive");
     assert!(!s.leaks.lock().unwrap()[1].revoked_now);
+    // Every report is in the audit trail, the second as well.
+    let reports = s
+        .store
+        .audit(AuditQuery::default().with_key(key.record.id.clone()))
+        .await
+        .unwrap()
+        .iter()
+        .filter(|e| e.action.to_string() == "leak_reported")
+        .count();
+    assert_eq!(reports, 2);
     // A signed body that is not an alert: 400.
     let reply = s
         .send(

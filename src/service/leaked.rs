@@ -269,7 +269,13 @@ pub(crate) async fn leaked<S: ClientStore + Send + Sync + 'static>(
         let record = find(&store, &found.token).await?;
         let label = match &record {
             Some(record) => {
-                let revoked_now = kill(&store, record).await?;
+                // Revoked (unless it was already) and the report recorded, in one write.
+                let revoked_now = match store.report_leak(&record.id).await {
+                    Ok((_, revoked_now)) => revoked_now,
+                    // Gone meanwhile: nothing left to revoke.
+                    Err(StoreError::KeyNotFound(_)) => false,
+                    Err(other) => return Err(other.into()),
+                };
                 tracing::warn!(
                     target: "keygate",
                     key_id = %record.id,

@@ -255,15 +255,18 @@ async fn authenticate<S: ClientStore + Send + Sync + 'static>(
         return Err(answer(OAuthError::invalid_client()));
     }
     // Client ids have their own budgets, apart from usernames (which cannot hold a NUL).
-    let attempt = shared.logins.begin(&format!("\0client:{id}"), ip).map_err(|retry| {
-        let mut error = OAuthError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "invalid_client",
-            "Too many failed client authentications; retry later.",
-        );
-        error.retry_after = Some(retry);
-        error
-    })?;
+    let attempt = shared
+        .logins
+        .begin(&format!("\0client:{id}"), ip)
+        .map_err(|retry| {
+            let mut error = OAuthError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "invalid_client",
+                "Too many failed client authentications; retry later.",
+            );
+            error.retry_after = Some(retry);
+            error
+        })?;
     match shared.store.verify_client(&id, &secret).await {
         Ok(client) => {
             shared.logins.succeeded(attempt);

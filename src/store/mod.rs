@@ -693,8 +693,6 @@ pub(crate) fn leak_entries(owner: &str, before: Status, after: &KeyRecord) -> Ve
     entries
 }
 
-/// The owner, if the password matches and the owner is active. The same argon2 work is
-/// done whether or not the owner exists, and every failure reads the same.
 /// Whether a key in this state can be given a new secret.
 pub(crate) fn rotatable(record: &KeyRecord) -> Result<(), StoreError> {
     match record.status {
@@ -707,6 +705,8 @@ pub(crate) fn rotatable(record: &KeyRecord) -> Result<(), StoreError> {
     }
 }
 
+/// The owner, if the password matches and the owner is active. The same argon2 work is
+/// done whether or not the owner exists, and every failure reads the same.
 pub(crate) async fn check_credentials(
     owner: Option<Owner>,
     stored: Option<String>,
