@@ -604,7 +604,6 @@ async fn basic_encoding_tricks() {
 // `ambiguous_credentials`. Low: no escalation, but a proxy that adds its own Authorization
 // (or one that forwards only the last) authenticates a different client than it checked.
 #[tokio::test]
-#[ignore = "FINDING: several Authorization headers: the first Basic one is used, not refused"]
 async fn several_authorization_headers_are_refused() {
     let s = server().await;
     let (other_id, other_secret) = s.other_client("bob", &["read"]).await;
@@ -1130,7 +1129,6 @@ async fn tokens_are_not_managed_as_keys() {
 // `token_minting_is_bounded_per_client`) can bury the owner's keys behind any number of
 // empty pages.
 #[tokio::test]
-#[ignore = "FINDING: /v1/keys pages include hidden tokens: empty pages, next = a token's key id"]
 async fn the_key_list_is_not_paged_over_hidden_tokens() {
     let s = server().await;
     let (key_id, _) = s.key("ada", "real").await;
@@ -1217,7 +1215,6 @@ async fn many_tokens_share_one_budget() {
 // call fills the store and the owner's list; many servers cap live tokens per client or
 // rate-limit issuance.
 #[tokio::test]
-#[ignore = "FINDING: token issuance is unbounded per client (300 tokens in one instant)"]
 async fn token_minting_is_bounded_per_client() {
     let s = server().await;
     let mut minted = 0;
@@ -1367,7 +1364,6 @@ async fn self_revoke_guessing_is_limited_per_address() {
 // is an unknown one in lockout behaviour. Fix: refund only when a live key was revoked
 // (or never refund).
 #[tokio::test]
-#[ignore = "FINDING: self-revoke refunds the address budget for deleted keys (existence oracle)"]
 async fn self_revoke_lockout_does_not_tell_deleted_from_unknown() {
     let s = server_with(Opts {
         per_ip: "3/hour",
@@ -1412,7 +1408,6 @@ async fn self_revoke_lockout_does_not_tell_deleted_from_unknown() {
 // `into_make_service_with_connect_info`, or a trusted proxy whose forwarding header does
 // not parse): unknown addresses should share one bucket, or be refused, not go unlimited.
 #[tokio::test]
-#[ignore = "FINDING: no client address -> per-address guessing limits are off entirely"]
 async fn guessing_without_a_known_address_is_still_limited() {
     let s = server_with(Opts {
         per_ip: "5/hour",
@@ -1446,7 +1441,6 @@ async fn guessing_without_a_known_address_is_still_limited() {
 // Medium (availability): rotation is the remedy for a leaked key, and the leaked secret
 // keeps a kill switch over its replacement forever.
 #[tokio::test]
-#[ignore = "FINDING: a rotated-out (expired) secret still revokes the live key via self-revoke and leak alerts"]
 async fn a_rotated_out_secret_cannot_revoke_its_replacement() {
     let mut killed = Vec::new();
     for via_alert in [false, true] {

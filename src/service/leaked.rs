@@ -125,8 +125,9 @@ impl Input for RevokeBody {
     const FIELDS: &'static [&'static str] = &["key"];
 }
 
-/// The record of a presented secret, through the store (every state).
-async fn find<S: KeyStore>(store: &S, secret: &str) -> Result<Option<KeyRecord>, StoreError> {
+/// The record of a presented secret, in any state. Its `expires_at` is the secret's own
+/// end: for an earlier secret of a rotated key, the end of its grace.
+async fn find_any<S: KeyStore>(store: &S, secret: &str) -> Result<Option<KeyRecord>, StoreError> {
     if secret.is_empty() || secret.len() > 256 {
         return Ok(None);
     }
@@ -138,6 +139,24 @@ async fn find<S: KeyStore>(store: &S, secret: &str) -> Result<Option<KeyRecord>,
             StoreError::Backend(crate::store::BackendError::plain(format!("lookup: {e}")))
         })?;
     Ok(found.map(|record| (*record).clone()))
+}
+
+/// Whether the presented secret is past its end (the key's expiry, or the grace of a
+/// rotation): such a secret opens nothing, and must not kill the key that replaced it.
+fn spent(record: &KeyRecord, now: std::time::SystemTime) -> bool {
+    record.expires_at.is_some_and(|at| at <= now)
+}
+
+/// The record a presented secret still opens: active or disabled, not spent. Anything
+/// else (unknown, deleted, revoked, spent) reads alike.
+async fn find<S: KeyStore>(
+    store: &S,
+    secret: &str,
+    now: std::time::SystemTime,
+) -> Result<Option<KeyRecord>, StoreError> {
+    Ok(find_any(store, secret).await?.filter(|record| {
+        matches!(record.status, Status::Active | Status::Disabled) && !spent(record, now)
+    }))
 }
 
 /// Revokes `record` unless it is revoked or deleted already; whether it did.
@@ -167,7 +186,7 @@ pub(crate) async fn revoke_by_key<S: ClientStore + Send + Sync + 'static>(
 ) -> Result<Response, Fail> {
     let attempt = shared.logins.begin_address(ip).map_err(Fail::too_many)?;
     let store = shared.store.acting(Actor::new("self-revoke").with_ip(ip));
-    match find(&store, &body.key).await {
+    match find(&store, &body.key, shared.clock.now()).await {
         Ok(Some(record)) => {
             shared.logins.address_ok(attempt);
             kill(&store, &record).await?;
@@ -266,8 +285,11 @@ pub(crate) async fn leaked<S: ClientStore + Send + Sync + 'static>(
     let store = shared.store.acting(Actor::new(SCANNER).with_ip(ip));
     let mut feedback = Vec::with_capacity(matches.len());
     for found in matches {
-        let record = find(&store, &found.token).await?;
+        let record = find_any(&store, &found.token).await?;
         let label = match &record {
+            // A real secret, but spent: nothing to revoke (its key may live on under a new
+            // secret, which this report must not kill).
+            Some(record) if spent(record, shared.clock.now()) => "true_positive",
             Some(record) => {
                 // Revoked (unless it was already) and the report recorded, in one write.
                 let revoked_now = match store.report_leak(&record.id).await {

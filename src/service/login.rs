@@ -84,7 +84,7 @@ impl Logins {
     /// Takes one attempt from the username's and the address's budgets, or says how many
     /// seconds to wait.
     pub(crate) fn begin(&self, user: &str, ip: Option<IpAddr>) -> Result<Attempt, u64> {
-        let ip = ip.map(network);
+        let ip = Some(client(ip));
         let user = user.to_owned();
         if let Some(ip) = ip {
             match self.by_ip.decide(&ip, &self.ip_quota, 1) {
@@ -120,7 +120,8 @@ impl Logins {
     /// user from now on.
     pub(crate) fn succeeded(&self, attempt: Attempt) {
         self.given_back(&attempt);
-        if let Some(ip) = attempt.ip {
+        // An unknown address is no address: it never becomes known good.
+        if let Some(ip) = attempt.ip.filter(|ip| !ip.is_unspecified()) {
             self.known_good
                 .insert((attempt.user, ip), self.clock.now_nanos());
         }
@@ -129,9 +130,7 @@ impl Logins {
     /// Takes one attempt from the address's budget only (for endpoints that name no user:
     /// a guess at a key to revoke), or says how many seconds to wait.
     pub(crate) fn begin_address(&self, ip: Option<IpAddr>) -> Result<Option<IpAddr>, u64> {
-        let Some(ip) = ip.map(network) else {
-            return Ok(None);
-        };
+        let ip = client(ip);
         match self.by_ip.decide(&ip, &self.ip_quota, 1) {
             Ok(d) if d.allowed => Ok(Some(ip)),
             Ok(d) => Err(d.numbers.retry_after.max(1)),
@@ -159,6 +158,13 @@ impl Logins {
             self.by_ip.refund(&ip, &self.ip_quota, 1);
         }
     }
+}
+
+/// The bucket of a client address: its network, or, when the address cannot be known (no
+/// peer address; a trusted proxy's header that does not parse), one bucket shared by every
+/// such request, so that guessing is never unlimited.
+fn client(ip: Option<IpAddr>) -> IpAddr {
+    ip.map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), network)
 }
 
 /// An IPv6 address as its /64 (one subscriber's block); IPv4 (and IPv4-mapped) as itself.

@@ -111,6 +111,8 @@ use crate::validate::ClientIp;
 
 /// How long a session lasts.
 const SESSION_TTL: Duration = Duration::from_secs(900);
+/// The most store pages one list call reads past hidden records.
+const LIST_SCANS: usize = 20;
 /// The longest username or password read.
 const MAX_CREDENTIAL: usize = 1024;
 
@@ -134,6 +136,7 @@ impl KeyService {
             api_paths: None,
             oauth_body_credentials: false,
             oauth_quotas: Vec::new(),
+            oauth_issue_quota: Quota::per_hour(nonzero(100)),
             github_keys: Vec::new(),
             on_leak: None,
         }
@@ -161,6 +164,7 @@ pub struct KeyServiceBuilder<S> {
     api_paths: Option<Value>,
     oauth_body_credentials: bool,
     oauth_quotas: Vec<Quota>,
+    oauth_issue_quota: Quota,
     github_keys: Vec<String>,
     on_leak: Option<leaked::LeakHook>,
 }
@@ -261,6 +265,13 @@ impl<S: ClientStore + Send + Sync + 'static> KeyServiceBuilder<S> {
         self.oauth_quotas = quotas;
     }
 
+    /// How many access tokens one client may be issued (default 100 an hour): each is a
+    /// stored key, and a client needs about one an hour. Past it, `429 slow_down`.
+    pub fn oauth_token_issue_quota(mut self, quota: Quota) -> Self {
+        self.oauth_issue_quota = quota;
+        self
+    }
+
     /// Trusts GitHub's secret-scanning public keys for `POST /v1/keys/leaked`: the JSON
     /// document of `https://api.github.com/meta/public_keys/secret_scanning`
     /// (`{"public_keys": [{"key_identifier", "key", …}]}`), fetched by you (for tests, one
@@ -309,6 +320,7 @@ impl<S: ClientStore + Send + Sync + 'static> KeyServiceBuilder<S> {
                 secret
             }
         };
+        let clock = self.clock;
         let shared = Arc::new(Shared {
             store: self.store,
             template: self.template,
@@ -316,11 +328,16 @@ impl<S: ClientStore + Send + Sync + 'static> KeyServiceBuilder<S> {
             client_ip: self.client_ip,
             ids: EventIds::new(&secret),
             signer: Signer::new(secret),
-            logins: Logins::new(self.user_quota, self.ip_quota, Arc::clone(&self.clock)),
-            clock: self.clock,
+            logins: Logins::new(self.user_quota, self.ip_quota, Arc::clone(&clock)),
+            clock: Arc::clone(&clock),
             openapi: openapi_document(self.api_paths),
             oauth_body_credentials: self.oauth_body_credentials,
             oauth_quotas: self.oauth_quotas,
+            oauth_issue: crate::ratelimit::MemoryLimiter::builder()
+                .clock(Arc::clone(&clock))
+                .build()
+                .unwrap_or_default(),
+            oauth_issue_quota: self.oauth_issue_quota,
             scanners,
         });
         let router = Router::new()
@@ -380,6 +397,8 @@ struct Shared<S> {
     openapi: Value,
     oauth_body_credentials: bool,
     oauth_quotas: Vec<Quota>,
+    oauth_issue: crate::ratelimit::MemoryLimiter<String>,
+    oauth_issue_quota: Quota,
     scanners: leaked::Scanners,
 }
 
@@ -660,18 +679,43 @@ async fn list<S: ClientStore + Send + Sync + 'static>(
         .after
         .filter(|a| !a.is_empty())
         .map(|a| KeyId::new(a.as_str()));
-    let page = session
-        .store
-        .list(&session.owner.name, Page { after, limit })
-        .await?;
-    let next = (page.len() == limit)
-        .then(|| page.last().map(|r| r.id.as_str().to_owned()))
-        .flatten();
-    let keys: Vec<KeyView> = page
-        .iter()
-        .filter(|r| r.status != Status::Deleted && r.use_case != oauth::TOKEN_USE_CASE)
-        .map(|r| KeyView::of(r, &shared.format))
-        .collect();
+    // Deleted keys and access tokens are not shown: read on past them until the page is
+    // full (a bounded number of store pages), so that a client minting tokens cannot push
+    // the owner's keys behind empty pages.
+    let mut keys: Vec<KeyView> = Vec::new();
+    let mut cursor = after;
+    let mut next = None;
+    for _ in 0..LIST_SCANS {
+        let page = session
+            .store
+            .list(
+                &session.owner.name,
+                Page {
+                    after: cursor.clone(),
+                    limit,
+                },
+            )
+            .await?;
+        let mut read = 0;
+        for record in &page {
+            if keys.len() == limit {
+                break;
+            }
+            read += 1;
+            cursor = Some(record.id.clone());
+            if record.status != Status::Deleted && record.use_case != oauth::TOKEN_USE_CASE {
+                keys.push(KeyView::of(record, &shared.format));
+            }
+        }
+        // More to read: the store's page was full, or this page stopped inside it.
+        let more = page.len() == limit || read < page.len();
+        next = more
+            .then(|| cursor.as_ref().map(|id| id.as_str().to_owned()))
+            .flatten();
+        if keys.len() == limit || !more {
+            break;
+        }
+    }
     Ok(private(StatusCode::OK, &KeyPage { keys, next }))
 }
 

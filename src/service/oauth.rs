@@ -202,6 +202,11 @@ impl Form {
 /// The client's credentials, from HTTP Basic (RFC 6749 §2.3.1: each part form-urlencoded
 /// before base64) or, if allowed, from the body; never both.
 fn credentials(form: &Form, body_allowed: bool) -> Result<(String, String, bool), OAuthError> {
+    if form.headers.get_all(AUTHORIZATION).iter().nth(1).is_some() {
+        return Err(OAuthError::invalid_request(
+            "Send one Authorization header, not several.",
+        ));
+    }
     let basic = form.headers.get(AUTHORIZATION).map(|value| {
         let text = value.to_str().ok()?;
         let (scheme, encoded) = text.trim().split_once(' ')?;
@@ -335,6 +340,24 @@ pub(crate) async fn token<S: ClientStore + Send + Sync + 'static>(
             granted
         }
     };
+    // Each token is a stored key: a client mints a bounded number (its budget refills).
+    match shared.oauth_issue.decide(
+        &client.id,
+        std::slice::from_ref(&shared.oauth_issue_quota),
+        1,
+    ) {
+        Ok(decision) if decision.allowed => {}
+        Ok(decision) => {
+            let mut error = OAuthError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "slow_down",
+                "This client asked for too many tokens; reuse the one it has until it expires.",
+            );
+            error.retry_after = Some(decision.numbers.retry_after.max(1));
+            return Err(error);
+        }
+        Err(_) => return Err(OAuthError::unavailable()),
+    }
     let now = shared.clock.now();
     let mut new = NewKey::new(
         client.owner.clone(),
