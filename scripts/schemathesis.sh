@@ -8,6 +8,7 @@
 #   SCHEMATHESIS_MAX_EXAMPLES  test cases per operation and phase (default 100)
 #   SCHEMATHESIS_SEED          a seed, to replay a run (default: random, printed)
 #   SCHEMATHESIS_VERSION       the schemathesis release (default 4.32.5)
+#   SCHEMATHESIS_REPORT        the report's format (default junit; har keeps every request and answer)
 #   CARGO_TARGET_DIR           where the quickstart is built and the venv is cached
 #
 # Exits non-zero when schemathesis finds a failure (or cannot run).
@@ -58,7 +59,9 @@ value() { sed -n "s/^$1=//p" "$work/out" | head -1; }
 KEY_FULL=$(value KEY_FULL)
 OWNER=$(value OWNER)
 OWNER_PASSWORD=$(value OWNER_PASSWORD)
-for name in KEY_FULL OWNER OWNER_PASSWORD; do
+CLIENT_ID=$(value CLIENT_ID)
+CLIENT_SECRET=$(value CLIENT_SECRET)
+for name in KEY_FULL OWNER OWNER_PASSWORD CLIENT_ID CLIENT_SECRET; do
   [ -n "${!name}" ] || { echo "the quickstart printed no $name=" >&2; exit 1; }
 done
 echo "quickstart at $url (owner $OWNER)"
@@ -73,17 +76,22 @@ with urllib.request.urlopen(request, timeout=30) as answer:
     print(json.load(answer)["token"])
 EOF
 )
-export KEYGATE_SESSION KEY_FULL
+export KEYGATE_SESSION KEY_FULL CLIENT_ID CLIENT_SECRET
 
 # Credentials per security scheme of the document: the session for `Session`, the demo key
-# for `ApiKey` (X-API-KEY; the first scheme /auth/testkey and the demo API accept). Values
-# are read from the environment, so no secret is written down.
+# for `ApiKey` (X-API-KEY; the first scheme /auth/testkey and the demo API accept), the demo
+# OAuth2 client for `ClientBasic` (/oauth/…). Values are read from the environment, so no
+# secret is written down.
 cat >"$work/schemathesis.toml" <<'EOF'
 [auth.openapi.Session]
 bearer = "${KEYGATE_SESSION}"
 
 [auth.openapi.ApiKey]
 api_key = "${KEY_FULL}"
+
+[auth.openapi.ClientBasic]
+username = "${CLIENT_ID}"
+password = "${CLIENT_SECRET}"
 EOF
 
 # Every check but positive_data_acceptance: data valid by the schema is still refused where
@@ -102,7 +110,7 @@ schemathesis=$(realpath "$venv/bin/schemathesis")
   --seed "$seed" \
   --workers 1 \
   --request-timeout 10 \
-  --report junit --report-dir "$report" \
+  --report "${SCHEMATHESIS_REPORT:-junit}" --report-dir "$report" \
   "$@") || status=$?
 if [ "$status" -ne 0 ]; then
   echo "schemathesis failed (exit $status); replay with SCHEMATHESIS_SEED=$seed" >&2

@@ -55,6 +55,13 @@ const SERVICE_ROUTES: &[(&str, &[&str])] = &[
     ("/v1/keys/{id}/disable", &["POST"]),
     ("/v1/keys/{id}/enable", &["POST"]),
     ("/v1/keys/{id}/rotate", &["POST"]),
+    ("/v1/keys/revoke", &["POST"]),
+    ("/v1/keys/leaked", &["POST"]),
+    ("/v1/clients", &["GET", "POST"]),
+    ("/v1/clients/{id}", &["DELETE"]),
+    ("/oauth/token", &["POST"]),
+    ("/oauth/revoke", &["POST"]),
+    ("/oauth/introspect", &["POST"]),
     ("/v1/audit", &["GET"]),
     ("/dashboard", &["GET"]),
     ("/swagger/openapi.json", &["GET"]),
@@ -78,6 +85,13 @@ const HTTP_METHODS: &[&str] = &[
 ];
 
 const PASSWORD: &str = "correct horse battery staple";
+
+/// The media type of the `/oauth/…` bodies.
+const FORM: &str = "application/x-www-form-urlencoded";
+
+/// The JSON bodies that are not closed objects: GitHub's alert (a list of matches, whose
+/// other fields are ignored).
+const OPEN_BODIES: &[&str] = &["/v1/keys/leaked"];
 
 fn document() -> Value {
     serde_json::from_str(DOCUMENT).expect("src/service/openapi.json is JSON")
@@ -165,8 +179,25 @@ fn concrete(template: &str, id: &str) -> String {
     out
 }
 
+/// The key that signs the tests' GitHub leak alerts (its public half is trusted by
+/// [`service`]), under the identifier [`GITHUB_KEY_ID`].
+fn github_key() -> &'static p256::ecdsa::SigningKey {
+    static KEY: std::sync::OnceLock<p256::ecdsa::SigningKey> = std::sync::OnceLock::new();
+    KEY.get_or_init(|| p256::ecdsa::SigningKey::random(&mut p256::elliptic_curve::rand_core::OsRng))
+}
+
+const GITHUB_KEY_ID: &str = "test-key-1";
+
+/// GitHub's signature of an alert's body: base64 of the DER ECDSA signature.
+fn github_signature(body: &[u8]) -> String {
+    use base64::Engine as _;
+    use p256::ecdsa::signature::Signer as _;
+    let signature: p256::ecdsa::Signature = github_key().sign(body);
+    base64::engine::general_purpose::STANDARD.encode(signature.to_der().as_bytes())
+}
+
 /// The service over a memory store, with `testkey` behind a keygate layer, as the module's
-/// docs build it; and the store.
+/// docs build it, trusting [`github_key`] for leak alerts; and the store.
 async fn service(login_limit: u32) -> (Router, MemoryStore) {
     let store = MemoryStore::new();
     store.add_owner("ada", Some(PASSWORD)).await.unwrap();
@@ -175,9 +206,17 @@ async fn service(login_limit: u32) -> (Router, MemoryStore) {
         .build()
         .unwrap();
     let limit = Quota::per_hour(NonZeroU32::new(login_limit).unwrap());
+    let pem = p256::pkcs8::EncodePublicKey::to_public_key_pem(
+        github_key().verifying_key(),
+        p256::pkcs8::LineEnding::LF,
+    )
+    .unwrap();
+    let github =
+        json!({"public_keys": [{"key_identifier": GITHUB_KEY_ID, "key": pem, "is_current": true}]});
     let router = KeyService::builder(store.clone())
         .testkey(keygate)
         .login_limits(limit, Quota::per_hour(NonZeroU32::new(1000).unwrap()))
+        .github_public_keys(github.to_string())
         .build()
         .unwrap();
     (router, store)
@@ -273,8 +312,9 @@ fn refs<'a>(value: &'a Value, at: String, out: &mut Vec<(String, &'a str)>) {
     }
 }
 
-/// What makes an OpenAPI 3.1 document well formed, as far as this one uses it; every
-/// request body a closed object, except on `open_bodies` (which take any JSON).
+/// What makes an OpenAPI 3.1 document well formed, as far as this one uses it; every JSON
+/// request body a closed object, except on `open_bodies` (which take other JSON); every
+/// form body (`/oauth/…`) an object, open: RFC 6749 §3.1 has unknown parameters ignored.
 fn check_shape(doc: &Value, open_bodies: &[&str]) {
     let version = doc["openapi"].as_str().expect("`openapi` is a string");
     assert!(version.starts_with("3.1."), "openapi {version}");
@@ -368,12 +408,23 @@ fn check_shape(doc: &Value, open_bodies: &[&str]) {
                     assert!(schemes.contains_key(scheme), "{method} {path}: {scheme}");
                 }
             }
-            // Request bodies: closed JSON objects.
-            if let Some(body) = op
-                .get("requestBody")
-                .filter(|_| !open_bodies.contains(&path.as_str()))
-            {
-                let schema = &body["content"]["application/json"]["schema"];
+            // Request bodies: closed JSON objects, or form parameters.
+            if let Some(body) = op.get("requestBody") {
+                let content = body["content"].as_object().expect("a body's content");
+                assert_eq!(content.len(), 1, "{method} {path}: one media type");
+                if let Some(form) = content.get(FORM) {
+                    let schema = schema_of(doc, &form["schema"]);
+                    assert_eq!(schema["type"], "object", "{method} {path}");
+                    assert_ne!(
+                        schema["additionalProperties"], false,
+                        "{method} {path}: unknown form parameters are ignored"
+                    );
+                    continue;
+                }
+                if open_bodies.contains(&path.as_str()) {
+                    continue;
+                }
+                let schema = &content["application/json"]["schema"];
                 let schema = schema_of(doc, schema);
                 assert_eq!(schema["type"], "object", "{method} {path}");
                 assert_eq!(
@@ -395,18 +446,28 @@ fn schema_of<'a>(doc: &'a Value, schema: &'a Value) -> &'a Value {
 #[test]
 fn the_document_is_openapi_3_1_and_every_ref_resolves() {
     let doc = document();
-    check_shape(&doc, &[]);
+    check_shape(&doc, OPEN_BODIES);
     // The shape check can fail: a dangling $ref, a path parameter not declared.
     let mut broken = doc.clone();
     broken["paths"]["/v1/audit"]["get"]["responses"]["200"] =
         json!({"$ref": "#/components/responses/Nothing"});
-    assert!(std::panic::catch_unwind(|| check_shape(&broken, &[])).is_err());
+    assert!(std::panic::catch_unwind(|| check_shape(&broken, OPEN_BODIES)).is_err());
     let mut broken = doc.clone();
     broken["paths"]["/v1/keys/{id}"]
         .as_object_mut()
         .unwrap()
         .remove("parameters");
-    assert!(std::panic::catch_unwind(|| check_shape(&broken, &[])).is_err());
+    assert!(std::panic::catch_unwind(|| check_shape(&broken, OPEN_BODIES)).is_err());
+    // A JSON body left open, a form body closed.
+    let mut broken = doc.clone();
+    broken["components"]["schemas"]["NewClient"]
+        .as_object_mut()
+        .unwrap()
+        .remove("additionalProperties");
+    assert!(std::panic::catch_unwind(|| check_shape(&broken, OPEN_BODIES)).is_err());
+    let mut broken = doc.clone();
+    broken["components"]["schemas"]["TokenRequest"]["additionalProperties"] = json!(false);
+    assert!(std::panic::catch_unwind(|| check_shape(&broken, OPEN_BODIES)).is_err());
 }
 
 #[test]
@@ -445,7 +506,7 @@ fn quickstart_document() -> Value {
 fn the_quickstarts_document_holds_exactly_its_routes() {
     let doc = quickstart_document();
     // The demo's `POST /v1/messages` takes any JSON (it reads a string `text` if there is one).
-    check_shape(&doc, &["/v1/messages"]);
+    check_shape(&doc, &["/v1/messages", OPEN_BODIES[0]]);
     let listed: BTreeSet<_> = routes(SERVICE_ROUTES)
         .union(&routes(DEMO_ROUTES))
         .cloned()
@@ -645,10 +706,17 @@ async fn every_body_documents_exactly_the_fields_the_code_reads() {
         ("POST", "/v1/keys"),
         ("PATCH", "/v1/keys/{id}"),
         ("POST", "/v1/keys/{id}/rotate"),
+        ("POST", "/v1/keys/revoke"),
+        ("POST", "/v1/clients"),
     ];
+    // The closed JSON bodies (the form bodies of `/oauth/…` and GitHub's alert are open).
     let with_body: BTreeSet<(String, String)> = documented(&doc)
         .into_iter()
-        .filter(|(m, p)| doc["paths"][p][m.to_ascii_lowercase()]["requestBody"].is_object())
+        .filter(|(m, p)| {
+            doc["paths"][p][m.to_ascii_lowercase()]["requestBody"]["content"]["application/json"]
+                .is_object()
+                && !OPEN_BODIES.contains(&p.as_str())
+        })
         .collect();
     assert_eq!(
         with_body,
@@ -1107,6 +1175,399 @@ async fn a_sessions_answers_match_the_document() {
     );
 
     // A deleted key's audit trail stays readable (above: 200).
+
+    // OAuth2 clients and their tokens.
+    let form = |path: &str, authorization: Option<&str>, body: &str| {
+        let mut request = Request::post(path).header(CONTENT_TYPE, FORM);
+        if let Some(authorization) = authorization {
+            request = request.header(AUTHORIZATION, authorization);
+        }
+        request.body(Body::from(body.to_owned())).unwrap()
+    };
+    let basic = |id: &str, secret: &str| {
+        use base64::Engine as _;
+        let pair = format!("{id}:{secret}");
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(pair)
+        )
+    };
+    let new_client = json!({"name": "reports", "scopes": ["read", "reports:write"]});
+    let answer = call(
+        "POST",
+        "/v1/clients",
+        signed("POST", "/v1/clients", s, Some(new_client)),
+    )
+    .await;
+    assert_eq!(answer.status, 201);
+    let client_id = answer.json()["client"]["id"].as_str().unwrap().to_owned();
+    let client_secret = answer.json()["client_secret"].as_str().unwrap().to_owned();
+    let client = basic(&client_id, &client_secret);
+    let c = Some(client.as_str());
+    let answer = call(
+        "POST",
+        "/v1/clients",
+        signed("POST", "/v1/clients", s, Some(json!({"name": "no scopes"}))),
+    )
+    .await;
+    assert_eq!(answer.status, 201);
+    let bare_id = answer.json()["client"]["id"].as_str().unwrap().to_owned();
+    let bare_client = basic(&bare_id, answer.json()["client_secret"].as_str().unwrap());
+    for bad in [
+        json!({"name": ""}),
+        json!({"name": "x", "scopes": ["a b"]}),
+        json!({"name": "x", "secret": "mine"}),
+        json!({"scopes": ["read"]}),
+    ] {
+        let request = signed("POST", "/v1/clients", s, Some(bad.clone()));
+        assert_eq!(
+            call("POST", "/v1/clients", request).await.status,
+            422,
+            "{bad}"
+        );
+    }
+    let answer = call("GET", "/v1/clients", signed("GET", "/v1/clients", s, None)).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.json()["clients"].as_array().unwrap().len(), 2);
+
+    let grant = "grant_type=client_credentials";
+    let answer = call("POST", "/oauth/token", form("/oauth/token", c, grant)).await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.json()["scope"], "read reports:write");
+    let token = answer.json()["access_token"].as_str().unwrap().to_owned();
+    let answer = call(
+        "POST",
+        "/oauth/token",
+        form(
+            "/oauth/token",
+            c,
+            "grant_type=client_credentials&scope=read",
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.json()["scope"], "read");
+    // The token is a key: the layers take it as `Authorization: Bearer`.
+    let testkey = Request::get("/auth/testkey")
+        .header(AUTHORIZATION, format!("Bearer {token}"))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(call("GET", "/auth/testkey", testkey).await.status, 200);
+    let introspect = format!("token={token}");
+    let answer = call(
+        "POST",
+        "/oauth/introspect",
+        form("/oauth/introspect", c, &introspect),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.json()["active"], true, "{}", answer.json());
+    assert_eq!(answer.json()["client_id"], client_id.as_str());
+    for body in [
+        "token=kg_live_nonsense",
+        "token=x&token_type_hint=access_token",
+    ] {
+        let answer = call(
+            "POST",
+            "/oauth/introspect",
+            form("/oauth/introspect", c, body),
+        )
+        .await;
+        assert_eq!(answer.json(), json!({"active": false}), "{body}");
+    }
+    // Another client does not see this one's token.
+    let answer = call(
+        "POST",
+        "/oauth/introspect",
+        form("/oauth/introspect", Some(&bare_client), &introspect),
+    )
+    .await;
+    assert_eq!(answer.json(), json!({"active": false}));
+    let answer = call(
+        "POST",
+        "/oauth/revoke",
+        form("/oauth/revoke", c, &introspect),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    assert_eq!(answer.headers["pragma"], "no-cache");
+    let answer = call(
+        "POST",
+        "/oauth/introspect",
+        form("/oauth/introspect", c, &introspect),
+    )
+    .await;
+    assert_eq!(answer.json(), json!({"active": false}));
+    assert_eq!(
+        call(
+            "POST",
+            "/oauth/revoke",
+            form("/oauth/revoke", c, "token=unknown")
+        )
+        .await
+        .status,
+        200
+    );
+
+    // OAuth2 refusals: RFC 6749 §5.2's shape.
+    let cases: &[(&str, Option<&str>, &str, u16, &str)] = &[
+        (
+            "/oauth/token",
+            c,
+            "grant_type=password",
+            400,
+            "unsupported_grant_type",
+        ),
+        ("/oauth/token", c, "scope=read", 400, "invalid_request"),
+        (
+            "/oauth/token",
+            c,
+            "grant_type=client_credentials&scope=admin",
+            400,
+            "invalid_scope",
+        ),
+        (
+            "/oauth/token",
+            c,
+            "grant_type=client_credentials&grant_type=client_credentials",
+            400,
+            "invalid_request",
+        ),
+        (
+            "/oauth/token",
+            c,
+            "grant_type=client_credentials&client_id=x&client_secret=y",
+            400,
+            "invalid_request",
+        ),
+        (
+            "/oauth/token",
+            Some(&bare_client),
+            grant,
+            400,
+            "unauthorized_client",
+        ),
+        ("/oauth/token", None, grant, 401, "invalid_client"),
+        (
+            "/oauth/token",
+            Some("Basic !!"),
+            grant,
+            401,
+            "invalid_client",
+        ),
+        (
+            "/oauth/token",
+            Some("Bearer kg_live_x"),
+            grant,
+            401,
+            "invalid_client",
+        ),
+        (
+            "/oauth/token",
+            None,
+            "grant_type=client_credentials&client_id=x&client_secret=y",
+            401,
+            "invalid_client",
+        ),
+        ("/oauth/revoke", c, "", 400, "invalid_request"),
+        ("/oauth/revoke", None, "token=x", 401, "invalid_client"),
+        (
+            "/oauth/introspect",
+            c,
+            "token_type_hint=access_token",
+            400,
+            "invalid_request",
+        ),
+        ("/oauth/introspect", None, "token=x", 401, "invalid_client"),
+    ];
+    for (path, authorization, body, status, error) in cases {
+        let template = *path;
+        let answer = call("POST", template, form(path, *authorization, body)).await;
+        assert_eq!(answer.status, *status, "{path} {body}");
+        assert_eq!(answer.json()["error"], *error, "{path} {body}");
+        if *status == 401 {
+            assert!(
+                answer.headers["www-authenticate"]
+                    .to_str()
+                    .unwrap()
+                    .starts_with("Basic "),
+                "{path} {body}"
+            );
+        }
+    }
+    for path in ["/oauth/token", "/oauth/revoke", "/oauth/introspect"] {
+        let json = Request::post(path)
+            .header(AUTHORIZATION, &client)
+            .header(CONTENT_TYPE, "application/json")
+            .body(Body::from("{}"))
+            .unwrap();
+        assert_eq!(call("POST", path, json).await.status, 415, "{path}");
+        let big = form(path, c, &format!("token={}", "x".repeat(20_000)));
+        assert_eq!(call("POST", path, big).await.status, 413, "{path}");
+    }
+    // A wrong secret: 401 until the client id's budget (2) is spent, then 429.
+    let wrong = basic(&bare_id, "kgcs_wrong");
+    for expected in [401, 401, 429] {
+        let answer = call(
+            "POST",
+            "/oauth/introspect",
+            form("/oauth/introspect", Some(&wrong), "token=x"),
+        )
+        .await;
+        assert_eq!(answer.status, expected);
+        assert_eq!(answer.json()["error"], "invalid_client");
+    }
+
+    // A client revoked: its tokens with it; unknown ids are 404.
+    let answer = call("POST", "/oauth/token", form("/oauth/token", c, grant)).await;
+    let token = answer.json()["access_token"].as_str().unwrap().to_owned();
+    let one_client = format!("/v1/clients/{client_id}");
+    for _ in 0..2 {
+        let request = signed("DELETE", &one_client, s, None);
+        assert_eq!(
+            call("DELETE", "/v1/clients/{id}", request).await.status,
+            204
+        );
+    }
+    for id in ["kgc_nope", "key_0000000000000000"] {
+        let request = signed("DELETE", &format!("/v1/clients/{id}"), s, None);
+        assert_eq!(
+            call("DELETE", "/v1/clients/{id}", request).await.status,
+            404
+        );
+    }
+    let request = bare("DELETE", &one_client);
+    assert_eq!(
+        call("DELETE", "/v1/clients/{id}", request).await.status,
+        401
+    );
+    let answer = call("POST", "/oauth/token", form("/oauth/token", c, grant)).await;
+    assert_eq!(answer.status, 401);
+    let testkey = Request::get("/auth/testkey")
+        .header(AUTHORIZATION, format!("Bearer {token}"))
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(call("GET", "/auth/testkey", testkey).await.status, 401);
+    let answer = call("GET", "/v1/clients", signed("GET", "/v1/clients", s, None)).await;
+    assert!(answer.json()["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|c| c["active"] == false));
+    let answer = call("GET", "/v1/audit", signed("GET", "/v1/audit", s, None)).await;
+    let events = answer.json();
+    let actions: Vec<&str> = events["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert!(actions.contains(&"client_created") && actions.contains(&"client_revoked"));
+
+    // Keys that leaked: by their holder, and by GitHub's alert.
+    let revoke = |body: &str| {
+        Request::post("/v1/keys/revoke")
+            .header(CONTENT_TYPE, "application/json")
+            .body(Body::from(body.to_owned()))
+            .unwrap()
+    };
+    let answer = call(
+        "POST",
+        "/v1/keys/revoke",
+        revoke(&json!({"key": plain_secret}).to_string()),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    for (body, status) in [
+        (r#"{"key":"kg_live_nonsense"}"#, 200),
+        (r#"{"key":""}"#, 200),
+        ("{}", 422),
+        (r#"{"key":"x","id":"y"}"#, 422),
+        (r#"{"key":"#, 400),
+    ] {
+        let answer = call("POST", "/v1/keys/revoke", revoke(body)).await;
+        assert_eq!(answer.status, status, "{body}");
+    }
+    // `revoke` and `leaked` are routes of their own, not key ids: 405 with a key's methods.
+    for path in ["/v1/keys/revoke", "/v1/keys/leaked"] {
+        let request = signed("GET", path, s, None);
+        assert_eq!(call("GET", "/v1/keys/{id}", request).await.status, 405);
+    }
+    let text = Request::post("/v1/keys/revoke")
+        .header(CONTENT_TYPE, "text/plain")
+        .body(Body::from("{}"))
+        .unwrap();
+    assert_eq!(call("POST", "/v1/keys/revoke", text).await.status, 415);
+    let answer = call(
+        "POST",
+        "/v1/keys",
+        signed("POST", "/v1/keys", s, Some(json!({"name": "pushed"}))),
+    )
+    .await;
+    let pushed = answer.json()["secret"].as_str().unwrap().to_owned();
+    let alert = |body: &str, id: Option<&str>, signature: Option<String>| {
+        let mut request = Request::post("/v1/keys/leaked").header(CONTENT_TYPE, "application/json");
+        if let Some(id) = id {
+            request = request.header("github-public-key-identifier", id);
+        }
+        if let Some(signature) = signature {
+            request = request.header("github-public-key-signature", signature);
+        }
+        request.body(Body::from(body.to_owned())).unwrap()
+    };
+    let body = json!([
+        {"token": pushed, "type": "keygate_api_key", "url": "https://github.com/o/r/blob/x/.env", "source": "content"},
+        {"token": "kg_live_nonsense", "type": "keygate_api_key", "url": "", "source": "commit", "extra": 1},
+    ])
+    .to_string();
+    let answer = call(
+        "POST",
+        "/v1/keys/leaked",
+        alert(
+            &body,
+            Some(GITHUB_KEY_ID),
+            Some(github_signature(body.as_bytes())),
+        ),
+    )
+    .await;
+    assert_eq!(answer.status, 200);
+    let labels: Vec<Value> = answer
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["label"].clone())
+        .collect();
+    assert_eq!(labels, [json!("true_positive"), json!("false_positive")]);
+    let signature = github_signature(body.as_bytes());
+    for (id, signature) in [
+        (None, None),
+        (Some(GITHUB_KEY_ID), None),
+        (Some("other-key"), Some(signature.clone())),
+        (Some(GITHUB_KEY_ID), Some(github_signature(b"[]"))),
+    ] {
+        let answer = call("POST", "/v1/keys/leaked", alert(&body, id, signature)).await;
+        assert_eq!(answer.status, 401);
+    }
+    for (body, status) in [("{\"token\": 1}", 400), ("[{}]", 400), ("[]", 200)] {
+        let signature = github_signature(body.as_bytes());
+        let answer = call(
+            "POST",
+            "/v1/keys/leaked",
+            alert(body, Some(GITHUB_KEY_ID), Some(signature)),
+        )
+        .await;
+        assert_eq!(answer.status, status, "{body}");
+    }
+    let many = serde_json::to_string(&vec![json!({"token": "x"}); 1001]).unwrap();
+    let signature = github_signature(many.as_bytes());
+    let answer = call(
+        "POST",
+        "/v1/keys/leaked",
+        alert(&many, Some(GITHUB_KEY_ID), Some(signature)),
+    )
+    .await;
+    assert_eq!(answer.status, 413);
 
     // Refusals.
     assert_eq!(
