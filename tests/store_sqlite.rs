@@ -199,6 +199,28 @@ async fn a_database_from_before_the_audit_trail_keeps_working() {
         store.get(&token.record.id).await.unwrap().status,
         keygate::record::Status::Revoked
     );
+    // A database with clients from before `client_by_secret` gets its index on connect.
+    sqlx::query("DROP INDEX keygate_clients_secret")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let store = SqlStore::connect(&url).await.unwrap();
+    let indexes = sqlx::query(
+        "SELECT COUNT(*) AS n FROM sqlite_master \
+         WHERE type = 'index' AND name = 'keygate_clients_secret'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(indexes.get::<i64, _>("n"), 1);
+    let found = store
+        .client_by_secret(client.secret.expose_secret())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(found.id, client.client.id);
+    assert!(!found.active);
+    drop(store);
     // Connecting again changes nothing.
     drop(SqlStore::connect(&url).await.unwrap());
     pool.close().await;

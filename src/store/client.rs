@@ -168,7 +168,23 @@ pub trait ClientStore: OwnerStore {
         id: &str,
         secret: &str,
     ) -> impl Future<Output = Result<OAuthClient, StoreError>> + Send;
+
+    /// The client whose secret this is, if any (active or revoked), found by the secret's
+    /// SHA-256 (the only thing stored). For a leaked client secret: a scanner's alert or
+    /// its finder can then revoke the client. A string longer than 256 bytes is no secret:
+    /// `Ok(None)`, without hashing it.
+    ///
+    /// # Errors
+    ///
+    /// Only the backend's.
+    fn client_by_secret(
+        &self,
+        secret: &str,
+    ) -> impl Future<Output = Result<Option<OAuthClient>, StoreError>> + Send;
 }
+
+/// The longest string [`ClientStore::client_by_secret`] hashes and looks for, in bytes.
+pub(crate) const MAX_SECRET_LEN: usize = 256;
 
 /// A new key naming a revoked client as its rate bucket.
 pub(crate) const REVOKED: StoreError = StoreError::InvalidState(

@@ -72,6 +72,8 @@ struct State {
     owners: HashMap<String, StoredOwner>,
     /// OAuth2 clients by id.
     clients: BTreeMap<String, StoredClient>,
+    /// Client ids by the SHA-256 of their secret (clients are never removed).
+    client_secrets: HashMap<KeyHash, String>,
     /// The audit trail, oldest first, at most [`MemoryStore::AUDIT_CAPACITY`] events.
     audit: VecDeque<AuditEvent>,
     /// The id of the last event recorded (ids start at 1).
@@ -622,6 +624,7 @@ impl ClientStore for MemoryStore {
             AuditAction::ClientCreated,
         );
         state.record(entry, now, &self.actor);
+        state.client_secrets.insert(secret.hash(), id.clone());
         state.clients.insert(
             id,
             StoredClient {
@@ -716,6 +719,19 @@ impl ClientStore for MemoryStore {
             })
         };
         super::client::check_secret(found, secret)
+    }
+
+    async fn client_by_secret(&self, secret: &str) -> Result<Option<OAuthClient>, StoreError> {
+        if secret.len() > super::client::MAX_SECRET_LEN {
+            return Ok(None);
+        }
+        let hash = KeyHash::of(secret);
+        let state = self.read()?;
+        Ok(state
+            .client_secrets
+            .get(&hash)
+            .and_then(|id| state.clients.get(id))
+            .map(|c| c.client.clone()))
     }
 }
 

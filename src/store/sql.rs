@@ -95,7 +95,7 @@ fn from_nanos(nanos: i64) -> SystemTime {
 /// The schema, the same on both databases but for the names of the byte-string type and
 /// of an auto-increment key. (`keygate_keys.last_used_ip` and `keygate_keys.rate_bucket`
 /// are added by [`SqlStore::migrate`] to old and new tables alike.)
-fn migrations(bytes_type: &str, serial_key: &str) -> [String; 10] {
+fn migrations(bytes_type: &str, serial_key: &str) -> [String; 11] {
     [
         "CREATE TABLE IF NOT EXISTS keygate_owners (
             id TEXT PRIMARY KEY,
@@ -161,6 +161,9 @@ fn migrations(bytes_type: &str, serial_key: &str) -> [String; 10] {
             )"
         ),
         "CREATE INDEX IF NOT EXISTS keygate_clients_owner ON keygate_clients (owner_id, id)"
+            .to_owned(),
+        // For `client_by_secret` (a leaked secret's client); added to older databases too.
+        "CREATE INDEX IF NOT EXISTS keygate_clients_secret ON keygate_clients (secret_hash)"
             .to_owned(),
     ]
 }
@@ -1426,6 +1429,23 @@ impl ClientStore for SqlStore {
             None => None,
         };
         super::client::check_secret(found, secret)
+    }
+
+    async fn client_by_secret(&self, secret: &str) -> Result<Option<OAuthClient>, StoreError> {
+        if secret.len() > super::client::MAX_SECRET_LEN {
+            return Ok(None);
+        }
+        let hash = KeyHash::of(secret);
+        let sql = format!(
+            "SELECT {CLIENT_COLUMNS} FROM keygate_clients c \
+             JOIN keygate_owners o ON o.id = c.owner_id WHERE c.secret_hash = $1"
+        );
+        let row = sqlx::query(&sql)
+            .bind(hash.as_bytes().to_vec())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(client_from).transpose()
     }
 }
 

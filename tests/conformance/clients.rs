@@ -145,6 +145,71 @@ pub async fn clients_create_list_verify_revoke<S: ClientStore>(
     assert!(trail.iter().all(|e| e.owner == "ada"));
 }
 
+/// `client_by_secret` finds the client a secret belongs to (revoked ones too, as they now
+/// stand) and nothing for any other string: another secret's near miss, a client id, an
+/// overlong string.
+pub async fn client_by_secret_finds_its_client_only<S: ClientStore>(
+    store: &S,
+    other: &S,
+    _: &FakeClock,
+) {
+    store.add_owner("ada", None).await.unwrap();
+    store.add_owner("bob", None).await.unwrap();
+    let one = store
+        .create_client(NewClient::new("ada", "one"))
+        .await
+        .unwrap();
+    let two = store
+        .create_client(NewClient::new("bob", "two"))
+        .await
+        .unwrap();
+    let secret = one.secret.expose_secret().to_owned();
+    assert_eq!(
+        other.client_by_secret(&secret).await.unwrap(),
+        Some(one.client.clone())
+    );
+    assert_eq!(
+        other
+            .client_by_secret(two.secret.expose_secret())
+            .await
+            .unwrap(),
+        Some(two.client.clone())
+    );
+    let long = "k".repeat(257);
+    let near = [
+        "",
+        "kgcs_wrong",
+        one.client.id.as_str(),
+        two.client.id.as_str(),
+        &secret[..secret.len() - 1],
+        &format!("{secret}x"),
+        &secret.to_uppercase(),
+        &long,
+        &format!("{secret}{long}"),
+    ];
+    for wrong in near {
+        assert_eq!(
+            other.client_by_secret(wrong).await.unwrap(),
+            None,
+            "{wrong}"
+        );
+    }
+
+    // Revoked: still found, as it is now.
+    store.revoke_client(&one.client.id).await.unwrap();
+    let found = other.client_by_secret(&secret).await.unwrap().unwrap();
+    assert!(!found.active);
+    assert_eq!(found, other.client(&one.client.id).await.unwrap());
+    assert!(
+        other
+            .client_by_secret(two.secret.expose_secret())
+            .await
+            .unwrap()
+            .unwrap()
+            .active
+    );
+}
+
 /// `revoke_client` revokes the keys whose rate bucket is the client (its tokens), every
 /// cache drops them, and nothing else changes; no token can be made for it afterwards.
 pub async fn revoke_client_revokes_its_tokens_and_nothing_else<S: ClientStore>(

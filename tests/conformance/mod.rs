@@ -54,14 +54,15 @@ where
     case!(owner_and_password);
     case!(credentials_version_moves_on_password_and_disabling);
     case!(clients_create_list_verify_revoke);
+    case!(client_by_secret_finds_its_client_only);
     case!(revoke_client_revokes_its_tokens_and_nothing_else);
     case!(rate_bucket_round_trips);
     case!(report_leak_revokes_once_and_records_every_report);
 }
 
 use clients::{
-    clients_create_list_verify_revoke, rate_bucket_round_trips,
-    revoke_client_revokes_its_tokens_and_nothing_else,
+    client_by_secret_finds_its_client_only, clients_create_list_verify_revoke,
+    rate_bucket_round_trips, revoke_client_revokes_its_tokens_and_nothing_else,
 };
 
 /// The credentials version ends sessions: a new password and a disabling move it on (seen
