@@ -1278,12 +1278,13 @@ async fn self_revoke_answers_the_same_and_refuses_body_tricks() {
     assert!(shapes.windows(2).all(|w| w[0] == w[1]), "{shapes:#?}");
     assert_eq!(s.get("/v1/health", &active).await.code(), "invalid_api_key");
     assert_eq!(s.get("/v1/health", &token).await.code(), "invalid_api_key");
-    // The client was not revoked by its secret, and `kept` not by its id or hash.
+    // A leaked client secret kills its client, like a key (the finding
+    // `a_leaked_client_secret_is_revoked`, fixed); `kept` was not killed by its id or hash.
     assert_eq!(
         s.token_as(&s.basic(), "grant_type=client_credentials")
             .await
             .status,
-        StatusCode::OK
+        StatusCode::UNAUTHORIZED
     );
     assert_eq!(s.get("/v1/health", &kept).await.status, StatusCode::OK);
     // Body tricks: a duplicate field, a list, an extra field, another content type, not
@@ -1706,7 +1707,6 @@ async fn signed_leak_alerts_revoke_only_the_keys_in_them() {
 // gap, not a broken contract): the one credential that outlives every token has no leak
 // path; register `kgcs_` with GitHub and revoke the client (and its tokens) on a match.
 #[tokio::test]
-#[ignore = "FINDING: a leaked client secret cannot be revoked by a leak alert or self-revoke"]
 async fn a_leaked_client_secret_is_revoked() {
     let s = server().await;
     let body = json!([{"token": s.client_secret, "type": "keygate_client_secret", "url": "", "source": "commit"}]).to_string();

@@ -95,7 +95,7 @@ impl Fail {
         let mut fail = Self::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_failed_attempts",
-            "Too many failed sign-ins; try again later.",
+            "Too many failed attempts from here; try again later.",
         )
         .with_data(serde_json::json!({ "retry_after": retry_after }));
         fail.retry_after = Some(retry_after);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use base64::Engine as _;
 use http::StatusCode;
 use p256::ecdsa::signature::Verifier as _;
@@ -191,7 +191,18 @@ pub(crate) async fn revoke_by_key<S: ClientStore + Send + Sync + 'static>(
             shared.logins.address_ok(attempt);
             kill(&store, &record).await?;
         }
-        Ok(None) => {}
+        // Not a key: perhaps an OAuth2 client's secret, which kills the client.
+        Ok(None) => match store.client_by_secret(&body.key).await {
+            Ok(Some(client)) if client.active => {
+                shared.logins.address_ok(attempt);
+                store.revoke_client(&client.id).await?;
+            }
+            Ok(_) => {}
+            Err(error) => {
+                shared.logins.address_ok(attempt);
+                return Err(error.into());
+            }
+        },
         Err(error) => {
             shared.logins.address_ok(attempt);
             return Err(error.into());
@@ -317,7 +328,22 @@ pub(crate) async fn leaked<S: ClientStore + Send + Sync + 'static>(
                 }
                 "true_positive"
             }
-            None => "false_positive",
+            // Not a key: an OAuth2 client's secret is revoked with its client (and every
+            // token it holds).
+            None => match store.client_by_secret(&found.token).await? {
+                Some(client) => {
+                    if client.active {
+                        store.revoke_client(&client.id).await?;
+                        tracing::warn!(
+                            target: "keygate",
+                            client_id = %client.id,
+                            "an OAuth2 client secret was reported leaked by GitHub secret scanning",
+                        );
+                    }
+                    "true_positive"
+                }
+                None => "false_positive",
+            },
         };
         feedback.push(Feedback {
             token_hash: KeyHash::of(&found.token).to_hex(),
@@ -325,7 +351,7 @@ pub(crate) async fn leaked<S: ClientStore + Send + Sync + 'static>(
             label,
         });
     }
-    Ok(axum::Json(feedback).into_response())
+    Ok(super::private(StatusCode::OK, &feedback))
 }
 
 #[cfg(test)]
