@@ -32,30 +32,9 @@ if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -qF "$version"; then
 fi
 "$venv/bin/schemathesis" --version
 
-cargo build -q --example quickstart
-quickstart=$target/debug/examples/quickstart
-
-work=$(mktemp -d)
-pid=
-cleanup() {
-  if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
-
-KEYGATE_ADDR=127.0.0.1:0 KEYGATE_DATABASE_URL="sqlite://$work/keygate.db" \
-  "$quickstart" >"$work/out" 2>"$work/err" &
-pid=$!
-for _ in $(seq 300); do
-  grep -q '^listening on http://' "$work/out" 2>/dev/null && break
-  if ! kill -0 "$pid" 2>/dev/null; then
-    echo "the quickstart stopped:" >&2; cat "$work/err" >&2; exit 1
-  fi
-  sleep 0.1
-done
-url=$(sed -n 's/^listening on \(http:\/\/[^ ]*\).*/\1/p' "$work/out" | head -1)
-[ -n "$url" ] || { echo "the quickstart did not say where it listens" >&2; cat "$work/err" >&2; exit 1; }
-value() { sed -n "s/^$1=//p" "$work/out" | head -1; }
+# shellcheck source=scripts/quickstart.sh
+. scripts/quickstart.sh
+start_quickstart
 KEY_FULL=$(value KEY_FULL)
 OWNER=$(value OWNER)
 OWNER_PASSWORD=$(value OWNER_PASSWORD)
