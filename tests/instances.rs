@@ -358,3 +358,134 @@ async fn each_policy_while_redis_is_down_and_recovery() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Sends a form to `path` with HTTP Basic; the status and the body.
+async fn post_form(
+    http: &Http,
+    addr: SocketAddr,
+    path: &str,
+    basic: &str,
+    form: &str,
+) -> (StatusCode, String) {
+    let req = Request::post(format!("http://{addr}{path}"))
+        .header("authorization", basic)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(Full::new(Bytes::from(form.to_owned())))
+        .expect("request");
+    let res = http.request(req).await.expect("send");
+    let status = res.status();
+    let body = res.into_body().collect().await.expect("body").to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// An OAuth2 access token revoked through one instance (RFC 7009) is refused by every
+/// instance as fast as a disabled key: it is a key, revoked by the same store write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_oauth2_token_is_refused_by_every_instance() {
+    let db = Database::create("oauth").await;
+    let servers = instances(3, &db.url, &env("KEYGATE_TEST_REDIS_URL")).await;
+    let _ = keyctl_raw(&["--database-url", &db.url, "owner", "add", "carol"], None);
+    let http = client();
+    let mut delays = Vec::new();
+    for trial in 0..10 {
+        // A client per trial: its tokens' budget (60 a minute) is the trial's own.
+        let out = keyctl(
+            &db.url,
+            &[
+                "client", "create", "--owner", "carol", "--name", "c", "--scopes", "read",
+            ],
+        );
+        let basic = format!(
+            "Basic {}",
+            base64::Engine::encode(
+                &base64::engine::general_purpose::STANDARD,
+                format!("{}:{}", out.value("CLIENT_ID"), out.value("CLIENT_SECRET"))
+            )
+        );
+        let (status, body) = post_form(
+            &http,
+            servers[trial % 3].addr,
+            "/oauth/token",
+            &basic,
+            "grant_type=client_credentials",
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+        let token: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        let token = token["access_token"].as_str().expect("a token").to_owned();
+        let bearer = |addr: SocketAddr| {
+            Request::get(format!("http://{addr}/v1/health"))
+                .header("authorization", format!("Bearer {token}"))
+                .body(Full::new(Bytes::new()))
+                .expect("request")
+        };
+        for server in &servers {
+            let res = http.request(bearer(server.addr)).await.expect("send");
+            assert_eq!(res.status(), StatusCode::OK, "warm");
+        }
+        let last_accept: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut hammers = Vec::new();
+        for server in &servers {
+            let (http, addr) = (http.clone(), server.addr);
+            let request = bearer(addr);
+            let (parts, _) = request.into_parts();
+            let (last_accept, stop) = (Arc::clone(&last_accept), Arc::clone(&stop));
+            hammers.push(tokio::spawn(async move {
+                let mut refused = false;
+                while !(refused && stop.load(Ordering::Acquire)) {
+                    let mut req = Request::get(parts.uri.clone())
+                        .body(Full::new(Bytes::new()))
+                        .expect("request");
+                    *req.headers_mut() = parts.headers.clone();
+                    let res = http.request(req).await.expect("send");
+                    match res.status() {
+                        // Accepted: served, or over the client's budget (60 a minute, the
+                        // quickstart's default) after the token passed.
+                        StatusCode::OK | StatusCode::TOO_MANY_REQUESTS => {
+                            *last_accept.lock().expect("lock") = Some(Instant::now());
+                        }
+                        StatusCode::UNAUTHORIZED => refused = true,
+                        other => panic!("unexpected {other}"),
+                    }
+                    let _ = res.into_body().collect().await;
+                }
+            }));
+        }
+        let (status, _) = post_form(
+            &http,
+            servers[(trial + 1) % 3].addr,
+            "/oauth/revoke",
+            &basic,
+            &format!("token={token}"),
+        )
+        .await;
+        let returned = Instant::now();
+        assert_eq!(status, StatusCode::OK);
+        stop.store(true, Ordering::Release);
+        let all_refused = async {
+            for hammer in hammers {
+                hammer.await.expect("hammer");
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), all_refused)
+            .await
+            .unwrap_or_else(|_| panic!("trial {trial}: an instance still accepts the token"));
+        let last = last_accept.lock().expect("lock").unwrap_or(returned);
+        delays.push(last.saturating_duration_since(returned));
+    }
+    delays.sort();
+    println!(
+        "OAuth2 token revocation over {} trials (the revoke's answer to the last accepted request): \
+         median {:?}, max {:?}",
+        delays.len(),
+        delays[delays.len() / 2],
+        delays[delays.len() - 1]
+    );
+    assert!(
+        delays[delays.len() - 1] < Duration::from_secs(5),
+        "the revocation did not reach an instance: {delays:?}"
+    );
+    drop(servers);
+    db.drop_now().await;
+}
