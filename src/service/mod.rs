@@ -1,5 +1,5 @@
 //! The key service (feature `service`): where an API's users get, test and manage their
-//! keys, as an axum [`Router`] over any [`OwnerStore`], mounted beside your API.
+//! keys, as an axum [`Router`] over any [`ClientStore`], mounted beside your API.
 //!
 //! | endpoint | does |
 //! | --- | --- |
@@ -10,6 +10,10 @@
 //! | `POST /v1/keys/{id}/disable`, `/enable`, `/rotate` | lifecycle |
 //! | `GET /v1/audit` | the owner's audit trail, newest first |
 //! | `GET /dashboard` | one self-contained page doing all of the above in a browser |
+//! | `GET`, `POST /v1/clients`; `DELETE /v1/clients/{id}` | the owner's OAuth2 clients |
+//! | `POST /oauth/token`, `/oauth/revoke`, `/oauth/introspect` | OAuth2 client credentials (RFC 6749 §4.4), revocation (RFC 7009), introspection (RFC 7662) |
+//! | `POST /v1/keys/revoke` | whoever holds a key (or a client secret) may kill it; always the same 200 |
+//! | `POST /v1/keys/leaked` | GitHub secret-scanning alerts, signature checked ([`KeyServiceBuilder::github_public_keys`]) |
 //! | `GET /swagger/openapi.json` | OpenAPI 3.1 of the service (and of your API, if given) |
 //!
 //! ```
