@@ -13,7 +13,7 @@ use base64::Engine as _;
 use http::{Request, StatusCode};
 use http_body_util::BodyExt;
 use keygate::clock::FakeClock;
-use keygate::lookup::CachedLookup;
+use keygate::lookup::{CachedLookup, KeyLookup};
 use keygate::ratelimit::Quota;
 use keygate::service::{KeyService, LeakReport};
 use keygate::store::{AuditQuery, ClientStore, KeyStore, MemoryStore, NewClient, OwnerStore};
@@ -581,6 +581,34 @@ async fn revoking_a_client_ends_its_tokens() {
         )
         .await;
     assert_eq!(reply.json()["error"], "invalid_client");
+}
+
+/// A token request removes the client's tokens that expired over a day ago, and only those.
+#[tokio::test]
+async fn a_token_request_purges_tokens_expired_over_a_day_ago() {
+    let s = server().await;
+    let found = |token: String| {
+        let store = s.store.clone();
+        async move {
+            store
+                .lookup(&keygate::key::PresentedKey::new(&token))
+                .await
+                .unwrap()
+                .is_some()
+        }
+    };
+    let first = s.token(None).await; // expires at 1h
+    s.clock.advance(Duration::from_secs(3600));
+    let second = s.token(None).await; // expires at 2h
+    s.clock.advance(Duration::from_secs(24 * 3600 + 60));
+    assert!(found(first.clone()).await && found(second.clone()).await);
+    let third = s.token(None).await; // at 25h01m: the first expired over a day ago
+    assert!(!found(first).await, "the first token is purged");
+    assert!(
+        found(second).await,
+        "the second expired less than a day ago"
+    );
+    assert!(found(third).await);
 }
 
 #[tokio::test]

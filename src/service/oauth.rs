@@ -10,7 +10,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::extract::{FromRequest, Request, State};
@@ -31,7 +31,11 @@ use crate::store::{Actor, ClientStore, NewKey, OAuthClient, StoreError};
 /// How long an access token lives.
 pub(crate) const TOKEN_TTL: Duration = Duration::from_secs(3600);
 /// The use case of the keys that are access tokens (hidden from the owner's key list).
-pub(crate) const TOKEN_USE_CASE: &str = "keygate:oauth2";
+pub(crate) use crate::store::TOKEN_USE_CASE;
+/// How long after its expiry a token is removed, at the client's next token request.
+const PURGE_AFTER: Duration = Duration::from_secs(24 * 3600);
+/// At most this many expired tokens removed per token request.
+const PURGE_LIMIT: usize = 100;
 
 /// An error of RFC 6749 §5.2 (and RFC 7009 / 7662, which use the same shape).
 #[derive(Debug)]
@@ -375,6 +379,19 @@ pub(crate) async fn token<S: ClientStore + Send + Sync + 'static>(
         .acting(Actor::new(format!("oauth2:{}", client.id)).with_ip(ip))
         .create(new)
         .await?;
+    // The client's tokens that expired over a day ago are of no more use: each token
+    // request removes a few, so that the keys table does not grow by one row per token
+    // forever. A purge that fails is tried again at the next request; the token stands.
+    let before = now
+        .checked_sub(PURGE_AFTER)
+        .unwrap_or(SystemTime::UNIX_EPOCH);
+    if let Err(error) = shared
+        .store
+        .purge_expired_tokens(&client.id, before, PURGE_LIMIT)
+        .await
+    {
+        tracing::debug!(%error, client = %client.id, "purging expired OAuth2 tokens failed");
+    }
     let body = TokenBody {
         access_token: created.secret.expose_secret(),
         token_type: "bearer",

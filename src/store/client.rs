@@ -42,6 +42,9 @@ use crate::record::Scopes;
 pub(crate) const CLIENT_ID_PREFIX: &str = "kgc_";
 /// The prefix of a client secret.
 pub(crate) const CLIENT_SECRET_PREFIX: &str = "kgcs_";
+/// The use case of the keys that are a client's access tokens (the key service's
+/// `POST /oauth/token` issues them; [`ClientStore::purge_expired_tokens`] removes them).
+pub const TOKEN_USE_CASE: &str = "keygate:oauth2";
 /// Random base62 characters in a client id.
 const CLIENT_ID_LEN: usize = 20;
 /// Random base62 characters in a client secret (about 190 bits).
@@ -181,6 +184,24 @@ pub trait ClientStore: OwnerStore {
         &self,
         secret: &str,
     ) -> impl Future<Output = Result<Option<OAuthClient>, StoreError>> + Send;
+
+    /// Removes, for good, the client's access tokens (keys with
+    /// [`rate_bucket`](crate::record::KeyRecord::rate_bucket) `KeyId::new(client_id)` and use
+    /// case [`TOKEN_USE_CASE`]) that expired before `before`, at most `limit` of them (those
+    /// that expired first), with their hashes, in one transaction; returns how many. Their
+    /// audit events stay (they name the key id); no event is added. Nothing else is touched:
+    /// not the client's live tokens, not another client's, not any key that is not a token.
+    /// The caches are told of the removed hashes. An unknown client removes nothing.
+    ///
+    /// # Errors
+    ///
+    /// Only the backend's.
+    fn purge_expired_tokens(
+        &self,
+        client_id: &str,
+        before: SystemTime,
+        limit: usize,
+    ) -> impl Future<Output = Result<usize, StoreError>> + Send;
 }
 
 /// The longest string [`ClientStore::client_by_secret`] hashes and looks for, in bytes.

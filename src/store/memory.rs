@@ -733,6 +733,49 @@ impl ClientStore for MemoryStore {
             .and_then(|id| state.clients.get(id))
             .map(|c| c.client.clone()))
     }
+
+    async fn purge_expired_tokens(
+        &self,
+        client_id: &str,
+        before: SystemTime,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        let bucket = KeyId::new(client_id);
+        let (count, hashes) = {
+            let mut state = self.write()?;
+            let mut expired: Vec<(SystemTime, KeyId)> = state
+                .keys
+                .iter()
+                .filter_map(|(id, k)| {
+                    let r = &k.record;
+                    let expiry = r.expires_at?;
+                    (r.rate_bucket.as_ref() == Some(&bucket)
+                        && r.use_case == super::client::TOKEN_USE_CASE
+                        && expiry < before)
+                        .then(|| (expiry, id.clone()))
+                })
+                .collect();
+            expired.sort();
+            expired.truncate(limit);
+            let ids: std::collections::HashSet<KeyId> =
+                expired.into_iter().map(|(_, id)| id).collect();
+            let hashes: Vec<KeyHash> = state
+                .hashes
+                .iter()
+                .filter(|(_, e)| ids.contains(&e.id))
+                .map(|(h, _)| *h)
+                .collect();
+            for hash in &hashes {
+                state.hashes.remove(hash);
+            }
+            for id in &ids {
+                state.keys.remove(id);
+            }
+            (ids.len(), hashes)
+        };
+        self.notify(&hashes);
+        Ok(count)
+    }
 }
 
 impl KeyStore for MemoryStore {

@@ -49,7 +49,7 @@ pub use audit::{
 };
 #[cfg(feature = "redis")]
 pub use broadcast::{RedisChanges, RedisChangesBuilder};
-pub use client::{ClientStore, CreatedClient, NewClient, OAuthClient};
+pub use client::{ClientStore, CreatedClient, NewClient, OAuthClient, TOKEN_USE_CASE};
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 #[cfg(any(feature = "sqlite", feature = "postgres"))]
 pub use notify::Listening;

@@ -1447,6 +1447,57 @@ impl ClientStore for SqlStore {
             .map_err(db)?;
         row.as_ref().map(client_from).transpose()
     }
+
+    async fn purge_expired_tokens(
+        &self,
+        client_id: &str,
+        before: SystemTime,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        let mut tx = self.begin().await?;
+        // On PostgreSQL the rows are locked: a concurrent write to one of them (a usage
+        // flush, a rotation) waits, then finds it gone.
+        let sql = format!(
+            "SELECT id FROM keygate_keys \
+             WHERE rate_bucket = $1 AND use_case = $2 \
+             AND expires_at IS NOT NULL AND expires_at < $3 \
+             ORDER BY expires_at, id LIMIT $4{}",
+            if self.backend == Backend::Postgres {
+                " FOR UPDATE"
+            } else {
+                ""
+            }
+        );
+        let rows = sqlx::query(&sql)
+            .bind(client_id.to_owned())
+            .bind(super::client::TOKEN_USE_CASE)
+            .bind(to_nanos(before))
+            .bind(i64::try_from(limit).unwrap_or(i64::MAX))
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(db)?;
+        let mut hashes = Vec::new();
+        for row in &rows {
+            let id = KeyId::new(row.try_get::<String, _>("id").map_err(db)?);
+            hashes.extend(hashes_in(&mut tx, &id).await?);
+            // The hashes first: they reference the key.
+            sqlx::query("DELETE FROM keygate_key_hashes WHERE key_id = $1")
+                .bind(id.as_str().to_owned())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            sqlx::query("DELETE FROM keygate_keys WHERE id = $1")
+                .bind(id.as_str().to_owned())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        }
+        self.commit(tx, &hashes).await?;
+        Ok(rows.len())
+    }
 }
 
 impl KeyStore for SqlStore {

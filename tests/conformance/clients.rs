@@ -1,12 +1,16 @@
 //! OAuth2 clients and the rate bucket their tokens share.
 
 use keygate::clock::{Clock, FakeClock};
+use keygate::key::ApiKey;
 use keygate::key::{Environment, KeyId};
-use keygate::lookup::CachedLookup;
+use keygate::lookup::{CachedLookup, KeyLookup};
 use keygate::record::{Scopes, Status};
 use keygate::reject::Reason;
+use std::time::Duration;
+
 use keygate::store::{
     AuditAction, AuditQuery, ClientStore, KeyUpdate, NewClient, NewKey, Page, StoreError,
+    TOKEN_USE_CASE,
 };
 
 use super::{events, verdict};
@@ -384,4 +388,156 @@ pub async fn rate_bucket_round_trips<S: ClientStore>(store: &S, other: &S, _: &F
         store.create(bad).await,
         Err(StoreError::Invalid { .. })
     ));
+}
+
+/// `purge_expired_tokens` removes, for good, only the client's tokens that expired before
+/// the time given, at most `limit` of them, with their hashes; their audit events stay.
+pub async fn purge_expired_tokens_removes_only_the_clients_expired_tokens<S: ClientStore>(
+    store: &S,
+    other: &S,
+    clock: &FakeClock,
+) {
+    store.add_owner("ada", None).await.unwrap();
+    store.add_owner("bob", None).await.unwrap();
+    let one = store
+        .create_client(NewClient::new("ada", "one"))
+        .await
+        .unwrap()
+        .client;
+    let two = store
+        .create_client(NewClient::new("bob", "two"))
+        .await
+        .unwrap()
+        .client;
+    let start = clock.now();
+    let minutes = |m: u64| start + Duration::from_secs(60 * m);
+    let token = |owner: &str, client: &str, expires: u64| {
+        let mut new = NewKey::new(owner, "token", Environment::Live);
+        new.use_case = TOKEN_USE_CASE.into();
+        new.rate_bucket = Some(KeyId::new(client));
+        new.expires_at = Some(minutes(expires));
+        new
+    };
+    // The first client's tokens: three expire (at 10, 20, 30 minutes), one at 30 exactly
+    // (not before 30), one lives on.
+    let mut expired = Vec::new();
+    for m in [20, 10, 25] {
+        expired.push(store.create(token("ada", &one.id, m)).await.unwrap());
+    }
+    let at_cutoff = store.create(token("ada", &one.id, 30)).await.unwrap();
+    let live = store.create(token("ada", &one.id, 120)).await.unwrap();
+    // Keys that are not the first client's tokens, expired as well.
+    let theirs = store.create(token("bob", &two.id, 10)).await.unwrap();
+    let mut plain = NewKey::new("ada", "plain", Environment::Live);
+    plain.expires_at = Some(minutes(10));
+    let plain = store.create(plain).await.unwrap();
+    let mut same_bucket = token("ada", &one.id, 10);
+    same_bucket.use_case = "other".into();
+    let same_bucket = store.create(same_bucket).await.unwrap();
+    // A rotated token: its old secret's hash goes with it.
+    let rotated_old = expired[2].secret.clone();
+    let rotated = store
+        .rotate(&expired[2].record.id, Duration::from_secs(60), None)
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(60 * 60));
+
+    // A cache over the store that has seen a token: told of the purge.
+    let cache = CachedLookup::builder(store.clone())
+        .clock(clock.clone())
+        .build_over_store()
+        .unwrap();
+    assert!(known(&cache, &expired[1].secret).await.is_some());
+
+    // Nothing for an unknown client, nothing with a zero limit.
+    assert_eq!(
+        store
+            .purge_expired_tokens("kgc_unknown", minutes(30), 100)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .purge_expired_tokens(&one.id, minutes(30), 0)
+            .await
+            .unwrap(),
+        0
+    );
+    // The limit: the two that expired first (10, then 20).
+    assert_eq!(
+        store
+            .purge_expired_tokens(&one.id, minutes(30), 2)
+            .await
+            .unwrap(),
+        2
+    );
+    for gone in [&expired[0], &expired[1]] {
+        let id = gone.record.id.clone();
+        assert_eq!(
+            other.get(&id).await.unwrap_err(),
+            StoreError::KeyNotFound(id)
+        );
+        assert!(known(other, &gone.secret).await.is_none());
+    }
+    assert!(known(&cache, &expired[1].secret).await.is_none());
+    assert!(other.get(&expired[2].record.id).await.is_ok());
+    // Then the rest (one left before 30 minutes), with both its hashes.
+    assert_eq!(
+        store
+            .purge_expired_tokens(&one.id, minutes(30), 100)
+            .await
+            .unwrap(),
+        1
+    );
+    let id = expired[2].record.id.clone();
+    assert_eq!(
+        other.get(&id).await.unwrap_err(),
+        StoreError::KeyNotFound(id.clone())
+    );
+    for secret in [&rotated_old, &rotated.secret] {
+        assert!(known(other, secret).await.is_none());
+    }
+    assert_eq!(
+        store
+            .purge_expired_tokens(&one.id, minutes(30), 100)
+            .await
+            .unwrap(),
+        0
+    );
+
+    // Everything else stands, found by id and by secret.
+    for kept in [&at_cutoff, &live, &theirs, &plain, &same_bucket] {
+        assert_eq!(other.get(&kept.record.id).await.unwrap().id, kept.record.id);
+        assert_eq!(known(other, &kept.secret).await.unwrap(), kept.record.id);
+    }
+    // The purged tokens' audit events stay.
+    for gone in &expired {
+        let trail = events(
+            other,
+            AuditQuery::default().with_key(gone.record.id.clone()),
+        )
+        .await;
+        assert_eq!(trail[0].action, AuditAction::Created, "{:?}", trail);
+    }
+    // The other client's turn: only its token goes.
+    assert_eq!(
+        store
+            .purge_expired_tokens(&two.id, minutes(120), 100)
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(other.get(&theirs.record.id).await.is_err());
+    assert!(other.get(&plain.record.id).await.is_ok());
+    assert!(other.get(&same_bucket.record.id).await.is_ok());
+    assert!(other.get(&at_cutoff.record.id).await.is_ok());
+}
+
+/// The id of the key a secret looks up as, if any (a failed lookup fails the test).
+async fn known<L: KeyLookup>(lookup: &L, secret: &ApiKey) -> Option<KeyId> {
+    match lookup.lookup(&secret.presented()).await {
+        Ok(found) => found.map(|record| record.id.clone()),
+        Err(_) => panic!("the lookup failed"),
+    }
 }

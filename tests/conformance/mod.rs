@@ -57,12 +57,14 @@ where
     case!(client_by_secret_finds_its_client_only);
     case!(revoke_client_revokes_its_tokens_and_nothing_else);
     case!(rate_bucket_round_trips);
+    case!(purge_expired_tokens_removes_only_the_clients_expired_tokens);
     case!(report_leak_revokes_once_and_records_every_report);
 }
 
 use clients::{
     client_by_secret_finds_its_client_only, clients_create_list_verify_revoke,
-    rate_bucket_round_trips, revoke_client_revokes_its_tokens_and_nothing_else,
+    purge_expired_tokens_removes_only_the_clients_expired_tokens, rate_bucket_round_trips,
+    revoke_client_revokes_its_tokens_and_nothing_else,
 };
 
 /// The credentials version ends sessions: a new password and a disabling move it on (seen
