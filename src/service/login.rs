@@ -19,6 +19,10 @@ use crate::clock::Clock;
 use crate::quota::Quota;
 use crate::ratelimit::MemoryLimiter;
 
+/// The most buckets each of the service's in-memory limiters holds (usernames, addresses,
+/// token issues): a flood of made-up names cannot grow them past it (the limiter refuses,
+/// and the service answers 429, rather than grow).
+pub(crate) const MAX_BUCKETS: usize = 100_000;
 /// How long an address stays known good for a user after a successful sign-in.
 const KNOWN_GOOD_FOR: Duration = Duration::from_secs(30 * 86_400);
 /// The most (user, address) pairs remembered.
@@ -56,16 +60,24 @@ pub(crate) struct Attempt {
 
 impl Logins {
     pub(crate) fn new(user_quota: Quota, ip_quota: Quota, clock: Arc<dyn Clock>) -> Self {
-        fn limiter<K: crate::ratelimit::BucketKey>(clock: &Arc<dyn Clock>) -> MemoryLimiter<K> {
-            // The builder refuses only a cap of 0, which this is not.
+        Self::with_cap(user_quota, ip_quota, clock, MAX_BUCKETS)
+    }
+
+    fn with_cap(user_quota: Quota, ip_quota: Quota, clock: Arc<dyn Clock>, cap: usize) -> Self {
+        fn limiter<K: crate::ratelimit::BucketKey>(
+            clock: &Arc<dyn Clock>,
+            cap: usize,
+        ) -> MemoryLimiter<K> {
+            // The builder refuses only a cap of 0.
             MemoryLimiter::builder()
                 .clock(Arc::clone(clock))
+                .max_buckets(cap.max(1))
                 .build()
                 .unwrap_or_default()
         }
         Self {
-            by_user: limiter(&clock),
-            by_ip: limiter(&clock),
+            by_user: limiter(&clock, cap),
+            by_ip: limiter(&clock, cap),
             user_quota: [user_quota],
             ip_quota: [ip_quota],
             known_good: Arc::new(quick_cache::sync::Cache::new(KNOWN_GOOD_CAPACITY)),
@@ -270,5 +282,21 @@ mod tests {
             let _ = logins.begin("ada", Some(ip));
         }
         assert!(logins.begin("ada", Some(home)).is_err());
+    }
+
+    /// Made-up usernames cannot grow the limiter past its cap: once full of live buckets it
+    /// refuses new names (429) rather than grow.
+    #[test]
+    fn a_flood_of_names_meets_the_cap() {
+        let q = |n| Quota::per_hour(NonZeroU32::new(n).unwrap());
+        let logins = Logins::with_cap(q(10), q(1000), Arc::new(crate::clock::SystemClock), 3);
+        let ip: IpAddr = "203.0.113.1".parse().unwrap();
+        for i in 0..3 {
+            logins.begin(&format!("u{i}"), Some(ip)).unwrap();
+        }
+        assert!(logins.begin("u3", Some(ip)).is_err());
+        assert!(logins.by_user.len() <= 3);
+        // Names it knows still get their budget.
+        logins.begin("u0", Some(ip)).unwrap();
     }
 }

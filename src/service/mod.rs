@@ -117,8 +117,11 @@ use crate::validate::ClientIp;
 const SESSION_TTL: Duration = Duration::from_secs(900);
 /// The most store pages one list call reads past hidden records.
 const LIST_SCANS: usize = 20;
-/// The longest username or password read.
+/// The longest password read.
 const MAX_CREDENTIAL: usize = 1024;
+/// The longest username read: an owner's name is at most 256 bytes, and a longer one would
+/// only hold memory in the sign-in limiter.
+const MAX_USERNAME: usize = 256;
 
 /// The key service. Start with [`KeyService::builder`].
 #[derive(Debug, Clone, Copy)]
@@ -339,6 +342,7 @@ impl<S: ClientStore + Send + Sync + 'static> KeyServiceBuilder<S> {
             oauth_quotas: self.oauth_quotas,
             oauth_issue: crate::ratelimit::MemoryLimiter::builder()
                 .clock(Arc::clone(&clock))
+                .max_buckets(login::MAX_BUCKETS)
                 .build()
                 .unwrap_or_default(),
             oauth_issue_quota: self.oauth_issue_quota,
@@ -545,10 +549,10 @@ async fn sign_in<S: ClientStore>(
     ip: Option<IpAddr>,
     credentials: &Credentials,
 ) -> Result<(Owner, u64), Fail> {
-    if credentials.username.len() > MAX_CREDENTIAL {
+    if credentials.username.len() > MAX_USERNAME {
         return Err(Fail::field(
             "username",
-            format!("at most {MAX_CREDENTIAL} bytes"),
+            format!("at most {MAX_USERNAME} bytes"),
         ));
     }
     if credentials.password.len() > MAX_CREDENTIAL {
