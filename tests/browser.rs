@@ -278,10 +278,35 @@ async fn steps(c: Client, addr: SocketAddr, owner: String, password: String) {
         .await
         .expect("shown"));
 
-    // Signing in shows the keys.
-    fill(&c, "#password", &password).await;
-    click(&c, "#signin").await;
+    // Signing in shows the keys, by keyboard alone: the password typed into its field and
+    // submitted with Enter (no click), then Tab moves on from the page's top.
+    fill(&c, "#password", "").await;
+    let field = visible(&c, "#password").await;
+    field
+        .send_keys(&format!(
+            "{password}{}",
+            char::from(fantoccini::key::Key::Enter)
+        ))
+        .await
+        .expect("type the password and Enter");
     visible(&c, "#create-name").await;
+    let focused = c.active_element().await.expect("a focused element");
+    focused
+        .send_keys(&char::from(fantoccini::key::Key::Tab).to_string())
+        .await
+        .expect("Tab");
+    let moved = c.active_element().await.expect("focus after Tab");
+    assert!(
+        ["a", "button", "input", "select", "textarea"].contains(
+            &moved
+                .tag_name()
+                .await
+                .expect("a tag")
+                .to_ascii_lowercase()
+                .as_str()
+        ),
+        "Tab lands on a control"
+    );
     assert!(
         !page_contains(&c, &password).await,
         "the password stayed in the page"
