@@ -9,6 +9,7 @@
 #
 #   bash scripts/e2e.sh            # DURATION=10 CONNECTIONS=32 ROUNDS=3 by default
 #   MODES="bare stack redis" bash scripts/e2e.sh
+#   LOADTEST=/tmp/loadtest-old MODES=redis bash scripts/e2e.sh   # another build of the server
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,7 +22,10 @@ if ! command -v wrk >/dev/null; then
   echo "installing wrk (Debian package)" >&2
   (apt-get update -qq && apt-get install -y -qq wrk) >/dev/null
 fi
-cargo build --release --example loadtest >&2
+if [ -z "${LOADTEST:-}" ]; then
+  cargo build --release --example loadtest >&2
+  LOADTEST=target/release/examples/loadtest
+fi
 
 if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
   server_cpu=(taskset -c 0); load_cpu=(taskset -c 1)
@@ -41,7 +45,7 @@ run() { # mode -> prints "requests cpu_seconds"
   local mode=$1 out key pid before after requests
   out=$(mktemp)
   # taskset execs the server, so $! is the server's own PID.
-  KEYGATE_MODE=$mode KEYGATE_ADDR=127.0.0.1:$PORT "${server_cpu[@]}" target/release/examples/loadtest >"$out" &
+  KEYGATE_MODE=$mode KEYGATE_ADDR=127.0.0.1:$PORT "${server_cpu[@]}" "$LOADTEST" >"$out" &
   pid=$!
   for _ in $(seq 100); do grep -q '^listening' "$out" && break; sleep 0.1; done
   grep -q '^listening' "$out" || { echo "the $mode server did not start" >&2; kill "$pid" 2>/dev/null; exit 1; }

@@ -186,38 +186,92 @@ async fn a_resent_decision_charges_once() {
     let call = |marker: String| {
         let mut inv = script.key(&bucket);
         inv.key(marker)
-            .arg("c")
             .arg(2000)
             .arg("1700000000")
             .arg("0")
-            .arg("0");
+            .arg("0")
+            .arg("c")
+            .arg(1);
         for a in window {
             inv.arg(a);
         }
         inv
     };
-    let first: String = call(format!("{bucket}:d:1"))
+    let first: Vec<String> = call(format!("{bucket}:d:1"))
         .invoke_async(&mut conn)
         .await
         .expect("eval");
-    let again: String = call(format!("{bucket}:d:1"))
+    let again: Vec<String> = call(format!("{bucket}:d:1"))
         .invoke_async(&mut conn)
         .await
         .expect("eval");
     assert_eq!(first, again, "the re-sent call gets the first answer");
-    assert_eq!(first, "1:1700000000:0:0.000000000");
+    assert_eq!(first, ["1:1700000000:0:0.000000000"]);
     // Two more distinct decisions fit (3 a minute), a third does not: the re-send took none.
     for (i, expect) in [(2, "1"), (3, "1"), (4, "0")] {
-        let answer: String = call(format!("{bucket}:d:{i}"))
+        let answer: Vec<String> = call(format!("{bucket}:d:{i}"))
             .invoke_async(&mut conn)
             .await
             .expect("eval");
-        assert!(answer.starts_with(expect), "{i}: {answer}");
+        assert!(answer[0].starts_with(expect), "{i}: {answer:?}");
     }
     // The markers expire on their own (2 s here), the bucket with its window.
     let marker_ttl: i64 = conn.pttl(format!("{bucket}:d:1")).await.expect("pttl");
     assert!((1..=2000).contains(&marker_ttl), "{marker_ttl}");
     let _: () = conn.del(&bucket).await.expect("del");
+}
+
+/// One script call carrying several decisions (what the batching task sends) takes them in
+/// order, as separate calls would: on one bucket each sees the charges before it, a re-sent
+/// marker inside the call charges nothing again, and a bucket holding the wrong type fails
+/// neither its neighbours nor itself for good.
+#[tokio::test]
+async fn one_call_takes_several_decisions_in_order() {
+    let client = redis::Client::open(redis_url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let script = redis::Script::new(SCRIPT);
+    let prefix = fresh_prefix();
+    let hot = format!("{prefix}{{s:hot}}");
+    let other = format!("{prefix}{{s:other}}");
+    let poisoned = format!("{prefix}{{s:poisoned}}");
+    let _: () = conn.set(&poisoned, "not a hash").await.expect("set");
+    // 3 a minute: a burst of 60 s, a charge of 20 s.
+    let window = ["w:3:20000000000", "60", "0", "20", "0"];
+    let decisions = [
+        (&hot, "1"),
+        (&other, "1"),
+        (&hot, "2"),
+        (&hot, "2"), // the same marker again: its first answer, no second charge
+        (&poisoned, "1"),
+        (&hot, "3"),
+        (&hot, "4"),
+    ];
+    let mut inv = script.prepare_invoke();
+    for (bucket, marker) in decisions {
+        inv.key(bucket.as_str()).key(format!("{bucket}:d:{marker}"));
+    }
+    inv.arg(2000).arg("1700000000").arg("0").arg("0");
+    for _ in decisions {
+        inv.arg("c").arg(1);
+        for a in window {
+            inv.arg(a);
+        }
+    }
+    let answers: Vec<String> = inv.invoke_async(&mut conn).await.expect("eval");
+    let allowed: Vec<&str> = answers.iter().map(|a| &a[..1]).collect();
+    // The poisoned bucket is dropped and read as empty, and fails closed for one burst.
+    assert_eq!(allowed, ["1", "1", "1", "1", "0", "1", "0"], "{answers:?}");
+    assert_eq!(
+        answers[2], answers[3],
+        "a re-sent marker gets the first answer"
+    );
+    assert_eq!(answers[0], "1:1700000000:0:0.000000000");
+    assert_eq!(answers[2], "1:1700000000:0:20.000000000");
+    assert_eq!(answers[5], "1:1700000000:0:40.000000000");
+    let _: () = conn.del(&[&hot, &other, &poisoned]).await.expect("del");
 }
 
 /// A bucket lives only while a window is not full; Redis's own clock decides.
@@ -405,4 +459,110 @@ async fn a_builder_error_never_prints_the_password() {
         .expect_err("nothing listens on port 1");
     let text = format!("{e} {e:?} {:?}", std::error::Error::source(&e));
     assert!(!text.contains("hunter2"), "{text}");
+}
+
+fn nz(n: u32) -> std::num::NonZeroU32 {
+    std::num::NonZeroU32::new(n).expect("non-zero")
+}
+
+/// Decisions of concurrent requests share script calls, and the shared calls admit exactly
+/// the quota: 64 requests on one key of 50 an hour, all started before the first call goes
+/// out, take one call (two if Redis had to load the script), not 64.
+#[tokio::test]
+async fn concurrent_decisions_share_calls_and_admit_exactly_the_quota() {
+    let limiter: RedisLimiter<String> = RedisLimiter::builder(redis_url())
+        .prefix(fresh_prefix())
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect");
+    let quota = [Quota::per_hour(nz(50))];
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let limiter = limiter.clone();
+        tasks.spawn(async move {
+            limiter
+                .decide(&"shared".to_owned(), &quota, 1)
+                .await
+                .expect("decide")
+                .allowed
+        });
+    }
+    let mut admitted = 0;
+    while let Some(allowed) = tasks.join_next().await {
+        admitted += usize::from(allowed.expect("task"));
+    }
+    assert_eq!(admitted, 50);
+    let stats = limiter.stats();
+    assert_eq!(stats.decided, 64);
+    assert!(
+        stats.calls <= 2,
+        "64 decisions went in {} calls",
+        stats.calls
+    );
+}
+
+/// On a cluster a call's keys must share a hash slot: concurrent decisions on many keys are
+/// grouped by bucket, and none fails with `CROSSSLOT`.
+#[tokio::test]
+async fn concurrent_decisions_on_many_keys_of_a_cluster_never_cross_slots() {
+    let limiter: RedisLimiter<String> = RedisLimiter::cluster_builder(cluster_nodes())
+        .prefix(fresh_prefix())
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .expect("connect");
+    let quota = [Quota::per_hour(nz(2))];
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..120 {
+        let limiter = limiter.clone();
+        // 40 keys, three requests each: two pass, one is refused.
+        let key = format!("key-{}", i % 40);
+        tasks.spawn(async move {
+            let decision = limiter.decide(&key, &quota, 1).await;
+            (key, decision.expect("decide").allowed)
+        });
+    }
+    let mut admitted = std::collections::HashMap::<String, usize>::new();
+    while let Some(done) = tasks.join_next().await {
+        let (key, allowed) = done.expect("task");
+        *admitted.entry(key).or_default() += usize::from(allowed);
+    }
+    assert_eq!(admitted.len(), 40);
+    assert!(admitted.values().all(|n| *n == 2), "{admitted:?}");
+    let stats = limiter.stats();
+    assert_eq!((stats.decided, stats.failures), (120, 0));
+}
+
+/// A limiter whose runtime ended (its batching task went with it) still decides, each
+/// decision on its own call, in the runtime it is used from.
+#[test]
+fn a_limiter_outliving_the_runtime_it_was_built_in_still_decides() {
+    let first = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let limiter: RedisLimiter<String> = first
+        .block_on(
+            RedisLimiter::builder(redis_url())
+                .prefix(fresh_prefix())
+                .timeout(Duration::from_secs(5))
+                .connect(),
+        )
+        .expect("connect");
+    drop(first);
+    let second = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let quota = [Quota::per_hour(nz(2))];
+    let allowed: Vec<bool> = second.block_on(async {
+        let mut allowed = Vec::new();
+        for _ in 0..3 {
+            let decision = limiter.decide(&"orphan".to_owned(), &quota, 1).await;
+            allowed.push(decision.expect("decide").allowed);
+        }
+        allowed
+    });
+    assert_eq!(allowed, [true, true, false]);
 }

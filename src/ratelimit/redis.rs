@@ -13,6 +13,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::decision::{most_restrictive, Decision};
@@ -195,6 +196,10 @@ enum Target {
 pub struct RedisLimiterStats {
     /// Decisions Redis took.
     pub decided: u64,
+    /// Script calls sent to Redis: decisions, refunds, and the re-sends after a `NOSCRIPT`
+    /// or a dropped connection. Decisions of concurrent requests share a call, so under
+    /// load this is well below `decided`.
+    pub calls: u64,
     /// Decisions Redis could not take (errors, timeouts, unreadable answers), including
     /// the errors about one key's data that the breaker does not count.
     pub failures: u64,
@@ -321,15 +326,14 @@ fn millis(d: Duration) -> u64 {
 }
 
 struct Inner<K> {
-    conn: Conn,
-    script: redis::Script,
+    caller: Arc<Caller>,
+    /// The batching task's queue (`None` when the limiter was built outside a runtime).
+    queue: Option<mpsc::UnboundedSender<Queued>>,
     prefix: String,
     policy: FailurePolicy,
     timeout: Duration,
     breaker: Breaker,
     local: MemoryLimiter<K>,
-    clock: Option<Arc<dyn Clock>>,
-    marker_ms: u64,
     seed: u64,
     sequence: AtomicU64,
     counters: Counters,
@@ -530,10 +534,23 @@ impl<K: RedisBucketKey> RedisLimiterBuilder<K> {
         let local = local.build()?;
         let mut seed = [0u8; 8];
         getrandom::fill(&mut seed).map_err(|_| RedisLimiterBuildError::Random)?;
+        let cluster = matches!(conn, Conn::Cluster(_));
+        let caller = Arc::new(Caller {
+            conn,
+            hash: redis::Script::new(SCRIPT).get_hash().to_owned(),
+            marker_ms: millis(self.timeout).saturating_add(1000),
+            clock: self.clock,
+            calls: AtomicU64::new(0),
+        });
+        let queue = tokio::runtime::Handle::try_current().ok().map(|runtime| {
+            let (queue, calls) = mpsc::unbounded_channel();
+            runtime.spawn(batch_calls(Arc::clone(&caller), cluster, calls));
+            queue
+        });
         Ok(RedisLimiter {
             inner: Arc::new(Inner {
-                conn,
-                script: redis::Script::new(SCRIPT),
+                caller,
+                queue,
                 prefix: self.prefix,
                 policy: self.policy,
                 timeout: self.timeout,
@@ -546,8 +563,6 @@ impl<K: RedisBucketKey> RedisLimiterBuilder<K> {
                     start: Instant::now(),
                 },
                 local,
-                clock: self.clock,
-                marker_ms: millis(self.timeout).saturating_add(1000),
                 seed: u64::from_le_bytes(seed),
                 sequence: AtomicU64::new(0),
                 counters: Counters::default(),
@@ -607,6 +622,7 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
         let c = &self.inner.counters;
         RedisLimiterStats {
             decided: c.decided.load(Ordering::Relaxed),
+            calls: self.inner.caller.calls.load(Ordering::Relaxed),
             failures: c.failures.load(Ordering::Relaxed),
             skipped: c.skipped.load(Ordering::Relaxed),
             fail_closed: c.fail_closed.load(Ordering::Relaxed),
@@ -636,91 +652,6 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
         match LimiterStore::check(self, key, quotas, cost) {
             Answer::Now(answer) => answer,
             Answer::Later(future) => future.await,
-        }
-    }
-
-    /// The script's call: `EVALSHA` (or, after a `NOSCRIPT`, `EVAL` with the script, which
-    /// also loads it), the bucket and the marker, the mode, the marker's lifetime, now, the
-    /// extra lifetime, and each window's field, burst and charge (seconds and nanoseconds).
-    /// Built into one buffer, numbers written in place: no string per argument.
-    fn command(
-        &self,
-        load: bool,
-        mode: &str,
-        bucket: &str,
-        marker: &str,
-        quotas: &[Quota],
-        cost: u32,
-    ) -> redis::Cmd {
-        let mut cmd = if load {
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(SCRIPT);
-            cmd
-        } else {
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(self.inner.script.get_hash());
-            cmd
-        };
-        cmd.arg(2)
-            .arg(bucket)
-            .arg(marker)
-            .arg(mode)
-            .arg(self.inner.marker_ms);
-        match &self.inner.clock {
-            Some(clock) => {
-                let now = clock.now_nanos();
-                // Redis's real clock expires buckets; a test's fake clock may run ahead of
-                // it or behind: keep buckets an hour longer.
-                cmd.arg(now / SEC).arg(now % SEC).arg(3_600_000u64);
-            }
-            None => {
-                cmd.arg("").arg("").arg(0u64);
-            }
-        }
-        for quota in quotas {
-            let burst = quota.burst_ns();
-            let charge = u128::from(quota.interval_ns()) * u128::from(cost);
-            // A cost above the capacity can never pass: one nanosecond more than the burst
-            // says so without a number too large for the script's doubles.
-            let charge = u64::try_from(charge)
-                .ok()
-                .filter(|c| *c <= burst)
-                .unwrap_or(burst.saturating_add(1));
-            // "w:<capacity>:<interval ns>": at most 33 bytes.
-            let mut label = [0u8; 48];
-            let mut cursor = std::io::Cursor::new(&mut label[..]);
-            let _ = std::io::Write::write_fmt(
-                &mut cursor,
-                format_args!("w:{}:{}", quota.capacity(), quota.interval_ns()),
-            );
-            let written = usize::try_from(cursor.position()).unwrap_or(0);
-            cmd.arg(label.get(..written).unwrap_or_default())
-                .arg(burst / SEC)
-                .arg(burst % SEC)
-                .arg(charge / SEC)
-                .arg(charge % SEC);
-        }
-        cmd
-    }
-
-    /// Runs the script once (loading it first if Redis lost it).
-    async fn run(
-        &self,
-        conn: &mut Conn,
-        mode: &str,
-        bucket: &str,
-        marker: &str,
-        quotas: &[Quota],
-        cost: u32,
-    ) -> redis::RedisResult<String> {
-        let call = self.command(false, mode, bucket, marker, quotas, cost);
-        match call.query_async::<String>(conn).await {
-            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
-                self.command(true, mode, bucket, marker, quotas, cost)
-                    .query_async::<String>(conn)
-                    .await
-            }
-            other => other,
         }
     }
 
@@ -769,7 +700,7 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
     }
 
     fn now_nanos(&self) -> u64 {
-        match &self.inner.clock {
+        match &self.inner.caller.clock {
             Some(clock) => clock.now_nanos(),
             None => crate::clock::SystemClock.now_nanos(),
         }
@@ -792,7 +723,7 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
         let key = key.clone();
         let quotas = quotas.to_vec();
         runtime.spawn(async move {
-            let mut conn = this.inner.conn.clone();
+            let mut conn = this.inner.caller.conn.clone();
             let bound = this
                 .inner
                 .timeout
@@ -805,7 +736,7 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
                     .arg(CANCELLED)
                     .arg("NX")
                     .arg("PX")
-                    .arg(this.inner.marker_ms);
+                    .arg(this.inner.caller.marker_ms);
                 if cancel
                     .query_async::<Option<String>>(&mut conn)
                     .await?
@@ -839,15 +770,7 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
         c.failures.fetch_add(1, Ordering::Relaxed);
         let of_redis = match error {
             RedisLimiterError::Timeout(_) => true,
-            RedisLimiterError::Redis(e) => !matches!(
-                e.kind(),
-                redis::ErrorKind::Server(
-                    redis::ServerErrorKind::ResponseError
-                        | redis::ServerErrorKind::CrossSlot
-                        | redis::ServerErrorKind::ExecAbort
-                ) | redis::ErrorKind::UnexpectedReturnType
-                    | redis::ErrorKind::Parse
-            ),
+            RedisLimiterError::Redis(e) => !is_data_error(e),
             _ => false,
         };
         if of_redis && self.inner.breaker.failure() {
@@ -859,6 +782,299 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
                 "the rate limiter stops calling Redis for a while (breaker open)"
             );
         }
+    }
+}
+
+/// What calls the script, shared by the limiter and its batching task.
+struct Caller {
+    conn: Conn,
+    /// The script's SHA-1, for `EVALSHA`.
+    hash: String,
+    marker_ms: u64,
+    clock: Option<Arc<dyn Clock>>,
+    /// Script calls sent.
+    calls: AtomicU64,
+}
+
+/// One decision (or refund) of a script call.
+#[derive(Clone, Copy)]
+struct Call<'a> {
+    mode: &'a str,
+    bucket: &'a str,
+    marker: &'a str,
+    quotas: &'a [Quota],
+    cost: u32,
+}
+
+impl Caller {
+    /// The script's call: `EVALSHA` (or, after a `NOSCRIPT`, `EVAL` with the script, which
+    /// also loads it); each decision's bucket and marker; the marker's lifetime, now, the
+    /// extra lifetime; then each decision's mode, window count, and each window's field,
+    /// burst and charge (seconds and nanoseconds). Built into one buffer, numbers written in
+    /// place: no string per argument.
+    fn command(&self, load: bool, calls: &[Call<'_>]) -> Cmd {
+        let mut cmd = if load {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(SCRIPT);
+            cmd
+        } else {
+            let mut cmd = redis::cmd("EVALSHA");
+            cmd.arg(&self.hash);
+            cmd
+        };
+        cmd.arg(calls.len().saturating_mul(2));
+        for call in calls {
+            cmd.arg(call.bucket).arg(call.marker);
+        }
+        cmd.arg(self.marker_ms);
+        match &self.clock {
+            Some(clock) => {
+                let now = clock.now_nanos();
+                // Redis's real clock expires buckets; a test's fake clock may run ahead of
+                // it or behind: keep buckets an hour longer.
+                cmd.arg(now / SEC).arg(now % SEC).arg(3_600_000u64);
+            }
+            None => {
+                cmd.arg("").arg("").arg(0u64);
+            }
+        }
+        for call in calls {
+            cmd.arg(call.mode).arg(call.quotas.len());
+            for quota in call.quotas {
+                let burst = quota.burst_ns();
+                let charge = u128::from(quota.interval_ns()) * u128::from(call.cost);
+                // A cost above the capacity can never pass: one nanosecond more than the
+                // burst says so without a number too large for the script's doubles.
+                let charge = u64::try_from(charge)
+                    .ok()
+                    .filter(|c| *c <= burst)
+                    .unwrap_or(burst.saturating_add(1));
+                // "w:<capacity>:<interval ns>": at most 33 bytes.
+                let mut label = [0u8; 48];
+                let mut cursor = std::io::Cursor::new(&mut label[..]);
+                let _ = std::io::Write::write_fmt(
+                    &mut cursor,
+                    format_args!("w:{}:{}", quota.capacity(), quota.interval_ns()),
+                );
+                let written = usize::try_from(cursor.position()).unwrap_or(0);
+                cmd.arg(label.get(..written).unwrap_or_default())
+                    .arg(burst / SEC)
+                    .arg(burst % SEC)
+                    .arg(charge / SEC)
+                    .arg(charge % SEC);
+            }
+        }
+        cmd
+    }
+
+    /// Runs the script once for `calls` (loading it first if Redis lost it): one answer
+    /// per call.
+    async fn run(&self, conn: &mut Conn, calls: &[Call<'_>]) -> redis::RedisResult<Vec<String>> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        match self.command(false, calls).query_async(conn).await {
+            Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
+                self.calls.fetch_add(1, Ordering::Relaxed);
+                self.command(true, calls).query_async(conn).await
+            }
+            other => other,
+        }
+    }
+
+    /// Runs `calls`, once more after a dropped connection: it may or may not have carried
+    /// them, and under the same markers a decision that ran gives its first answer again
+    /// rather than charging twice.
+    async fn run_retried(
+        &self,
+        conn: &mut Conn,
+        calls: &[Call<'_>],
+    ) -> redis::RedisResult<Vec<String>> {
+        match self.run(conn, calls).await {
+            Err(e) if e.is_connection_dropped() || e.is_io_error() => self.run(conn, calls).await,
+            other => other,
+        }
+    }
+
+    /// One decision on its own.
+    async fn decide_alone(&self, conn: &mut Conn, request: &Request) -> Reply {
+        match self.run_retried(conn, &[request.call()]).await {
+            Ok(mut answers) if answers.len() == 1 => {
+                answers.pop().map_or(Reply::Garbled, Reply::Answer)
+            }
+            Ok(_) => Reply::Garbled,
+            Err(e) => Reply::Failed(e),
+        }
+    }
+}
+
+/// A charge waiting for Redis.
+struct Request {
+    /// The bucket's name followed by `:d:<token>`.
+    marker: String,
+    bucket_len: usize,
+    quotas: Vec<Quota>,
+    cost: u32,
+}
+
+impl Request {
+    fn bucket(&self) -> &str {
+        self.marker.get(..self.bucket_len).unwrap_or_default()
+    }
+
+    fn call(&self) -> Call<'_> {
+        Call {
+            mode: "c",
+            bucket: self.bucket(),
+            marker: &self.marker,
+            quotas: &self.quotas,
+            cost: self.cost,
+        }
+    }
+}
+
+/// What Redis said of one decision.
+enum Reply {
+    Answer(String),
+    Failed(redis::RedisError),
+    /// An answer of the wrong shape.
+    Garbled,
+}
+
+/// A decision in the batching task's queue, with where its answer goes.
+struct Queued {
+    request: Arc<Request>,
+    reply: oneshot::Sender<Reply>,
+}
+
+/// The most decisions in one script call (Redis runs a call's decisions back to back, so
+/// this bounds how long one call holds it: a few tens of microseconds).
+const MAX_BATCH: usize = 64;
+
+/// The most script calls the batching task keeps in flight at once. While they are out,
+/// decisions queue, and go together in the next call.
+const MAX_IN_FLIGHT: usize = 4;
+
+/// The batching task: takes every decision queued since it last looked (up to
+/// [`MAX_BATCH`]) and sends them in one script call, with up to [`MAX_IN_FLIGHT`] calls
+/// out at once. Concurrent requests thus share a round trip, and Redis and this process
+/// pay one call's overhead for all of them. On a cluster, a call's keys must share a hash
+/// slot: decisions are grouped by bucket. Ends when the limiter is dropped.
+async fn batch_calls(
+    caller: Arc<Caller>,
+    cluster: bool,
+    mut queue: mpsc::UnboundedReceiver<Queued>,
+) {
+    let mut in_flight = tokio::task::JoinSet::new();
+    loop {
+        tokio::select! {
+            biased;
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+            next = queue.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
+                let Some(first) = next else { break };
+                let mut batch = Vec::with_capacity(8);
+                batch.push(first);
+                while batch.len() < MAX_BATCH {
+                    match queue.try_recv() {
+                        Ok(queued) => batch.push(queued),
+                        Err(_) => break,
+                    }
+                }
+                // A request that gave up (timed out, or dropped by its client) is not sent:
+                // its answer would go nowhere, and a timed-out one is being cancelled.
+                batch.retain(|queued| !queued.reply.is_closed());
+                if cluster {
+                    // A call's keys must share a hash slot: one call per bucket.
+                    for group in by_bucket(batch) {
+                        in_flight.spawn(send_batch(Arc::clone(&caller), group));
+                    }
+                } else if !batch.is_empty() {
+                    in_flight.spawn(send_batch(Arc::clone(&caller), batch));
+                }
+            }
+        }
+    }
+    while in_flight.join_next().await.is_some() {}
+}
+
+/// Splits decisions into groups of one bucket each, in no particular order.
+fn by_bucket(mut batch: Vec<Queued>) -> Vec<Vec<Queued>> {
+    batch.sort_unstable_by(|a, b| a.request.bucket().cmp(b.request.bucket()));
+    let mut groups = Vec::new();
+    while let Some(last) = batch.last() {
+        let last = Arc::clone(&last.request);
+        let at = batch.partition_point(|q| q.request.bucket() < last.bucket());
+        groups.push(batch.split_off(at));
+    }
+    groups
+}
+
+/// Sends one batch and hands each decision its answer.
+async fn send_batch(caller: Arc<Caller>, batch: Vec<Queued>) {
+    let mut conn = caller.conn.clone();
+    let calls: Vec<Call<'_>> = batch.iter().map(|queued| queued.request.call()).collect();
+    match caller.run_retried(&mut conn, &calls).await {
+        Ok(answers) if answers.len() == batch.len() => {
+            for (queued, answer) in batch.into_iter().zip(answers) {
+                let _ = queued.reply.send(Reply::Answer(answer));
+            }
+        }
+        Ok(_) => {
+            for queued in batch {
+                let _ = queued.reply.send(Reply::Garbled);
+            }
+        }
+        // The script failed on one decision's data: the decisions before it ran (their
+        // markers hold their answers), the rest did not. Each is sent again on its own, so
+        // that one key's bad data fails that key alone; under the same markers none is
+        // charged twice.
+        Err(e) if batch.len() > 1 && is_data_error(&e) => {
+            drop(calls);
+            for queued in batch {
+                let reply = caller.decide_alone(&mut conn, &queued.request).await;
+                let _ = queued.reply.send(reply);
+            }
+        }
+        Err(e) => {
+            for queued in batch {
+                let _ = queued.reply.send(Reply::Failed(e.clone()));
+            }
+        }
+    }
+}
+
+/// An error about the data a call met (or the call itself), not about Redis being
+/// unavailable: it does not count towards the breaker.
+fn is_data_error(error: &redis::RedisError) -> bool {
+    matches!(
+        error.kind(),
+        redis::ErrorKind::Server(
+            redis::ServerErrorKind::ResponseError
+                | redis::ServerErrorKind::CrossSlot
+                | redis::ServerErrorKind::ExecAbort
+        ) | redis::ErrorKind::UnexpectedReturnType
+            | redis::ErrorKind::Parse
+    )
+}
+
+impl<K: RedisBucketKey> RedisLimiter<K> {
+    /// Sends one decision: through the batching task, or on its own when there is none
+    /// (the limiter was built outside a runtime, or that runtime is gone).
+    async fn send(&self, request: &Arc<Request>) -> Reply {
+        if let Some(queue) = &self.inner.queue {
+            let (reply, answer) = oneshot::channel();
+            let queued = Queued {
+                request: Arc::clone(request),
+                reply,
+            };
+            if queue.send(queued).is_ok() {
+                if let Ok(reply) = answer.await {
+                    return reply;
+                }
+                // The task ended with the decision in hand (its runtime shut down): it may
+                // have been sent, so it goes again under the same marker, charging once.
+            }
+        }
+        let mut conn = self.inner.caller.conn.clone();
+        self.inner.caller.decide_alone(&mut conn, request).await
     }
 }
 
@@ -923,32 +1139,25 @@ impl<K: RedisBucketKey> LimiterStore<K> for RedisLimiter<K> {
         let mut marker = self.bucket_key(key);
         let bucket_len = marker.len();
         let _ = write!(marker, ":d:{token:016x}");
+        let request = Arc::new(Request {
+            marker,
+            bucket_len,
+            quotas: quotas.to_vec(),
+            cost,
+        });
         let this = self.clone();
         let key = key.clone();
-        let quotas: Vec<Quota> = quotas.to_vec();
         Answer::Later(Box::pin(async move {
-            let mut conn = this.inner.conn.clone();
             let deadline = Instant::now() + this.inner.timeout;
-            let bucket = marker.get(..bucket_len).unwrap_or_default();
-            let call = async {
-                match this
-                    .run(&mut conn, "c", bucket, &marker, &quotas, cost)
-                    .await
-                {
-                    // A dropped connection may or may not have carried the call: once more,
-                    // under the same token, so that it charges at most once.
-                    Err(e) if e.is_connection_dropped() || e.is_io_error() => {
-                        this.run(&mut conn, "c", bucket, &marker, &quotas, cost)
-                            .await
-                    }
-                    other => other,
+            let outcome = match tokio::time::timeout_at(deadline, this.send(&request)).await {
+                Ok(Reply::Answer(text)) => {
+                    parse_answer(&text, &request.quotas, cost).ok_or(RedisLimiterError::Reply)
                 }
-            };
-            let outcome = match tokio::time::timeout_at(deadline, call).await {
-                Ok(Ok(text)) => parse_answer(&text, &quotas, cost).ok_or(RedisLimiterError::Reply),
-                Ok(Err(e)) => Err(RedisLimiterError::Redis(e)),
+                Ok(Reply::Failed(e)) => Err(RedisLimiterError::Redis(e)),
+                Ok(Reply::Garbled) => Err(RedisLimiterError::Reply),
                 Err(_) => Err(RedisLimiterError::Timeout(this.inner.timeout)),
             };
+            let quotas = &request.quotas;
             match outcome {
                 Ok(decision) => {
                     this.inner.breaker.success();
@@ -957,10 +1166,10 @@ impl<K: RedisBucketKey> LimiterStore<K> for RedisLimiter<K> {
                 }
                 Err(error) => {
                     if let RedisLimiterError::Timeout(_) = error {
-                        this.settle_timed_out(&key, &quotas, cost, marker);
+                        this.settle_timed_out(&key, quotas, cost, request.marker.clone());
                     }
                     this.failed(&error);
-                    this.fallback(&key, &quotas, cost, error)
+                    this.fallback(&key, quotas, cost, error)
                 }
             }
         }))
@@ -1004,8 +1213,16 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
             return Err(RedisLimiterError::Windows(quotas.len()));
         }
         let bucket = self.bucket_key(key);
-        let mut conn = self.inner.conn.clone();
-        let call = self.run(&mut conn, "r", &bucket, &bucket, quotas, cost);
+        let mut conn = self.inner.caller.conn.clone();
+        let refund = Call {
+            mode: "r",
+            bucket: &bucket,
+            marker: &bucket,
+            quotas,
+            cost,
+        };
+        let calls = [refund];
+        let call = self.inner.caller.run(&mut conn, &calls);
         match tokio::time::timeout(self.inner.timeout, call).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(RedisLimiterError::Redis(e)),
@@ -1124,6 +1341,48 @@ mod tests {
         // A success closes it.
         b.success();
         assert!(matches!(b.gate(Duration::from_millis(100)), Gate::Call));
+    }
+
+    #[test]
+    fn a_clusters_batch_goes_out_one_bucket_per_call() {
+        let queued = |bucket: &str, token: u32| {
+            let mut marker = bucket.to_owned();
+            let bucket_len = marker.len();
+            marker.push_str(&format!(":d:{token}"));
+            let request = Arc::new(Request {
+                marker,
+                bucket_len,
+                quotas: vec![q(1)],
+                cost: 1,
+            });
+            Queued {
+                request,
+                reply: oneshot::channel().0,
+            }
+        };
+        let batch = vec![
+            queued("p{a}", 1),
+            queued("p{b}", 2),
+            queued("p{a}", 3),
+            queued("p{c}", 4),
+            queued("p{a}", 5),
+        ];
+        let mut groups: Vec<Vec<String>> = by_bucket(batch)
+            .into_iter()
+            .map(|g| g.iter().map(|q| q.request.marker.clone()).collect())
+            .collect();
+        for g in &mut groups {
+            g.sort();
+        }
+        groups.sort();
+        assert_eq!(
+            groups,
+            [
+                vec!["p{a}:d:1", "p{a}:d:3", "p{a}:d:5"],
+                vec!["p{b}:d:2"],
+                vec!["p{c}:d:4"]
+            ]
+        );
     }
 
     #[test]
