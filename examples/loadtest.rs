@@ -4,7 +4,7 @@
 //! tower_governor keyed by the same `X-API-KEY` header with its headers on and a limit as
 //! high (`KEYGATE_MODE=governor`: limits only, no key is checked), or the full stack with
 //! its buckets on Redis (`KEYGATE_MODE=redis`: `RedisLimiter` on `KEYGATE_REDIS_URL`, default
-//! `redis://127.0.0.1:6379/`; one script call per request).
+//! `redis://127.0.0.1:6379/`; concurrent requests share script calls).
 //!
 //! Prints `KEY=<key>` and `listening on http://<addr>` (`KEYGATE_ADDR`, default
 //! `127.0.0.1:3001`). One runtime thread, so that CPU time per request is easy to read.

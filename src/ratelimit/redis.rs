@@ -12,7 +12,8 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::io::tcp::TcpSettings;
+use redis::{Cmd, IntoConnectionInfo, Pipeline, RedisFuture, Value};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -347,6 +348,13 @@ struct Inner<K> {
 ///   clock can skew a budget. It is called by its hash (`EVALSHA`); after a `NOSCRIPT`
 ///   (the first call on a node, a restart, a failover) the call is sent once more as
 ///   `EVAL` with the script, which loads it.
+/// - **Concurrent decisions share a call**: a task spawned by `connect` sends every
+///   decision queued since its last call (up to 64, with up to 4 calls in flight) in one
+///   script call, which Redis runs in order, each decision seeing the charges before it,
+///   exactly as separate calls would. On a cluster a call carries one bucket's decisions
+///   (its keys must share a hash slot). [`stats`](RedisLimiter::stats) counts decisions
+///   and calls. A limiter used after the runtime it was built in has ended sends each
+///   decision on its own call.
 /// - **State only for active keys**: a bucket is one Redis hash (one field per window)
 ///   that expires when its emptiest window is full again, plus one small marker per
 ///   decision kept for the timeout plus a second. A decision's keys share a hash slot: it
@@ -502,7 +510,14 @@ impl<K: RedisBucketKey> RedisLimiterBuilder<K> {
         }
         let conn = match &self.target {
             Target::Single(url) => {
-                let client = redis::Client::open(url.as_str()).map_err(build_error)?;
+                // Nagle's algorithm off (redis-rs leaves it on): a call written while the one
+                // before is unanswered must not wait for that answer's ACK.
+                let info = url
+                    .as_str()
+                    .into_connection_info()
+                    .map_err(build_error)?
+                    .set_tcp_settings(TcpSettings::default().set_nodelay(true));
+                let client = redis::Client::open(info).map_err(build_error)?;
                 // The decisions have their own timeout. The connection's is longer, so that a
                 // slow Redis keeps it (and the order of what was sent on it), while one that
                 // stopped answering altogether is replaced.
@@ -519,6 +534,7 @@ impl<K: RedisBucketKey> RedisLimiterBuilder<K> {
             }
             Target::Cluster(nodes) => {
                 let client = ClusterClient::builder(nodes.iter().map(String::as_str))
+                    .tcp_settings(TcpSettings::default().set_nodelay(true))
                     .connection_timeout(self.timeout)
                     .response_timeout(self.timeout.saturating_mul(10).max(Duration::from_secs(2)))
                     .retries(2)
@@ -813,15 +829,21 @@ impl Caller {
     /// burst and charge (seconds and nanoseconds). Built into one buffer, numbers written in
     /// place: no string per argument.
     fn command(&self, load: bool, calls: &[Call<'_>]) -> Cmd {
-        let mut cmd = if load {
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(SCRIPT);
-            cmd
+        // Sized once: a batch's call has hundreds of arguments.
+        let windows: usize = calls.iter().map(|call| call.quotas.len()).sum();
+        let names: usize = calls
+            .iter()
+            .map(|call| call.bucket.len() + call.marker.len())
+            .sum();
+        let mut cmd = Cmd::with_capacity(
+            8 + calls.len() * 4 + windows * 5,
+            128 + names + calls.len() * 4 + windows * 72 + if load { SCRIPT.len() } else { 0 },
+        );
+        if load {
+            cmd.arg("EVAL").arg(SCRIPT);
         } else {
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(&self.hash);
-            cmd
-        };
+            cmd.arg("EVALSHA").arg(&self.hash);
+        }
         cmd.arg(calls.len().saturating_mul(2));
         for call in calls {
             cmd.arg(call.bucket).arg(call.marker);
