@@ -3,8 +3,13 @@
 //! neighbours, refunds racing batched charges, stalls and hangs, the task's life (dropped
 //! limiter, runtime shut down, runtime idle), a stalled cluster node.
 //!
-//! Tests named `held_*` are attacks that held (regression tests); the `#[ignore]`d ones are
-//! findings that fail on the code they were written against.
+//! Tests named `held_*` are attacks that held (regression tests); the others are the four
+//! findings, each failing on the code they were written against and fixed since: a limiter
+//! built in an idle runtime never decided (the task now starts with the first decision), a
+//! stall longer than the settling bound charged refused requests (settling now retries for
+//! a minute), one stalled cluster node held the queue for every key (no shared in-flight
+//! cap on a cluster), and a batch that ran but lost its reply stayed charged (every failure
+//! that may have run is settled).
 //!
 //! Needs `KEYGATE_TEST_REDIS_URL` and `KEYGATE_TEST_REDIS_CLUSTER`, `redis-server` on the
 //! PATH, and `bash scripts/redis-cluster.sh` for the test that owns its cluster.
@@ -201,10 +206,7 @@ async fn held_many_instances_mixed_costs_windows_and_keys_never_over_admit() {
             );
         }
         const CAP: u32 = 120;
-        let q = [
-            Quota::per_hour(nz(CAP)),
-            Quota::per_minute(nz(10_000)),
-        ];
+        let q = [Quota::per_hour(nz(CAP)), Quota::per_minute(nz(10_000))];
         let mut tasks = tokio::task::JoinSet::new();
         for t in 0..300u64 {
             let l = limiters[(t % 3) as usize].clone();
@@ -233,7 +235,10 @@ async fn held_many_instances_mixed_costs_windows_and_keys_never_over_admit() {
         for (k, n) in &total {
             assert!(*n <= CAP, "cluster {on_cluster}: {k} took {n} of {CAP}");
             // About 600 requests per key: the budget is used up.
-            assert!(*n >= CAP - 2, "cluster {on_cluster}: {k} took only {n} of {CAP}");
+            assert!(
+                *n >= CAP - 2,
+                "cluster {on_cluster}: {k} took only {n} of {CAP}"
+            );
         }
         let calls: u64 = limiters.iter().map(|l| l.stats().calls).sum();
         let decided: u64 = limiters.iter().map(|l| l.stats().decided).sum();
@@ -262,14 +267,24 @@ async fn held_poisoned_buckets_do_not_fail_or_slow_their_batch_neighbours() {
     let field = format!("w:5:{}", 720 * 1_000_000_000u64);
     let mut admin = raw(&redis_url()).await;
     let huge_digits = "9".repeat(4 << 20);
-    let _: () = admin.set(format!("{prefix}{{s:p0}}"), "not a hash").await.unwrap();
-    let _: () = admin.rpush(format!("{prefix}{{s:p1}}"), "a list").await.unwrap();
+    let _: () = admin
+        .set(format!("{prefix}{{s:p0}}"), "not a hash")
+        .await
+        .unwrap();
+    let _: () = admin
+        .rpush(format!("{prefix}{{s:p1}}"), "a list")
+        .await
+        .unwrap();
     let _: () = admin
         .hset(format!("{prefix}{{s:p2}}"), &field, &huge_digits)
         .await
         .unwrap();
     let _: () = admin
-        .hset(format!("{prefix}{{s:p3}}"), &field, format!("{huge_digits}:1"))
+        .hset(
+            format!("{prefix}{{s:p3}}"),
+            &field,
+            format!("{huge_digits}:1"),
+        )
         .await
         .unwrap();
     let _: () = admin
@@ -500,7 +515,6 @@ fn held_the_tasks_runtime_shutting_down_mid_batch_charges_each_decision_once() {
 /// it, and every decision waits for it until its timeout. Before the batching, the lazy
 /// connection was made in the runtime that used it, and this worked.
 #[test]
-#[ignore = "finding 1: the batching task lives in the runtime of connect(); if that runtime is idle every decision times out"]
 fn a_limiter_built_in_an_idle_runtime_decides_in_the_runtime_that_uses_it() {
     let setup = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -589,7 +603,10 @@ async fn held_a_hung_redis_under_local_and_open_answers_in_time_and_stops_queuei
         let s = limiter.stats();
         let n = requests.load(Ordering::Relaxed);
         eprintln!("{policy:?}: {n} requests, slowest {slowest:?}, {s:?}");
-        assert!(slowest < Duration::from_millis(600), "{policy:?}: slowest {slowest:?}");
+        assert!(
+            slowest < Duration::from_millis(600),
+            "{policy:?}: slowest {slowest:?}"
+        );
         // Before the breaker opened at most the 64 in flight failed, then a probe or so per
         // cool-down: the rest never reached the queue.
         assert!(s.failures <= 64 + 2 * 6, "{policy:?}: {s:?}");
@@ -609,7 +626,10 @@ async fn held_a_hung_redis_under_local_and_open_answers_in_time_and_stops_queuei
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        eprintln!("{policy:?}: back on Redis {:?} after CONT", started.elapsed());
+        eprintln!(
+            "{policy:?}: back on Redis {:?} after CONT",
+            started.elapsed()
+        );
     }
 }
 
@@ -620,7 +640,6 @@ async fn held_a_hung_redis_under_local_and_open_answers_in_time_and_stops_queuei
 /// wakes, charges the key, and nobody gives the tokens back: every request that was refused
 /// during the stall costs its key a token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finding 2: a Redis stall longer than the settle bound charges timed-out (refused) decisions"]
 async fn a_stall_longer_than_the_settle_bound_does_not_charge_refused_decisions() {
     let own = OwnRedis::start();
     let limiter: RedisLimiter<String> = RedisLimiter::builder(own.url())
@@ -632,6 +651,7 @@ async fn a_stall_longer_than_the_settle_bound_does_not_charge_refused_decisions(
     let q = [Quota::per_day(nz(10))];
     assert!(decide(&limiter, "slow", &q, 1).await);
     let mut admin = raw(&own.url()).await;
+    let mut probe = raw(&own.url()).await;
     let sleeper = tokio::spawn(async move {
         let _: redis::RedisResult<()> = redis::cmd("DEBUG")
             .arg("SLEEP")
@@ -639,7 +659,22 @@ async fn a_stall_longer_than_the_settle_bound_does_not_charge_refused_decisions(
             .query_async(&mut admin)
             .await;
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Wait (bounded) until Redis is asleep: a PING goes unanswered.
+    let started = Instant::now();
+    loop {
+        let ping_cmd = redis::cmd("PING");
+        let ping = ping_cmd.query_async::<String>(&mut probe);
+        if tokio::time::timeout(Duration::from_millis(50), ping)
+            .await
+            .is_err()
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "Redis never slept"
+        );
+    }
     let mut refused = 0;
     for _ in 0..3 {
         let r = limiter.decide(&"slow".to_owned(), &q, 1).await;
@@ -675,7 +710,6 @@ async fn a_stall_longer_than_the_settle_bound_does_not_charge_refused_decisions(
 /// timeouts). Measured: 36 admitted + 0 left of 100 (64 tokens, one whole batch, charged to
 /// refused requests); 71 + 0; 42 + 57. Batching makes one lost reply cost up to 64 tokens.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finding 4: a batch that ran but whose reply and re-send failed on a dropped connection stays charged while its requests are refused"]
 async fn dropped_connections_mid_batch_charge_exactly_the_admitted() {
     let own = OwnRedis::start();
     for round in 0..4 {
@@ -732,8 +766,16 @@ async fn dropped_connections_round(own: &OwnRedis, round: u32) {
     }
     stop.store(true, Ordering::Relaxed);
     let kills = killer.await.unwrap();
-    // Let the settling of timed-out decisions finish (bounded).
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let the settling of failed decisions finish (a bounded poll).
+    let started = Instant::now();
+    while limiter.stats().settling > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "settling never ends: {:?}",
+            limiter.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut more = 0u32;
     let started = Instant::now();
     loop {
@@ -817,7 +859,11 @@ impl Drop for OwnCluster {
 /// The node (its URL) serving `slot`.
 async fn node_of(nodes: &[String], slot: u16) -> String {
     let mut c = raw(&nodes[0]).await;
-    let text: String = redis::cmd("CLUSTER").arg("NODES").query_async(&mut c).await.unwrap();
+    let text: String = redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut c)
+        .await
+        .unwrap();
     for line in text.lines() {
         let parts: Vec<&str> = line.split_whitespace().collect();
         if parts.len() < 9 || !parts[2].contains("master") {
@@ -852,7 +898,6 @@ async fn slot_of(nodes: &[String], name: &str) -> u16 {
 /// queue behind them and time out. Before the batching each decision went on its own and
 /// keys on healthy nodes were decided.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "finding 3: one stalled cluster master blocks the batching queue for keys on every node"]
 async fn one_stalled_cluster_node_does_not_fail_keys_on_the_healthy_ones() {
     let cluster = OwnCluster::start();
     let prefix = fresh_prefix();
@@ -888,7 +933,10 @@ async fn one_stalled_cluster_node_does_not_fail_keys_on_the_healthy_ones() {
     for k in stalled_keys.iter().chain(&healthy_keys) {
         let started = Instant::now();
         while limiter.decide(k, &q, 1).await.is_err() {
-            assert!(started.elapsed() < Duration::from_secs(10), "cluster not up");
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "cluster not up"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -943,7 +991,10 @@ async fn one_stalled_cluster_node_does_not_fail_keys_on_the_healthy_ones() {
         paused.elapsed()
     );
     assert!(stalled_failed > 0, "the pause took hold");
-    assert!(healthy_ok > 100, "healthy keys decided only {healthy_ok} times");
+    assert!(
+        healthy_ok > 100,
+        "healthy keys decided only {healthy_ok} times"
+    );
     assert!(
         healthy_failed * 20 <= healthy_ok,
         "keys on healthy nodes failed {healthy_failed} times (decided {healthy_ok})"

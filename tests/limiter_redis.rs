@@ -274,6 +274,78 @@ async fn one_call_takes_several_decisions_in_order() {
     let _: () = conn.del(&[&hot, &other, &poisoned]).await.expect("del");
 }
 
+/// A refund that carries a marker of its own (the give-back of a failed decision, retried
+/// after a lost answer) gives back once, however often it is sent; one without (its bucket
+/// in the marker's place) gives back each time.
+#[tokio::test]
+async fn a_marked_refund_gives_back_once() {
+    let client = redis::Client::open(redis_url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let script = redis::Script::new(SCRIPT);
+    let prefix = fresh_prefix();
+    let bucket = format!("{prefix}{{s:refund}}");
+    let window = ["w:3:20000000000", "60", "0", "20", "0"];
+    let call = |mode: &str, marker: &str| {
+        let mut inv = script.key(&bucket);
+        inv.key(marker)
+            .arg(60_000)
+            .arg("1700000000")
+            .arg("0")
+            .arg("0")
+            .arg(mode)
+            .arg(1);
+        for a in window {
+            inv.arg(a);
+        }
+        inv
+    };
+    for i in 0..3 {
+        let charged: Vec<String> = call("c", &format!("{bucket}:d:{i}"))
+            .invoke_async(&mut conn)
+            .await
+            .expect("charge");
+        assert!(charged[0].starts_with('1'), "{charged:?}");
+    }
+    // The same marked refund three times: one token back.
+    for _ in 0..3 {
+        let _: Vec<String> = call("r", &format!("{bucket}:d:0:r"))
+            .invoke_async(&mut conn)
+            .await
+            .expect("refund");
+    }
+    let after: Vec<String> = call("c", &format!("{bucket}:d:3"))
+        .invoke_async(&mut conn)
+        .await
+        .expect("charge");
+    assert!(
+        after[0].starts_with('1'),
+        "one token was given back: {after:?}"
+    );
+    let full: Vec<String> = call("c", &format!("{bucket}:d:4"))
+        .invoke_async(&mut conn)
+        .await
+        .expect("charge");
+    assert!(full[0].starts_with('0'), "only one: {full:?}");
+    // Unmarked refunds (the bucket in the marker's place) each give back.
+    for _ in 0..2 {
+        let _: Vec<String> = call("r", &bucket)
+            .invoke_async(&mut conn)
+            .await
+            .expect("refund");
+    }
+    for i in 5..7 {
+        let again: Vec<String> = call("c", &format!("{bucket}:d:{i}"))
+            .invoke_async(&mut conn)
+            .await
+            .expect("charge");
+        assert!(again[0].starts_with('1'), "{i}: {again:?}");
+    }
+    let _: () = conn.del(&bucket).await.expect("del");
+}
+
 /// A bucket lives only while a window is not full; Redis's own clock decides.
 #[tokio::test]
 async fn buckets_expire_with_their_window_on_redis_time() {

@@ -4,8 +4,8 @@
 --
 -- KEYS[2d-1]  decision d's bucket: a hash with one field per window, the window's
 --             theoretical arrival time (TAT) as "seconds:nanoseconds" since the Unix epoch
--- KEYS[2d]    (charges) decision d's marker: a re-sent call finds its first answer here and
---             charges nothing again
+-- KEYS[2d]    decision d's marker: a re-sent call finds its first answer here and charges
+--             nothing again (a refund without a marker names its bucket here)
 -- ARGV        marker lifetime (ms), now as seconds and nanoseconds ("" and "" for Redis's
 --             own clock), extra bucket lifetime (ms); then for each decision: its mode ("c"
 --             charge, "r" refund), its number of windows, and for each window its field, its
@@ -101,6 +101,15 @@ local function decide(bucket, marker, mode, n, at)
     stored = {}
   end
 
+  -- A refund with a marker of its own (a retried give-back) is taken once.
+  local marked = mode == 'r' and marker ~= bucket
+  if marked then
+    local prior = redis.pcall('GET', marker)
+    if type(prior) == 'string' then
+      return prior
+    end
+  end
+
   if mode == 'r' then
     local seen = {}
     local ls, ln = 0, 0
@@ -125,6 +134,9 @@ local function decide(bucket, marker, mode, n, at)
     end
     if ls > 0 or ln > 0 then
       keep(bucket, ls, ln)
+    end
+    if marked then
+      redis.call('SET', marker, 'ok', 'PX', marker_ms)
     end
     return 'ok'
   end

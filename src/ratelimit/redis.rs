@@ -6,7 +6,7 @@ use std::marker::PhantomData;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -215,6 +215,9 @@ pub struct RedisLimiterStats {
     pub fail_local: u64,
     /// Times the breaker opened (from closed, or again after a failed probe).
     pub breaker_opened: u64,
+    /// Failed decisions being settled now: cancelled on Redis, or their charge given
+    /// back, in the background (see [`FailurePolicy`]).
+    pub settling: u64,
 }
 
 #[derive(Default)]
@@ -226,6 +229,7 @@ struct Counters {
     fail_open: AtomicU64,
     fail_local: AtomicU64,
     breaker_opened: AtomicU64,
+    settling: AtomicU64,
     /// Open-policy admissions not yet reported in a warning.
     unreported_open: AtomicU64,
     /// When the last open-policy warning went out (ms since the limiter's start).
@@ -328,8 +332,10 @@ fn millis(d: Duration) -> u64 {
 
 struct Inner<K> {
     caller: Arc<Caller>,
-    /// The batching task's queue (`None` when the limiter was built outside a runtime).
-    queue: Option<mpsc::UnboundedSender<Queued>>,
+    /// The batching task's queue. The task is started by the first decision, in the
+    /// runtime that makes it, and started again if that runtime ended.
+    queue: RwLock<Option<mpsc::UnboundedSender<Queued>>>,
+    cluster: bool,
     prefix: String,
     policy: FailurePolicy,
     timeout: Duration,
@@ -558,15 +564,11 @@ impl<K: RedisBucketKey> RedisLimiterBuilder<K> {
             clock: self.clock,
             calls: AtomicU64::new(0),
         });
-        let queue = tokio::runtime::Handle::try_current().ok().map(|runtime| {
-            let (queue, calls) = mpsc::unbounded_channel();
-            runtime.spawn(batch_calls(Arc::clone(&caller), cluster, calls));
-            queue
-        });
         Ok(RedisLimiter {
             inner: Arc::new(Inner {
                 caller,
-                queue,
+                queue: RwLock::new(None),
+                cluster,
                 prefix: self.prefix,
                 policy: self.policy,
                 timeout: self.timeout,
@@ -645,6 +647,7 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
             fail_open: c.fail_open.load(Ordering::Relaxed),
             fail_local: c.fail_local.load(Ordering::Relaxed),
             breaker_opened: c.breaker_opened.load(Ordering::Relaxed),
+            settling: c.settling.load(Ordering::Relaxed),
         }
     }
 
@@ -722,13 +725,18 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
         }
     }
 
-    /// After a decision timed out: Redis may still run it (it was slow, not gone), and then
-    /// it would charge a request that was answered otherwise. So the decision is cancelled
-    /// under its token (`SET NX` of its marker: a script arriving later finds it and charges
-    /// nothing); if the script ran first, its answer is there instead, and a charge it made
-    /// is given back. Skipped when the request was admitted anyway
-    /// ([`FailurePolicy::Open`]: then the charge is right).
-    fn settle_timed_out(&self, key: &K, quotas: &[Quota], cost: u32, marker: String) {
+    /// After a decision failed in a way that may have left it running or run (a timeout:
+    /// Redis was slow, not gone; a connection that dropped after the call was written; an
+    /// answer that could not be read), the request is answered otherwise, and a charge the
+    /// script made must not stand. So the decision is cancelled under its token (`SET NX` of
+    /// its marker: a script arriving later finds it and charges nothing); if the script ran
+    /// first, its answer is there instead, and a charge it made is given back. Redis may be
+    /// stalled or unreachable for a while, so this is retried, with backoff, for up to
+    /// [`SETTLE_FOR`]: a call queued on a stalled Redis runs when it wakes, before the
+    /// retry sent after it, and its marker lives for the timeout plus a second after that.
+    /// Skipped when the request was admitted anyway ([`FailurePolicy::Open`]: then the
+    /// charge is right).
+    fn settle(&self, key: &K, quotas: &[Quota], cost: u32, marker: String) {
         if self.inner.policy == FailurePolicy::Open {
             return;
         }
@@ -738,44 +746,87 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
         let this = self.clone();
         let key = key.clone();
         let quotas = quotas.to_vec();
+        let settling = Settling::start(self);
         runtime.spawn(async move {
+            let _settling = settling;
             let mut conn = this.inner.caller.conn.clone();
-            let bound = this
+            let per_try = this
                 .inner
                 .timeout
                 .saturating_mul(10)
                 .max(Duration::from_secs(1));
-            let settle = async {
-                let mut cancel = redis::cmd("SET");
-                cancel
-                    .arg(&marker)
-                    .arg(CANCELLED)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(this.inner.caller.marker_ms);
-                if cancel
-                    .query_async::<Option<String>>(&mut conn)
-                    .await?
-                    .is_some()
-                {
-                    return Ok(false);
-                }
-                let mut read = redis::cmd("GET");
-                read.arg(&marker);
-                let answer = read.query_async::<Option<String>>(&mut conn).await?;
-                Ok::<bool, redis::RedisError>(answer.is_some_and(|a| a.starts_with("1:")))
-            };
-            match tokio::time::timeout(bound, settle).await {
-                Ok(Ok(true)) => {
-                    if let Err(error) = this.give_back(&key, &quotas, cost).await {
-                        tracing::debug!(%error, "giving back a timed-out decision's tokens failed");
+            let give_up = Instant::now() + SETTLE_FOR;
+            let mut pause = Duration::from_millis(50);
+            // Each step is retried, with backoff, until it is done, fails on the data, or
+            // the minute is over.
+            macro_rules! retried {
+                ($what:literal, $step:expr) => {
+                    loop {
+                        match tokio::time::timeout(per_try, $step).await {
+                            Ok(Ok(done)) => break Some(done),
+                            Ok(Err(error)) if is_data_error(&error) => {
+                                tracing::debug!(%error, concat!($what, " failed"));
+                                break None;
+                            }
+                            Ok(Err(error)) => {
+                                tracing::debug!(%error, concat!($what, " failed; retrying"));
+                            }
+                            Err(_) => tracing::debug!(concat!($what, " timed out; retrying")),
+                        }
+                        if Instant::now() + pause >= give_up {
+                            tracing::debug!(concat!($what, " given up"));
+                            break None;
+                        }
+                        tokio::time::sleep(pause).await;
+                        pause = pause.saturating_mul(2).min(Duration::from_secs(5));
                     }
-                }
-                Ok(Ok(false)) => {}
-                Ok(Err(error)) => tracing::debug!(%error, "settling a timed-out decision failed"),
-                Err(_) => tracing::debug!("settling a timed-out decision timed out"),
+                };
+            }
+            let charged = retried!(
+                "settling a failed decision",
+                this.settle_once(&mut conn, &marker)
+            );
+            if charged == Some(true) {
+                // The give-back has a marker of its own, kept past the last retry, so that
+                // a retry after a lost answer gives back once.
+                let mut refund_marker = marker;
+                refund_marker.push_str(":r");
+                let bucket = this.bucket_key(&key);
+                let refund = [Call {
+                    mode: "r",
+                    bucket: &bucket,
+                    marker: &refund_marker,
+                    quotas: &quotas,
+                    cost,
+                }];
+                let keep_ms = millis(SETTLE_FOR).saturating_add(60_000);
+                let caller = &this.inner.caller;
+                let _ = retried!(
+                    "giving back a failed decision's tokens",
+                    caller.run_keeping(&mut conn, &refund, keep_ms)
+                );
             }
         });
+    }
+
+    /// Cancels a decision under its marker, or reads that it ran: whether it charged.
+    /// In one atomic round trip (`MULTI`: `SET NX`, then `GET`), so that no dropped
+    /// connection can fall between the two.
+    async fn settle_once(&self, conn: &mut Conn, marker: &str) -> redis::RedisResult<bool> {
+        let mut settle = redis::pipe();
+        settle
+            .atomic()
+            .cmd("SET")
+            .arg(marker)
+            .arg(CANCELLED)
+            .arg("NX")
+            .arg("PX")
+            .arg(self.inner.caller.marker_ms)
+            .ignore()
+            .cmd("GET")
+            .arg(marker);
+        let (answer,): (Option<String>,) = settle.query_async(conn).await?;
+        Ok(answer.is_some_and(|a| a.starts_with("1:")))
     }
 
     /// Counts a failed call, opening the breaker after enough of them. Only failures of
@@ -828,7 +879,7 @@ impl Caller {
     /// extra lifetime; then each decision's mode, window count, and each window's field,
     /// burst and charge (seconds and nanoseconds). Built into one buffer, numbers written in
     /// place: no string per argument.
-    fn command(&self, load: bool, calls: &[Call<'_>]) -> Cmd {
+    fn command(&self, load: bool, calls: &[Call<'_>], keep_ms: u64) -> Cmd {
         // Sized once: a batch's call has hundreds of arguments.
         let windows: usize = calls.iter().map(|call| call.quotas.len()).sum();
         let names: usize = calls
@@ -848,7 +899,7 @@ impl Caller {
         for call in calls {
             cmd.arg(call.bucket).arg(call.marker);
         }
-        cmd.arg(self.marker_ms);
+        cmd.arg(keep_ms);
         match &self.clock {
             Some(clock) => {
                 let now = clock.now_nanos();
@@ -890,13 +941,23 @@ impl Caller {
     }
 
     /// Runs the script once for `calls` (loading it first if Redis lost it): one answer
-    /// per call.
+    /// per call. Markers are kept for the decisions' marker lifetime.
     async fn run(&self, conn: &mut Conn, calls: &[Call<'_>]) -> redis::RedisResult<Vec<String>> {
+        self.run_keeping(conn, calls, self.marker_ms).await
+    }
+
+    /// [`run`](Self::run), with the markers kept for `keep_ms`.
+    async fn run_keeping(
+        &self,
+        conn: &mut Conn,
+        calls: &[Call<'_>],
+        keep_ms: u64,
+    ) -> redis::RedisResult<Vec<String>> {
         self.calls.fetch_add(1, Ordering::Relaxed);
-        match self.command(false, calls).query_async(conn).await {
+        match self.command(false, calls, keep_ms).query_async(conn).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
                 self.calls.fetch_add(1, Ordering::Relaxed);
-                self.command(true, calls).query_async(conn).await
+                self.command(true, calls, keep_ms).query_async(conn).await
             }
             other => other,
         }
@@ -971,9 +1032,14 @@ struct Queued {
 /// this bounds how long one call holds it: a few tens of microseconds).
 const MAX_BATCH: usize = 64;
 
-/// The most script calls the batching task keeps in flight at once. While they are out,
-/// decisions queue, and go together in the next call.
+/// The most script calls the batching task keeps in flight at once on one Redis. While
+/// they are out, decisions queue, and go together in the next call.
 const MAX_IN_FLIGHT: usize = 4;
+
+/// The same on a cluster, where calls go to different nodes: high enough that a stalled
+/// node's calls never hold the queue for keys on the healthy ones (each call is one
+/// bucket's, so this bounds only memory).
+const MAX_IN_FLIGHT_CLUSTER: usize = 1024;
 
 /// The batching task: takes every decision queued since it last looked (up to
 /// [`MAX_BATCH`]) and sends them in one script call, with up to [`MAX_IN_FLIGHT`] calls
@@ -990,7 +1056,7 @@ async fn batch_calls(
         tokio::select! {
             biased;
             Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
-            next = queue.recv(), if in_flight.len() < MAX_IN_FLIGHT => {
+            next = queue.recv(), if in_flight.len() < if cluster { MAX_IN_FLIGHT_CLUSTER } else { MAX_IN_FLIGHT } => {
                 let Some(first) = next else { break };
                 let mut batch = Vec::with_capacity(8);
                 batch.push(first);
@@ -1063,6 +1129,45 @@ async fn send_batch(caller: Arc<Caller>, batch: Vec<Queued>) {
     }
 }
 
+/// Counts a settling in [`RedisLimiterStats::settling`] while it lives.
+struct Settling<K>(RedisLimiter<K>);
+
+impl<K> Settling<K> {
+    fn start(limiter: &RedisLimiter<K>) -> Self {
+        limiter
+            .inner
+            .counters
+            .settling
+            .fetch_add(1, Ordering::Relaxed);
+        Self(limiter.clone())
+    }
+}
+
+impl<K> Drop for Settling<K> {
+    fn drop(&mut self) {
+        self.0
+            .inner
+            .counters
+            .settling
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Whether a decision that failed may have run on Redis all the same (and charged): it
+/// timed out, its connection dropped after it was written, or its answer was unreadable.
+/// Not when Redis refused the connection or the script failed on the data.
+fn may_have_run(error: &RedisLimiterError) -> bool {
+    match error {
+        RedisLimiterError::Timeout(_) | RedisLimiterError::Reply => true,
+        RedisLimiterError::Redis(e) => !is_data_error(e) && !e.is_connection_refusal(),
+        _ => false,
+    }
+}
+
+/// How long the settling of a failed decision is retried while Redis is stalled or
+/// unreachable ([`RedisLimiter::settle`]).
+const SETTLE_FOR: Duration = Duration::from_secs(60);
+
 /// An error about the data a call met (or the call itself), not about Redis being
 /// unavailable: it does not count towards the breaker.
 fn is_data_error(error: &redis::RedisError) -> bool {
@@ -1078,25 +1183,58 @@ fn is_data_error(error: &redis::RedisError) -> bool {
 }
 
 impl<K: RedisBucketKey> RedisLimiter<K> {
-    /// Sends one decision: through the batching task, or on its own when there is none
-    /// (the limiter was built outside a runtime, or that runtime is gone).
+    /// Sends one decision: through the batching task, or on its own when there is no
+    /// runtime to run that task in.
     async fn send(&self, request: &Arc<Request>) -> Reply {
-        if let Some(queue) = &self.inner.queue {
-            let (reply, answer) = oneshot::channel();
-            let queued = Queued {
-                request: Arc::clone(request),
-                reply,
-            };
-            if queue.send(queued).is_ok() {
-                if let Ok(reply) = answer.await {
-                    return reply;
-                }
-                // The task ended with the decision in hand (its runtime shut down): it may
-                // have been sent, so it goes again under the same marker, charging once.
+        let (reply, answer) = oneshot::channel();
+        let queued = Queued {
+            request: Arc::clone(request),
+            reply,
+        };
+        if self.enqueue(queued) {
+            if let Ok(reply) = answer.await {
+                return reply;
             }
+            // The task ended with the decision in hand (its runtime shut down): it may have
+            // been sent, so it goes again under the same marker, charging once.
         }
         let mut conn = self.inner.caller.conn.clone();
         self.inner.caller.decide_alone(&mut conn, request).await
+    }
+
+    /// Hands a decision to the batching task, starting the task in the current runtime when
+    /// there is none yet or the one there was ended with its runtime. False when there is
+    /// no runtime.
+    fn enqueue(&self, queued: Queued) -> bool {
+        let queued = match self.inner.queue.read() {
+            Ok(queue) => match queue.as_ref() {
+                Some(sender) => match sender.send(queued) {
+                    Ok(()) => return true,
+                    Err(mpsc::error::SendError(queued)) => queued,
+                },
+                None => queued,
+            },
+            Err(_) => return false,
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return false;
+        };
+        let Ok(mut queue) = self.inner.queue.write() else {
+            return false;
+        };
+        // Another request may have started it meanwhile.
+        if let Some(sender) = queue.as_ref().filter(|sender| !sender.is_closed()) {
+            return sender.send(queued).is_ok();
+        }
+        let (sender, calls) = mpsc::unbounded_channel();
+        runtime.spawn(batch_calls(
+            Arc::clone(&self.inner.caller),
+            self.inner.cluster,
+            calls,
+        ));
+        let sent = sender.send(queued).is_ok();
+        *queue = Some(sender);
+        sent
     }
 }
 
@@ -1187,8 +1325,8 @@ impl<K: RedisBucketKey> LimiterStore<K> for RedisLimiter<K> {
                     Ok(decision)
                 }
                 Err(error) => {
-                    if let RedisLimiterError::Timeout(_) = error {
-                        this.settle_timed_out(&key, quotas, cost, request.marker.clone());
+                    if may_have_run(&error) {
+                        this.settle(&key, quotas, cost, request.marker.clone());
                     }
                     this.failed(&error);
                     this.fallback(&key, quotas, cost, error)
