@@ -377,6 +377,11 @@ struct Inner<K> {
 ///   decision carries a random token; the
 ///   script keeps its answer under that token for the timeout plus a second, and a re-sent
 ///   call gets the first answer instead of a second charge.
+/// - **No charge for a refused request**: a decision that failed but may have run on Redis
+///   all the same (it timed out, its connection dropped after it was sent, its answer was
+///   unreadable) is settled in the background: cancelled under its token if it has not run,
+///   its charge given back if it has. Settling is retried for up to a minute while Redis is
+///   stalled or unreachable ([`RedisLimiterStats::settling`] counts those in progress).
 ///
 /// Clones share the connection. Build one per application and share it between layers.
 pub struct RedisLimiter<K> {
