@@ -78,6 +78,9 @@ for round in $(seq "$ROUNDS"); do
       'BEGIN { printf "%-6s %-9s %12d %10.0f %16.2f\n", r, m, n, n / d, c / t / n * 1e6 }'
   done
 done
+if [ -z "${total_req[bare]:-}" ]; then
+  exit 0 # no bare server in this run: nothing to compare against
+fi
 bare_cpu=$(awk -v r="${total_req[bare]}" -v c="${total_cpu[bare]}" -v t="$ticks" 'BEGIN { print c / t / r * 1e6 }')
 echo
 echo "all rounds (ratios against bare, measured in the same run):"
