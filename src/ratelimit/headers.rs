@@ -64,10 +64,8 @@ const fn digits(n: u64) -> usize {
 ///   into a per-thread block of bytes that the values made from it share: one allocation
 ///   per block of a hundred numbers or more, instead of one or two per value.
 fn values(limit: u64, remaining: u64, reset: u64) -> [HeaderValue; 3] {
-    if let (Some(limit), Some(remaining), Some(reset)) =
-        (small(limit), small(remaining), small(reset))
-    {
-        return [limit, remaining, reset];
+    if limit < STATIC_BELOW && remaining < STATIC_BELOW && reset < STATIC_BELOW {
+        return [limit, remaining, reset].map(|n| small(n).unwrap_or_else(|| HeaderValue::from(n)));
     }
     thread_local! {
         static MADE: RefCell<Made> = RefCell::new(Made::default());
@@ -87,16 +85,10 @@ fn values(limit: u64, remaining: u64, reset: u64) -> [HeaderValue; 3] {
     })
     .ok()
     .flatten()
-    .unwrap_or_else(|| {
-        [
-            HeaderValue::from(limit),
-            HeaderValue::from(remaining),
-            HeaderValue::from(reset),
-        ]
-    })
+    .unwrap_or_else(|| [limit, remaining, reset].map(HeaderValue::from))
 }
 
-const SLOTS: usize = 4;
+const SLOTS: usize = 8;
 
 /// What one thread made: see [`values`].
 #[derive(Default)]
@@ -273,7 +265,7 @@ mod tests {
             let far = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1 << 63;
             assert_eq!(number(far).to_str().unwrap(), far.to_string());
             assert_eq!(fresh(far).to_str().unwrap(), far.to_string());
-            // The same slot (n % 4) again, other number: both stay right.
+            // The same slot (n % 8) again, other number: both stay right.
             assert_eq!(number(far + 8).to_str().unwrap(), (far + 8).to_string());
             assert_eq!(number(far).to_str().unwrap(), far.to_string());
         }
