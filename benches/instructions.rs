@@ -180,9 +180,43 @@ fn measured(n: usize, mut one: impl FnMut(usize) -> bool) -> usize {
     ok
 }
 
+/// The size of a service's future, of its request and response: what is moved on the way
+/// in and out (`instructions sizes`).
+fn future_size<S: Service<Request<Body>>>(_: &S) -> usize {
+    std::mem::size_of::<S::Future>()
+}
+
+fn sizes() {
+    let lookup = CachedLookup::new(MemoryStore::new());
+    let auth = AuthLayer::new(lookup.clone()).layer(tower::service_fn(bare));
+    let layer = Keygate::builder(lookup).build().expect("keygate");
+    let stack = layer.layer(tower::service_fn(bare));
+    let limit = stack.get_ref();
+    println!(
+        "request                 {:4} bytes",
+        std::mem::size_of::<Request<Body>>()
+    );
+    println!(
+        "response (bare)         {:4} bytes",
+        std::mem::size_of::<Response<axum::body::Body>>()
+    );
+    println!(
+        "bare future             {:4} bytes",
+        future_size(&tower::service_fn(bare))
+    );
+    println!("auth-only future        {:4} bytes", future_size(&auth));
+    println!("rate-limit future       {:4} bytes", future_size(limit));
+    println!("full stack future       {:4} bytes", future_size(&stack));
+    println!(
+        "ratelimit::Decision     {:4} bytes",
+        std::mem::size_of::<keygate::ratelimit::Decision>()
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match args.as_slice() {
+        [mode] if mode == "sizes" => sizes(),
         [n, mode, keys] => run(n.parse().expect("N"), mode, keys.parse().expect("KEYS")),
         [n, mode] => run(n.parse().expect("N"), mode, 1),
         _ => {

@@ -1,5 +1,6 @@
 use std::cell::RefCell;
 
+use bytes::BytesMut;
 use http::header::Entry;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -51,41 +52,107 @@ const fn digits(n: u64) -> usize {
     }
 }
 
-/// The header value of a number, made without allocating in the common cases:
+/// The header values of a decision's limit, remaining tokens and reset time, made without
+/// allocating in the common cases:
 ///
 /// - numbers below 10 000 (most limits and remainders) are static;
-/// - others come from a small per-thread table of the last ones made, keyed by value: a
-///   key's limit, and the reset time (Unix seconds, the same for a second), are formatted
-///   once per thread, and a clone is a reference-count increment on memory no other thread
-///   touches.
-fn number(n: u64) -> HeaderValue {
+/// - a limit and a reset time (Unix seconds, the same for a second) come from small
+///   per-thread tables of the last ones made, one table each so that a hot key's limit and
+///   reset never evict each other: formatted once per thread, and a clone is a
+///   reference-count increment on memory no other thread touches;
+/// - other numbers (the remaining tokens of a large quota, which seldom repeat) are written
+///   into a per-thread block of bytes that the values made from it share: one allocation
+///   per block of a hundred numbers or more, instead of one or two per value.
+fn values(limit: u64, remaining: u64, reset: u64) -> [HeaderValue; 3] {
+    if limit < STATIC_BELOW && remaining < STATIC_BELOW && reset < STATIC_BELOW {
+        return [limit, remaining, reset].map(|n| small(n).unwrap_or_else(|| HeaderValue::from(n)));
+    }
+    thread_local! {
+        static MADE: RefCell<Made> = RefCell::new(Made::default());
+    }
+    MADE.try_with(|made| {
+        let mut made = made.try_borrow_mut().ok()?;
+        let Made {
+            limits,
+            resets,
+            room,
+        } = &mut *made;
+        Some([
+            recent(limits, room, limit),
+            small(remaining).unwrap_or_else(|| formatted(room, remaining)),
+            recent(resets, room, reset),
+        ])
+    })
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| [limit, remaining, reset].map(HeaderValue::from))
+}
+
+const SLOTS: usize = 8;
+
+/// What one thread made: see [`values`].
+#[derive(Default)]
+struct Made {
+    limits: [Option<(u64, HeaderValue)>; SLOTS],
+    resets: [Option<(u64, HeaderValue)>; SLOTS],
+    room: BytesMut,
+}
+
+/// The value of `n` from `table`, made (and kept there) on a miss.
+fn recent(
+    table: &mut [Option<(u64, HeaderValue)>; SLOTS],
+    room: &mut BytesMut,
+    n: u64,
+) -> HeaderValue {
+    if let Some(value) = small(n) {
+        return value;
+    }
+    match table.get_mut((n % SLOTS as u64) as usize) {
+        Some(Some((number, value))) if *number == n => value.clone(),
+        Some(slot) => {
+            let value = formatted(room, n);
+            *slot = Some((n, value.clone()));
+            value
+        }
+        None => formatted(room, n),
+    }
+}
+
+/// The static value of a number below [`STATIC_BELOW`].
+fn small(n: u64) -> Option<HeaderValue> {
     if n < STATIC_BELOW {
         let at = n as usize * 4;
         if let Some(text) = DIGITS.get(at..at + digits(n)) {
-            return HeaderValue::from_static(text);
+            return Some(HeaderValue::from_static(text));
         }
     }
-    const SLOTS: usize = 8;
-    thread_local! {
-        static RECENT: RefCell<[Option<(u64, HeaderValue)>; SLOTS]> =
-            const { RefCell::new([const { None }; SLOTS]) };
+    None
+}
+
+/// `n` written into `room` (a fresh block when this one is full), as a value sharing it.
+fn formatted(room: &mut BytesMut, n: u64) -> HeaderValue {
+    const BLOCK: usize = 2048;
+    let mut buf = [0u8; 20];
+    let text = decimal(n, &mut buf);
+    if room.capacity() - room.len() < text.len() {
+        *room = BytesMut::with_capacity(BLOCK);
     }
-    RECENT
-        .try_with(|recent| {
-            let mut recent = recent.try_borrow_mut().ok()?;
-            let slot = recent.get_mut((n % SLOTS as u64) as usize)?;
-            match slot {
-                Some((number, value)) if *number == n => Some(value.clone()),
-                _ => {
-                    let value = HeaderValue::from(n);
-                    *slot = Some((n, value.clone()));
-                    Some(value)
-                }
-            }
-        })
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| HeaderValue::from(n))
+    room.extend_from_slice(text);
+    HeaderValue::from_maybe_shared(room.split().freeze()).unwrap_or_else(|_| HeaderValue::from(n))
+}
+
+/// `n` in decimal, written at the end of `buf`.
+fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[at..]
 }
 
 /// Which rate-limit headers go on responses of limited requests.
@@ -112,9 +179,12 @@ impl HeaderStyle {
         if matches!(self, Self::Legacy | Self::Both) {
             // One hash and probe both asks and fills.
             if let Ok(Entry::Vacant(slot)) = headers.try_entry(X_LIMIT.clone()) {
-                slot.insert(number(decision.numbers.limit));
-                headers.insert(X_REMAINING.clone(), number(decision.numbers.remaining));
-                headers.insert(X_RESET.clone(), number(decision.numbers.reset));
+                let numbers = &decision.numbers;
+                let [limit, remaining, reset] =
+                    values(numbers.limit, numbers.remaining, numbers.reset);
+                slot.insert(limit);
+                headers.insert(X_REMAINING.clone(), remaining);
+                headers.insert(X_RESET.clone(), reset);
             }
         }
         if matches!(self, Self::Ietf | Self::Both) && !headers.contains_key(&RATELIMIT) {
@@ -141,6 +211,22 @@ impl HeaderStyle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `n` made as a limit, checked to read the same made as remaining and as a reset.
+    fn number(n: u64) -> HeaderValue {
+        let [limit, remaining, reset] = values(n, n, n);
+        assert_eq!(limit, remaining);
+        assert_eq!(limit, reset);
+        limit
+    }
+
+    /// `n` made as the remaining tokens, beside a static limit and a far reset time.
+    fn fresh(n: u64) -> HeaderValue {
+        let [limit, remaining, reset] = values(60, n, n ^ (1 << 62));
+        assert_eq!(limit, "60");
+        assert_eq!(reset.to_str().unwrap(), (n ^ (1 << 62)).to_string());
+        remaining
+    }
 
     #[test]
     fn numbers_read_back_as_written() {
@@ -175,8 +261,10 @@ mod tests {
     fn every_number_to_twenty_thousand_and_the_edges_read_back() {
         for n in 0..20_000u64 {
             assert_eq!(number(n).to_str().unwrap(), n.to_string());
+            assert_eq!(fresh(n).to_str().unwrap(), n.to_string());
             let far = n.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1 << 63;
             assert_eq!(number(far).to_str().unwrap(), far.to_string());
+            assert_eq!(fresh(far).to_str().unwrap(), far.to_string());
             // The same slot (n % 8) again, other number: both stay right.
             assert_eq!(number(far + 8).to_str().unwrap(), (far + 8).to_string());
             assert_eq!(number(far).to_str().unwrap(), far.to_string());
@@ -184,6 +272,7 @@ mod tests {
         for shift in 0..64 {
             for n in [(1u64 << shift) - 1, 1 << shift, (1 << shift) + 1] {
                 assert_eq!(number(n).to_str().unwrap(), n.to_string());
+                assert_eq!(fresh(n).to_str().unwrap(), n.to_string());
             }
         }
         let mut ten = 1u64;
@@ -195,6 +284,7 @@ mod tests {
         }
         for n in [u64::MAX, u64::MAX - 1, u64::MAX - 8, 10_000, 9_999] {
             assert_eq!(number(n).to_str().unwrap(), n.to_string());
+            assert_eq!(fresh(n).to_str().unwrap(), n.to_string());
         }
         // From other threads too (their own tables).
         std::thread::scope(|scope| {

@@ -652,7 +652,7 @@ fn charge(
                     }
                     current[j] = step(tat, now, q, cost);
                 }
-                return Some(decided(quotas, current, at, now));
+                return Some(decided(quotas, &current, at, now));
             }
             match cell.compare_exchange_weak(tat, s.new_tat, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
@@ -663,19 +663,19 @@ fn charge(
             }
         }
     }
-    Some(decided(quotas, steps, at, now))
+    Some(decided(quotas, &steps, at, now))
 }
 
 /// The most restrictive of the windows' steps, each window counted once.
 fn decided(
     quotas: &[Quota],
-    steps: [Step; MAX_WINDOWS],
+    steps: &[Step; MAX_WINDOWS],
     at: &Positions,
     now: u64,
 ) -> Result<Decision, LimiterError> {
     let once = quotas
         .iter()
-        .zip(steps)
+        .zip(steps.iter().copied())
         .enumerate()
         .filter(|(i, _)| !at.repeat[*i])
         .map(|(_, pair)| pair);
