@@ -58,27 +58,111 @@ local function parse(v)
   return tonumber(s), tonumber(ns)
 end
 
+-- What this call has read and written of each bucket, so that the decisions of one call
+-- on one bucket (a hot key) read it once and write it once, at the end: each field's value
+-- (false: none), the fields changed, and the longest lifetime wanted. The answers given,
+-- by marker, are written at the end too, after the buckets, and found here by a decision
+-- repeated within the call.
+local buckets = {}
+local answered, marked = {}, {}
+
+local function opened(bucket)
+  local b = buckets[bucket]
+  if not b then
+    b = { values = {}, changed = {}, want = nil }
+    buckets[bucket] = b
+  end
+  return b
+end
+
+-- The stored values of `fields` (false where none), and whether the bucket held something
+-- else than a hash (then dropped, and read as empty).
+local function read(bucket, fields)
+  local b = opened(bucket)
+  local missing = {}
+  for i = 1, #fields do
+    if b.values[fields[i]] == nil then
+      missing[#missing + 1] = fields[i]
+    end
+  end
+  local poisoned = false
+  if #missing > 0 then
+    local got = redis.pcall('HMGET', bucket, unpack(missing))
+    if type(got) ~= 'table' or got.err ~= nil then
+      -- Anything but a hash at the bucket's name (written by someone else) is dropped, and
+      -- the bucket read as empty: it fails closed for one burst, then refills, never for good.
+      redis.call('DEL', bucket)
+      poisoned = true
+      b.values = {}
+      b.changed = {}
+      for i = 1, #fields do
+        b.values[fields[i]] = false
+      end
+    else
+      for i = 1, #missing do
+        b.values[missing[i]] = got[i] or false
+      end
+    end
+  end
+  local stored = {}
+  for i = 1, #fields do
+    stored[i] = b.values[fields[i]]
+  end
+  return stored, poisoned
+end
+
 -- Writes now + offset into a field of a bucket.
 local function store(bucket, field, os, on)
   local s, ns = add(now_s, now_n, os, on)
-  redis.call('HSET', bucket, field, string.format('%d:%d', s, ns))
+  local b = opened(bucket)
+  b.values[field] = string.format('%d:%d', s, ns)
+  b.changed[field] = true
+end
+
+-- Removes a field of a bucket.
+local function remove(bucket, field)
+  local b = opened(bucket)
+  b.values[field] = false
+  b.changed[field] = true
 end
 
 -- Keeps a bucket until its emptiest window is full again (never shortening it, so that a
 -- window another route still uses is not lost).
 local function keep(bucket, ls, ln)
   local want = ls * 1000 + math.floor(ln / 1000000) + 1 + extra
-  if redis.call('PTTL', bucket) < want then
-    redis.call('PEXPIRE', bucket, want)
+  local b = opened(bucket)
+  if not b.want or b.want < want then
+    b.want = want
   end
+end
+
+-- An answer given under a marker (kept at the end of the call).
+local function answer_as(marker, text)
+  if not answered[marker] then
+    marked[#marked + 1] = marker
+  end
+  answered[marker] = text
+end
+
+-- The answer a marker already holds, from this call or an earlier one.
+local function prior(marker)
+  local here = answered[marker]
+  if here then
+    return here
+  end
+  local got = redis.pcall('GET', marker)
+  if type(got) == 'string' then
+    return got
+  end
+  return nil
 end
 
 -- One decision on `bucket`, its windows read from ARGV starting after index `at`.
 local function decide(bucket, marker, mode, n, at)
   if mode == 'c' then
-    local prior = redis.pcall('GET', marker)
-    if type(prior) == 'string' then
-      return prior
+    local earlier = prior(marker)
+    if earlier then
+      return earlier
     end
   end
 
@@ -92,21 +176,14 @@ local function decide(bucket, marker, mode, n, at)
     charge_n[i] = tonumber(ARGV[base + 5])
   end
 
-  -- Anything but a hash at the bucket's name (written by someone else) is dropped, and the
-  -- bucket read as empty: it fails closed for one burst, then refills, never for good.
-  local stored = redis.pcall('HMGET', bucket, unpack(fields))
-  local poisoned = type(stored) ~= 'table' or stored.err ~= nil
-  if poisoned then
-    redis.call('DEL', bucket)
-    stored = {}
-  end
+  local stored, poisoned = read(bucket, fields)
 
   -- A refund with a marker of its own (a retried give-back) is taken once.
-  local marked = mode == 'r' and marker ~= bucket
-  if marked then
-    local prior = redis.pcall('GET', marker)
-    if type(prior) == 'string' then
-      return prior
+  local own_marker = mode == 'r' and marker ~= bucket
+  if own_marker then
+    local earlier = prior(marker)
+    if earlier then
+      return earlier
     end
   end
 
@@ -123,7 +200,7 @@ local function decide(bucket, marker, mode, n, at)
           ds, dn = burst_s[i], burst_n[i]
         end
         if le(ds, dn, 0, 0) then
-          redis.call('HDEL', bucket, fields[i])
+          remove(bucket, fields[i])
         else
           store(bucket, fields[i], ds, dn)
           if le(ls, ln, ds, dn) then
@@ -135,8 +212,8 @@ local function decide(bucket, marker, mode, n, at)
     if ls > 0 or ln > 0 then
       keep(bucket, ls, ln)
     end
-    if marked then
-      redis.call('SET', marker, 'ok', 'PX', marker_ms)
+    if own_marker then
+      answer_as(marker, 'ok')
     end
     return 'ok'
   end
@@ -198,7 +275,7 @@ local function decide(bucket, marker, mode, n, at)
     parts[#parts + 1] = string.format('%d.%09d', off_s[i], off_n[i])
   end
   local answer = table.concat(parts, ':')
-  redis.call('SET', marker, answer, 'PX', marker_ms)
+  answer_as(marker, answer)
   return answer
 end
 
@@ -209,5 +286,32 @@ for d = 1, #KEYS / 2 do
   local n = tonumber(ARGV[at + 2])
   answers[d] = decide(KEYS[2 * d - 1], KEYS[2 * d], mode, n, at + 2)
   at = at + 2 + 5 * n
+end
+
+-- The buckets first, then the answers: a call cut short charges rather than leave an
+-- answer standing for a charge never made.
+for bucket, b in pairs(buckets) do
+  local set, gone = {}, {}
+  for field in pairs(b.changed) do
+    local v = b.values[field]
+    if v then
+      set[#set + 1] = field
+      set[#set + 1] = v
+    else
+      gone[#gone + 1] = field
+    end
+  end
+  if #set > 0 then
+    redis.call('HSET', bucket, unpack(set))
+  end
+  if #gone > 0 then
+    redis.call('HDEL', bucket, unpack(gone))
+  end
+  if b.want and redis.call('PTTL', bucket) < b.want then
+    redis.call('PEXPIRE', bucket, b.want)
+  end
+end
+for i = 1, #marked do
+  redis.call('SET', marked[i], answered[marked[i]], 'PX', marker_ms)
 end
 return answers
