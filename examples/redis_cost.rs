@@ -36,13 +36,13 @@ fn cpu_ticks() -> Option<u64> {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
     let (tasks, decisions) = match (env_number("TASKS", 32), env_number("DECISIONS", 200_000)) {
-        (Ok(t), Ok(d)) if t > 0 && d > 0 => (t, d),
+        (Ok(t), Ok(d)) if t > 0 && d >= t => (t, d),
         (Err(e), _) | (_, Err(e)) => {
             eprintln!("{e}");
             return ExitCode::from(2);
         }
         _ => {
-            eprintln!("TASKS and DECISIONS must be above zero");
+            eprintln!("TASKS must be above zero, and DECISIONS at least TASKS");
             return ExitCode::from(2);
         }
     };

@@ -11,6 +11,9 @@
 #   MODES="bare stack redis" bash scripts/e2e.sh
 #   LOADTEST=/tmp/loadtest-old MODES=redis bash scripts/e2e.sh   # another build of the server
 set -euo pipefail
+if [ -n "${LOADTEST:-}" ]; then
+  LOADTEST=$(realpath "$LOADTEST") # before the cd below
+fi
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10}

@@ -638,3 +638,104 @@ fn a_limiter_outliving_the_runtime_it_was_built_in_still_decides() {
     });
     assert_eq!(allowed, [true, true, false]);
 }
+
+/// A decision that timed out on a stalled Redis, which then ran it: settling finds the
+/// charge and gives it back, and keeps the decision's marker for as long as settling may
+/// retry (two minutes), not the timeout plus a second. A settle try whose answer is lost
+/// (it timed out too) thus still leaves the answer for the next try to read.
+#[tokio::test]
+async fn settling_keeps_the_marker_of_a_decision_that_ran_late() {
+    let own = OwnRedis::start();
+    let prefix = fresh_prefix();
+    let limiter: RedisLimiter<String> = RedisLimiter::builder(own.url())
+        .prefix(prefix.clone())
+        .timeout(Duration::from_millis(100))
+        .breaker(1_000_000, Duration::from_millis(100))
+        .connect()
+        .await
+        .expect("connect");
+    let quota = [Quota::per_hour(nz(10))];
+    let key = "late".to_owned();
+    assert!(
+        limiter
+            .decide(&key, &quota, 1)
+            .await
+            .expect("decide")
+            .allowed
+    );
+    let client = redis::Client::open(own.url()).expect("url");
+    let mut admin = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let mut probe = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let sleeper = tokio::spawn(async move {
+        let _: redis::RedisResult<()> = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg(1)
+            .query_async(&mut admin)
+            .await;
+    });
+    // Wait (bounded) until Redis is asleep: a PING goes unanswered.
+    let started = std::time::Instant::now();
+    loop {
+        let ping = redis::cmd("PING");
+        let answer = ping.query_async::<String>(&mut probe);
+        if tokio::time::timeout(Duration::from_millis(50), answer)
+            .await
+            .is_err()
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "Redis never slept"
+        );
+    }
+    let refused = limiter.decide(&key, &quota, 1).await;
+    assert!(
+        matches!(refused, Err(RedisLimiterError::Timeout(_))),
+        "{refused:?}"
+    );
+    sleeper.await.expect("sleeper");
+    // Settling ends (a bounded poll), having given the charge back: 9 left.
+    let started = std::time::Instant::now();
+    while limiter.stats().settling > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            limiter.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let markers: Vec<String> = probe
+        .keys(format!("{prefix}{{s:late}}:d:*"))
+        .await
+        .expect("keys");
+    // Decision markers only (a give-back's own marker ends in `:r`).
+    let markers: Vec<String> = markers.into_iter().filter(|m| !m.ends_with(":r")).collect();
+    let mut kept = Vec::new();
+    for marker in &markers {
+        let ttl: i64 = probe.pttl(marker).await.expect("pttl");
+        kept.push(ttl);
+    }
+    assert!(
+        kept.iter().any(|ttl| *ttl > 60_000),
+        "the late decision's marker is kept while settling may retry: {markers:?} {kept:?}"
+    );
+    let mut left = 0;
+    for _ in 0..12 {
+        if limiter
+            .decide(&key, &quota, 1)
+            .await
+            .expect("decide")
+            .allowed
+        {
+            left += 1;
+        }
+    }
+    assert_eq!(left, 9, "the refused request's charge was given back");
+}

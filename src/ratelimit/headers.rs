@@ -61,8 +61,9 @@ const fn digits(n: u64) -> usize {
 ///   reset never evict each other: formatted once per thread, and a clone is a
 ///   reference-count increment on memory no other thread touches;
 /// - other numbers (the remaining tokens of a large quota, which seldom repeat) are written
-///   into a per-thread block of bytes that the values made from it share: one allocation
-///   per block of a hundred numbers or more, instead of one or two per value.
+///   into a per-thread block of 256 bytes that the values made from it share: one
+///   allocation per dozen numbers or more, instead of one or two per value (a value an
+///   application keeps keeps its block, 256 bytes, alive).
 fn values(limit: u64, remaining: u64, reset: u64) -> [HeaderValue; 3] {
     if limit < STATIC_BELOW && remaining < STATIC_BELOW && reset < STATIC_BELOW {
         return [limit, remaining, reset].map(|n| small(n).unwrap_or_else(|| HeaderValue::from(n)));
@@ -78,9 +79,9 @@ fn values(limit: u64, remaining: u64, reset: u64) -> [HeaderValue; 3] {
             room,
         } = &mut *made;
         Some([
-            recent(limits, room, limit),
+            recent(limits, limit),
             small(remaining).unwrap_or_else(|| formatted(room, remaining)),
-            recent(resets, room, reset),
+            recent(resets, reset),
         ])
     })
     .ok()
@@ -99,22 +100,20 @@ struct Made {
 }
 
 /// The value of `n` from `table`, made (and kept there) on a miss.
-fn recent(
-    table: &mut [Option<(u64, HeaderValue)>; SLOTS],
-    room: &mut BytesMut,
-    n: u64,
-) -> HeaderValue {
+fn recent(table: &mut [Option<(u64, HeaderValue)>; SLOTS], n: u64) -> HeaderValue {
     if let Some(value) = small(n) {
         return value;
     }
     match table.get_mut((n % SLOTS as u64) as usize) {
         Some(Some((number, value))) if *number == n => value.clone(),
+        // A value kept in the table gets its own bytes: a shared block would stay alive
+        // as long as the table holds one of its values.
         Some(slot) => {
-            let value = formatted(room, n);
+            let value = HeaderValue::from(n);
             *slot = Some((n, value.clone()));
             value
         }
-        None => formatted(room, n),
+        None => HeaderValue::from(n),
     }
 }
 
@@ -131,7 +130,7 @@ fn small(n: u64) -> Option<HeaderValue> {
 
 /// `n` written into `room` (a fresh block when this one is full), as a value sharing it.
 fn formatted(room: &mut BytesMut, n: u64) -> HeaderValue {
-    const BLOCK: usize = 2048;
+    const BLOCK: usize = 256;
     let mut buf = [0u8; 20];
     let text = decimal(n, &mut buf);
     if room.capacity() - room.len() < text.len() {

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::marker::PhantomData;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -349,18 +349,21 @@ struct Inner<K> {
 /// Token buckets on Redis or Redis Cluster, shared by every instance that points at it:
 /// a key gets its budget once, whichever instance it calls.
 ///
-/// - **One round trip per decision**: a server-side script checks and charges every window
+/// - **One round trip per decision, at most**: a server-side script checks and charges every window
 ///   of the key (and the route's cost) atomically, on Redis's own clock, so no instance's
 ///   clock can skew a budget. It is called by its hash (`EVALSHA`); after a `NOSCRIPT`
 ///   (the first call on a node, a restart, a failover) the call is sent once more as
 ///   `EVAL` with the script, which loads it.
-/// - **Concurrent decisions share a call**: a task spawned by `connect` sends every
-///   decision queued since its last call (up to 64, with up to 4 calls in flight) in one
-///   script call, which Redis runs in order, each decision seeing the charges before it,
-///   exactly as separate calls would. On a cluster a call carries one bucket's decisions
-///   (its keys must share a hash slot). [`stats`](RedisLimiter::stats) counts decisions
-///   and calls. A limiter used after the runtime it was built in has ended sends each
-///   decision on its own call.
+/// - **Concurrent decisions share a call**: a task sends every decision queued since its
+///   last call (up to 64, with up to 4 calls in flight on one Redis) in one script call,
+///   which Redis runs in order, each decision seeing the charges before it, exactly as
+///   separate calls would. On a cluster a call carries one bucket's decisions (its keys
+///   must share a hash slot). [`stats`](RedisLimiter::stats) counts decisions and calls.
+///   The task is started by the first decision, in the runtime that makes it, and again
+///   in the current runtime if that one has ended; outside any runtime each decision goes
+///   on its own call. Use one limiter per runtime that serves requests: a runtime that
+///   made the first decision and then stopped being driven (but was not dropped) would
+///   hold the task.
 /// - **State only for active keys**: a bucket is one Redis hash (one field per window)
 ///   that expires when its emptiest window is full again, plus one small marker per
 ///   decision kept for the timeout plus a second. A decision's keys share a hash slot: it
@@ -375,13 +378,18 @@ struct Inner<K> {
 /// - **No double charge**: a call is retried once after a dropped connection (and the
 ///   cluster client re-sends, up to twice, on redirects and connection errors), so each
 ///   decision carries a random token; the
-///   script keeps its answer under that token for the timeout plus a second, and a re-sent
-///   call gets the first answer instead of a second charge.
+///   script keeps its answer under that token for the timeout plus a second (longer once
+///   it is being settled, below), and a re-sent call gets the first answer instead of a
+///   second charge.
 /// - **No charge for a refused request**: a decision that failed but may have run on Redis
 ///   all the same (it timed out, its connection dropped after it was sent, its answer was
 ///   unreadable) is settled in the background: cancelled under its token if it has not run,
 ///   its charge given back if it has. Settling is retried for up to a minute while Redis is
 ///   stalled or unreachable ([`RedisLimiterStats::settling`] counts those in progress).
+///   One window is left: a decision whose call ran but whose connection dropped before
+///   the answer came back, with Redis then unreachable for longer than the timeout plus a
+///   second, stays charged (its marker is gone when settling can read it): the key loses
+///   those tokens, never gains any.
 ///
 /// Clones share the connection. Build one per application and share it between layers.
 pub struct RedisLimiter<K> {
@@ -568,6 +576,7 @@ impl<K: RedisBucketKey> RedisLimiterBuilder<K> {
             marker_ms: millis(self.timeout).saturating_add(1000),
             clock: self.clock,
             calls: AtomicU64::new(0),
+            timeout: self.timeout,
         });
         Ok(RedisLimiter {
             inner: Arc::new(Inner {
@@ -815,9 +824,14 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
     }
 
     /// Cancels a decision under its marker, or reads that it ran: whether it charged.
-    /// In one atomic round trip (`MULTI`: `SET NX`, then `GET`), so that no dropped
-    /// connection can fall between the two.
+    /// In one atomic round trip (`MULTI`: `SET NX`, `PEXPIRE`, `GET`), so that no dropped
+    /// connection can fall between them. The marker, whatever it holds, is kept for as long
+    /// as settling may retry and a minute more: a cancelled decision arriving late still
+    /// finds it, and a try whose answer was lost (its connection dropped, or it timed out
+    /// on a stalled Redis that then ran it right after the decision) leaves the decision's
+    /// answer for the next try to read.
     async fn settle_once(&self, conn: &mut Conn, marker: &str) -> redis::RedisResult<bool> {
+        let keep_ms = millis(SETTLE_FOR).saturating_add(60_000);
         let mut settle = redis::pipe();
         settle
             .atomic()
@@ -826,7 +840,11 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
             .arg(CANCELLED)
             .arg("NX")
             .arg("PX")
-            .arg(self.inner.caller.marker_ms)
+            .arg(keep_ms)
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(marker)
+            .arg(keep_ms)
             .ignore()
             .cmd("GET")
             .arg(marker);
@@ -866,6 +884,8 @@ struct Caller {
     clock: Option<Arc<dyn Clock>>,
     /// Script calls sent.
     calls: AtomicU64,
+    /// How long a decision waits (a batch's call is given up after it).
+    timeout: Duration,
 }
 
 /// One decision (or refund) of a script call.
@@ -1001,6 +1021,9 @@ struct Request {
     bucket_len: usize,
     quotas: Vec<Quota>,
     cost: u32,
+    /// Set before the decision may be written to Redis: a decision that gave up before it
+    /// was ever sent needs no settling.
+    sent: AtomicBool,
 }
 
 impl Request {
@@ -1034,7 +1057,8 @@ struct Queued {
 }
 
 /// The most decisions in one script call (Redis runs a call's decisions back to back, so
-/// this bounds how long one call holds it: a few tens of microseconds).
+/// this bounds how long one call holds it: at the 5–20 µs a decision measured, about a
+/// millisecond at most).
 const MAX_BATCH: usize = 64;
 
 /// The most script calls the batching task keeps in flight at once on one Redis. While
@@ -1072,8 +1096,13 @@ async fn batch_calls(
                     }
                 }
                 // A request that gave up (timed out, or dropped by its client) is not sent:
-                // its answer would go nowhere, and a timed-out one is being cancelled.
-                batch.retain(|queued| !queued.reply.is_closed());
+                // its answer would go nowhere. Marked sent first, then checked: a request
+                // timing out meanwhile either is seen here or sees the mark, and settles.
+                batch.retain(|queued| {
+                    queued.request.sent.store(true, Ordering::SeqCst);
+                    fence(Ordering::SeqCst);
+                    !queued.reply.is_closed()
+                });
                 if cluster {
                     // A call's keys must share a hash slot: one call per bucket.
                     for group in by_bucket(batch) {
@@ -1104,7 +1133,14 @@ fn by_bucket(mut batch: Vec<Queued>) -> Vec<Vec<Queued>> {
 async fn send_batch(caller: Arc<Caller>, batch: Vec<Queued>) {
     let mut conn = caller.conn.clone();
     let calls: Vec<Call<'_>> = batch.iter().map(|queued| queued.request.call()).collect();
-    match caller.run_retried(&mut conn, &calls).await {
+    // Bounded by the decisions' timeout: by then every decision of the call has given up
+    // (and settles), so a hung connection does not hold an in-flight slot any longer.
+    let Ok(result) =
+        tokio::time::timeout(caller.timeout, caller.run_retried(&mut conn, &calls)).await
+    else {
+        return;
+    };
+    match result {
         Ok(answers) if answers.len() == batch.len() => {
             for (queued, answer) in batch.into_iter().zip(answers) {
                 let _ = queued.reply.send(Reply::Answer(answer));
@@ -1115,13 +1151,16 @@ async fn send_batch(caller: Arc<Caller>, batch: Vec<Queued>) {
                 let _ = queued.reply.send(Reply::Garbled);
             }
         }
-        // The script failed on one decision's data: the decisions before it ran (their
-        // markers hold their answers), the rest did not. Each is sent again on its own, so
-        // that one key's bad data fails that key alone; under the same markers none is
-        // charged twice.
+        // The script failed on the data of the call (it writes the buckets and markers
+        // only at its end, so it wrote nothing, or all of it): each decision still waited
+        // for is sent again on its own, so that one key's bad data fails that key alone;
+        // under the same markers none is charged twice.
         Err(e) if batch.len() > 1 && is_data_error(&e) => {
             drop(calls);
             for queued in batch {
+                if queued.reply.is_closed() {
+                    continue;
+                }
                 let reply = caller.decide_alone(&mut conn, &queued.request).await;
                 let _ = queued.reply.send(reply);
             }
@@ -1203,6 +1242,7 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
             // The task ended with the decision in hand (its runtime shut down): it may have
             // been sent, so it goes again under the same marker, charging once.
         }
+        request.sent.store(true, Ordering::SeqCst);
         let mut conn = self.inner.caller.conn.clone();
         self.inner.caller.decide_alone(&mut conn, request).await
     }
@@ -1309,6 +1349,7 @@ impl<K: RedisBucketKey> LimiterStore<K> for RedisLimiter<K> {
             bucket_len,
             quotas: quotas.to_vec(),
             cost,
+            sent: AtomicBool::new(false),
         });
         let this = self.clone();
         let key = key.clone();
@@ -1330,7 +1371,11 @@ impl<K: RedisBucketKey> LimiterStore<K> for RedisLimiter<K> {
                     Ok(decision)
                 }
                 Err(error) => {
-                    if may_have_run(&error) {
+                    // The decision's reply channel is gone by now (a timeout dropped it);
+                    // the batching task marks a decision sent before it looks at that
+                    // channel, so one of the two sees the other (see `batch_calls`).
+                    fence(Ordering::SeqCst);
+                    if may_have_run(&error) && request.sent.load(Ordering::SeqCst) {
                         this.settle(&key, quotas, cost, request.marker.clone());
                     }
                     this.failed(&error);
@@ -1519,6 +1564,7 @@ mod tests {
                 bucket_len,
                 quotas: vec![q(1)],
                 cost: 1,
+                sent: AtomicBool::new(false),
             });
             Queued {
                 request,

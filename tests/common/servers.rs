@@ -51,6 +51,9 @@ impl OwnRedis {
                 "",
                 "--appendonly",
                 "no",
+                // `DEBUG SLEEP`, for tests that stall it.
+                "--enable-debug-command",
+                "yes",
             ])
             .stdout(Stdio::null())
             .spawn()
