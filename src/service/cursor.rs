@@ -25,7 +25,9 @@ impl std::fmt::Debug for EventIds {
     }
 }
 
-fn hmac(key: &[u8]) -> Hmac<Sha256> {
+/// HMAC-SHA256 under `key` (the service's one construction: event ids here, session
+/// tokens in `session`). HMAC takes a key of any length, so this cannot fail.
+pub(super) fn hmac(key: &[u8]) -> Hmac<Sha256> {
     <Hmac<Sha256> as Mac>::new_from_slice(key)
         .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"))
 }

@@ -44,9 +44,7 @@ impl Signer {
     }
 
     fn mac(&self) -> Hmac<Sha256> {
-        // HMAC takes a key of any length: this cannot fail.
-        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&self.secret)
-            .unwrap_or_else(|_| unreachable!("HMAC accepts any key length"));
+        let mut mac = super::cursor::hmac(&self.secret);
         mac.update(CONTEXT);
         mac
     }
