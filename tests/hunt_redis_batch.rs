@@ -16,6 +16,8 @@
 #![cfg(feature = "test-servers")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use std::collections::HashMap;
 use std::net::TcpListener;
 use std::num::NonZeroU32;
@@ -650,31 +652,7 @@ async fn a_stall_longer_than_the_settle_bound_does_not_charge_refused_decisions(
         .unwrap();
     let q = [Quota::per_day(nz(10))];
     assert!(decide(&limiter, "slow", &q, 1).await);
-    let mut admin = raw(&own.url()).await;
-    let mut probe = raw(&own.url()).await;
-    let sleeper = tokio::spawn(async move {
-        let _: redis::RedisResult<()> = redis::cmd("DEBUG")
-            .arg("SLEEP")
-            .arg(3)
-            .query_async(&mut admin)
-            .await;
-    });
-    // Wait (bounded) until Redis is asleep: a PING goes unanswered.
-    let started = Instant::now();
-    loop {
-        let ping_cmd = redis::cmd("PING");
-        let ping = ping_cmd.query_async::<String>(&mut probe);
-        if tokio::time::timeout(Duration::from_millis(50), ping)
-            .await
-            .is_err()
-        {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "Redis never slept"
-        );
-    }
+    let sleeper = common::servers::stall(&own.url(), 3).await;
     let mut refused = 0;
     for _ in 0..3 {
         let r = limiter.decide(&"slow".to_owned(), &q, 1).await;

@@ -663,38 +663,7 @@ async fn settling_keeps_the_marker_of_a_decision_that_ran_late() {
             .expect("decide")
             .allowed
     );
-    let client = redis::Client::open(own.url()).expect("url");
-    let mut admin = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
-    let mut probe = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect");
-    let sleeper = tokio::spawn(async move {
-        let _: redis::RedisResult<()> = redis::cmd("DEBUG")
-            .arg("SLEEP")
-            .arg(1)
-            .query_async(&mut admin)
-            .await;
-    });
-    // Wait (bounded) until Redis is asleep: a PING goes unanswered.
-    let started = std::time::Instant::now();
-    loop {
-        let ping = redis::cmd("PING");
-        let answer = ping.query_async::<String>(&mut probe);
-        if tokio::time::timeout(Duration::from_millis(50), answer)
-            .await
-            .is_err()
-        {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "Redis never slept"
-        );
-    }
+    let sleeper = common::servers::stall(&own.url(), 1).await;
     let refused = limiter.decide(&key, &quota, 1).await;
     assert!(
         matches!(refused, Err(RedisLimiterError::Timeout(_))),
@@ -711,6 +680,11 @@ async fn settling_keeps_the_marker_of_a_decision_that_ran_late() {
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+    let mut probe = redis::Client::open(own.url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
     let markers: Vec<String> = probe
         .keys(format!("{prefix}{{s:late}}:d:*"))
         .await

@@ -137,3 +137,40 @@ pub async fn status_through<L: KeyLookup>(cache: &L, key: &ApiKey) -> Option<Sta
     .expect("lookup")
     .map(|record| record.status)
 }
+
+/// Stalls the Redis at `url` for `seconds` (`DEBUG SLEEP`, so it needs
+/// `--enable-debug-command`, as [`OwnRedis`] starts it) and returns once it is asleep (a
+/// `PING` goes unanswered; bounded): the handle ends when it wakes.
+pub async fn stall(url: &str, seconds: u64) -> tokio::task::JoinHandle<()> {
+    let client = redis::Client::open(url).expect("url");
+    let mut admin = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let mut probe = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let sleeper = tokio::spawn(async move {
+        let _: redis::RedisResult<()> = redis::cmd("DEBUG")
+            .arg("SLEEP")
+            .arg(seconds)
+            .query_async(&mut admin)
+            .await;
+    });
+    let started = std::time::Instant::now();
+    loop {
+        let ping = redis::cmd("PING");
+        let answer = ping.query_async::<String>(&mut probe);
+        if tokio::time::timeout(Duration::from_millis(50), answer)
+            .await
+            .is_err()
+        {
+            return sleeper;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "Redis never slept"
+        );
+    }
+}
