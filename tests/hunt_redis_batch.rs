@@ -332,7 +332,7 @@ async fn held_poisoned_buckets_do_not_fail_or_slow_their_batch_neighbours() {
     assert!(slowest < Duration::from_secs(2), "slowest {slowest:?}");
     assert_eq!(limiter.stats().failures, 0, "{:?}", limiter.stats());
     let mut keys: Vec<String> = admin.keys(format!("{prefix}*")).await.unwrap();
-    keys.retain(|k| !k.contains(":d:"));
+    keys.retain(|k| !k.contains(":m:"));
     let _: () = admin.del(keys).await.unwrap();
 }
 

@@ -169,8 +169,31 @@ async fn concurrent_decisions_on_one_key_admit_exactly_the_capacity() {
 
 const SCRIPT: &str = include_str!("../src/ratelimit/redis.lua");
 
-/// The script called twice with the same decision token (a re-sent call) charges once and
-/// answers the same both times.
+/// One script call (see `redis.lua`) at the fixed time 1 700 000 000 s, every decision on
+/// one window of 3 a minute (a burst of 60 s, a charge of 20 s): each decision is (bucket,
+/// marker hash, mode, token). Answers: now, then each decision's status and offset.
+fn invoke<'a>(
+    script: &'a redis::Script,
+    marker_ms: u64,
+    decisions: &[(&str, &str, &str, &str)],
+) -> redis::ScriptInvocation<'a> {
+    let mut inv = script.prepare_invoke();
+    for (bucket, markers, _, _) in decisions {
+        inv.key(*bucket).key(*markers);
+    }
+    inv.arg(marker_ms).arg("1700000000").arg("0").arg("0");
+    inv.arg(1).arg(1);
+    for a in ["w:3:20000000000", "60", "0", "20", "0"] {
+        inv.arg(a);
+    }
+    for (_, _, mode, token) in decisions {
+        inv.arg(*mode).arg(1).arg(*token);
+    }
+    inv
+}
+
+/// The script called twice with the same decision token (a re-sent call) charges once, and
+/// the second time reports the first verdict with the bucket as it is now.
 #[tokio::test]
 async fn a_resent_decision_charges_once() {
     let client = redis::Client::open(redis_url()).expect("url");
@@ -181,50 +204,33 @@ async fn a_resent_decision_charges_once() {
     let script = redis::Script::new(SCRIPT);
     let prefix = fresh_prefix();
     let bucket = format!("{prefix}{{s:k}}");
-    // 3 a minute: a burst of 60 s, a charge of 20 s (seconds, nanoseconds).
-    let window = ["w:3:20000000000", "60", "0", "20", "0"];
-    let call = |marker: String| {
-        let mut inv = script.key(&bucket);
-        inv.key(marker)
-            .arg(2000)
-            .arg("1700000000")
-            .arg("0")
-            .arg("0")
-            .arg("c")
-            .arg(1);
-        for a in window {
-            inv.arg(a);
-        }
-        inv
-    };
-    let first: Vec<String> = call(format!("{bucket}:d:1"))
-        .invoke_async(&mut conn)
-        .await
-        .expect("eval");
-    let again: Vec<String> = call(format!("{bucket}:d:1"))
-        .invoke_async(&mut conn)
-        .await
-        .expect("eval");
-    assert_eq!(first, again, "the re-sent call gets the first answer");
-    assert_eq!(first, ["1:1700000000:0:0.000000000"]);
+    let markers = format!("{bucket}:m:0");
+    let call = |token: &str| invoke(&script, 2000, &[(&bucket, &markers, "c", token)]);
+    let first: Vec<i64> = call("1").invoke_async(&mut conn).await.expect("eval");
+    assert_eq!(first, [1_700_000_000, 0, 1, 0, 0]);
+    let again: Vec<i64> = call("1").invoke_async(&mut conn).await.expect("eval");
+    assert_eq!(
+        again,
+        [1_700_000_000, 0, 1, 20, 0],
+        "the re-sent call is allowed again, and the bucket holds one charge"
+    );
     // Two more distinct decisions fit (3 a minute), a third does not: the re-send took none.
-    for (i, expect) in [(2, "1"), (3, "1"), (4, "0")] {
-        let answer: Vec<String> = call(format!("{bucket}:d:{i}"))
-            .invoke_async(&mut conn)
-            .await
-            .expect("eval");
-        assert!(answer[0].starts_with(expect), "{i}: {answer:?}");
+    for (token, expect) in [("2", 1), ("3", 1), ("4", 0)] {
+        let answer: Vec<i64> = call(token).invoke_async(&mut conn).await.expect("eval");
+        assert_eq!(answer[2], expect, "{token}: {answer:?}");
     }
     // The markers expire on their own (2 s here), the bucket with its window.
-    let marker_ttl: i64 = conn.pttl(format!("{bucket}:d:1")).await.expect("pttl");
+    let marker_ttl: i64 = conn.pttl(&markers).await.expect("pttl");
     assert!((1..=2000).contains(&marker_ttl), "{marker_ttl}");
-    let _: () = conn.del(&bucket).await.expect("del");
+    let tokens: usize = conn.hlen(&markers).await.expect("hlen");
+    assert_eq!(tokens, 4, "one field per decision");
+    let _: () = conn.del(&[&bucket, &markers]).await.expect("del");
 }
 
 /// One script call carrying several decisions (what the batching task sends) takes them in
 /// order, as separate calls would: on one bucket each sees the charges before it, a re-sent
-/// marker inside the call charges nothing again, and a bucket holding the wrong type fails
-/// neither its neighbours nor itself for good.
+/// token inside the call charges nothing again, and a bucket or a marker hash holding the
+/// wrong type fails neither its neighbours nor itself for good.
 #[tokio::test]
 async fn one_call_takes_several_decisions_in_order() {
     let client = redis::Client::open(redis_url()).expect("url");
@@ -237,46 +243,62 @@ async fn one_call_takes_several_decisions_in_order() {
     let hot = format!("{prefix}{{s:hot}}");
     let other = format!("{prefix}{{s:other}}");
     let poisoned = format!("{prefix}{{s:poisoned}}");
+    let odd = format!("{prefix}{{s:odd}}");
+    let odd_markers = format!("{odd}:m:0");
     let _: () = conn.set(&poisoned, "not a hash").await.expect("set");
-    // 3 a minute: a burst of 60 s, a charge of 20 s.
-    let window = ["w:3:20000000000", "60", "0", "20", "0"];
+    let _: () = conn.set(&odd_markers, "not a hash").await.expect("set");
+    let m = |bucket: &str| format!("{bucket}:m:0");
+    let (hot_m, other_m, poisoned_m) = (m(&hot), m(&other), m(&poisoned));
     let decisions = [
-        (&hot, "1"),
-        (&other, "1"),
-        (&hot, "2"),
-        (&hot, "2"), // the same marker again: its first answer, no second charge
-        (&poisoned, "1"),
-        (&hot, "3"),
-        (&hot, "4"),
+        (hot.as_str(), hot_m.as_str(), "c", "1"),
+        (&other, &other_m, "c", "1"),
+        (&hot, &hot_m, "c", "2"),
+        (&hot, &hot_m, "c", "2"), // the same token again: no second charge
+        (&poisoned, &poisoned_m, "c", "1"),
+        (&hot, &hot_m, "c", "3"),
+        (&hot, &hot_m, "c", "4"),
+        (&odd, &odd_markers, "c", "1"),
     ];
-    let mut inv = script.prepare_invoke();
-    for (bucket, marker) in decisions {
-        inv.key(bucket.as_str()).key(format!("{bucket}:d:{marker}"));
-    }
-    inv.arg(2000).arg("1700000000").arg("0").arg("0");
-    for _ in decisions {
-        inv.arg("c").arg(1);
-        for a in window {
-            inv.arg(a);
-        }
-    }
-    let answers: Vec<String> = inv.invoke_async(&mut conn).await.expect("eval");
-    let allowed: Vec<&str> = answers.iter().map(|a| &a[..1]).collect();
+    let answers: Vec<i64> = invoke(&script, 2000, &decisions)
+        .invoke_async(&mut conn)
+        .await
+        .expect("eval");
+    let verdicts: Vec<&[i64]> = answers[2..].chunks(3).collect();
+    let allowed: Vec<i64> = verdicts.iter().map(|v| v[0]).collect();
     // The poisoned bucket is dropped and read as empty, and fails closed for one burst.
-    assert_eq!(allowed, ["1", "1", "1", "1", "0", "1", "0"], "{answers:?}");
+    assert_eq!(allowed, [1, 1, 1, 1, 0, 1, 0, 1], "{answers:?}");
+    assert_eq!(verdicts[0], [1, 0, 0]);
+    assert_eq!(verdicts[2], [1, 20, 0]);
     assert_eq!(
-        answers[2], answers[3],
-        "a re-sent marker gets the first answer"
+        verdicts[3],
+        [1, 40, 0],
+        "the re-sent token: the bucket as it is"
     );
-    assert_eq!(answers[0], "1:1700000000:0:0.000000000");
-    assert_eq!(answers[2], "1:1700000000:0:20.000000000");
-    assert_eq!(answers[5], "1:1700000000:0:40.000000000");
-    let _: () = conn.del(&[&hot, &other, &poisoned]).await.expect("del");
+    assert_eq!(verdicts[5], [1, 40, 0], "and it took nothing");
+    let kept: Option<String> = conn.hget(&odd_markers, "1").await.expect("hget");
+    assert_eq!(
+        kept.as_deref(),
+        Some("1"),
+        "the odd marker key is a hash again"
+    );
+    let _: () = conn
+        .del(&[
+            &hot,
+            &other,
+            &poisoned,
+            &odd,
+            &hot_m,
+            &other_m,
+            &poisoned_m,
+            &odd_markers,
+        ])
+        .await
+        .expect("del");
 }
 
-/// A refund that carries a marker of its own (the give-back of a failed decision, retried
-/// after a lost answer) gives back once, however often it is sent; one without (its bucket
-/// in the marker's place) gives back each time.
+/// A refund that carries a token of its own (the give-back of a failed decision, retried
+/// after a lost answer) gives back once, however often it is sent; one without gives back
+/// each time.
 #[tokio::test]
 async fn a_marked_refund_gives_back_once() {
     let client = redis::Client::open(redis_url()).expect("url");
@@ -287,63 +309,51 @@ async fn a_marked_refund_gives_back_once() {
     let script = redis::Script::new(SCRIPT);
     let prefix = fresh_prefix();
     let bucket = format!("{prefix}{{s:refund}}");
-    let window = ["w:3:20000000000", "60", "0", "20", "0"];
-    let call = |mode: &str, marker: &str| {
-        let mut inv = script.key(&bucket);
-        inv.key(marker)
-            .arg(60_000)
-            .arg("1700000000")
-            .arg("0")
-            .arg("0")
-            .arg(mode)
-            .arg(1);
-        for a in window {
-            inv.arg(a);
-        }
-        inv
+    let markers = format!("{bucket}:m:0");
+    let call = |mode: &str, markers: &str, token: &str| {
+        invoke(&script, 60_000, &[(&bucket, markers, mode, token)])
     };
+    let status = |answer: &[i64]| answer[2];
     for i in 0..3 {
-        let charged: Vec<String> = call("c", &format!("{bucket}:d:{i}"))
+        let charged: Vec<i64> = call("c", &markers, &i.to_string())
             .invoke_async(&mut conn)
             .await
             .expect("charge");
-        assert!(charged[0].starts_with('1'), "{charged:?}");
+        assert_eq!(status(&charged), 1, "{charged:?}");
     }
     // The same marked refund three times: one token back.
     for _ in 0..3 {
-        let _: Vec<String> = call("r", &format!("{bucket}:d:0:r"))
+        let refund: Vec<i64> = call("r", &markers, "0:r")
             .invoke_async(&mut conn)
             .await
             .expect("refund");
+        assert_eq!(status(&refund), 2, "{refund:?}");
     }
-    let after: Vec<String> = call("c", &format!("{bucket}:d:3"))
+    let after: Vec<i64> = call("c", &markers, "3")
         .invoke_async(&mut conn)
         .await
         .expect("charge");
-    assert!(
-        after[0].starts_with('1'),
-        "one token was given back: {after:?}"
-    );
-    let full: Vec<String> = call("c", &format!("{bucket}:d:4"))
+    assert_eq!(status(&after), 1, "one token was given back: {after:?}");
+    let full: Vec<i64> = call("c", &markers, "4")
         .invoke_async(&mut conn)
         .await
         .expect("charge");
-    assert!(full[0].starts_with('0'), "only one: {full:?}");
-    // Unmarked refunds (the bucket in the marker's place) each give back.
+    assert_eq!(status(&full), 0, "only one: {full:?}");
+    // Unmarked refunds (no token, the bucket in the markers' place) each give back.
     for _ in 0..2 {
-        let _: Vec<String> = call("r", &bucket)
+        let _: Vec<i64> = call("r", &bucket, "")
             .invoke_async(&mut conn)
             .await
             .expect("refund");
     }
     for i in 5..7 {
-        let again: Vec<String> = call("c", &format!("{bucket}:d:{i}"))
+        let again: Vec<i64> = call("c", &markers, &i.to_string())
             .invoke_async(&mut conn)
             .await
             .expect("charge");
-        assert!(again[0].starts_with('1'), "{i}: {again:?}");
+        assert_eq!(status(&again), 1, "{i}: {again:?}");
     }
-    let _: () = conn.del(&bucket).await.expect("del");
+    let _: () = conn.del(&[&bucket, &markers]).await.expect("del");
 }
 
 /// A bucket lives only while a window is not full; Redis's own clock decides.
@@ -375,9 +385,15 @@ async fn buckets_expire_with_their_window_on_redis_time() {
     let ttl: i64 = conn.pttl(format!("{prefix}{{s:e}}")).await.expect("pttl");
     // Three tokens of 60 a minute: full again in 3 s.
     assert!((2000..=3001).contains(&ttl), "{ttl}");
-    // Only this bucket and its decisions' markers exist under the prefix.
-    let keys: Vec<String> = conn.keys(format!("{prefix}*")).await.expect("keys");
-    assert_eq!(keys.len(), 4, "{keys:?}");
+    // Only this bucket and its decisions' marker hash exist under the prefix: three tokens,
+    // kept for the timeout and a second.
+    let mut keys: Vec<String> = conn.keys(format!("{prefix}*")).await.expect("keys");
+    keys.sort();
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    let tokens: usize = conn.hlen(&keys[1]).await.expect("hlen");
+    assert_eq!(tokens, 3, "{keys:?}");
+    let kept: i64 = conn.pttl(&keys[1]).await.expect("pttl");
+    assert!((1..=1500).contains(&kept), "{kept}");
 }
 
 /// After `SCRIPT FLUSH` (a restart, a failover) the script is loaded again transparently.
@@ -685,12 +701,11 @@ async fn settling_keeps_the_marker_of_a_decision_that_ran_late() {
         .get_multiplexed_async_connection()
         .await
         .expect("connect");
+    // The hash of the decisions' tokens (the give-back's token is kept there too).
     let markers: Vec<String> = probe
-        .keys(format!("{prefix}{{s:late}}:d:*"))
+        .keys(format!("{prefix}{{s:late}}:m:*"))
         .await
         .expect("keys");
-    // Decision markers only (a give-back's own marker ends in `:r`).
-    let markers: Vec<String> = markers.into_iter().filter(|m| !m.ends_with(":r")).collect();
     let mut kept = Vec::new();
     for marker in &markers {
         let ttl: i64 = probe.pttl(marker).await.expect("pttl");

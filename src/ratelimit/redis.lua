@@ -4,31 +4,33 @@
 --
 -- KEYS[2d-1]  decision d's bucket: a hash with one field per window, the window's
 --             theoretical arrival time (TAT) as "seconds:nanoseconds" since the Unix epoch
--- KEYS[2d]    decision d's marker: a re-sent call finds its first answer here and charges
---             nothing again (a refund without a marker names its bucket here)
+-- KEYS[2d]    decision d's markers: a hash of decision tokens, each holding what the
+--             decision did ("1" charged, "0" refused, "cancelled", "ok" a refund taken), so
+--             that a re-sent decision charges nothing again (a refund without a token names
+--             its bucket here)
 -- ARGV        marker lifetime (ms), now as seconds and nanoseconds ("" and "" for Redis's
---             own clock), extra bucket lifetime (ms); then for each decision: its mode ("c"
---             charge, "r" refund), its number of windows, and for each window its field, its
---             burst and its charge (cost × interval, or one nanosecond more than the burst
---             when the cost exceeds the capacity) as seconds and nanoseconds
+--             own clock), extra bucket lifetime (ms), the number of specs; then each spec:
+--             its number of windows, and for each window its field, its burst and its
+--             charge (cost × interval, or one nanosecond more than the burst when the cost
+--             exceeds the capacity) as seconds and nanoseconds; then for each decision: its
+--             mode ("c" charge, "r" refund), its spec (1-based) and its token ("" none)
 --
--- Returns one answer per decision: "allowed:now_s:now_ns:offset…" for a charge (or the
--- marker's earlier text), "ok" for a refund.
+-- Returns integers: now (seconds, nanoseconds), then for each decision its status (1
+-- allowed, 0 refused, 2 a refund, -1 cancelled or unreadable) and, for each window of its
+-- spec, the offset of the window's TAT from now after the decision (seconds, nanoseconds).
+-- A decision whose token was answered before charges nothing and reports that answer with
+-- the bucket's state now.
 --
 -- Lua numbers are doubles, exact below 2^53: every time here is a pair (seconds,
 -- nanoseconds) with 0 <= nanoseconds < 10^9, so every sum stays exact for any window.
 
 local E9 = 1000000000
+local floor = math.floor
+local tonumber = tonumber
 
 local function norm(s, n)
-  local carry = math.floor(n / E9)
+  local carry = floor(n / E9)
   return s + carry, n - carry * E9
-end
-local function add(as, an, bs, bn)
-  return norm(as + bs, an + bn)
-end
-local function sub(as, an, bs, bn)
-  return norm(as - bs, an - bn)
 end
 local function le(as, an, bs, bn)
   return as < bs or (as == bs and an <= bn)
@@ -43,14 +45,84 @@ else
   now_s = tonumber(ARGV[2])
   now_n = tonumber(ARGV[3])
 end
-local marker_ms = ARGV[1]
+local marker_ms = tonumber(ARGV[1])
 local extra = tonumber(ARGV[4])
+
+-- The specs, each read once per call.
+local specs = {}
+local at = 5
+for i = 1, tonumber(ARGV[5]) do
+  local n = tonumber(ARGV[at + 1])
+  local spec = { n = n, field = {}, bs = {}, bn = {}, cs = {}, cn = {} }
+  for w = 1, n do
+    local base = at + 1 + 5 * (w - 1)
+    spec.field[w] = ARGV[base + 1]
+    spec.bs[w] = tonumber(ARGV[base + 2])
+    spec.bn[w] = tonumber(ARGV[base + 3])
+    spec.cs[w] = tonumber(ARGV[base + 4])
+    spec.cn[w] = tonumber(ARGV[base + 5])
+  end
+  specs[i] = spec
+  at = at + 1 + 5 * n
+end
+local first_decision = at
+
+-- The markers: every token of the call read up front, one HMGET per marker hash, and
+-- what this call answers written at the end, after the buckets.
+local markers = {}
+local function marker_hash(name)
+  local m = markers[name]
+  if not m then
+    m = { tokens = {}, count = 0, prior = {}, answers = {}, changed = {}, nchanged = 0 }
+    markers[name] = m
+  end
+  return m
+end
+do
+  local p = first_decision
+  for d = 1, #KEYS / 2 do
+    local token = ARGV[p + 3]
+    if token ~= '' then
+      local m = marker_hash(KEYS[2 * d])
+      m.count = m.count + 1
+      m.tokens[m.count] = token
+    end
+    p = p + 3
+  end
+end
+for name, m in pairs(markers) do
+  local got = redis.pcall('HMGET', name, unpack(m.tokens))
+  if type(got) ~= 'table' or got.err ~= nil then
+    -- Anything but a hash at the markers' name (written by someone else) is dropped.
+    redis.call('DEL', name)
+  else
+    for i = 1, m.count do
+      if got[i] then
+        m.prior[m.tokens[i]] = got[i]
+      end
+    end
+  end
+end
+
+-- The answer a token already holds, from this call or an earlier one.
+local function answered(m, token)
+  return m.answers[token] or m.prior[token]
+end
+local function answer_as(m, token, text)
+  if not m.changed[token] then
+    m.changed[token] = true
+    m.nchanged = m.nchanged + 1
+  end
+  m.answers[token] = text
+end
+
+-- What this call has read and written of each bucket: each field's TAT as numbers (s is
+-- false when the field holds none; unreadable marks a value that is not a TAT), the
+-- fields changed, and the longest lifetime wanted. Read once, written once at the end.
+local buckets = {}
 
 -- A stored TAT as (seconds, nanoseconds), or nil when the field holds something else.
 local function parse(v)
-  if not v then
-    return nil
-  end
   local s, ns = string.match(v, '^(%d+):(%d+)$')
   if not s or #s > 15 or #ns > 9 then
     return nil
@@ -58,234 +130,205 @@ local function parse(v)
   return tonumber(s), tonumber(ns)
 end
 
--- What this call has read and written of each bucket, so that the decisions of one call
--- on one bucket (a hot key) read it once and write it once, at the end: each field's value
--- (false: none), the fields changed, and the longest lifetime wanted. The answers given,
--- by marker, are written at the end too, after the buckets, and found here by a decision
--- repeated within the call.
-local buckets = {}
-local answered, marked = {}, {}
-
-local function opened(bucket)
+local function opened(bucket, spec)
   local b = buckets[bucket]
   if not b then
-    b = { values = {}, changed = {}, want = nil }
+    b = { s = {}, n = {}, bad = {}, changed = {}, want = nil, poisoned = false }
     buckets[bucket] = b
   end
-  return b
-end
-
--- The stored values of `fields` (false where none), and whether the bucket held something
--- else than a hash (then dropped, and read as empty).
-local function read(bucket, fields)
-  local b = opened(bucket)
-  local missing = {}
-  for i = 1, #fields do
-    if b.values[fields[i]] == nil then
-      missing[#missing + 1] = fields[i]
+  local missing
+  local fields = spec.field
+  for w = 1, spec.n do
+    if b.s[fields[w]] == nil then
+      missing = missing or {}
+      missing[#missing + 1] = fields[w]
     end
   end
-  local poisoned = false
-  if #missing > 0 then
+  if missing then
     local got = redis.pcall('HMGET', bucket, unpack(missing))
     if type(got) ~= 'table' or got.err ~= nil then
       -- Anything but a hash at the bucket's name (written by someone else) is dropped, and
       -- the bucket read as empty: it fails closed for one burst, then refills, never for good.
       redis.call('DEL', bucket)
-      poisoned = true
-      b.values = {}
-      b.changed = {}
-      for i = 1, #fields do
-        b.values[fields[i]] = false
+      b.poisoned = true
+      b.s, b.n, b.bad, b.changed = {}, {}, {}, {}
+      for w = 1, spec.n do
+        b.s[fields[w]] = false
       end
     else
       for i = 1, #missing do
-        b.values[missing[i]] = got[i] or false
+        local field, v = missing[i], got[i]
+        if v then
+          local s, ns = parse(v)
+          if s then
+            b.s[field], b.n[field] = s, ns
+          else
+            b.s[field] = false
+            b.bad[field] = true
+          end
+        else
+          b.s[field] = false
+        end
       end
     end
   end
-  local stored = {}
-  for i = 1, #fields do
-    stored[i] = b.values[fields[i]]
+  return b
+end
+
+-- Writes now + offset into a field of a bucket (false: removes it).
+local function store(b, field, os, on)
+  if os then
+    b.s[field], b.n[field] = norm(now_s + os, now_n + on)
+  else
+    b.s[field] = false
   end
-  return stored, poisoned
-end
-
--- Writes now + offset into a field of a bucket.
-local function store(bucket, field, os, on)
-  local s, ns = add(now_s, now_n, os, on)
-  local b = opened(bucket)
-  b.values[field] = string.format('%d:%d', s, ns)
-  b.changed[field] = true
-end
-
--- Removes a field of a bucket.
-local function remove(bucket, field)
-  local b = opened(bucket)
-  b.values[field] = false
+  b.bad[field] = nil
   b.changed[field] = true
 end
 
 -- Keeps a bucket until its emptiest window is full again (never shortening it, so that a
 -- window another route still uses is not lost).
-local function keep(bucket, ls, ln)
-  local want = ls * 1000 + math.floor(ln / 1000000) + 1 + extra
-  local b = opened(bucket)
+local function keep(b, ls, ln)
+  local want = ls * 1000 + floor(ln / 1000000) + 1 + extra
   if not b.want or b.want < want then
     b.want = want
   end
 end
 
--- An answer given under a marker (kept at the end of the call).
-local function answer_as(marker, text)
-  if not answered[marker] then
-    marked[#marked + 1] = marker
+local out = { now_s, now_n }
+local o = 2
+
+-- The offset of a window's TAT from now, within [0, burst], and whether it was clamped
+-- (a TAT further ahead than one burst, a clock that stepped back, or unreadable).
+local function offset(b, spec, w)
+  local field = spec.field[w]
+  local s = b.s[field]
+  local ds, dn = 0, 0
+  if s then
+    ds, dn = norm(s - now_s, b.n[field] - now_n)
+    if le(ds, dn, 0, 0) then
+      ds, dn = 0, 0
+    end
+  elseif b.poisoned or b.bad[field] then
+    return spec.bs[w], spec.bn[w], true
   end
-  answered[marker] = text
+  if not le(ds, dn, spec.bs[w], spec.bn[w]) then
+    return spec.bs[w], spec.bn[w], true
+  end
+  return ds, dn, false
 end
 
--- The answer a marker already holds, from this call or an earlier one.
-local function prior(marker)
-  local here = answered[marker]
-  if here then
-    return here
+-- Reports a decision's status and each window's offset now, changing nothing.
+local function report(status, b, spec)
+  o = o + 1
+  out[o] = status
+  for w = 1, spec.n do
+    local ds, dn = offset(b, spec, w)
+    out[o + 1], out[o + 2] = ds, dn
+    o = o + 2
   end
-  local got = redis.pcall('GET', marker)
-  if type(got) == 'string' then
-    return got
-  end
-  return nil
 end
 
--- One decision on `bucket`, its windows read from ARGV starting after index `at`.
-local function decide(bucket, marker, mode, n, at)
-  if mode == 'c' then
-    local earlier = prior(marker)
-    if earlier then
-      return earlier
-    end
-  end
-
-  local fields, burst_s, burst_n, charge_s, charge_n = {}, {}, {}, {}, {}
-  for i = 1, n do
-    local base = at + 5 * (i - 1)
-    fields[i] = ARGV[base + 1]
-    burst_s[i] = tonumber(ARGV[base + 2])
-    burst_n[i] = tonumber(ARGV[base + 3])
-    charge_s[i] = tonumber(ARGV[base + 4])
-    charge_n[i] = tonumber(ARGV[base + 5])
-  end
-
-  local stored, poisoned = read(bucket, fields)
-
-  -- A refund with a marker of its own (a retried give-back) is taken once.
-  local own_marker = mode == 'r' and marker ~= bucket
-  if own_marker then
-    local earlier = prior(marker)
-    if earlier then
-      return earlier
-    end
-  end
-
-  if mode == 'r' then
-    local seen = {}
-    local ls, ln = 0, 0
-    for i = 1, n do
-      local s, ns = parse(stored[i])
-      if s and not seen[fields[i]] then
-        seen[fields[i]] = true
-        local ds, dn = sub(s, ns, now_s, now_n)
-        ds, dn = sub(ds, dn, charge_s[i], charge_n[i])
-        if le(burst_s[i], burst_n[i], ds, dn) then
-          ds, dn = burst_s[i], burst_n[i]
-        end
-        if le(ds, dn, 0, 0) then
-          remove(bucket, fields[i])
-        else
-          store(bucket, fields[i], ds, dn)
-          if le(ls, ln, ds, dn) then
-            ls, ln = ds, dn
-          end
-        end
+local function refund(b, spec)
+  local seen = {}
+  local ls, ln = 0, 0
+  for w = 1, spec.n do
+    local field = spec.field[w]
+    local s = b.s[field]
+    if s and not seen[field] then
+      seen[field] = true
+      local ds, dn = norm(s - now_s - spec.cs[w], b.n[field] - now_n - spec.cn[w])
+      if le(spec.bs[w], spec.bn[w], ds, dn) then
+        ds, dn = spec.bs[w], spec.bn[w]
       end
-    end
-    if ls > 0 or ln > 0 then
-      keep(bucket, ls, ln)
-    end
-    if own_marker then
-      answer_as(marker, 'ok')
-    end
-    return 'ok'
-  end
-
-  -- The offset of each window's TAT from now, within [0, burst]. A TAT further ahead than
-  -- one burst (a clock that stepped back) or unreadable is clamped to one burst and stored
-  -- so, so that the bucket refills from here rather than staying empty.
-  local off_s, off_n, clamped = {}, {}, {}
-  for i = 1, n do
-    local v = stored[i]
-    local s, ns = parse(v)
-    local ds, dn = 0, 0
-    if s then
-      ds, dn = sub(s, ns, now_s, now_n)
       if le(ds, dn, 0, 0) then
-        ds, dn = 0, 0
+        store(b, field, false)
+      else
+        store(b, field, ds, dn)
+        if le(ls, ln, ds, dn) then
+          ls, ln = ds, dn
+        end
       end
-    elseif poisoned or (v and v ~= false) then
-      ds, dn = burst_s[i], burst_n[i]
-      clamped[i] = true
     end
-    if not le(ds, dn, burst_s[i], burst_n[i]) then
-      ds, dn = burst_s[i], burst_n[i]
-      clamped[i] = true
-    end
-    off_s[i], off_n[i] = ds, dn
   end
+  if ls > 0 or ln > 0 then
+    keep(b, ls, ln)
+  end
+end
 
+local off_s, off_n, clamped = {}, {}, {}
+
+local function charge(b, spec)
+  local n = spec.n
   local allowed = 1
-  for i = 1, n do
-    local ns_, nn_ = add(off_s[i], off_n[i], charge_s[i], charge_n[i])
-    if not le(ns_, nn_, burst_s[i], burst_n[i]) then
+  for w = 1, n do
+    off_s[w], off_n[w], clamped[w] = offset(b, spec, w)
+    local ws, wn = norm(off_s[w] + spec.cs[w], off_n[w] + spec.cn[w])
+    if not le(ws, wn, spec.bs[w], spec.bn[w]) then
       allowed = 0
     end
   end
-
   local ls, ln = 0, 0
-  for i = 1, n do
+  for w = 1, n do
     local ws, wn
     if allowed == 1 then
-      ws, wn = add(off_s[i], off_n[i], charge_s[i], charge_n[i])
-    elseif clamped[i] then
-      ws, wn = off_s[i], off_n[i]
+      ws, wn = norm(off_s[w] + spec.cs[w], off_n[w] + spec.cn[w])
+    elseif clamped[w] then
+      ws, wn = off_s[w], off_n[w]
     end
     -- A full window needs no state: nothing is written for it.
     if ws and (ws > 0 or wn > 0) then
-      store(bucket, fields[i], ws, wn)
+      store(b, spec.field[w], ws, wn)
       if le(ls, ln, ws, wn) then
         ls, ln = ws, wn
       end
     end
   end
   if ls > 0 or ln > 0 then
-    keep(bucket, ls, ln)
+    keep(b, ls, ln)
   end
-
-  local parts = { string.format('%d:%d:%d', allowed, now_s, now_n) }
-  for i = 1, n do
-    parts[#parts + 1] = string.format('%d.%09d', off_s[i], off_n[i])
+  o = o + 1
+  out[o] = allowed
+  for w = 1, n do
+    out[o + 1], out[o + 2] = off_s[w], off_n[w]
+    o = o + 2
   end
-  local answer = table.concat(parts, ':')
-  answer_as(marker, answer)
-  return answer
+  return allowed
 end
 
-local answers = {}
-local at = 4
+local STATUS = { ['1'] = 1, ['0'] = 0 }
+
+local p = first_decision
 for d = 1, #KEYS / 2 do
-  local mode = ARGV[at + 1]
-  local n = tonumber(ARGV[at + 2])
-  answers[d] = decide(KEYS[2 * d - 1], KEYS[2 * d], mode, n, at + 2)
-  at = at + 2 + 5 * n
+  local mode, spec, token = ARGV[p + 1], specs[tonumber(ARGV[p + 2])], ARGV[p + 3]
+  p = p + 3
+  local b = opened(KEYS[2 * d - 1], spec)
+  local m = token ~= '' and markers[KEYS[2 * d]]
+  if mode == 'c' then
+    local earlier = m and answered(m, token)
+    if earlier then
+      report(STATUS[earlier] or -1, b, spec)
+    else
+      local allowed = charge(b, spec)
+      if m then
+        answer_as(m, token, allowed == 1 and '1' or '0')
+      end
+    end
+  else
+    -- A refund with a token of its own (a retried give-back) is taken once.
+    if not (m and answered(m, token)) then
+      refund(b, spec)
+      if m then
+        answer_as(m, token, 'ok')
+      end
+    end
+    o = o + 1
+    out[o] = 2
+    for _ = 1, spec.n do
+      out[o + 1], out[o + 2] = 0, 0
+      o = o + 2
+    end
+  end
 end
 
 -- The buckets first, then the answers: a call cut short charges rather than leave an
@@ -293,10 +336,10 @@ end
 for bucket, b in pairs(buckets) do
   local set, gone = {}, {}
   for field in pairs(b.changed) do
-    local v = b.values[field]
-    if v then
+    local s = b.s[field]
+    if s then
       set[#set + 1] = field
-      set[#set + 1] = v
+      set[#set + 1] = string.format('%d:%d', s, b.n[field])
     else
       gone[#gone + 1] = field
     end
@@ -311,7 +354,18 @@ for bucket, b in pairs(buckets) do
     redis.call('PEXPIRE', bucket, b.want)
   end
 end
-for i = 1, #marked do
-  redis.call('SET', marked[i], answered[marked[i]], 'PX', marker_ms)
+for name, m in pairs(markers) do
+  if m.nchanged > 0 then
+    local set = {}
+    for token in pairs(m.changed) do
+      set[#set + 1] = token
+      set[#set + 1] = m.answers[token]
+    end
+    redis.call('HSET', name, unpack(set))
+    -- Never shortened: a marker being settled is kept longer.
+    if redis.call('PTTL', name) < marker_ms then
+      redis.call('PEXPIRE', name, marker_ms)
+    end
+  end
 end
-return answers
+return out

@@ -32,7 +32,7 @@ const SCRIPT: &str = include_str!("redis.lua");
 
 const SEC: u64 = 1_000_000_000;
 
-/// A timed-out decision's marker, written before the script could run: the script then
+/// A timed-out decision's token, written before the script could run: the script then
 /// charges nothing.
 const CANCELLED: &str = "cancelled";
 
@@ -365,9 +365,10 @@ struct Inner<K> {
 ///   made the first decision and then stopped being driven (but was not dropped) would
 ///   hold the task.
 /// - **State only for active keys**: a bucket is one Redis hash (one field per window)
-///   that expires when its emptiest window is full again, plus one small marker per
-///   decision kept for the timeout plus a second. A decision's keys share a hash slot: it
-///   works on Redis Cluster as on one Redis.
+///   that expires when its emptiest window is full again, plus each decision's token, a
+///   field of a small marker hash next to the bucket (one per 4096 decisions of an
+///   instance) kept for at least the timeout plus a second after its last decision. A
+///   decision's keys share a hash slot: it works on Redis Cluster as on one Redis.
 /// - **The same numbers as [`MemoryLimiter`]**: the script returns the windows' state and
 ///   the decision is computed by the same code, so headers and 429 bodies match.
 /// - **Failures**: each decision (its retries included) has a timeout; [`FailurePolicy`]
@@ -378,9 +379,9 @@ struct Inner<K> {
 /// - **No double charge**: a call is retried once after a dropped connection (and the
 ///   cluster client re-sends, up to twice, on redirects and connection errors), so each
 ///   decision carries a random token; the
-///   script keeps its answer under that token for the timeout plus a second (longer once
-///   it is being settled, below), and a re-sent call gets the first answer instead of a
-///   second charge.
+///   script keeps its verdict under that token for the timeout plus a second (longer once
+///   it is being settled, below), and a re-sent call gets the first verdict (with the
+///   bucket as it is then) instead of a second charge.
 /// - **No charge for a refused request**: a decision that failed but may have run on Redis
 ///   all the same (it timed out, its connection dropped after it was sent, its answer was
 ///   unreadable) is settled in the background: cancelled under its token if it has not run,
@@ -742,15 +743,15 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
     /// After a decision failed in a way that may have left it running or run (a timeout:
     /// Redis was slow, not gone; a connection that dropped after the call was written; an
     /// answer that could not be read), the request is answered otherwise, and a charge the
-    /// script made must not stand. So the decision is cancelled under its token (`SET NX` of
-    /// its marker: a script arriving later finds it and charges nothing); if the script ran
-    /// first, its answer is there instead, and a charge it made is given back. Redis may be
+    /// script made must not stand. So the decision is cancelled under its token (`HSETNX` in
+    /// its marker hash: a script arriving later finds it and charges nothing); if the script
+    /// ran first, its verdict is there instead, and a charge it made is given back. Redis may be
     /// stalled or unreachable for a while, so this is retried, with backoff, for up to
     /// [`SETTLE_FOR`]: a call queued on a stalled Redis runs when it wakes, before the
-    /// retry sent after it, and its marker lives for the timeout plus a second after that.
+    /// retry sent after it, and its token lives for the timeout plus a second after that.
     /// Skipped when the request was admitted anyway ([`FailurePolicy::Open`]: then the
     /// charge is right).
-    fn settle(&self, key: &K, quotas: &[Quota], cost: u32, marker: String) {
+    fn settle(&self, request: Arc<Request>) {
         if self.inner.policy == FailurePolicy::Open {
             return;
         }
@@ -758,8 +759,6 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
             return;
         };
         let this = self.clone();
-        let key = key.clone();
-        let quotas = quotas.to_vec();
         let settling = Settling::start(self);
         runtime.spawn(async move {
             let _settling = settling;
@@ -798,20 +797,21 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
             }
             let charged = retried!(
                 "settling a failed decision",
-                this.settle_once(&mut conn, &marker)
+                this.settle_once(&mut conn, &request)
             );
             if charged == Some(true) {
-                // The give-back has a marker of its own, kept past the last retry, so that
+                // The give-back has a token of its own, kept past the last retry, so that
                 // a retry after a lost answer gives back once.
-                let mut refund_marker = marker;
-                refund_marker.push_str(":r");
-                let bucket = this.bucket_key(&key);
+                let mut refund_token = String::with_capacity(18);
+                refund_token.push_str(request.token());
+                refund_token.push_str(":r");
                 let refund = [Call {
                     mode: "r",
-                    bucket: &bucket,
-                    marker: &refund_marker,
-                    quotas: &quotas,
-                    cost,
+                    bucket: request.bucket(),
+                    markers: request.markers(),
+                    token: &refund_token,
+                    quotas: &request.quotas,
+                    cost: request.cost,
                 }];
                 let keep_ms = millis(SETTLE_FOR).saturating_add(60_000);
                 let caller = &this.inner.caller;
@@ -823,33 +823,32 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
         });
     }
 
-    /// Cancels a decision under its marker, or reads that it ran: whether it charged.
-    /// In one atomic round trip (`MULTI`: `SET NX`, `PEXPIRE`, `GET`), so that no dropped
-    /// connection can fall between them. The marker, whatever it holds, is kept for as long
-    /// as settling may retry and a minute more: a cancelled decision arriving late still
-    /// finds it, and a try whose answer was lost (its connection dropped, or it timed out
-    /// on a stalled Redis that then ran it right after the decision) leaves the decision's
-    /// answer for the next try to read.
-    async fn settle_once(&self, conn: &mut Conn, marker: &str) -> redis::RedisResult<bool> {
+    /// Cancels a decision under its token, or reads that it ran: whether it charged.
+    /// In one atomic round trip (`MULTI`: `HSETNX`, `PEXPIRE`, `HGET` on its marker hash),
+    /// so that no dropped connection can fall between them. The markers, whatever they
+    /// hold, are kept for as long as settling may retry and a minute more: a cancelled
+    /// decision arriving late still finds its token, and a try whose answer was lost (its
+    /// connection dropped, or it timed out on a stalled Redis that then ran it right after
+    /// the decision) leaves the decision's answer for the next try to read.
+    async fn settle_once(&self, conn: &mut Conn, request: &Request) -> redis::RedisResult<bool> {
         let keep_ms = millis(SETTLE_FOR).saturating_add(60_000);
         let mut settle = redis::pipe();
         settle
             .atomic()
-            .cmd("SET")
-            .arg(marker)
+            .cmd("HSETNX")
+            .arg(request.markers())
+            .arg(request.token())
             .arg(CANCELLED)
-            .arg("NX")
-            .arg("PX")
-            .arg(keep_ms)
             .ignore()
             .cmd("PEXPIRE")
-            .arg(marker)
+            .arg(request.markers())
             .arg(keep_ms)
             .ignore()
-            .cmd("GET")
-            .arg(marker);
+            .cmd("HGET")
+            .arg(request.markers())
+            .arg(request.token());
         let (answer,): (Option<String>,) = settle.query_async(conn).await?;
-        Ok(answer.is_some_and(|a| a.starts_with("1:")))
+        Ok(answer.as_deref() == Some("1"))
     }
 
     /// Counts a failed call, opening the breaker after enough of them. Only failures of
@@ -893,27 +892,44 @@ struct Caller {
 struct Call<'a> {
     mode: &'a str,
     bucket: &'a str,
-    marker: &'a str,
+    /// The hash its token is kept in (the bucket itself when it has no token).
+    markers: &'a str,
+    /// Empty for a refund that may count twice.
+    token: &'a str,
     quotas: &'a [Quota],
     cost: u32,
 }
 
+impl Call<'_> {
+    fn same_spec(&self, quotas: &[Quota], cost: u32) -> bool {
+        self.cost == cost && self.quotas == quotas
+    }
+}
+
 impl Caller {
     /// The script's call: `EVALSHA` (or, after a `NOSCRIPT`, `EVAL` with the script, which
-    /// also loads it); each decision's bucket and marker; the marker's lifetime, now, the
-    /// extra lifetime; then each decision's mode, window count, and each window's field,
-    /// burst and charge (seconds and nanoseconds). Built into one buffer, numbers written in
-    /// place: no string per argument.
+    /// also loads it); each decision's bucket and marker hash; the markers' lifetime, now,
+    /// the extra lifetime; the distinct specs (windows and cost) of the call, each once, with
+    /// each window's field, burst and charge (seconds and nanoseconds); then each decision's
+    /// mode, spec and token. Built into one buffer, numbers written in place: no string per
+    /// argument. A hot key's batch has one spec, which the script reads once.
     fn command(&self, load: bool, calls: &[Call<'_>], keep_ms: u64) -> Cmd {
-        // Sized once: a batch's call has hundreds of arguments.
-        let windows: usize = calls.iter().map(|call| call.quotas.len()).sum();
+        // The distinct specs, in order of first use (a batch has few).
+        let mut specs: Vec<Call<'_>> = Vec::with_capacity(4);
+        for call in calls {
+            if !specs.iter().any(|s| call.same_spec(s.quotas, s.cost)) {
+                specs.push(*call);
+            }
+        }
+        let windows: usize = specs.iter().map(|spec| spec.quotas.len()).sum();
         let names: usize = calls
             .iter()
-            .map(|call| call.bucket.len() + call.marker.len())
+            .map(|call| call.bucket.len() + call.markers.len() + call.token.len())
             .sum();
+        // Sized once: a batch's call has hundreds of arguments.
         let mut cmd = Cmd::with_capacity(
-            8 + calls.len() * 4 + windows * 5,
-            128 + names + calls.len() * 4 + windows * 72 + if load { SCRIPT.len() } else { 0 },
+            8 + specs.len() + windows * 5 + calls.len() * 5,
+            128 + names + windows * 72 + calls.len() * 24 + if load { SCRIPT.len() } else { 0 },
         );
         if load {
             cmd.arg("EVAL").arg(SCRIPT);
@@ -922,7 +938,7 @@ impl Caller {
         }
         cmd.arg(calls.len().saturating_mul(2));
         for call in calls {
-            cmd.arg(call.bucket).arg(call.marker);
+            cmd.arg(call.bucket).arg(call.markers);
         }
         cmd.arg(keep_ms);
         match &self.clock {
@@ -936,11 +952,12 @@ impl Caller {
                 cmd.arg("").arg("").arg(0u64);
             }
         }
-        for call in calls {
-            cmd.arg(call.mode).arg(call.quotas.len());
-            for quota in call.quotas {
+        cmd.arg(specs.len());
+        for spec in &specs {
+            cmd.arg(spec.quotas.len());
+            for quota in spec.quotas {
                 let burst = quota.burst_ns();
-                let charge = u128::from(quota.interval_ns()) * u128::from(call.cost);
+                let charge = u128::from(quota.interval_ns()) * u128::from(spec.cost);
                 // A cost above the capacity can never pass: one nanosecond more than the
                 // burst says so without a number too large for the script's doubles.
                 let charge = u64::try_from(charge)
@@ -962,12 +979,19 @@ impl Caller {
                     .arg(charge % SEC);
             }
         }
+        for call in calls {
+            let spec = specs
+                .iter()
+                .position(|s| call.same_spec(s.quotas, s.cost))
+                .unwrap_or(0);
+            cmd.arg(call.mode).arg(spec + 1).arg(call.token);
+        }
         cmd
     }
 
     /// Runs the script once for `calls` (loading it first if Redis lost it): one answer
     /// per call. Markers are kept for the decisions' marker lifetime.
-    async fn run(&self, conn: &mut Conn, calls: &[Call<'_>]) -> redis::RedisResult<Vec<String>> {
+    async fn run(&self, conn: &mut Conn, calls: &[Call<'_>]) -> redis::RedisResult<Vec<i64>> {
         self.run_keeping(conn, calls, self.marker_ms).await
     }
 
@@ -977,7 +1001,7 @@ impl Caller {
         conn: &mut Conn,
         calls: &[Call<'_>],
         keep_ms: u64,
-    ) -> redis::RedisResult<Vec<String>> {
+    ) -> redis::RedisResult<Vec<i64>> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         match self.command(false, calls, keep_ms).query_async(conn).await {
             Err(e) if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) => {
@@ -989,13 +1013,13 @@ impl Caller {
     }
 
     /// Runs `calls`, once more after a dropped connection: it may or may not have carried
-    /// them, and under the same markers a decision that ran gives its first answer again
+    /// them, and under the same tokens a decision that ran gives its first verdict again
     /// rather than charging twice.
     async fn run_retried(
         &self,
         conn: &mut Conn,
         calls: &[Call<'_>],
-    ) -> redis::RedisResult<Vec<String>> {
+    ) -> redis::RedisResult<Vec<i64>> {
         match self.run(conn, calls).await {
             Err(e) if e.is_connection_dropped() || e.is_io_error() => self.run(conn, calls).await,
             other => other,
@@ -1004,11 +1028,14 @@ impl Caller {
 
     /// One decision on its own.
     async fn decide_alone(&self, conn: &mut Conn, request: &Request) -> Reply {
-        match self.run_retried(conn, &[request.call()]).await {
-            Ok(mut answers) if answers.len() == 1 => {
-                answers.pop().map_or(Reply::Garbled, Reply::Answer)
-            }
-            Ok(_) => Reply::Garbled,
+        let calls = [request.call()];
+        match self.run_retried(conn, &calls).await {
+            Ok(flat) => match Verdicts::new(&flat, &calls) {
+                Some(mut verdicts) => verdicts
+                    .next(request.quotas.len())
+                    .map_or(Reply::Garbled, Reply::Answer),
+                None => Reply::Garbled,
+            },
             Err(e) => Reply::Failed(e),
         }
     }
@@ -1016,9 +1043,13 @@ impl Caller {
 
 /// A charge waiting for Redis.
 struct Request {
-    /// The bucket's name followed by `:d:<token>`.
-    marker: String,
+    /// The bucket's name followed by `:m:<slot>`: the hash that keeps the decision's token
+    /// (tokens are spread over slots of 4096, so that a hot key's markers do not grow one
+    /// hash for as long as it stays hot).
+    names: String,
     bucket_len: usize,
+    /// The decision's token, 16 hex digits.
+    token: [u8; 16],
     quotas: Vec<Quota>,
     cost: u32,
     /// Set before the decision may be written to Redis: a decision that gave up before it
@@ -1027,15 +1058,46 @@ struct Request {
 }
 
 impl Request {
+    fn new(bucket: String, token: u64, quotas: &[Quota], cost: u32) -> Self {
+        let mut names = bucket;
+        let bucket_len = names.len();
+        let _ = write!(names, ":m:{:x}", token >> 12);
+        let mut hex = [0u8; 16];
+        for (i, digit) in hex.iter_mut().enumerate() {
+            let nibble = (token >> (60 - 4 * i)) & 0xf;
+            *digit = b"0123456789abcdef"
+                .get(usize::try_from(nibble).unwrap_or(0))
+                .copied()
+                .unwrap_or(b'0');
+        }
+        Self {
+            names,
+            bucket_len,
+            token: hex,
+            quotas: quotas.to_vec(),
+            cost,
+            sent: AtomicBool::new(false),
+        }
+    }
+
     fn bucket(&self) -> &str {
-        self.marker.get(..self.bucket_len).unwrap_or_default()
+        self.names.get(..self.bucket_len).unwrap_or_default()
+    }
+
+    fn markers(&self) -> &str {
+        &self.names
+    }
+
+    fn token(&self) -> &str {
+        std::str::from_utf8(&self.token).unwrap_or_default()
     }
 
     fn call(&self) -> Call<'_> {
         Call {
             mode: "c",
             bucket: self.bucket(),
-            marker: &self.marker,
+            markers: self.markers(),
+            token: self.token(),
             quotas: &self.quotas,
             cost: self.cost,
         }
@@ -1044,7 +1106,7 @@ impl Request {
 
 /// What Redis said of one decision.
 enum Reply {
-    Answer(String),
+    Answer(Verdict),
     Failed(redis::RedisError),
     /// An answer of the wrong shape.
     Garbled,
@@ -1141,20 +1203,29 @@ async fn send_batch(caller: Arc<Caller>, batch: Vec<Queued>) {
         return;
     };
     match result {
-        Ok(answers) if answers.len() == batch.len() => {
-            for (queued, answer) in batch.into_iter().zip(answers) {
-                let _ = queued.reply.send(Reply::Answer(answer));
-            }
-        }
-        Ok(_) => {
-            for queued in batch {
-                let _ = queued.reply.send(Reply::Garbled);
+        Ok(flat) => {
+            let verdicts = Verdicts::new(&flat, &calls);
+            drop(calls);
+            match verdicts {
+                Some(mut verdicts) => {
+                    for queued in batch {
+                        let reply = verdicts
+                            .next(queued.request.quotas.len())
+                            .map_or(Reply::Garbled, Reply::Answer);
+                        let _ = queued.reply.send(reply);
+                    }
+                }
+                None => {
+                    for queued in batch {
+                        let _ = queued.reply.send(Reply::Garbled);
+                    }
+                }
             }
         }
         // The script failed on the data of the call (it writes the buckets and markers
         // only at its end, so it wrote nothing, or all of it): each decision still waited
         // for is sent again on its own, so that one key's bad data fails that key alone;
-        // under the same markers none is charged twice.
+        // under the same tokens none is charged twice.
         Err(e) if batch.len() > 1 && is_data_error(&e) => {
             drop(calls);
             for queued in batch {
@@ -1240,7 +1311,7 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
                 return reply;
             }
             // The task ended with the decision in hand (its runtime shut down): it may have
-            // been sent, so it goes again under the same marker, charging once.
+            // been sent, so it goes again under the same token, charging once.
         }
         request.sent.store(true, Ordering::SeqCst);
         let mut conn = self.inner.caller.conn.clone();
@@ -1283,36 +1354,79 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
     }
 }
 
-/// Reads the script's answer: `allowed:now_s:now_ns:offset…`, one offset per window.
-fn parse_answer(text: &str, quotas: &[Quota], cost: u32) -> Option<Decision> {
-    let mut parts = text.split(':');
-    let allowed = match parts.next()? {
-        "1" => true,
-        "0" => false,
-        _ => return None,
-    };
-    let now_s: u64 = parts.next()?.parse().ok()?;
-    let now_ns: u64 = parts.next()?.parse().ok()?;
-    let now = now_s.checked_mul(SEC)?.checked_add(now_ns)?;
-    let mut tats = [0u64; MAX_WINDOWS];
-    for tat in tats.iter_mut().take(quotas.len()) {
-        let (secs, nanos) = parts.next()?.split_once('.')?;
-        let (secs, nanos): (u64, u64) = (secs.parse().ok()?, nanos.parse().ok()?);
-        if nanos >= SEC {
+/// What the script said of one decision: its status (1 allowed, 0 refused, 2 a refund,
+/// -1 cancelled or unreadable), Redis's now and each window's TAT, in nanoseconds.
+struct Verdict {
+    status: i64,
+    now: u64,
+    tats: [u64; MAX_WINDOWS],
+}
+
+/// Reads the script's answer, a flat list of integers (see `redis.lua`): now, then each
+/// decision's status and its windows' offsets, as seconds and nanoseconds.
+struct Verdicts<'a> {
+    rest: &'a [i64],
+    now: u64,
+}
+
+/// Seconds and nanoseconds as nanoseconds, when both are in range.
+fn nanos(secs: i64, nanos: i64) -> Option<u64> {
+    let secs = u64::try_from(secs).ok()?;
+    let nanos = u64::try_from(nanos).ok().filter(|n| *n < SEC)?;
+    secs.checked_mul(SEC)?.checked_add(nanos)
+}
+
+impl<'a> Verdicts<'a> {
+    /// The answer to `calls`, when it has exactly their shape.
+    fn new(flat: &'a [i64], calls: &[Call<'_>]) -> Option<Self> {
+        let expected = calls
+            .iter()
+            .map(|call| 1 + 2 * call.quotas.len())
+            .sum::<usize>()
+            + 2;
+        if flat.len() != expected {
             return None;
         }
-        let offset = secs.checked_mul(SEC)?.checked_add(nanos)?;
-        *tat = now.checked_add(offset)?;
+        let (head, rest) = flat.split_at(2);
+        let now = nanos(*head.first()?, *head.get(1)?)?;
+        Some(Self { rest, now })
     }
-    if parts.next().is_some() {
-        return None;
+
+    /// The next decision's verdict, over `windows` windows.
+    fn next(&mut self, windows: usize) -> Option<Verdict> {
+        if windows > MAX_WINDOWS || self.rest.len() < 1 + 2 * windows {
+            return None;
+        }
+        let (this, rest) = self.rest.split_at(1 + 2 * windows);
+        self.rest = rest;
+        let (status, offsets) = this.split_first()?;
+        let mut tats = [0u64; MAX_WINDOWS];
+        for (tat, pair) in tats.iter_mut().zip(offsets.chunks_exact(2)) {
+            let offset = nanos(*pair.first()?, *pair.get(1)?)?;
+            *tat = self.now.checked_add(offset)?;
+        }
+        Some(Verdict {
+            status: *status,
+            now: self.now,
+            tats,
+        })
     }
+}
+
+/// The decision of a charge's verdict: the windows stepped by the same code as the memory
+/// store's, and the script's verdict (the one that charged, or not), which stands.
+fn parse_answer(verdict: &Verdict, quotas: &[Quota], cost: u32) -> Option<Decision> {
+    let allowed = match verdict.status {
+        1 => true,
+        0 => false,
+        _ => return None,
+    };
+    let now = verdict.now;
     let steps = quotas
         .iter()
-        .zip(tats)
+        .zip(verdict.tats)
         .map(|(q, tat)| (q, step(tat, now, q, cost)));
     let mut decision = most_restrictive(steps, now)?;
-    // The script's verdict is the one that charged (or not): it stands.
     decision.allowed = allowed;
     Some(decision)
 }
@@ -1340,24 +1454,14 @@ impl<K: RedisBucketKey> LimiterStore<K> for RedisLimiter<K> {
         let token = inner
             .seed
             .wrapping_add(inner.sequence.fetch_add(1, Ordering::Relaxed));
-        // One string: the marker is the bucket's name and a suffix.
-        let mut marker = self.bucket_key(key);
-        let bucket_len = marker.len();
-        let _ = write!(marker, ":d:{token:016x}");
-        let request = Arc::new(Request {
-            marker,
-            bucket_len,
-            quotas: quotas.to_vec(),
-            cost,
-            sent: AtomicBool::new(false),
-        });
+        let request = Arc::new(Request::new(self.bucket_key(key), token, quotas, cost));
         let this = self.clone();
         let key = key.clone();
         Answer::Later(Box::pin(async move {
             let deadline = Instant::now() + this.inner.timeout;
             let outcome = match tokio::time::timeout_at(deadline, this.send(&request)).await {
-                Ok(Reply::Answer(text)) => {
-                    parse_answer(&text, &request.quotas, cost).ok_or(RedisLimiterError::Reply)
+                Ok(Reply::Answer(verdict)) => {
+                    parse_answer(&verdict, &request.quotas, cost).ok_or(RedisLimiterError::Reply)
                 }
                 Ok(Reply::Failed(e)) => Err(RedisLimiterError::Redis(e)),
                 Ok(Reply::Garbled) => Err(RedisLimiterError::Reply),
@@ -1376,7 +1480,7 @@ impl<K: RedisBucketKey> LimiterStore<K> for RedisLimiter<K> {
                     // channel, so one of the two sees the other (see `batch_calls`).
                     fence(Ordering::SeqCst);
                     if may_have_run(&error) && request.sent.load(Ordering::SeqCst) {
-                        this.settle(&key, quotas, cost, request.marker.clone());
+                        this.settle(Arc::clone(&request));
                     }
                     this.failed(&error);
                     this.fallback(&key, quotas, cost, error)
@@ -1427,7 +1531,8 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
         let refund = Call {
             mode: "r",
             bucket: &bucket,
-            marker: &bucket,
+            markers: &bucket,
+            token: "",
             quotas,
             cost,
         };
@@ -1453,19 +1558,38 @@ mod tests {
     #[test]
     fn answers_that_are_not_the_scripts_are_refused() {
         let quotas = [q(60), q(1000)];
-        assert!(parse_answer("1:1700000000:5:0.000000000:1.5", &quotas, 1).is_some());
+        let request = Request::new("b".to_owned(), 1, &quotas, 1);
+        let calls = [request.call()];
+        let read = |flat: &[i64]| {
+            Verdicts::new(flat, &calls)
+                .and_then(|mut v| v.next(quotas.len()))
+                .and_then(|v| parse_answer(&v, &quotas, 1))
+        };
+        let good = read(&[1_700_000_000, 5, 1, 0, 0, 1, 500_000_000]).unwrap();
+        assert!(good.allowed);
+        assert!(
+            !read(&[1_700_000_000, 5, 0, 0, 0, 1, 500_000_000])
+                .unwrap()
+                .allowed
+        );
         for bad in [
-            "",
-            "2:1:1:0.0:0.0",
-            "1:1700000000:5:0.0",
-            "1:1700000000:5:0.0:0.0:0.0",
-            "1:x:5:0.0:0.0",
-            "1:1700000000:5:0:0",
-            "1:1700000000:5:0.1000000000:0.0",
-            "1:99999999999999999999:0:0.0:0.0",
-            "1:18446744073:999999999:999999999999.0:0.0",
+            &[][..],
+            // a refund's status, or a cancelled decision's, for a charge
+            &[1_700_000_000, 5, 2, 0, 0, 0, 0],
+            &[1_700_000_000, 5, -1, 0, 0, 0, 0],
+            // too short, too long
+            &[1_700_000_000, 5, 1, 0, 0],
+            &[1_700_000_000, 5, 1, 0, 0, 0, 0, 0],
+            // out of range
+            &[-1, 5, 1, 0, 0, 0, 0],
+            &[1_700_000_000, -5, 1, 0, 0, 0, 0],
+            &[1_700_000_000, 1_000_000_000, 1, 0, 0, 0, 0],
+            &[1_700_000_000, 5, 1, 0, 1_000_000_000, 0, 0],
+            &[1_700_000_000, 5, 1, -1, 0, 0, 0],
+            &[i64::MAX, 0, 1, 0, 0, 0, 0],
+            &[18_446_744_073, 999_999_999, 1, 999_999_999_999, 0, 0, 0],
         ] {
-            assert!(parse_answer(bad, &quotas, 1).is_none(), "{bad:?}");
+            assert!(read(bad).is_none(), "{bad:?}");
         }
     }
 
@@ -1555,17 +1679,8 @@ mod tests {
 
     #[test]
     fn a_clusters_batch_goes_out_one_bucket_per_call() {
-        let queued = |bucket: &str, token: u32| {
-            let mut marker = bucket.to_owned();
-            let bucket_len = marker.len();
-            marker.push_str(&format!(":d:{token}"));
-            let request = Arc::new(Request {
-                marker,
-                bucket_len,
-                quotas: vec![q(1)],
-                cost: 1,
-                sent: AtomicBool::new(false),
-            });
+        let queued = |bucket: &str, token: u64| {
+            let request = Arc::new(Request::new(bucket.to_owned(), token, &[q(1)], 1));
             Queued {
                 request,
                 reply: oneshot::channel().0,
@@ -1580,7 +1695,11 @@ mod tests {
         ];
         let mut groups: Vec<Vec<String>> = by_bucket(batch)
             .into_iter()
-            .map(|g| g.iter().map(|q| q.request.marker.clone()).collect())
+            .map(|g| {
+                g.iter()
+                    .map(|q| format!("{}/{}", q.request.markers(), q.request.token()))
+                    .collect()
+            })
             .collect();
         for g in &mut groups {
             g.sort();
@@ -1589,9 +1708,13 @@ mod tests {
         assert_eq!(
             groups,
             [
-                vec!["p{a}:d:1", "p{a}:d:3", "p{a}:d:5"],
-                vec!["p{b}:d:2"],
-                vec!["p{c}:d:4"]
+                vec![
+                    "p{a}:m:0/0000000000000001",
+                    "p{a}:m:0/0000000000000003",
+                    "p{a}:m:0/0000000000000005"
+                ],
+                vec!["p{b}:m:0/0000000000000002"],
+                vec!["p{c}:m:0/0000000000000004"]
             ]
         );
     }
