@@ -170,15 +170,16 @@ async fn concurrent_decisions_on_one_key_admit_exactly_the_capacity() {
 const SCRIPT: &str = include_str!("../src/ratelimit/redis.lua");
 
 /// One script call (see `redis.lua`) at the fixed time 1 700 000 000 s, every decision on
-/// one window of 3 a minute (a burst of 60 s, a charge of 20 s): each decision is (bucket,
-/// marker hash, mode, token). Answers: now, then each decision's status and offset.
-fn invoke<'a>(
+/// one window of 3 a minute (a burst of 60 s, a charge of 20 s): each group is (bucket,
+/// marker hash, mode, tokens). Answers: now, then for each group the window's offset
+/// before it and each decision's status.
+fn invoke_groups<'a>(
     script: &'a redis::Script,
     marker_ms: u64,
-    decisions: &[(&str, &str, &str, &str)],
+    groups: &[(&str, &str, &str, &[&str])],
 ) -> redis::ScriptInvocation<'a> {
     let mut inv = script.prepare_invoke();
-    for (bucket, markers, _, _) in decisions {
+    for (bucket, markers, _, _) in groups {
         inv.key(*bucket).key(*markers);
     }
     inv.arg(marker_ms).arg("1700000000").arg("0").arg("0");
@@ -186,10 +187,29 @@ fn invoke<'a>(
     for a in ["w:3:20000000000", "60", "0", "20", "0"] {
         inv.arg(a);
     }
-    for (_, _, mode, token) in decisions {
-        inv.arg(*mode).arg(1).arg(*token);
+    for (_, _, mode, tokens) in groups {
+        inv.arg(*mode).arg(1).arg(tokens.len());
+        for token in *tokens {
+            inv.arg(*token);
+        }
     }
     inv
+}
+
+/// [`invoke_groups`] with each decision a group of its own: each answers its offset before
+/// it (seconds, nanoseconds) and its status.
+fn invoke<'a>(
+    script: &'a redis::Script,
+    marker_ms: u64,
+    decisions: &[(&str, &str, &str, &str)],
+) -> redis::ScriptInvocation<'a> {
+    let groups: Vec<(&str, &str, &str, &[&str])> = decisions
+        .iter()
+        .map(|(bucket, markers, mode, token)| {
+            (*bucket, *markers, *mode, std::slice::from_ref(token))
+        })
+        .collect();
+    invoke_groups(script, marker_ms, &groups)
 }
 
 /// The script called twice with the same decision token (a re-sent call) charges once, and
@@ -207,17 +227,18 @@ async fn a_resent_decision_charges_once() {
     let markers = format!("{bucket}:m:0");
     let call = |token: &str| invoke(&script, 2000, &[(&bucket, &markers, "c", token)]);
     let first: Vec<i64> = call("1").invoke_async(&mut conn).await.expect("eval");
-    assert_eq!(first, [1_700_000_000, 0, 1, 0, 0]);
+    assert_eq!(first, [1_700_000_000, 0, 0, 0, 1]);
     let again: Vec<i64> = call("1").invoke_async(&mut conn).await.expect("eval");
     assert_eq!(
         again,
-        [1_700_000_000, 0, 1, 20, 0],
-        "the re-sent call is allowed again, and the bucket holds one charge"
+        [1_700_000_000, 0, 20, 0, 3],
+        "the re-sent call was allowed (3: before, charging nothing now), and the bucket \
+         holds one charge"
     );
     // Two more distinct decisions fit (3 a minute), a third does not: the re-send took none.
     for (token, expect) in [("2", 1), ("3", 1), ("4", 0)] {
         let answer: Vec<i64> = call(token).invoke_async(&mut conn).await.expect("eval");
-        assert_eq!(answer[2], expect, "{token}: {answer:?}");
+        assert_eq!(answer[4], expect, "{token}: {answer:?}");
     }
     // The markers expire on their own (2 s here), the bucket with its window.
     let marker_ttl: i64 = conn.pttl(&markers).await.expect("pttl");
@@ -264,17 +285,17 @@ async fn one_call_takes_several_decisions_in_order() {
         .await
         .expect("eval");
     let verdicts: Vec<&[i64]> = answers[2..].chunks(3).collect();
-    let allowed: Vec<i64> = verdicts.iter().map(|v| v[0]).collect();
+    let statuses: Vec<i64> = verdicts.iter().map(|v| v[2]).collect();
     // The poisoned bucket is dropped and read as empty, and fails closed for one burst.
-    assert_eq!(allowed, [1, 1, 1, 1, 0, 1, 0, 1], "{answers:?}");
-    assert_eq!(verdicts[0], [1, 0, 0]);
-    assert_eq!(verdicts[2], [1, 20, 0]);
+    assert_eq!(statuses, [1, 1, 1, 3, 0, 1, 0, 1], "{answers:?}");
+    assert_eq!(verdicts[0], [0, 0, 1]);
+    assert_eq!(verdicts[2], [20, 0, 1]);
     assert_eq!(
         verdicts[3],
-        [1, 40, 0],
+        [40, 0, 3],
         "the re-sent token: the bucket as it is"
     );
-    assert_eq!(verdicts[5], [1, 40, 0], "and it took nothing");
+    assert_eq!(verdicts[5], [40, 0, 1], "and it took nothing");
     let kept: Option<String> = conn.hget(&odd_markers, "1").await.expect("hget");
     assert_eq!(
         kept.as_deref(),
@@ -296,6 +317,42 @@ async fn one_call_takes_several_decisions_in_order() {
         .expect("del");
 }
 
+/// A group (a run of decisions on one bucket and spec, what a hot key's batch becomes) is
+/// charged in order from one reading of the bucket: a token repeated inside it, or sent in
+/// an earlier call, charges nothing; once one decision is refused, so are the rest.
+#[tokio::test]
+async fn a_group_charges_in_order_and_once_per_token() {
+    let client = redis::Client::open(redis_url()).expect("url");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let script = redis::Script::new(SCRIPT);
+    let prefix = fresh_prefix();
+    let bucket = format!("{prefix}{{s:group}}");
+    let markers = format!("{bucket}:m:0");
+    let first: Vec<i64> = invoke_groups(
+        &script,
+        2000,
+        &[(&bucket, &markers, "c", &["a", "b", "a", "c", "d"])],
+    )
+    .invoke_async(&mut conn)
+    .await
+    .expect("eval");
+    assert_eq!(first, [1_700_000_000, 0, 0, 0, 1, 1, 3, 1, 0]);
+    let again: Vec<i64> =
+        invoke_groups(&script, 2000, &[(&bucket, &markers, "c", &["d", "b", "e"])])
+            .invoke_async(&mut conn)
+            .await
+            .expect("eval");
+    assert_eq!(
+        again,
+        [1_700_000_000, 0, 60, 0, 4, 3, 0],
+        "a full bucket (three charges of 20 s), re-sent tokens answered as before"
+    );
+    let _: () = conn.del(&[&bucket, &markers]).await.expect("del");
+}
+
 /// A refund that carries a token of its own (the give-back of a failed decision, retried
 /// after a lost answer) gives back once, however often it is sent; one without gives back
 /// each time.
@@ -313,7 +370,7 @@ async fn a_marked_refund_gives_back_once() {
     let call = |mode: &str, markers: &str, token: &str| {
         invoke(&script, 60_000, &[(&bucket, markers, mode, token)])
     };
-    let status = |answer: &[i64]| answer[2];
+    let status = |answer: &[i64]| answer[4];
     for i in 0..3 {
         let charged: Vec<i64> = call("c", &markers, &i.to_string())
             .invoke_async(&mut conn)

@@ -1,10 +1,12 @@
--- keygate's rate-limit decisions: one or more decisions, each over every window of one
--- key's bucket, in one atomic call. Decisions run in order, so two on the same bucket see
--- each other's charge exactly as two separate calls would.
+-- keygate's rate-limit decisions: one or more groups of decisions, each decision over
+-- every window of one key's bucket, in one atomic call. Decisions run in order, so two on
+-- the same bucket see each other's charge exactly as two separate calls would. A group is
+-- a run of decisions on one bucket with the same windows, cost and mode (a hot key's
+-- batch is one group): the script reads its windows once and charges them in a loop.
 --
--- KEYS[2d-1]  decision d's bucket: a hash with one field per window, the window's
+-- KEYS[2g-1]  group g's bucket: a hash with one field per window, the window's
 --             theoretical arrival time (TAT) as "seconds:nanoseconds" since the Unix epoch
--- KEYS[2d]    decision d's markers: a hash of decision tokens, each holding what the
+-- KEYS[2g]    group g's markers: a hash of decision tokens, each holding what the
 --             decision did ("1" charged, "0" refused, "cancelled", "ok" a refund taken), so
 --             that a re-sent decision charges nothing again (a refund without a token names
 --             its bucket here)
@@ -12,14 +14,15 @@
 --             own clock), extra bucket lifetime (ms), the number of specs; then each spec:
 --             its number of windows, and for each window its field, its burst and its
 --             charge (cost × interval, or one nanosecond more than the burst when the cost
---             exceeds the capacity) as seconds and nanoseconds; then for each decision: its
---             mode ("c" charge, "r" refund), its spec (1-based) and its token ("" none)
+--             exceeds the capacity) as seconds and nanoseconds; then for each group: its
+--             mode ("c" charge, "r" refund), its spec (1-based), its number of decisions,
+--             and each decision's token ("" none)
 --
--- Returns integers: now (seconds, nanoseconds), then for each decision its status (1
--- allowed, 0 refused, 2 a refund, -1 cancelled or unreadable) and, for each window of its
--- spec, the offset of the window's TAT from now after the decision (seconds, nanoseconds).
--- A decision whose token was answered before charges nothing and reports that answer with
--- the bucket's state now.
+-- Returns integers: now (seconds, nanoseconds), then for each group the offset of each
+-- window's TAT from now before the group (seconds, nanoseconds; zeros for refunds) and
+-- each decision's status: 1 allowed, 0 refused, 3 and 4 a re-sent decision that was
+-- allowed or refused before (it charges nothing now), -1 one cancelled or unreadable, 2 a
+-- refund. Each allowed decision moves the group's offsets on by its charge.
 --
 -- Lua numbers are doubles, exact below 2^53: every time here is a pair (seconds,
 -- nanoseconds) with 0 <= nanoseconds < 10^9, so every sum stays exact for any window.
@@ -65,7 +68,7 @@ for i = 1, tonumber(ARGV[5]) do
   specs[i] = spec
   at = at + 1 + 5 * n
 end
-local first_decision = at
+local first_group = at
 
 -- The markers: every token of the call read up front, one HMGET per marker hash, and
 -- what this call answers written at the end, after the buckets.
@@ -79,15 +82,18 @@ local function marker_hash(name)
   return m
 end
 do
-  local p = first_decision
-  for d = 1, #KEYS / 2 do
-    local token = ARGV[p + 3]
-    if token ~= '' then
-      local m = marker_hash(KEYS[2 * d])
-      m.count = m.count + 1
-      m.tokens[m.count] = token
+  local p = first_group
+  for g = 1, #KEYS / 2 do
+    local k = tonumber(ARGV[p + 3])
+    for i = p + 4, p + 3 + k do
+      local token = ARGV[i]
+      if token ~= '' then
+        local m = marker_hash(KEYS[2 * g])
+        m.count = m.count + 1
+        m.tokens[m.count] = token
+      end
     end
-    p = p + 3
+    p = p + 3 + k
   end
 end
 for name, m in pairs(markers) do
@@ -218,17 +224,6 @@ local function offset(b, spec, w)
   return ds, dn, false
 end
 
--- Reports a decision's status and each window's offset now, changing nothing.
-local function report(status, b, spec)
-  o = o + 1
-  out[o] = status
-  for w = 1, spec.n do
-    local ds, dn = offset(b, spec, w)
-    out[o + 1], out[o + 2] = ds, dn
-    o = o + 2
-  end
-end
-
 local function refund(b, spec)
   local seen = {}
   local ls, ln = 0, 0
@@ -257,76 +252,93 @@ local function refund(b, spec)
 end
 
 local off_s, off_n, clamped = {}, {}, {}
+local REPLAY = { ['1'] = 3, ['0'] = 4 }
 
-local function charge(b, spec)
+-- A group of charges on one bucket and spec, tokens ARGV[first..last]: the windows read
+-- once, then each decision in turn; once one is refused, every later one is (nothing
+-- changed in between).
+local function charges(b, spec, m, first, last)
   local n = spec.n
-  local allowed = 1
   for w = 1, n do
     off_s[w], off_n[w], clamped[w] = offset(b, spec, w)
-    local ws, wn = norm(off_s[w] + spec.cs[w], off_n[w] + spec.cn[w])
-    if not le(ws, wn, spec.bs[w], spec.bn[w]) then
-      allowed = 0
-    end
+    out[o + 1], out[o + 2] = off_s[w], off_n[w]
+    o = o + 2
   end
+  local allowed, refused = 0, false
+  for i = first, last do
+    local token = ARGV[i]
+    local earlier = m and token ~= '' and answered(m, token)
+    local status
+    if earlier then
+      status = REPLAY[earlier] or -1
+    else
+      status = 0
+      if not refused then
+        status = 1
+        for w = 1, n do
+          local ws, wn = norm(off_s[w] + spec.cs[w], off_n[w] + spec.cn[w])
+          if not le(ws, wn, spec.bs[w], spec.bn[w]) then
+            status = 0
+          end
+        end
+        if status == 1 then
+          allowed = allowed + 1
+          for w = 1, n do
+            off_s[w], off_n[w] = norm(off_s[w] + spec.cs[w], off_n[w] + spec.cn[w])
+          end
+        else
+          refused = true
+        end
+      end
+      if m and token ~= '' then
+        answer_as(m, token, status == 1 and '1' or '0')
+      end
+    end
+    o = o + 1
+    out[o] = status
+  end
+  -- A full window needs no state: nothing is written for it. A window clamped on reading
+  -- is stored so, so that the bucket refills from here rather than staying empty.
   local ls, ln = 0, 0
   for w = 1, n do
-    local ws, wn
-    if allowed == 1 then
-      ws, wn = norm(off_s[w] + spec.cs[w], off_n[w] + spec.cn[w])
-    elseif clamped[w] then
-      ws, wn = off_s[w], off_n[w]
-    end
-    -- A full window needs no state: nothing is written for it.
-    if ws and (ws > 0 or wn > 0) then
-      store(b, spec.field[w], ws, wn)
-      if le(ls, ln, ws, wn) then
-        ls, ln = ws, wn
+    if (allowed > 0 or clamped[w]) and (off_s[w] > 0 or off_n[w] > 0) then
+      store(b, spec.field[w], off_s[w], off_n[w])
+      if le(ls, ln, off_s[w], off_n[w]) then
+        ls, ln = off_s[w], off_n[w]
       end
     end
   end
   if ls > 0 or ln > 0 then
     keep(b, ls, ln)
   end
-  o = o + 1
-  out[o] = allowed
-  for w = 1, n do
-    out[o + 1], out[o + 2] = off_s[w], off_n[w]
-    o = o + 2
-  end
-  return allowed
 end
 
-local STATUS = { ['1'] = 1, ['0'] = 0 }
-
-local p = first_decision
-for d = 1, #KEYS / 2 do
-  local mode, spec, token = ARGV[p + 1], specs[tonumber(ARGV[p + 2])], ARGV[p + 3]
-  p = p + 3
-  local b = opened(KEYS[2 * d - 1], spec)
-  local m = token ~= '' and markers[KEYS[2 * d]]
+local p = first_group
+for g = 1, #KEYS / 2 do
+  local mode, spec, k = ARGV[p + 1], specs[tonumber(ARGV[p + 2])], tonumber(ARGV[p + 3])
+  local first, last = p + 4, p + 3 + k
+  p = last
+  local b = opened(KEYS[2 * g - 1], spec)
+  local m = markers[KEYS[2 * g]]
   if mode == 'c' then
-    local earlier = m and answered(m, token)
-    if earlier then
-      report(STATUS[earlier] or -1, b, spec)
-    else
-      local allowed = charge(b, spec)
-      if m then
-        answer_as(m, token, allowed == 1 and '1' or '0')
-      end
-    end
+    charges(b, spec, m, first, last)
   else
-    -- A refund with a token of its own (a retried give-back) is taken once.
-    if not (m and answered(m, token)) then
-      refund(b, spec)
-      if m then
-        answer_as(m, token, 'ok')
-      end
-    end
-    o = o + 1
-    out[o] = 2
     for _ = 1, spec.n do
       out[o + 1], out[o + 2] = 0, 0
       o = o + 2
+    end
+    for i = first, last do
+      local token = ARGV[i]
+      local marked = m and token ~= ''
+      -- A refund with a token of its own (a retried give-back) is taken once.
+      if not (marked and answered(m, token)) then
+        refund(b, spec)
+        if marked then
+          answer_as(m, token, 'ok')
+        end
+      end
+      o = o + 1
+      out[o] = 2
     end
   end
 end

@@ -906,13 +906,46 @@ impl Call<'_> {
     }
 }
 
+/// Where the group of `calls` that starts at `start` ends. A run of decisions on one bucket,
+/// with one marker hash, mode and spec, goes to the script as one group, which reads the
+/// bucket's windows once and charges them in a loop.
+fn group_end(calls: &[Call<'_>], start: usize) -> usize {
+    let Some(first) = calls.get(start) else {
+        return start;
+    };
+    let mut end = start + 1;
+    while let Some(next) = calls.get(end) {
+        if next.mode != first.mode
+            || next.bucket != first.bucket
+            || next.markers != first.markers
+            || !next.same_spec(first.quotas, first.cost)
+        {
+            break;
+        }
+        end += 1;
+    }
+    end
+}
+
+/// What one decision of `cost` charges a window of `quota`, in nanoseconds: a cost above the
+/// capacity can never pass, and one nanosecond more than the burst says so without a number
+/// too large for the script's doubles.
+fn charge_ns(quota: &Quota, cost: u32) -> u64 {
+    let burst = quota.burst_ns();
+    let charge = u128::from(quota.interval_ns()) * u128::from(cost);
+    u64::try_from(charge)
+        .ok()
+        .filter(|c| *c <= burst)
+        .unwrap_or(burst.saturating_add(1))
+}
+
 impl Caller {
     /// The script's call: `EVALSHA` (or, after a `NOSCRIPT`, `EVAL` with the script, which
-    /// also loads it); each decision's bucket and marker hash; the markers' lifetime, now,
-    /// the extra lifetime; the distinct specs (windows and cost) of the call, each once, with
-    /// each window's field, burst and charge (seconds and nanoseconds); then each decision's
-    /// mode, spec and token. Built into one buffer, numbers written in place: no string per
-    /// argument. A hot key's batch has one spec, which the script reads once.
+    /// also loads it); each group's bucket and marker hash ([`group_end`]); the markers'
+    /// lifetime, now, the extra lifetime; the distinct specs (windows and cost) of the call,
+    /// each once, with each window's field, burst and charge (seconds and nanoseconds); then
+    /// each group's mode, spec, size and tokens. Built into one buffer, numbers written in
+    /// place: no string per argument. A hot key's batch is one group.
     fn command(&self, load: bool, calls: &[Call<'_>], keep_ms: u64) -> Cmd {
         // The distinct specs, in order of first use (a batch has few).
         let mut specs: Vec<Call<'_>> = Vec::with_capacity(4);
@@ -936,9 +969,17 @@ impl Caller {
         } else {
             cmd.arg("EVALSHA").arg(&self.hash);
         }
-        cmd.arg(calls.len().saturating_mul(2));
-        for call in calls {
+        let mut groups = 0usize;
+        let mut at = 0;
+        while at < calls.len() {
+            at = group_end(calls, at);
+            groups += 1;
+        }
+        cmd.arg(groups.saturating_mul(2));
+        let mut at = 0;
+        while let Some(call) = calls.get(at) {
             cmd.arg(call.bucket).arg(call.markers);
+            at = group_end(calls, at);
         }
         cmd.arg(keep_ms);
         match &self.clock {
@@ -957,13 +998,7 @@ impl Caller {
             cmd.arg(spec.quotas.len());
             for quota in spec.quotas {
                 let burst = quota.burst_ns();
-                let charge = u128::from(quota.interval_ns()) * u128::from(spec.cost);
-                // A cost above the capacity can never pass: one nanosecond more than the
-                // burst says so without a number too large for the script's doubles.
-                let charge = u64::try_from(charge)
-                    .ok()
-                    .filter(|c| *c <= burst)
-                    .unwrap_or(burst.saturating_add(1));
+                let charge = charge_ns(quota, spec.cost);
                 // "w:<capacity>:<interval ns>": at most 33 bytes.
                 let mut label = [0u8; 48];
                 let mut cursor = std::io::Cursor::new(&mut label[..]);
@@ -979,12 +1014,18 @@ impl Caller {
                     .arg(charge % SEC);
             }
         }
-        for call in calls {
+        let mut at = 0;
+        while let Some(call) = calls.get(at) {
+            let end = group_end(calls, at);
             let spec = specs
                 .iter()
                 .position(|s| call.same_spec(s.quotas, s.cost))
                 .unwrap_or(0);
-            cmd.arg(call.mode).arg(spec + 1).arg(call.token);
+            cmd.arg(call.mode).arg(spec + 1).arg(end - at);
+            for call in calls.get(at..end).unwrap_or_default() {
+                cmd.arg(call.token);
+            }
+            at = end;
         }
         cmd
     }
@@ -1030,12 +1071,9 @@ impl Caller {
     async fn decide_alone(&self, conn: &mut Conn, request: &Request) -> Reply {
         let calls = [request.call()];
         match self.run_retried(conn, &calls).await {
-            Ok(flat) => match Verdicts::new(&flat, &calls) {
-                Some(mut verdicts) => verdicts
-                    .next(request.quotas.len())
-                    .map_or(Reply::Garbled, Reply::Answer),
-                None => Reply::Garbled,
-            },
+            Ok(flat) => verdicts(&flat, &calls)
+                .and_then(|mut verdicts| verdicts.pop())
+                .map_or(Reply::Garbled, Reply::Answer),
             Err(e) => Reply::Failed(e),
         }
     }
@@ -1192,8 +1230,13 @@ fn by_bucket(mut batch: Vec<Queued>) -> Vec<Vec<Queued>> {
 }
 
 /// Sends one batch and hands each decision its answer.
-async fn send_batch(caller: Arc<Caller>, batch: Vec<Queued>) {
+async fn send_batch(caller: Arc<Caller>, mut batch: Vec<Queued>) {
     let mut conn = caller.conn.clone();
+    // Each bucket's decisions together, in the order they came (a stable sort): the order
+    // between buckets does not matter, and runs on one bucket go as one group.
+    if !batch.is_sorted_by(|a, b| a.request.bucket() <= b.request.bucket()) {
+        batch.sort_by(|a, b| a.request.bucket().cmp(b.request.bucket()));
+    }
     let calls: Vec<Call<'_>> = batch.iter().map(|queued| queued.request.call()).collect();
     // Bounded by the decisions' timeout: by then every decision of the call has given up
     // (and settles), so a hung connection does not hold an in-flight slot any longer.
@@ -1204,18 +1247,15 @@ async fn send_batch(caller: Arc<Caller>, batch: Vec<Queued>) {
     };
     match result {
         Ok(flat) => {
-            let verdicts = Verdicts::new(&flat, &calls);
+            let verdicts = verdicts(&flat, &calls);
             drop(calls);
             match verdicts {
-                Some(mut verdicts) => {
-                    for queued in batch {
-                        let reply = verdicts
-                            .next(queued.request.quotas.len())
-                            .map_or(Reply::Garbled, Reply::Answer);
-                        let _ = queued.reply.send(reply);
+                Some(verdicts) if verdicts.len() == batch.len() => {
+                    for (queued, verdict) in batch.into_iter().zip(verdicts) {
+                        let _ = queued.reply.send(Reply::Answer(verdict));
                     }
                 }
-                None => {
+                _ => {
                     for queued in batch {
                         let _ = queued.reply.send(Reply::Garbled);
                     }
@@ -1354,19 +1394,13 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
     }
 }
 
-/// What the script said of one decision: its status (1 allowed, 0 refused, 2 a refund,
-/// -1 cancelled or unreadable), Redis's now and each window's TAT, in nanoseconds.
+/// What the script said of one decision: its status (1 allowed, 0 refused, 3 and 4 a
+/// re-sent decision allowed or refused before, 2 a refund, -1 cancelled or unreadable),
+/// Redis's now and each window's TAT before it, in nanoseconds.
 struct Verdict {
     status: i64,
     now: u64,
     tats: [u64; MAX_WINDOWS],
-}
-
-/// Reads the script's answer, a flat list of integers (see `redis.lua`): now, then each
-/// decision's status and its windows' offsets, as seconds and nanoseconds.
-struct Verdicts<'a> {
-    rest: &'a [i64],
-    now: u64,
 }
 
 /// Seconds and nanoseconds as nanoseconds, when both are in range.
@@ -1376,49 +1410,56 @@ fn nanos(secs: i64, nanos: i64) -> Option<u64> {
     secs.checked_mul(SEC)?.checked_add(nanos)
 }
 
-impl<'a> Verdicts<'a> {
-    /// The answer to `calls`, when it has exactly their shape.
-    fn new(flat: &'a [i64], calls: &[Call<'_>]) -> Option<Self> {
-        let expected = calls
-            .iter()
-            .map(|call| 1 + 2 * call.quotas.len())
-            .sum::<usize>()
-            + 2;
-        if flat.len() != expected {
+/// Reads the script's answer to `calls`, a flat list of integers (see `redis.lua`): now,
+/// then for each group its windows' offsets before it and each decision's status. Each
+/// decision's TATs are the group's, moved on by the charge of every decision allowed
+/// before it, as the script moved them. `None` unless the answer has exactly that shape.
+fn verdicts(flat: &[i64], calls: &[Call<'_>]) -> Option<Vec<Verdict>> {
+    let (head, mut rest) = flat.split_at_checked(2)?;
+    let now = nanos(*head.first()?, *head.get(1)?)?;
+    let mut out = Vec::with_capacity(calls.len());
+    let mut at = 0;
+    while let Some(first) = calls.get(at) {
+        let end = group_end(calls, at);
+        let windows = first.quotas.len();
+        if windows > MAX_WINDOWS {
             return None;
         }
-        let (head, rest) = flat.split_at(2);
-        let now = nanos(*head.first()?, *head.get(1)?)?;
-        Some(Self { rest, now })
-    }
-
-    /// The next decision's verdict, over `windows` windows.
-    fn next(&mut self, windows: usize) -> Option<Verdict> {
-        if windows > MAX_WINDOWS || self.rest.len() < 1 + 2 * windows {
-            return None;
+        let (offsets, tail) = rest.split_at_checked(2 * windows)?;
+        let (statuses, tail) = tail.split_at_checked(end - at)?;
+        rest = tail;
+        let mut current = [0u64; MAX_WINDOWS];
+        for (offset, pair) in current.iter_mut().zip(offsets.chunks_exact(2)) {
+            *offset = nanos(*pair.first()?, *pair.get(1)?)?;
         }
-        let (this, rest) = self.rest.split_at(1 + 2 * windows);
-        self.rest = rest;
-        let (status, offsets) = this.split_first()?;
-        let mut tats = [0u64; MAX_WINDOWS];
-        for (tat, pair) in tats.iter_mut().zip(offsets.chunks_exact(2)) {
-            let offset = nanos(*pair.first()?, *pair.get(1)?)?;
-            *tat = self.now.checked_add(offset)?;
+        for status in statuses {
+            let mut tats = [0u64; MAX_WINDOWS];
+            for (tat, offset) in tats.iter_mut().zip(&current).take(windows) {
+                *tat = now.checked_add(*offset)?;
+            }
+            out.push(Verdict {
+                status: *status,
+                now,
+                tats,
+            });
+            if *status == 1 {
+                for (offset, quota) in current.iter_mut().zip(first.quotas) {
+                    *offset = offset.checked_add(charge_ns(quota, first.cost))?;
+                }
+            }
         }
-        Some(Verdict {
-            status: *status,
-            now: self.now,
-            tats,
-        })
+        at = end;
     }
+    rest.is_empty().then_some(out)
 }
 
 /// The decision of a charge's verdict: the windows stepped by the same code as the memory
 /// store's, and the script's verdict (the one that charged, or not), which stands.
 fn parse_answer(verdict: &Verdict, quotas: &[Quota], cost: u32) -> Option<Decision> {
     let allowed = match verdict.status {
-        1 => true,
-        0 => false,
+        // charged now, or by the first sending of a re-sent decision
+        1 | 3 => true,
+        0 | 4 => false,
         _ => return None,
     };
     let now = verdict.now;
@@ -1561,36 +1602,91 @@ mod tests {
         let request = Request::new("b".to_owned(), 1, &quotas, 1);
         let calls = [request.call()];
         let read = |flat: &[i64]| {
-            Verdicts::new(flat, &calls)
-                .and_then(|mut v| v.next(quotas.len()))
+            verdicts(flat, &calls)
+                .and_then(|mut v| v.pop())
                 .and_then(|v| parse_answer(&v, &quotas, 1))
         };
-        let good = read(&[1_700_000_000, 5, 1, 0, 0, 1, 500_000_000]).unwrap();
+        let good = read(&[1_700_000_000, 5, 0, 0, 1, 500_000_000, 1]).unwrap();
         assert!(good.allowed);
         assert!(
-            !read(&[1_700_000_000, 5, 0, 0, 0, 1, 500_000_000])
+            !read(&[1_700_000_000, 5, 0, 0, 1, 500_000_000, 0])
                 .unwrap()
                 .allowed
         );
         for bad in [
             &[][..],
             // a refund's status, or a cancelled decision's, for a charge
-            &[1_700_000_000, 5, 2, 0, 0, 0, 0],
-            &[1_700_000_000, 5, -1, 0, 0, 0, 0],
+            &[1_700_000_000, 5, 0, 0, 0, 0, 2],
+            &[1_700_000_000, 5, 0, 0, 0, 0, -1],
             // too short, too long
-            &[1_700_000_000, 5, 1, 0, 0],
-            &[1_700_000_000, 5, 1, 0, 0, 0, 0, 0],
+            &[1_700_000_000, 5, 0, 0, 1],
+            &[1_700_000_000, 5, 0, 0, 0, 0, 1, 1],
             // out of range
-            &[-1, 5, 1, 0, 0, 0, 0],
-            &[1_700_000_000, -5, 1, 0, 0, 0, 0],
-            &[1_700_000_000, 1_000_000_000, 1, 0, 0, 0, 0],
-            &[1_700_000_000, 5, 1, 0, 1_000_000_000, 0, 0],
-            &[1_700_000_000, 5, 1, -1, 0, 0, 0],
-            &[i64::MAX, 0, 1, 0, 0, 0, 0],
-            &[18_446_744_073, 999_999_999, 1, 999_999_999_999, 0, 0, 0],
+            &[-1, 5, 0, 0, 0, 0, 1],
+            &[1_700_000_000, -5, 0, 0, 0, 0, 1],
+            &[1_700_000_000, 1_000_000_000, 0, 0, 0, 0, 1],
+            &[1_700_000_000, 5, 0, 1_000_000_000, 0, 0, 1],
+            &[1_700_000_000, 5, -1, 0, 0, 0, 1],
+            &[i64::MAX, 0, 0, 0, 0, 0, 1],
+            &[18_446_744_073, 999_999_999, 999_999_999_999, 0, 0, 0, 1],
         ] {
             assert!(read(bad).is_none(), "{bad:?}");
         }
+    }
+
+    /// A run of decisions on one bucket and spec goes as one group, and each decision's
+    /// windows are the group's, moved on by the charges allowed before it.
+    #[test]
+    fn a_groups_decisions_each_start_where_the_last_allowed_one_left() {
+        let quotas = [q(60)];
+        let other = [q(10)];
+        let requests = [
+            Request::new("a".to_owned(), 1, &quotas, 1),
+            Request::new("a".to_owned(), 2, &quotas, 1),
+            Request::new("a".to_owned(), 3, &quotas, 1),
+            Request::new("a".to_owned(), 4, &quotas, 1),
+            Request::new("a".to_owned(), 5, &other, 1),
+            Request::new("b".to_owned(), 6, &quotas, 1),
+        ];
+        let calls: Vec<Call<'_>> = requests.iter().map(Request::call).collect();
+        assert_eq!(group_end(&calls, 0), 4);
+        assert_eq!(group_end(&calls, 4), 5);
+        assert_eq!(group_end(&calls, 5), 6);
+        // 60 a minute: one second a token. Group a: 0.5 s used; allowed, replayed (3),
+        // allowed, refused; then a's other spec and b.
+        let flat = [
+            1_700_000_000,
+            0, // now
+            0,
+            500_000_000,
+            1,
+            3,
+            1,
+            0, // group a (60/min)
+            2,
+            0,
+            1, // a (10/min)
+            0,
+            0,
+            1, // b
+        ];
+        let read = verdicts(&flat, &calls).unwrap();
+        let now = 1_700_000_000 * SEC;
+        let tats: Vec<u64> = read.iter().map(|v| v.tats[0] - now).collect();
+        assert_eq!(
+            tats,
+            [
+                500_000_000,
+                1_500_000_000,
+                1_500_000_000,
+                2_500_000_000,
+                2 * SEC,
+                0
+            ]
+        );
+        let statuses: Vec<i64> = read.iter().map(|v| v.status).collect();
+        assert_eq!(statuses, [1, 3, 1, 0, 1, 1]);
+        assert!(verdicts(&flat[..flat.len() - 1], &calls).is_none());
     }
 
     /// A log sink for the tests.
