@@ -385,10 +385,17 @@ impl KeyRecord {
     /// [`LAST_USED_RESOLUTION`] ago: one atomic read on the request path, a compare-and-swap
     /// and the sink's call once a minute. `ip` (the client's address, when it can be known)
     /// is asked only then, so that resolving it costs nothing on the other requests.
-    pub(crate) fn note_use(&self, now: SystemTime, ip: impl FnOnce() -> Option<IpAddr>) {
+    ///
+    /// `now_ns` is `now` in nanoseconds since the epoch: the auth layer reads its clock once,
+    /// in nanoseconds, and does not convert it back.
+    pub(crate) fn note_use(
+        &self,
+        now_ns: u64,
+        now: SystemTime,
+        ip: impl FnOnce() -> Option<IpAddr>,
+    ) {
         use std::sync::atomic::Ordering;
         let Some(cell) = &self.usage.0 else { return };
-        let now_ns = crate::clock::nanos_since_epoch(now);
         let window = u64::try_from(LAST_USED_RESOLUTION.as_nanos()).unwrap_or(u64::MAX);
         let last = cell.last.load(Ordering::Relaxed);
         if now_ns < last.saturating_add(window) && now_ns >= last {

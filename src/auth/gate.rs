@@ -3,7 +3,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, UNIX_EPOCH};
 
 use http::{Request, Response, StatusCode};
 
@@ -194,7 +194,10 @@ impl<L: KeyLookup> Gate<L> {
             }
         };
         let head = RequestHead::of(req);
-        let now = self.clock.now();
+        // The clock read once, in nanoseconds (the coarse clock's own unit); the same
+        // instant as `now()` for every time after the epoch.
+        let now_ns = self.clock.now_nanos();
+        let now = UNIX_EPOCH + Duration::from_nanos(now_ns);
         let verdict = validate::check(
             &record,
             rules,
@@ -217,7 +220,7 @@ impl<L: KeyLookup> Gate<L> {
         self.usable(hash, attempt, backend);
         tracing::debug!(target: "keygate", key_id = %record.id, outcome = "accepted", "api key accepted");
         // The client IP is resolved only when the use is reported (once a minute a key).
-        record.note_use(now, || self.client_ip.resolve(&head));
+        record.note_use(now_ns, now, || self.client_ip.resolve(&head));
         self.extractor
             .mark_sensitive(req.headers_mut(), found.places);
         let extensions = req.extensions_mut();

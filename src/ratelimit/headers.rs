@@ -140,16 +140,35 @@ fn formatted(room: &mut BytesMut, n: u64) -> HeaderValue {
     HeaderValue::from_maybe_shared(room.split().freeze()).unwrap_or_else(|_| HeaderValue::from(n))
 }
 
-/// `n` in decimal, written at the end of `buf`.
+/// `n` in decimal, written at the end of `buf`: two digits a step, from a table of the
+/// pairs `00` to `99`.
 fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut at = buf.len();
-    loop {
-        at -= 1;
-        buf[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
+    const PAIRS: [u8; 200] = {
+        let mut out = [0u8; 200];
+        let mut i = 0;
+        while i < 100 {
+            out[i * 2] = b'0' + (i / 10) as u8;
+            out[i * 2 + 1] = b'0' + (i % 10) as u8;
+            i += 1;
         }
+        out
+    };
+    let mut at = buf.len();
+    while n >= 100 {
+        let pair = (n % 100) as usize * 2;
+        n /= 100;
+        at -= 2;
+        buf[at] = PAIRS[pair];
+        buf[at + 1] = PAIRS[pair + 1];
+    }
+    if n >= 10 {
+        let pair = n as usize * 2;
+        at -= 2;
+        buf[at] = PAIRS[pair];
+        buf[at + 1] = PAIRS[pair + 1];
+    } else {
+        at -= 1;
+        buf[at] = b'0' + n as u8;
     }
     &buf[at..]
 }

@@ -170,6 +170,16 @@ impl Bucket {
         self.parts().0
     }
 
+    /// The cell of one quota's window, if the bucket has one.
+    fn cell_of(&self, quota: &Quota) -> Option<&AtomicU64> {
+        let (cells, labels) = self.parts();
+        let window = Window::of(quota);
+        labels
+            .iter()
+            .position(|w| *w == window)
+            .and_then(|i| cells.get(i))
+    }
+
     /// The cell of each quota, in order; `None` when one has no cell here.
     fn positions(&self, quotas: &[Quota]) -> Option<Positions> {
         let labels = self.parts().1;
@@ -443,6 +453,19 @@ impl<K: BucketKey> MemoryLimiter<K> {
                 }
                 continue;
             };
+            // One window (the common case): its cell charged directly, without the
+            // bookkeeping of several (a single window never owes a give-back).
+            if let [quota] = quotas {
+                if let Some(cell) = bucket.cell_of(quota) {
+                    match charge_one(cell, quota, cost, now) {
+                        Some(decision) => return Ok(decision),
+                        None => {
+                            back_off(attempt);
+                            continue;
+                        }
+                    }
+                }
+            }
             let Some(at) = bucket.positions(quotas) else {
                 // Replace exactly this bucket (not one put in after a sweep took it), sealed
                 // first; the windows are computed once, however often papaya asks.
@@ -664,6 +687,38 @@ fn charge(
         }
     }
     Some(decided(quotas, &steps, at, now))
+}
+
+/// [`charge`] for a single window: the decision, or `None` when the cell turned out sealed
+/// (nothing was taken; the caller looks again). A refusal reads the cell again and reports
+/// it as it is then, as [`charge`] does.
+fn charge_one(cell: &AtomicU64, quota: &Quota, cost: u32, now: u64) -> Option<Decision> {
+    let mut tat = cell.load(Ordering::Acquire);
+    loop {
+        if tat == SEALED {
+            return None;
+        }
+        let s = step(tat, now, quota, cost);
+        if !s.allowed {
+            if s.new_tat < tat {
+                // The clock stepped back: keep the clamped TAT (best effort).
+                let _ = cell.compare_exchange(tat, s.new_tat, Ordering::AcqRel, Ordering::Acquire);
+            }
+            let tat = cell.load(Ordering::Acquire);
+            if tat == SEALED {
+                return None;
+            }
+            return Some(Decision::from_step(
+                &step(tat, now, quota, cost),
+                quota,
+                now,
+            ));
+        }
+        match cell.compare_exchange_weak(tat, s.new_tat, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => return Some(Decision::from_step(&s, quota, now)),
+            Err(actual) => tat = actual,
+        }
+    }
 }
 
 /// The most restrictive of the windows' steps, each window counted once.
