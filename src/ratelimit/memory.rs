@@ -675,7 +675,12 @@ fn charge(
                     }
                     current[j] = step(tat, now, q, cost);
                 }
-                return Some(decided(quotas, &current, at, now));
+                // Refused, whatever the reads after the refusal say: a concurrent refund
+                // between them must not turn this into an admission that took nothing.
+                return Some(decided(quotas, &current, at, now).map(|mut d| {
+                    d.allowed = false;
+                    d
+                }));
             }
             match cell.compare_exchange_weak(tat, s.new_tat, Ordering::AcqRel, Ordering::Acquire) {
                 Ok(_) => {
@@ -690,8 +695,8 @@ fn charge(
 }
 
 /// [`charge`] for a single window: the decision, or `None` when the cell turned out sealed
-/// (nothing was taken; the caller looks again). A refusal reads the cell again and reports
-/// it as it is then, as [`charge`] does.
+/// (nothing was taken; the caller looks again). A refusal is reported as the cell was
+/// when it refused.
 fn charge_one(cell: &AtomicU64, quota: &Quota, cost: u32, now: u64) -> Option<Decision> {
     let mut tat = cell.load(Ordering::Acquire);
     loop {
@@ -704,15 +709,9 @@ fn charge_one(cell: &AtomicU64, quota: &Quota, cost: u32, now: u64) -> Option<De
                 // The clock stepped back: keep the clamped TAT (best effort).
                 let _ = cell.compare_exchange(tat, s.new_tat, Ordering::AcqRel, Ordering::Acquire);
             }
-            let tat = cell.load(Ordering::Acquire);
-            if tat == SEALED {
-                return None;
-            }
-            return Some(Decision::from_step(
-                &step(tat, now, quota, cost),
-                quota,
-                now,
-            ));
+            // Reported as seen: a read after this could meet a concurrent refund and
+            // report "allowed" for a request that took nothing.
+            return Some(Decision::from_step(&s, quota, now));
         }
         match cell.compare_exchange_weak(tat, s.new_tat, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => return Some(Decision::from_step(&s, quota, now)),
