@@ -47,11 +47,14 @@ pub(crate) fn step(tat: u64, now: u64, quota: &Quota, cost: u32) -> Step {
             new_tat: base.max(tat.min(horizon)),
             remaining: (horizon - base) / interval,
             full_at: base,
-            // A cost above the capacity can never pass; it is told to wait a whole period.
-            retry_after: if u64::from(cost) > u64::from(quota.capacity().get()) {
+            // A cost above the capacity can never pass, and a saturated time (a clock or a
+            // reply at the end of time) cannot say when: told to wait a whole period.
+            retry_after: if u64::from(cost) > u64::from(quota.capacity().get())
+                || horizon == u64::MAX
+            {
                 burst
             } else {
-                new_tat - horizon
+                new_tat.saturating_sub(horizon)
             },
         }
     }

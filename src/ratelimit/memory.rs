@@ -662,6 +662,23 @@ fn charge(
                     let _ =
                         cell.compare_exchange(tat, s.new_tat, Ordering::AcqRel, Ordering::Acquire);
                 }
+                // The later windows' TATs are clamped too (best effort), as Redis's script
+                // does: after a backward clock step they refill from one burst ahead
+                // rather than staying empty for as long as the clock jumped.
+                for (j, q) in quotas.iter().enumerate().skip(i + 1) {
+                    if let Some(later) = cell_of(j) {
+                        let tat = later.load(Ordering::Acquire);
+                        let c = step(tat, now, q, cost);
+                        if tat != SEALED && !c.allowed && c.new_tat < tat {
+                            let _ = later.compare_exchange(
+                                tat,
+                                c.new_tat,
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            );
+                        }
+                    }
+                }
                 // Give back what earlier windows took, then report the refusal.
                 owed[..i].copy_from_slice(&[true; MAX_WINDOWS][..i]);
                 if !repay(cells, at, quotas, cost, owed) {

@@ -1219,7 +1219,8 @@ async fn batch_calls(
 
 /// Splits decisions into groups of one bucket each, in no particular order.
 fn by_bucket(mut batch: Vec<Queued>) -> Vec<Vec<Queued>> {
-    batch.sort_unstable_by(|a, b| a.request.bucket().cmp(b.request.bucket()));
+    // Stable: a bucket's decisions keep the order they came in.
+    batch.sort_by(|a, b| a.request.bucket().cmp(b.request.bucket()));
     let mut groups = Vec::new();
     while let Some(last) = batch.last() {
         let last = Arc::clone(&last.request);
@@ -1416,7 +1417,9 @@ fn nanos(secs: i64, nanos: i64) -> Option<u64> {
 /// before it, as the script moved them. `None` unless the answer has exactly that shape.
 fn verdicts(flat: &[i64], calls: &[Call<'_>]) -> Option<Vec<Verdict>> {
     let (head, mut rest) = flat.split_at_checked(2)?;
-    let now = nanos(*head.first()?, *head.get(1)?)?;
+    // No clock reads past 2262 (2^63 ns): a later `now` is no Redis's, and would saturate
+    // the arithmetic of a window's refill.
+    let now = nanos(*head.first()?, *head.get(1)?).filter(|now| *now < 1 << 63)?;
     let mut out = Vec::with_capacity(calls.len());
     let mut at = 0;
     while let Some(first) = calls.get(at) {
@@ -1463,6 +1466,9 @@ fn parse_answer(verdict: &Verdict, quotas: &[Quota], cost: u32) -> Option<Decisi
         _ => return None,
     };
     let now = verdict.now;
+    // A re-sent decision that charged the first time: its TATs already hold its charge, so
+    // it is stepped at no cost, reporting the bucket as it is now (what is left, no wait).
+    let cost = if verdict.status == 3 { 0 } else { cost };
     let steps = quotas
         .iter()
         .zip(verdict.tats)
