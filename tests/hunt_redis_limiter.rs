@@ -11,6 +11,10 @@
 #![cfg(feature = "test-servers")]
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
+use common::servers::{cluster_nodes, redis_url};
+
 use std::net::TcpListener;
 use std::num::NonZeroU32;
 use std::process::{Child, Command, Stdio};
@@ -31,24 +35,9 @@ fn nz(n: u32) -> NonZeroU32 {
     NonZeroU32::new(n).expect("non-zero")
 }
 
-fn redis_url() -> String {
-    std::env::var("KEYGATE_TEST_REDIS_URL").expect("KEYGATE_TEST_REDIS_URL is not set")
-}
-
-fn cluster_nodes() -> Vec<String> {
-    std::env::var("KEYGATE_TEST_REDIS_CLUSTER")
-        .expect("KEYGATE_TEST_REDIS_CLUSTER is not set")
-        .split(',')
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .collect()
-}
-
+/// A prefix no other run shares.
 fn fresh_prefix() -> String {
-    let mut bytes = [0u8; 6];
-    getrandom::fill(&mut bytes).expect("random");
-    let tag: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("keygate:hunt:{tag}:")
+    common::servers::fresh_prefix("hunt")
 }
 
 fn fake_clock() -> FakeClock {

@@ -8,6 +8,8 @@
 #![cfg(feature = "test-servers")]
 
 mod common;
+
+use common::servers::{cluster_nodes, redis_url};
 mod limiter_conformance;
 
 use std::time::Duration;
@@ -19,31 +21,9 @@ use keygate::ratelimit::{
 };
 use redis::AsyncCommands;
 
-fn redis_url() -> String {
-    std::env::var("KEYGATE_TEST_REDIS_URL").expect(
-        "KEYGATE_TEST_REDIS_URL is not set: point it at a scratch Redis \
-         (bash .ci/run starts one), e.g. redis://127.0.0.1:6379/",
-    )
-}
-
-fn cluster_nodes() -> Vec<String> {
-    std::env::var("KEYGATE_TEST_REDIS_CLUSTER")
-        .expect(
-            "KEYGATE_TEST_REDIS_CLUSTER is not set: comma-separated nodes of a scratch Redis \
-             Cluster (bash .ci/run starts one), e.g. redis://127.0.0.1:7000,redis://127.0.0.1:7001",
-        )
-        .split(',')
-        .map(|s| s.trim().to_owned())
-        .filter(|s| !s.is_empty())
-        .collect()
-}
-
 /// A prefix no other run shares.
 fn fresh_prefix() -> String {
-    let mut bytes = [0u8; 6];
-    getrandom::fill(&mut bytes).expect("random");
-    let tag: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("keygate:test:{tag}:")
+    common::servers::fresh_prefix("test")
 }
 
 struct OnRedis(RedisLimiter<String>);

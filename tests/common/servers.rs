@@ -11,6 +11,36 @@ use keygate::lookup::{Change, ChangeFeed, KeyLookup};
 use keygate::record::Status;
 use tokio::sync::mpsc;
 
+/// `KEYGATE_TEST_REDIS_URL`, a scratch Redis; fails loudly when unset.
+pub fn redis_url() -> String {
+    std::env::var("KEYGATE_TEST_REDIS_URL").expect(
+        "KEYGATE_TEST_REDIS_URL is not set: point it at a scratch Redis \
+         (bash .ci/run starts one), e.g. redis://127.0.0.1:6379/",
+    )
+}
+
+/// The nodes of `KEYGATE_TEST_REDIS_CLUSTER`, a scratch Redis Cluster; fails loudly when
+/// unset.
+pub fn cluster_nodes() -> Vec<String> {
+    std::env::var("KEYGATE_TEST_REDIS_CLUSTER")
+        .expect(
+            "KEYGATE_TEST_REDIS_CLUSTER is not set: comma-separated nodes of a scratch Redis \
+             Cluster (bash .ci/run starts one), e.g. redis://127.0.0.1:7000,redis://127.0.0.1:7001",
+        )
+        .split(',')
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
+        .collect()
+}
+
+/// A key prefix no other run shares: `keygate:<tag>:<12 random hex digits>:`.
+pub fn fresh_prefix(tag: &str) -> String {
+    let mut bytes = [0u8; 6];
+    getrandom::fill(&mut bytes).expect("random");
+    let random: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("keygate:{tag}:{random}:")
+}
+
 /// The failure bound of every wait for an announcement: nothing should take more than
 /// moments.
 pub const PATIENCE: Duration = Duration::from_secs(10);
