@@ -381,19 +381,11 @@ impl KeyRecord {
         }
     }
 
-    /// Reports a use at `now` to the record's hook, unless one was reported less than
+    /// Reports a use at `now_ns` (nanoseconds since the epoch) to the record's hook, unless one was reported less than
     /// [`LAST_USED_RESOLUTION`] ago: one atomic read on the request path, a compare-and-swap
     /// and the sink's call once a minute. `ip` (the client's address, when it can be known)
     /// is asked only then, so that resolving it costs nothing on the other requests.
-    ///
-    /// `now_ns` is `now` in nanoseconds since the epoch: the auth layer reads its clock once,
-    /// in nanoseconds, and does not convert it back.
-    pub(crate) fn note_use(
-        &self,
-        now_ns: u64,
-        now: SystemTime,
-        ip: impl FnOnce() -> Option<IpAddr>,
-    ) {
+    pub(crate) fn note_use(&self, now_ns: u64, ip: impl FnOnce() -> Option<IpAddr>) {
         use std::sync::atomic::Ordering;
         let Some(cell) = &self.usage.0 else { return };
         let window = u64::try_from(LAST_USED_RESOLUTION.as_nanos()).unwrap_or(u64::MAX);
@@ -411,6 +403,7 @@ impl KeyRecord {
                 .ip
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = ip;
+            let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(now_ns);
             cell.sink.used(&self.id, now, ip);
         }
     }

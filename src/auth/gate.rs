@@ -220,7 +220,7 @@ impl<L: KeyLookup> Gate<L> {
         self.usable(hash, attempt, backend);
         tracing::debug!(target: "keygate", key_id = %record.id, outcome = "accepted", "api key accepted");
         // The client IP is resolved only when the use is reported (once a minute a key).
-        record.note_use(now_ns, now, || self.client_ip.resolve(&head));
+        record.note_use(now_ns, || self.client_ip.resolve(&head));
         self.extractor
             .mark_sensitive(req.headers_mut(), found.places);
         let extensions = req.extensions_mut();

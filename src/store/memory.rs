@@ -1059,7 +1059,7 @@ mod tests {
         let record = store.lookup(&key.presented()).await.unwrap().unwrap();
         assert_eq!(store.get(&record.id).await.unwrap().last_used_at, None);
         let at = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_700_000_000);
-        record.note_use(crate::clock::nanos_since_epoch(at), at, || None);
+        record.note_use(crate::clock::nanos_since_epoch(at), || None);
         assert_eq!(store.get(&record.id).await.unwrap().last_used_at, Some(at));
         store
             .set_status(&record.id, Status::Disabled)
@@ -1099,7 +1099,7 @@ mod tests {
             .await
             .unwrap();
         let at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000);
-        handed_out.note_use(crate::clock::nanos_since_epoch(at), at, || None);
+        handed_out.note_use(crate::clock::nanos_since_epoch(at), || None);
         assert_eq!(
             store.get(&handed_out.id).await.unwrap().last_used_at,
             Some(at),
@@ -1125,7 +1125,7 @@ mod tests {
             .await
             .unwrap()
             .unwrap()
-            .note_use(crate::clock::nanos_since_epoch(at), at, || None);
+            .note_use(crate::clock::nanos_since_epoch(at), || None);
         let again = store.lookup(&key.presented()).await.unwrap().unwrap();
         assert_eq!(again.last_use(), Some(at), "a record looked up says it");
         assert_eq!(
@@ -1164,7 +1164,7 @@ mod tests {
             async move {
                 // Through the record the store holds now (as a fresh lookup gets it).
                 let held = Arc::clone(&store.read().unwrap().keys[&id].record);
-                held.note_use(crate::clock::nanos_since_epoch(at), at, || None);
+                held.note_use(crate::clock::nanos_since_epoch(at), || None);
             }
         };
         use_now(at).await;
