@@ -657,25 +657,15 @@ fn charge(
             }
             let s = step(tat, now, quota, cost);
             if !s.allowed {
-                if s.new_tat < tat {
-                    // The clock stepped back: keep the clamped TAT (best effort).
-                    let _ =
-                        cell.compare_exchange(tat, s.new_tat, Ordering::AcqRel, Ordering::Acquire);
-                }
+                clamp(cell, tat, &s);
                 // The later windows' TATs are clamped too (best effort), as Redis's script
                 // does: after a backward clock step they refill from one burst ahead
                 // rather than staying empty for as long as the clock jumped.
                 for (j, q) in quotas.iter().enumerate().skip(i + 1) {
                     if let Some(later) = cell_of(j) {
                         let tat = later.load(Ordering::Acquire);
-                        let c = step(tat, now, q, cost);
-                        if tat != SEALED && !c.allowed && c.new_tat < tat {
-                            let _ = later.compare_exchange(
-                                tat,
-                                c.new_tat,
-                                Ordering::AcqRel,
-                                Ordering::Acquire,
-                            );
+                        if tat != SEALED {
+                            clamp(later, tat, &step(tat, now, q, cost));
                         }
                     }
                 }
@@ -722,10 +712,7 @@ fn charge_one(cell: &AtomicU64, quota: &Quota, cost: u32, now: u64) -> Option<De
         }
         let s = step(tat, now, quota, cost);
         if !s.allowed {
-            if s.new_tat < tat {
-                // The clock stepped back: keep the clamped TAT (best effort).
-                let _ = cell.compare_exchange(tat, s.new_tat, Ordering::AcqRel, Ordering::Acquire);
-            }
+            clamp(cell, tat, &s);
             // Reported as seen: a read after this could meet a concurrent refund and
             // report "allowed" for a request that took nothing.
             return Some(Decision::from_step(&s, quota, now));
@@ -734,6 +721,16 @@ fn charge_one(cell: &AtomicU64, quota: &Quota, cost: u32, now: u64) -> Option<De
             Ok(_) => return Some(Decision::from_step(&s, quota, now)),
             Err(actual) => tat = actual,
         }
+    }
+}
+
+/// After a refusal `refused` of a cell read as `tat`: when the clock stepped back, the
+/// refusal's TAT is clamped below the cell's (one burst ahead of now), and the cell keeps
+/// it, so the window refills from there rather than staying empty for as long as the clock
+/// jumped. Best effort: a cell that moved meanwhile is left as it is.
+fn clamp(cell: &AtomicU64, tat: u64, refused: &Step) {
+    if !refused.allowed && refused.new_tat < tat {
+        let _ = cell.compare_exchange(tat, refused.new_tat, Ordering::AcqRel, Ordering::Acquire);
     }
 }
 
