@@ -510,7 +510,8 @@ fn decode(component: &str) -> Option<Found<'_>> {
     if !component.contains(['%', '+']) {
         return Some(Found::Borrowed(component));
     }
-    let replaced = component.replace('+', " ");
+    // It may be the key: wiped when dropped, as the decoded copy is.
+    let replaced = Zeroizing::new(component.replace('+', " "));
     percent_encoding::percent_decode_str(&replaced)
         .decode_utf8()
         .ok()
