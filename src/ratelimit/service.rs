@@ -1,4 +1,5 @@
 use std::fmt;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -70,10 +71,16 @@ where
             return RateLimitFuture::new(Flow::call(self.inner.call(req), None));
         };
         let quotas: &[Quota] = if own.is_empty() { &shared.quotas } else { own };
-        // What an outer layer of this same state charged this request already.
-        let prior = match req.extensions().get::<Charged>() {
-            Some(charged) if charged.by == shared.id => charged.tokens,
-            _ => 0,
+        // What an outer layer of this same state charged this request already: only a state
+        // that a route variant shares marks what it charged (`note_charge`), and the marker
+        // type is private, so without one there is nothing to look up.
+        let prior = if shared.nested.load(Ordering::Relaxed) {
+            match req.extensions().get::<Charged>() {
+                Some(charged) if charged.by == shared.id => charged.tokens,
+                _ => 0,
+            }
+        } else {
+            0
         };
         let cost = self.cost.saturating_sub(prior);
         if cost == 0 && self.cost > 0 {
