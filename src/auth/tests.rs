@@ -896,3 +896,67 @@ async fn a_planted_principal_lends_no_scopes_to_a_nested_route() {
     assert_eq!(status, 200);
     assert_eq!(body, writer_record.id.to_string());
 }
+
+/// The checksum is checked after the cache (a hit skips it: a cached key passed it when it
+/// was first looked up), but still before any backend: a key with one wrong checksum
+/// character reaches no lookup's future, behind a cache or not, and is refused as before.
+#[tokio::test]
+async fn a_wrong_checksum_reaches_no_backend_and_a_cached_key_still_passes() {
+    let store = MemoryStore::new();
+    let key = store
+        .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+        .unwrap();
+    let mistyped = {
+        let mut s = key.expose_secret().to_owned();
+        let last = s.pop().unwrap();
+        s.push(if last == 'a' { 'b' } else { 'a' });
+        s
+    };
+    assert_eq!(
+        KeyFormat::default().check(&mistyped),
+        Err(crate::key::FormatError::Checksum)
+    );
+    let polled = Arc::new(AtomicUsize::new(0));
+    let backend = {
+        let polled = Arc::clone(&polled);
+        let store = store.clone();
+        move |hash: KeyHash| {
+            let polled = Arc::clone(&polled);
+            let store = store.clone();
+            async move {
+                // Only a polled lookup reaches the backend.
+                polled.fetch_add(1, Ordering::SeqCst);
+                store.lookup(&hash.into()).now().ok().unwrap_or(Ok(None))
+            }
+        }
+    };
+    let cached = AuthLayer::new(CachedLookup::new(backend.clone())).layer(service_fn(echo));
+    let uncached = AuthLayer::new(backend).layer(service_fn(echo));
+    let req = |secret: &str| {
+        Request::get("/v1/health")
+            .header("x-api-key", secret)
+            .body(Body::default())
+            .unwrap()
+    };
+    let (status, _, body, _) = send(cached.clone(), req(&mistyped)).await;
+    assert_eq!(
+        (status.as_u16(), code_of(&body).as_str()),
+        (401, "invalid_api_key")
+    );
+    let (status, _, body, _) = send(uncached, req(&mistyped)).await;
+    assert_eq!(
+        (status.as_u16(), code_of(&body).as_str()),
+        (401, "invalid_api_key")
+    );
+    assert_eq!(
+        polled.load(Ordering::SeqCst),
+        0,
+        "the backend saw a mistyped key"
+    );
+    // Cached once, then answered from the cache: the mistyped key is still a miss, refused.
+    assert_eq!(send(cached.clone(), req(key.expose_secret())).await.0, 200);
+    let after_fill = polled.load(Ordering::SeqCst);
+    assert_eq!(send(cached.clone(), req(key.expose_secret())).await.0, 200);
+    assert_eq!(send(cached, req(&mistyped)).await.0, 401);
+    assert_eq!(polled.load(Ordering::SeqCst), after_fill);
+}
