@@ -381,8 +381,9 @@ impl KeyRecord {
         }
     }
 
-    /// Reports a use at `now_ns` (nanoseconds since the epoch) to the record's hook, unless one was reported less than
-    /// [`LAST_USED_RESOLUTION`] ago: one atomic read on the request path, a compare-and-swap
+    /// Reports a use at `now_ns` (nanoseconds since the epoch) to the record's hook, unless
+    /// one was reported within [`LAST_USED_RESOLUTION`] of it (before or after; a clock
+    /// stepped back further reports again): one atomic read on the request path, a compare-and-swap
     /// and the sink's call once a minute. `ip` (the client's address, when it can be known)
     /// is asked only then, so that resolving it costs nothing on the other requests.
     pub(crate) fn note_use(&self, now_ns: u64, ip: impl FnOnce() -> Option<IpAddr>) {
@@ -390,12 +391,17 @@ impl KeyRecord {
         let Some(cell) = &self.usage.0 else { return };
         let window = u64::try_from(LAST_USED_RESOLUTION.as_nanos()).unwrap_or(u64::MAX);
         let last = cell.last.load(Ordering::Relaxed);
-        if now_ns < last.saturating_add(window) && now_ns >= last {
+        // Within a minute of the last report, either way: an instant read just before it
+        // (by a request on another thread, or preempted) is the same minute, not a clock
+        // stepped back, and a clock saturated at `u64::MAX` stays in its minute. 0 is
+        // "never reported": what is stored is at least 1, so that a clock at the epoch
+        // reports once, then once a minute.
+        if last != 0 && now_ns.abs_diff(last) < window {
             return;
         }
         if cell
             .last
-            .compare_exchange(last, now_ns, Ordering::AcqRel, Ordering::Relaxed)
+            .compare_exchange(last, now_ns.max(1), Ordering::AcqRel, Ordering::Relaxed)
             .is_ok()
         {
             let ip = ip();
@@ -583,5 +589,138 @@ mod tests {
             have.first_missing(&Scopes::from(["read", "admin"])),
             Some("admin")
         );
+    }
+
+    // The levers hunt's attacks on `note_use` taking nanoseconds.
+
+    /// Counts the reports and keeps the times reported.
+    #[derive(Default)]
+    struct Reports(std::sync::Mutex<Vec<SystemTime>>);
+
+    impl UsageSink for Reports {
+        fn used(&self, _: &KeyId, at: SystemTime, _: Option<IpAddr>) {
+            self.0.lock().unwrap().push(at);
+        }
+    }
+
+    fn hooked() -> (KeyRecord, Arc<Reports>) {
+        let reports = Arc::new(Reports::default());
+        let record = KeyRecord::new(KeyId::new("key_1"), Owner::new("o", "o"), Environment::Live)
+            .with_usage(Arc::clone(&reports) as Arc<dyn UsageSink>);
+        (record, reports)
+    }
+
+    const SEC: u64 = 1_000_000_000;
+    const T0: u64 = 1_700_000_000 * SEC;
+
+    /// Held. Uses every second of a minute report once, and ask the IP once; the use a
+    /// minute after the report reports again and asks again; the time reported is the
+    /// instant given.
+    #[test]
+    fn held_the_ip_is_asked_only_when_a_use_is_reported() {
+        let (record, reports) = hooked();
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let ip = || {
+            asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Some(IpAddr::from([192, 0, 2, 1]))
+        };
+        for s in 0..60 {
+            for _ in 0..50 {
+                record.note_use(T0 + s * SEC, ip);
+            }
+        }
+        assert_eq!(reports.0.lock().unwrap().len(), 1);
+        assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 1);
+        record.note_use(T0 + 60 * SEC, ip);
+        assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 2);
+        let at = |ns: u64| SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(ns);
+        assert_eq!(*reports.0.lock().unwrap(), [at(T0), at(T0 + 60 * SEC)]);
+        assert_eq!(record.last_use_ip(), Some(IpAddr::from([192, 0, 2, 1])));
+    }
+
+    /// Held. Real threads noting uses at one instant: one report.
+    #[test]
+    fn held_threads_noting_one_instant_report_once() {
+        let (record, reports) = hooked();
+        std::thread::scope(|scope| {
+            for _ in 0..4 {
+                scope.spawn(|| {
+                    for _ in 0..2000 {
+                        record.note_use(T0, || None);
+                    }
+                });
+            }
+        });
+        assert_eq!(reports.0.lock().unwrap().len(), 1);
+    }
+
+    /// Found by the levers hunt. Two requests on two threads read the clock a millisecond
+    /// apart and note their uses in the other order: the earlier instant is taken for a
+    /// backward clock step and reported again (and the record's last use goes back), so a
+    /// busy key reports several times a minute, each time resolving the client IP.
+    #[test]
+    fn an_instant_read_just_before_the_last_report_is_not_reported_again() {
+        let (record, reports) = hooked();
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        let ip = || {
+            asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            None
+        };
+        record.note_use(T0 + 1_000_000, ip);
+        record.note_use(T0, ip);
+        record.note_use(T0 + 500_000, ip);
+        let reported = reports.0.lock().unwrap().clone();
+        assert_eq!(
+            reported.len(),
+            1,
+            "uses within one millisecond reported {reported:?}"
+        );
+        assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert_eq!(
+            record.last_use(),
+            Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_nanos(T0 + 1_000_000))
+        );
+        // A real step back (more than the resolution) is still reported, once.
+        record.note_use(T0 - 3600 * SEC, ip);
+        record.note_use(T0 - 3600 * SEC + SEC, ip);
+        assert_eq!(reports.0.lock().unwrap().len(), 2);
+    }
+
+    /// Found by the levers hunt. A clock at the end of `u64` nanoseconds (the year 2554, where
+    /// the layers' clocks saturate) reports every request, and asks the IP every time: the
+    /// throttle's `last + minute` saturates and `now < last + minute` is never true.
+    #[test]
+    fn a_saturated_clock_reports_once_a_minute_not_every_request() {
+        let (record, reports) = hooked();
+        let asked = std::sync::atomic::AtomicUsize::new(0);
+        for _ in 0..100 {
+            record.note_use(u64::MAX, || {
+                asked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                None
+            });
+        }
+        assert_eq!(reports.0.lock().unwrap().len(), 1, "reports at u64::MAX ns");
+        assert_eq!(asked.load(std::sync::atomic::Ordering::Relaxed), 1);
+    }
+
+    /// Found by the levers hunt (minor). A clock at or before the epoch (0 ns, as the clocks
+    /// read any time before 1970) on a key never used: the "never reported" 0 and the instant
+    /// are the same, and the key's uses are never reported, however long it is used.
+    #[test]
+    fn a_clock_at_the_epoch_reports_a_use_once() {
+        let (record, reports) = hooked();
+        for _ in 0..100 {
+            record.note_use(0, || None);
+        }
+        assert_eq!(
+            *reports.0.lock().unwrap(),
+            [SystemTime::UNIX_EPOCH],
+            "uses at the epoch"
+        );
+        // The first minute after it is the same minute.
+        record.note_use(59 * SEC, || None);
+        assert_eq!(reports.0.lock().unwrap().len(), 1);
+        record.note_use(61 * SEC, || None);
+        assert_eq!(reports.0.lock().unwrap().len(), 2);
     }
 }

@@ -457,7 +457,7 @@ impl<K: BucketKey> MemoryLimiter<K> {
             // bookkeeping of several (a single window never owes a give-back).
             if let [quota] = quotas {
                 if let Some(cell) = bucket.cell_of(quota) {
-                    match charge_one(cell, quota, cost, now) {
+                    match charge_one(cell, quota, cost, now, &*self.inner.clock) {
                         Some(decision) => return Ok(decision),
                         None => {
                             back_off(attempt);
@@ -484,7 +484,8 @@ impl<K: BucketKey> MemoryLimiter<K> {
                 }
                 continue;
             };
-            match charge(bucket.cells(), &at, quotas, cost, now, &mut owed) {
+            let clock = &*self.inner.clock;
+            match charge(bucket.cells(), &at, quotas, cost, (now, clock), &mut owed) {
                 Some(decision) => return decision,
                 None => back_off(attempt),
             }
@@ -627,13 +628,14 @@ fn back_off(attempt: usize) {
 /// Charges `cost` to each window's cell: the decision, or `None` when a cell turned out
 /// sealed (the bucket is being widened; what this call took is given back, or marked in
 /// `owed` to be given back in the wider bucket, and the caller looks again). Tokens still
-/// `owed` from an earlier attempt are given back first.
+/// `owed` from an earlier attempt are given back first. `now` is the request's time, and
+/// `clock` is read again only to [`clamp`].
 fn charge(
     cells: &[AtomicU64],
     at: &Positions,
     quotas: &[Quota],
     cost: u32,
-    now: u64,
+    (now, clock): (u64, &dyn Clock),
     owed: &mut [bool; MAX_WINDOWS],
 ) -> Option<Result<Decision, LimiterError>> {
     if !repay(cells, at, quotas, cost, owed) {
@@ -657,7 +659,7 @@ fn charge(
             }
             let s = step(tat, now, quota, cost);
             if !s.allowed {
-                clamp(cell, tat, &s);
+                clamp(cell, tat, quota, now, clock);
                 // The later windows' TATs are clamped too (best effort), as Redis's script
                 // does: after a backward clock step they refill from one burst ahead
                 // rather than staying empty for as long as the clock jumped.
@@ -665,7 +667,7 @@ fn charge(
                     if let Some(later) = cell_of(j) {
                         let tat = later.load(Ordering::Acquire);
                         if tat != SEALED {
-                            clamp(later, tat, &step(tat, now, q, cost));
+                            clamp(later, tat, q, now, clock);
                         }
                     }
                 }
@@ -704,7 +706,13 @@ fn charge(
 /// [`charge`] for a single window: the decision, or `None` when the cell turned out sealed
 /// (nothing was taken; the caller looks again). A refusal is reported as the cell was
 /// when it refused.
-fn charge_one(cell: &AtomicU64, quota: &Quota, cost: u32, now: u64) -> Option<Decision> {
+fn charge_one(
+    cell: &AtomicU64,
+    quota: &Quota,
+    cost: u32,
+    now: u64,
+    clock: &dyn Clock,
+) -> Option<Decision> {
     let mut tat = cell.load(Ordering::Acquire);
     loop {
         if tat == SEALED {
@@ -712,7 +720,7 @@ fn charge_one(cell: &AtomicU64, quota: &Quota, cost: u32, now: u64) -> Option<De
         }
         let s = step(tat, now, quota, cost);
         if !s.allowed {
-            clamp(cell, tat, &s);
+            clamp(cell, tat, quota, now, clock);
             // Reported as seen: a read after this could meet a concurrent refund and
             // report "allowed" for a request that took nothing.
             return Some(Decision::from_step(&s, quota, now));
@@ -724,13 +732,24 @@ fn charge_one(cell: &AtomicU64, quota: &Quota, cost: u32, now: u64) -> Option<De
     }
 }
 
-/// After a refusal `refused` of a cell read as `tat`: when the clock stepped back, the
-/// refusal's TAT is clamped below the cell's (one burst ahead of now), and the cell keeps
-/// it, so the window refills from there rather than staying empty for as long as the clock
-/// jumped. Best effort: a cell that moved meanwhile is left as it is.
-fn clamp(cell: &AtomicU64, tat: u64, refused: &Step) {
-    if !refused.allowed && refused.new_tat < tat {
-        let _ = cell.compare_exchange(tat, refused.new_tat, Ordering::AcqRel, Ordering::Acquire);
+/// After a refusal of `quota`'s cell read as `tat` at the request's time `now`: when the
+/// clock stepped back (the TAT is more than one burst ahead), the cell is clamped to one
+/// burst ahead of now, so the window refills from there rather than staying empty for as
+/// long as the clock jumped. Best effort: a cell that moved meanwhile is left as it is.
+///
+/// "Now" is read again from `clock` before clamping (the rare path: only a TAT beyond the
+/// request's horizon gets here). A request that read the clock, then waited (preempted)
+/// while later requests charged the cell, sees a TAT beyond its own, stale, horizon that
+/// is no backward step at all: clamped to that horizon, the cell gave back every token
+/// charged while it waited (10 a second admitted 30 within a second).
+fn clamp(cell: &AtomicU64, tat: u64, quota: &Quota, now: u64, clock: &dyn Clock) {
+    let burst = quota.burst_ns();
+    if tat <= now.saturating_add(burst) {
+        return;
+    }
+    let horizon = clock.now_nanos().saturating_add(burst);
+    if tat > horizon && horizon != u64::MAX {
+        let _ = cell.compare_exchange(tat, horizon, Ordering::AcqRel, Ordering::Acquire);
     }
 }
 
