@@ -439,3 +439,49 @@ fn held_checksum_and_length_edges_are_refused() {
         }
     }
 }
+
+/// A refusal stays a refusal (commit `71f014f`, until now without a test). On a key with
+/// two windows, the refusing window is clamped after a backward clock step, and the clamp
+/// reads the clock again: here that read runs a refund of the whole key, as another request
+/// giving back its tokens at that instant would. The decision then re-reads the cells to
+/// report the bucket's numbers, and finds every window open again; it must still say
+/// "refused", for this request took nothing (an "allowed" here would be one request over
+/// the quota, admitted without a charge).
+#[test]
+fn a_refund_during_a_refusal_does_not_turn_it_into_an_admission() {
+    let quotas = [Quota::per_day(nz(1_000)), Quota::per_second(nz(2))];
+    let clock = StaleClock::default();
+    clock.now.store(T0 + 100 * SEC, Ordering::SeqCst);
+    let limiter: MemoryLimiter<u32> = MemoryLimiter::builder()
+        .clock(clock.clone())
+        .build()
+        .expect("limiter");
+    assert_eq!(
+        admitted(&limiter, 1, &quotas, 3),
+        2,
+        "the second window drained"
+    );
+    // The clock steps back 100 s: the drained window's TAT lies past now + its burst.
+    clock.now.store(T0, Ordering::SeqCst);
+    let refunded = Arc::new(AtomicUsize::new(0));
+    {
+        let (limiter, clock2, refunded) = (limiter.clone(), clock.clone(), Arc::clone(&refunded));
+        // The decision's own clock read passes; the clamp's, the second, runs the refund.
+        *clock.hook.lock().expect("hook") = Some(Box::new(move || {
+            *clock2.hook.lock().expect("hook") = Some(Box::new(move || {
+                limiter.refund(&1, &quotas, u32::MAX);
+                refunded.fetch_add(1, Ordering::SeqCst);
+            }));
+        }));
+    }
+    let decision = limiter.decide(&1, &quotas, 1).expect("decided");
+    assert_eq!(
+        refunded.load(Ordering::SeqCst),
+        1,
+        "the refund ran inside the refusal"
+    );
+    assert!(
+        !decision.allowed,
+        "a refused request reported as allowed: {decision:?}"
+    );
+}
