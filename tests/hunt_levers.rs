@@ -449,7 +449,15 @@ fn held_checksum_and_length_edges_are_refused() {
 /// the quota, admitted without a charge).
 #[test]
 fn a_refund_during_a_refusal_does_not_turn_it_into_an_admission() {
-    let quotas = [Quota::per_day(nz(1_000)), Quota::per_second(nz(2))];
+    // Two windows (the general charge) and one (`charge_one`, which reports the step that
+    // refused rather than reading its cell again).
+    let two = vec![Quota::per_day(nz(1_000)), Quota::per_second(nz(2))];
+    for quotas in [two, vec![Quota::per_second(nz(2))]] {
+        refund_during_a_refusal(quotas);
+    }
+}
+
+fn refund_during_a_refusal(quotas: Vec<Quota>) {
     let clock = StaleClock::default();
     clock.now.store(T0 + 100 * SEC, Ordering::SeqCst);
     let limiter: MemoryLimiter<u32> = MemoryLimiter::builder()
@@ -465,7 +473,12 @@ fn a_refund_during_a_refusal_does_not_turn_it_into_an_admission() {
     clock.now.store(T0, Ordering::SeqCst);
     let refunded = Arc::new(AtomicUsize::new(0));
     {
-        let (limiter, clock2, refunded) = (limiter.clone(), clock.clone(), Arc::clone(&refunded));
+        let (limiter, clock2, refunded, quotas) = (
+            limiter.clone(),
+            clock.clone(),
+            Arc::clone(&refunded),
+            quotas.clone(),
+        );
         // The decision's own clock read passes; the clamp's, the second, runs the refund.
         *clock.hook.lock().expect("hook") = Some(Box::new(move || {
             *clock2.hook.lock().expect("hook") = Some(Box::new(move || {
