@@ -810,7 +810,7 @@ impl<K: RedisBucketKey> RedisLimiter<K> {
                     bucket: request.bucket(),
                     markers: request.markers(),
                     token: &refund_token,
-                    quotas: &request.quotas,
+                    quotas: request.quotas(),
                     cost: request.cost,
                 }];
                 let keep_ms = millis(SETTLE_FOR).saturating_add(60_000);
@@ -947,6 +947,14 @@ impl Caller {
     /// each group's mode, spec, size and tokens. Built into one buffer, numbers written in
     /// place: no string per argument. A hot key's batch is one group.
     fn command(&self, load: bool, calls: &[Call<'_>], keep_ms: u64) -> Cmd {
+        // The groups ([`group_end`]), found once: (start, end) of each.
+        let mut groups: Vec<(usize, usize)> = Vec::with_capacity(4);
+        let mut at = 0;
+        while at < calls.len() {
+            let end = group_end(calls, at);
+            groups.push((at, end));
+            at = end;
+        }
         // The distinct specs, in order of first use (a batch has few).
         let mut specs: Vec<Call<'_>> = Vec::with_capacity(4);
         for call in calls {
@@ -969,17 +977,11 @@ impl Caller {
         } else {
             cmd.arg("EVALSHA").arg(&self.hash);
         }
-        let mut groups = 0usize;
-        let mut at = 0;
-        while at < calls.len() {
-            at = group_end(calls, at);
-            groups += 1;
-        }
-        cmd.arg(groups.saturating_mul(2));
-        let mut at = 0;
-        while let Some(call) = calls.get(at) {
-            cmd.arg(call.bucket).arg(call.markers);
-            at = group_end(calls, at);
+        cmd.arg(groups.len().saturating_mul(2));
+        for &(start, _) in &groups {
+            if let Some(call) = calls.get(start) {
+                cmd.arg(call.bucket).arg(call.markers);
+            }
         }
         cmd.arg(keep_ms);
         match &self.clock {
@@ -1014,18 +1016,18 @@ impl Caller {
                     .arg(charge % SEC);
             }
         }
-        let mut at = 0;
-        while let Some(call) = calls.get(at) {
-            let end = group_end(calls, at);
+        for &(start, end) in &groups {
+            let Some(call) = calls.get(start) else {
+                continue;
+            };
             let spec = specs
                 .iter()
                 .position(|s| call.same_spec(s.quotas, s.cost))
                 .unwrap_or(0);
-            cmd.arg(call.mode).arg(spec + 1).arg(end - at);
-            for call in calls.get(at..end).unwrap_or_default() {
+            cmd.arg(call.mode).arg(spec + 1).arg(end - start);
+            for call in calls.get(start..end).unwrap_or_default() {
                 cmd.arg(call.token);
             }
-            at = end;
         }
         cmd
     }
@@ -1079,6 +1081,9 @@ impl Caller {
     }
 }
 
+/// What fills a [`Request`]'s unused quota slots (never read: only the first `windows` are).
+const DEFAULT_QUOTA: Quota = Quota::per_second(crate::quota::nonzero(1));
+
 /// A charge waiting for Redis.
 struct Request {
     /// The bucket's name followed by `:m:<slot>`: the hash that keeps the decision's token
@@ -1088,7 +1093,10 @@ struct Request {
     bucket_len: usize,
     /// The decision's token, 16 hex digits.
     token: [u8; 16],
-    quotas: Vec<Quota>,
+    /// The first `windows` are the decision's quotas (held in place: no allocation of
+    /// their own per decision); the rest repeat the first.
+    quotas: [Quota; MAX_WINDOWS],
+    windows: usize,
     cost: u32,
     /// Set before the decision may be written to Redis: a decision that gave up before it
     /// was ever sent needs no settling.
@@ -1096,10 +1104,10 @@ struct Request {
 }
 
 impl Request {
+    /// `quotas` holds 1 to [`MAX_WINDOWS`] quotas (checked by the caller; more are cut).
     fn new(bucket: String, token: u64, quotas: &[Quota], cost: u32) -> Self {
         let mut names = bucket;
         let bucket_len = names.len();
-        let _ = write!(names, ":m:{:x}", token >> 12);
         let mut hex = [0u8; 16];
         for (i, digit) in hex.iter_mut().enumerate() {
             let nibble = (token >> (60 - 4 * i)) & 0xf;
@@ -1108,11 +1116,28 @@ impl Request {
                 .copied()
                 .unwrap_or(b'0');
         }
+        // The slot, `token >> 12` in hex without leading zeros (`{:x}`): the token's first 13
+        // digits, written without the formatting machinery.
+        let slot = hex.get(..13).unwrap_or_default();
+        let start = slot.iter().position(|&d| d != b'0').unwrap_or(12);
+        names.push_str(":m:");
+        names.extend(
+            slot.get(start..)
+                .unwrap_or_default()
+                .iter()
+                .map(|&d| char::from(d)),
+        );
+        let windows = quotas.len().min(MAX_WINDOWS);
+        let mut held = [quotas.first().copied().unwrap_or(DEFAULT_QUOTA); MAX_WINDOWS];
+        for (slot, quota) in held.iter_mut().zip(quotas) {
+            *slot = *quota;
+        }
         Self {
             names,
             bucket_len,
             token: hex,
-            quotas: quotas.to_vec(),
+            quotas: held,
+            windows,
             cost,
             sent: AtomicBool::new(false),
         }
@@ -1120,6 +1145,10 @@ impl Request {
 
     fn bucket(&self) -> &str {
         self.names.get(..self.bucket_len).unwrap_or_default()
+    }
+
+    fn quotas(&self) -> &[Quota] {
+        self.quotas.get(..self.windows).unwrap_or_default()
     }
 
     fn markers(&self) -> &str {
@@ -1136,7 +1165,7 @@ impl Request {
             bucket: self.bucket(),
             markers: self.markers(),
             token: self.token(),
-            quotas: &self.quotas,
+            quotas: self.quotas(),
             cost: self.cost,
         }
     }
@@ -1508,13 +1537,13 @@ impl<K: RedisBucketKey> LimiterStore<K> for RedisLimiter<K> {
             let deadline = Instant::now() + this.inner.timeout;
             let outcome = match tokio::time::timeout_at(deadline, this.send(&request)).await {
                 Ok(Reply::Answer(verdict)) => {
-                    parse_answer(&verdict, &request.quotas, cost).ok_or(RedisLimiterError::Reply)
+                    parse_answer(&verdict, request.quotas(), cost).ok_or(RedisLimiterError::Reply)
                 }
                 Ok(Reply::Failed(e)) => Err(RedisLimiterError::Redis(e)),
                 Ok(Reply::Garbled) => Err(RedisLimiterError::Reply),
                 Err(_) => Err(RedisLimiterError::Timeout(this.inner.timeout)),
             };
-            let quotas = &request.quotas;
+            let quotas = request.quotas();
             match outcome {
                 Ok(decision) => {
                     this.inner.breaker.success();
@@ -1600,6 +1629,30 @@ mod tests {
 
     fn q(n: u32) -> Quota {
         Quota::per_minute(NonZeroU32::new(n).unwrap())
+    }
+
+    /// The marker hash's name is the bucket's, then `:m:` and `token >> 12` in hex without
+    /// leading zeros (as `{:x}` writes it), and the token is its 16 hex digits.
+    #[test]
+    fn a_requests_marker_names_its_slot_as_hex_formatting_would() {
+        let mut tokens = vec![0, 1, 0xfff, 0x1000, 0x1fff, 0xffff_ffff, u64::MAX, 1 << 63];
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..1000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            tokens.push(x >> (x % 64));
+        }
+        for token in tokens {
+            let request = Request::new("kb:{k}".into(), token, &[q(5)], 1);
+            assert_eq!(
+                request.markers(),
+                format!("kb:{{k}}:m:{:x}", token >> 12),
+                "{token}"
+            );
+            assert_eq!(request.bucket(), "kb:{k}");
+            assert_eq!(request.token(), format!("{token:016x}"));
+        }
     }
 
     #[test]
