@@ -115,7 +115,6 @@ fn code_of(body: &str) -> String {
 /// checked layer caches an imported key whose checksum is wrong; the checked layer then
 /// takes the hit and accepts the key it refuses while the cache is cold.
 #[tokio::test]
-#[ignore = "finding: a cache hit filled by a KeyFormat::any() layer skips the checksum"]
 async fn a_key_cached_by_an_any_format_layer_skips_the_checked_layers_checksum() {
     let legacy = legacy_secret();
     let (backend, _polled) = table_lookup(vec![(KeyHash::of(&legacy), record("legacy"))]);
@@ -147,7 +146,6 @@ async fn a_key_cached_by_an_any_format_layer_skips_the_checked_layers_checksum()
 /// the store's lock taken) for a key whose checksum is wrong; and a key it knows with a
 /// wrong checksum is accepted by a layer that checks the format.
 #[tokio::test]
-#[ignore = "finding: an Answer::Now lookup is read for a wrong checksum, its record skips it"]
 async fn an_in_memory_lookup_is_read_for_a_wrong_checksum_and_its_answer_skips_the_check() {
     let legacy = legacy_secret();
     let table = InMemoryTable {

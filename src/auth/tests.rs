@@ -897,9 +897,9 @@ async fn a_planted_principal_lends_no_scopes_to_a_nested_route() {
     assert_eq!(body, writer_record.id.to_string());
 }
 
-/// The checksum is checked after the cache (a hit skips it: a cached key passed it when it
-/// was first looked up), but still before any backend: a key with one wrong checksum
-/// character reaches no lookup's future, behind a cache or not, and is refused as before.
+/// The checksum is checked before any lookup (a cache hit skips nothing: see
+/// `tests/hunt_checksum.rs`): a key with one wrong checksum character reaches no lookup's
+/// future, behind a cache or not, and is refused as before.
 #[tokio::test]
 async fn a_wrong_checksum_reaches_no_backend_and_a_cached_key_still_passes() {
     let store = MemoryStore::new();
