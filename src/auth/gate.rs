@@ -8,7 +8,6 @@ use std::time::{Duration, UNIX_EPOCH};
 use http::{Request, Response, StatusCode};
 
 use super::lockout::{Lockout, Taken};
-use crate::answer::Answer;
 use crate::bypass::{Bypass, CorsPreflight};
 use crate::clock::Clock;
 use crate::error::BoxError;
@@ -132,8 +131,14 @@ impl<L: KeyLookup> Gate<L> {
         res
     }
 
-    /// Extracts the key and checks its shape (prefix, length, alphabet): no I/O, no
-    /// allocation for header schemes. The checksum waits for [`checksum`](Self::checksum).
+    /// Extracts the key and checks its format (shape and checksum): no I/O, no allocation
+    /// for header schemes.
+    ///
+    /// The checksum is checked here, before any lookup, and not skipped for a key the
+    /// lookup knows at once: a cache hit does not imply a key that passed this layer's
+    /// checksum (a [`KeyFormat::any`] layer sharing the cache fills it with keys of any
+    /// checksum, and an in-memory lookup may know imported keys with a wrong one), and a
+    /// lookup that answers at once has read its backend by the time it answers.
     pub(crate) fn extract<'r, B>(&self, req: &'r Request<B>) -> Result<Credential<'r>, Rejection> {
         let credential = self.extractor.extract(req).map_err(|e| {
             Rejection::new(match e {
@@ -142,27 +147,10 @@ impl<L: KeyLookup> Gate<L> {
                 ExtractError::Malformed => Reason::InvalidApiKey,
             })
         })?;
-        if self.format.check_shape(credential.secret()).is_err() {
+        if self.format.check(credential.secret()).is_err() {
             return Err(Rejection::new(Reason::InvalidApiKey));
         }
         Ok(credential)
-    }
-
-    /// The rest of the format check, for a key the lookup did not find at once: a key the
-    /// cache (or an in-memory store) knows was checked when it was first looked up, or is a
-    /// key the store issued, so a hit skips it; anything else is checked here, before the
-    /// lookup's future is polled (it does nothing until then: [`KeyLookup::lookup`]), so a
-    /// mistyped key still reaches no backend.
-    pub(crate) fn checksum<E>(
-        &self,
-        answer: &Answer<LookupResult<E>, L::Future>,
-        secret: &str,
-    ) -> Result<(), Rejection> {
-        if matches!(answer, Answer::Now(Ok(Some(_)))) || self.format.check_checksum(secret).is_ok()
-        {
-            return Ok(());
-        }
-        Err(Rejection::new(Reason::InvalidApiKey))
     }
 
     /// Before a lookup that must be awaited: takes an attempt from the client's budget

@@ -93,20 +93,15 @@ where
                 Err(rejection) => answer(gate.reject(rejection, &req)),
             };
         }
-        let checked = gate.extract(&req).and_then(|credential| {
-            let key = PresentedKey::new(credential.secret());
-            let found = Found {
-                fingerprint: key.fingerprint(),
-                places: credential.places(),
-            };
-            let lookup = gate.lookup.lookup(&key);
-            // A key with a wrong checksum goes no further: its lookup's future is dropped
-            // unpolled, and it is refused as one of the wrong shape is.
-            gate.checksum(&lookup, credential.secret())?;
-            Ok((lookup, found))
-        });
-        let (lookup, found) = match checked {
-            Ok(checked) => checked,
+        let (lookup, found) = match gate.extract(&req) {
+            Ok(credential) => {
+                let key = PresentedKey::new(credential.secret());
+                let found = Found {
+                    fingerprint: key.fingerprint(),
+                    places: credential.places(),
+                };
+                (gate.lookup.lookup(&key), found)
+            }
             Err(rejection) => {
                 let rejection = gate.refuse_early(rejection, &req);
                 return answer(gate.reject(rejection, &req));

@@ -897,9 +897,9 @@ async fn a_planted_principal_lends_no_scopes_to_a_nested_route() {
     assert_eq!(body, writer_record.id.to_string());
 }
 
-/// The checksum is checked after the cache (a hit skips it: a cached key passed it when it
-/// was first looked up), but still before any backend: a key with one wrong checksum
-/// character reaches no lookup's future, behind a cache or not, and is refused as before.
+/// The checksum is checked before any lookup (a cache hit skips nothing: see
+/// `tests/hunt_checksum.rs`): a key with one wrong checksum character reaches no lookup's
+/// future, behind a cache or not, and is refused as before.
 #[tokio::test]
 async fn a_wrong_checksum_reaches_no_backend_and_a_cached_key_still_passes() {
     let store = MemoryStore::new();
@@ -959,4 +959,64 @@ async fn a_wrong_checksum_reaches_no_backend_and_a_cached_key_still_passes() {
     assert_eq!(send(cached.clone(), req(key.expose_secret())).await.0, 200);
     assert_eq!(send(cached, req(&mistyped)).await.0, 401);
     assert_eq!(polled.load(Ordering::SeqCst), after_fill);
+}
+
+/// Held in the checksum hunt (claim g): `check_shape` and `check_checksum`, each alone and
+/// on any input (empty, shorter than the checksum, exactly six characters, non-ASCII at
+/// any place, a multi-byte character across the checksum's boundary), panic nothing; and
+/// for every key of the right shape, `check` is their conjunction.
+#[test]
+fn held_shape_and_checksum_checks_panic_on_no_input() {
+    let formats = [
+        KeyFormat::default(),
+        KeyFormat::new("sk_", "sk_test_").unwrap(),
+        KeyFormat::any(),
+    ];
+    let good = KeyFormat::default()
+        .generate(Environment::Live)
+        .unwrap()
+        .expose_secret()
+        .to_owned();
+    let mut inputs: Vec<String> = vec![
+        String::new(),
+        "a".into(),
+        "00000".into(),
+        "000000".into(),
+        "0000000".into(),
+        "éééééé".into(),
+        "ééé".into(),
+        "\u{10ffff}\u{10ffff}".into(),
+        "zzzzzz".into(),
+        "kg_live_".to_owned() + &"0".repeat(27) + "é",
+        "kg_live_".to_owned() + &"0".repeat(23) + "é" + &"0".repeat(5),
+    ];
+    for i in 0..=good.len() {
+        inputs.push(good[..i].to_owned());
+        inputs.push(good[i..].to_owned());
+        for c in ['é', '\u{0}', '\u{ff}', '€', '0', 'z'] {
+            let mut s = good[..i].to_owned();
+            s.push(c);
+            s.push_str(&good[(i + 1).min(good.len())..]);
+            inputs.push(s);
+        }
+    }
+    for s in &inputs {
+        for f in &formats {
+            let shape = f.check_shape(s);
+            let checksum = f.check_checksum(s);
+            let whole = f.check(s);
+            match (shape, checksum) {
+                (Ok(env), Ok(())) => assert_eq!(whole, Ok(env), "{s:?}"),
+                (Err(e), _) | (Ok(_), Err(e)) => assert_eq!(whole, Err(e), "{s:?}"),
+            }
+        }
+    }
+    // `any` takes everything; the checksum of the empty body is 0, which `000000` encodes.
+    assert_eq!(KeyFormat::any().check_checksum(""), Ok(()));
+    assert_eq!(KeyFormat::default().check_checksum("000000"), Ok(()));
+    assert!(KeyFormat::default().check("000000").is_err());
+    assert_eq!(
+        KeyFormat::default().check(&good),
+        Ok(Some(Environment::Live))
+    );
 }

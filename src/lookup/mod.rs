@@ -86,9 +86,7 @@ pub trait KeyLookup: Send + Sync + 'static {
     /// A future returned here must do nothing until it is polled (as `async` blocks and
     /// database clients' futures do): the auth layer may drop it unpolled, when the
     /// failed-attempt limiter turns the client away, and a lookup that has started by then
-    /// has reached the store all the same. The same holds for a key whose checksum is
-    /// wrong: the auth layer checks the checksum after this call (so that a cache hit skips
-    /// it) and before polling, so this call itself must not reach a backend either.
+    /// has reached the store all the same.
     fn lookup(&self, key: &PresentedKey<'_>) -> Answer<LookupResult<Self::Error>, Self::Future>;
 }
 
