@@ -355,13 +355,6 @@ impl KeyFormat {
     ///
     /// A [`FormatError`] saying what is wrong.
     pub fn check(&self, candidate: &str) -> Result<Option<Environment>, FormatError> {
-        let environment = self.check_shape(candidate)?;
-        self.check_checksum(candidate)?;
-        Ok(environment)
-    }
-
-    /// [`check`](Self::check) without the checksum: prefix, length and alphabet.
-    pub(crate) fn check_shape(&self, candidate: &str) -> Result<Option<Environment>, FormatError> {
         let Some(prefixes) = &self.inner else {
             return Ok(None);
         };
@@ -388,26 +381,18 @@ impl KeyFormat {
         if !body.iter().fold(true, |ok, &byte| ok & is_base62(byte)) {
             return Err(FormatError::Alphabet);
         }
-        Ok(Some(environment))
-    }
-
-    /// The rest of [`check`](Self::check): the last [`CHECKSUM_LEN`] characters are the
-    /// CRC-32 of the rest, in base62. Always `Ok` for [`KeyFormat::any`].
-    pub(crate) fn check_checksum(&self, candidate: &str) -> Result<(), FormatError> {
-        if self.inner.is_none() {
-            return Ok(());
-        }
-        let Some(split) = candidate.len().checked_sub(CHECKSUM_LEN) else {
-            return Err(FormatError::Shape);
-        };
-        let (body, digits) = candidate.as_bytes().split_at(split);
-        // A byte outside the alphabet reads as 0xff: no base62 number, and no panic.
-        let checksum = digits.iter().fold(0u64, |sum, &byte| {
-            sum * 62 + u64::from(BASE62[usize::from(byte)])
-        });
-        let expected = u64::from(crc32fast::hash(body));
+        let checksum = rest
+            .as_bytes()
+            .get(RANDOM_LEN..)
+            .unwrap_or(&[])
+            .iter()
+            .fold(0u64, |sum, &byte| {
+                sum * 62 + u64::from(BASE62[usize::from(byte)])
+            });
+        let body = &candidate[..candidate.len() - CHECKSUM_LEN];
+        let expected = u64::from(crc32fast::hash(body.as_bytes()));
         if bool::from(checksum.ct_eq(&expected)) {
-            Ok(())
+            Ok(Some(environment))
         } else {
             Err(FormatError::Checksum)
         }
