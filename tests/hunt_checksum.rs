@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use common::layered::{clock, nz, ok, req, status_and_body, Body};
+use common::layered::{clock, nz, ok, req, status_and_body, status_of, Body};
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
 use keygate::answer::Answer;
@@ -132,7 +132,7 @@ async fn a_key_cached_by_an_any_format_layer_skips_the_checked_layers_checksum()
         (401, "invalid_api_key")
     );
     // The legacy route accepts it, as it should: the cache now holds it.
-    assert_eq!(status_and_body(&imported, get(&legacy)).await.0, 200);
+    assert_eq!(status_of(&imported, get(&legacy)).await, 200);
     let (status, body) = status_and_body(&checked, get(&legacy)).await;
     assert_eq!(
         (status.as_u16(), code_of(&body).as_str()),
@@ -232,14 +232,8 @@ async fn held_a_mistyped_cached_key_reads_as_a_mistyped_unknown_key_and_counts_a
         .layer(service_fn(ok));
     let (a, b) = ("203.0.113.10:1", "198.51.100.20:1");
     // Both clients used the valid key (known good, cached).
-    assert_eq!(
-        status_and_body(&svc, req(good.expose_secret(), a)).await.0,
-        200
-    );
-    assert_eq!(
-        status_and_body(&svc, req(good.expose_secret(), b)).await.0,
-        200
-    );
+    assert_eq!(status_of(&svc, req(good.expose_secret(), a)).await, 200);
+    assert_eq!(status_of(&svc, req(good.expose_secret(), b)).await, 200);
     let after_fill = polled.load(Ordering::SeqCst);
     let variant = mistype(good.expose_secret());
     let stranger = legacy_secret();
@@ -262,14 +256,8 @@ async fn held_a_mistyped_cached_key_reads_as_a_mistyped_unknown_key_and_counts_a
     );
     assert_eq!(cache.len(), 1, "a mistyped key was cached");
     // The valid key still works from both turned-away addresses.
-    assert_eq!(
-        status_and_body(&svc, req(good.expose_secret(), a)).await.0,
-        200
-    );
-    assert_eq!(
-        status_and_body(&svc, req(good.expose_secret(), b)).await.0,
-        200
-    );
+    assert_eq!(status_of(&svc, req(good.expose_secret(), a)).await, 200);
+    assert_eq!(status_of(&svc, req(good.expose_secret(), b)).await, 200);
 }
 
 /// Claim (b) without any cache: a closure lookup, a `MemoryStore`; mistyped keys turn a
@@ -323,20 +311,15 @@ async fn held_a_checked_stack_and_its_variants_cache_nothing_for_a_wrong_checksu
     let nested = stack.layer(variant.layer(service_fn(ok)));
     let plain = stack.layer(service_fn(ok));
     for _ in 0..20 {
-        assert_eq!(status_and_body(&nested, get(&legacy_secret())).await.0, 401);
-        assert_eq!(status_and_body(&plain, get(&legacy_secret())).await.0, 401);
+        assert_eq!(status_of(&nested, get(&legacy_secret())).await, 401);
+        assert_eq!(status_of(&plain, get(&legacy_secret())).await, 401);
         assert_eq!(
-            status_and_body(&plain, get(&mistype(good.expose_secret())))
-                .await
-                .0,
+            status_of(&plain, get(&mistype(good.expose_secret()))).await,
             401
         );
     }
     assert_eq!(cache.len(), 0);
-    assert_eq!(
-        status_and_body(&nested, get(good.expose_secret())).await.0,
-        200
-    );
+    assert_eq!(status_of(&nested, get(good.expose_secret())).await, 200);
     assert_eq!(cache.len(), 1);
 }
 
@@ -422,22 +405,10 @@ async fn held_nested_prefixes_route_to_their_environment() {
             .unwrap()
             .layer(service_fn(ok));
         for _ in 0..2 {
-            assert_eq!(
-                status_and_body(&live_only, get(l.expose_secret())).await.0,
-                200
-            );
-            assert_eq!(
-                status_and_body(&test_only, get(t.expose_secret())).await.0,
-                200
-            );
-            assert_eq!(
-                status_and_body(&live_only, get(t.expose_secret())).await.0,
-                403
-            );
-            assert_eq!(
-                status_and_body(&test_only, get(l.expose_secret())).await.0,
-                403
-            );
+            assert_eq!(status_of(&live_only, get(l.expose_secret())).await, 200);
+            assert_eq!(status_of(&test_only, get(t.expose_secret())).await, 200);
+            assert_eq!(status_of(&live_only, get(t.expose_secret())).await, 403);
+            assert_eq!(status_of(&test_only, get(l.expose_secret())).await, 403);
             for key in [&l, &t] {
                 let (status, body) =
                     status_and_body(&live_only, get(&mistype_in(key.expose_secret()))).await;
@@ -550,21 +521,15 @@ async fn held_sqlite_sees_no_mistyped_key() {
     let plain = AuthLayer::new(counted.clone()).layer(service_fn(ok));
     let cached = AuthLayer::new(CachedLookup::new(counted)).layer(service_fn(ok));
     let variant = mistype(good.expose_secret());
-    assert_eq!(status_and_body(&plain, get(&variant)).await.0, 401);
-    assert_eq!(status_and_body(&cached, get(&variant)).await.0, 401);
+    assert_eq!(status_of(&plain, get(&variant)).await, 401);
+    assert_eq!(status_of(&cached, get(&variant)).await, 401);
     assert_eq!(polls.load(Ordering::SeqCst), 0);
-    assert_eq!(
-        status_and_body(&cached, get(good.expose_secret())).await.0,
-        200
-    );
-    assert_eq!(
-        status_and_body(&plain, get(good.expose_secret())).await.0,
-        200
-    );
+    assert_eq!(status_of(&cached, get(good.expose_secret())).await, 200);
+    assert_eq!(status_of(&plain, get(good.expose_secret())).await, 200);
     let after = polls.load(Ordering::SeqCst);
     assert!(after > 0);
-    assert_eq!(status_and_body(&cached, get(&variant)).await.0, 401);
-    assert_eq!(status_and_body(&plain, get(&variant)).await.0, 401);
+    assert_eq!(status_of(&cached, get(&variant)).await, 401);
+    assert_eq!(status_of(&plain, get(&variant)).await, 401);
     assert_eq!(polls.load(Ordering::SeqCst), after);
 }
 
@@ -588,23 +553,14 @@ async fn held_a_route_variant_inside_its_stack_charges_its_cost_once() {
     // 3 + 3 + 3 = 9 of 10: a fourth costs 3 more and is refused, its outer token refunded.
     for i in 0..3 {
         assert_eq!(
-            status_and_body(&nested, get(good.expose_secret())).await.0,
+            status_of(&nested, get(good.expose_secret())).await,
             200,
             "{i}"
         );
     }
-    assert_eq!(
-        status_and_body(&nested, get(good.expose_secret())).await.0,
-        429
-    );
-    assert_eq!(
-        status_and_body(&plain, get(good.expose_secret())).await.0,
-        200
-    );
-    assert_eq!(
-        status_and_body(&plain, get(good.expose_secret())).await.0,
-        429
-    );
+    assert_eq!(status_of(&nested, get(good.expose_secret())).await, 429);
+    assert_eq!(status_of(&plain, get(good.expose_secret())).await, 200);
+    assert_eq!(status_of(&plain, get(good.expose_secret())).await, 429);
 
     // Two stacks of their own states, one inside the other, both marking their charges
     // (each has a variant): the inner one charges its own token for every request, never
@@ -624,23 +580,14 @@ async fn held_a_route_variant_inside_its_stack_charges_its_cost_once() {
     let both = a.layer(b.layer(service_fn(ok)));
     for i in 0..4 {
         assert_eq!(
-            status_and_body(&both, get(good.expose_secret())).await.0,
+            status_of(&both, get(good.expose_secret())).await,
             200,
             "{i}"
         );
     }
-    assert_eq!(
-        status_and_body(&both, get(good.expose_secret())).await.0,
-        429
-    );
+    assert_eq!(status_of(&both, get(good.expose_secret())).await, 429);
     let b_alone = b.layer(service_fn(ok));
-    assert_eq!(
-        status_and_body(&b_alone, get(good.expose_secret())).await.0,
-        429
-    );
+    assert_eq!(status_of(&b_alone, get(good.expose_secret())).await, 429);
     let a_alone = a.layer(service_fn(ok));
-    assert_eq!(
-        status_and_body(&a_alone, get(good.expose_secret())).await.0,
-        200
-    );
+    assert_eq!(status_of(&a_alone, get(good.expose_secret())).await, 200);
 }

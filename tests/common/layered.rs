@@ -62,3 +62,13 @@ where
     let bytes = res.into_body().collect().await.unwrap().to_bytes();
     (status, String::from_utf8_lossy(&bytes).into_owned())
 }
+
+/// The status of `svc`'s answer to `req`.
+pub async fn status_of<S, B>(svc: &S, req: Request<Body>) -> StatusCode
+where
+    S: Service<Request<Body>, Response = Response<B>, Error = Infallible> + Clone,
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    status_and_body(svc, req).await.0
+}
