@@ -1,10 +1,15 @@
 #![allow(missing_docs)] // criterion_group! generates undocumented items
 //! Why `CachedLookup` sits on quick_cache: a hit on 10 000 cached keys with moka's and
-//! quick_cache's synchronous caches, and through `CachedLookup`, in one run:
-//! `cargo bench --bench cache`.
+//! quick_cache's synchronous caches, and through `CachedLookup`, in one run; and a million
+//! keys in use in turn through a cache of fixed size (100 000, the old default) and through
+//! one that grows to hold them (the default): `cargo bench --bench cache`.
+//! `KEYGATE_BENCH_KEYS=N` sets the keys in use of the second group (default 1 000 000).
 
+use std::future::Future;
 use std::hint::black_box;
+use std::pin::pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion};
@@ -77,5 +82,61 @@ fn caches(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, caches);
+/// Looks `key` up, awaiting a miss (over a `MemoryStore`, it completes in one poll).
+fn look(cache: &CachedLookup<MemoryStore>, key: &ApiKey) -> bool {
+    match cache.lookup(&key.presented()).now() {
+        Ok(hit) => hit.is_ok_and(|r| r.is_some()),
+        Err(miss) => {
+            let mut cx = Context::from_waker(Waker::noop());
+            match pin!(miss).poll(&mut cx) {
+                Poll::Ready(answer) => answer.is_ok_and(|r| r.is_some()),
+                Poll::Pending => panic!("a miss over a MemoryStore completes in one poll"),
+            }
+        }
+    }
+}
+
+/// Keys in use, visited in turn, more than the old fixed default of 100 000 entries.
+fn working_set(c: &mut Criterion) {
+    let n: usize = std::env::var("KEYGATE_BENCH_KEYS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(1_000_000);
+    let store = MemoryStore::new();
+    let secrets: Vec<ApiKey> = (0..n)
+        .map(|_| {
+            store
+                .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+                .expect("key")
+        })
+        .collect();
+    let fixed = CachedLookup::builder(store.clone())
+        .max_capacity(100_000)
+        .build()
+        .expect("cache");
+    let growing = CachedLookup::new(store.clone());
+    let mut group = c.benchmark_group(format!("{n} keys in use, in turn"));
+    for (name, cache) in [
+        ("CachedLookup fixed at 100 000 entries", &fixed),
+        ("CachedLookup, default (grows to 1 000 000)", &growing),
+    ] {
+        // Three rounds over every key: time for the growing cache to grow.
+        for _ in 0..3 {
+            for secret in &secrets {
+                assert!(look(cache, secret));
+            }
+        }
+        eprintln!("{name}: {} entries of room", cache.capacity());
+        let mut i = 0usize;
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                i = (i + 7919) % n;
+                black_box(look(cache, &secrets[i]))
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, caches, working_set);
 criterion_main!(benches);

@@ -1,16 +1,23 @@
 //! Memory per tracked bucket: keygate's `MemoryLimiter` beside governor's keyed limiter
-//! (what tower_governor uses), 1 000 000 keys each: `cargo bench --bench memory`.
+//! (what tower_governor uses), 1 000 000 keys each; and per entry of the key cache
+//! (`CachedLookup`), 1 000 000 keys: `cargo bench --bench memory`.
 //!
 //! Resident memory is read from `/proc/self/statm` before and after the buckets are made;
 //! the keys themselves are made beforehand and not counted (keygate's bucket key shares the
 //! key id the record already holds).
 
+use std::future::Future;
 use std::hint::black_box;
 use std::num::NonZeroU32;
+use std::pin::pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
-use keygate::key::KeyId;
+use keygate::key::{Environment, KeyId};
+use keygate::lookup::{CachedLookup, KeyLookup};
 use keygate::ratelimit::{MemoryLimiter, Quota};
+use keygate::record::Owner;
+use keygate::store::MemoryStore;
 
 const N: usize = 1_000_000;
 
@@ -38,7 +45,7 @@ fn main() {
         Some(mode) => measure(mode),
         None => {
             let exe = std::env::current_exe().expect("own path");
-            for mode in ["keygate-1", "keygate-2", "governor"] {
+            for mode in ["keygate-1", "keygate-2", "governor", "cache"] {
                 let status = std::process::Command::new(&exe)
                     .env("KEYGATE_MEMORY_MODE", mode)
                     .status()
@@ -60,6 +67,9 @@ fn measure(mode: &str) {
         .collect();
     let strings: Vec<String> = (0..N).map(|i| format!("kg_live_{i:030}")).collect();
 
+    if mode == "cache" {
+        return cache();
+    }
     let before = rss_bytes();
     match mode {
         "keygate-1" | "keygate-2" => {
@@ -92,4 +102,40 @@ fn measure(mode: &str) {
         }
     }
     black_box((ids, strings));
+}
+
+/// Bytes per entry of a `CachedLookup` holding 1 000 000 keys: the entry, its index line and
+/// quick_cache's own. The records are the store's (a `MemoryStore` hands out its own `Arc`s)
+/// and not counted; over an SQL store each cached record adds its own size.
+fn cache() {
+    let store = MemoryStore::new();
+    let secrets: Vec<_> = (0..N)
+        .map(|_| {
+            store
+                .issue(Owner::new("o", "o"), Environment::Live, |r| r)
+                .expect("key")
+        })
+        .collect();
+    let before = rss_bytes();
+    let cache = CachedLookup::builder(store)
+        .capacity(N)
+        .max_capacity(N)
+        .build()
+        .expect("cache");
+    let mut cx = Context::from_waker(Waker::noop());
+    for secret in &secrets {
+        if let Err(miss) = cache.lookup(&secret.presented()).now() {
+            assert!(matches!(pin!(miss).poll(&mut cx), Poll::Ready(Ok(Some(_)))));
+        }
+    }
+    assert!(cache.len() > N * 99 / 100, "{} cached", cache.len());
+    println!(
+        "keygate CachedLookup: {:6.1} bytes per cached key (records not counted)",
+        after_per(before, rss_bytes(), cache.len())
+    );
+    black_box((cache, secrets));
+}
+
+fn after_per(before: usize, after: usize, n: usize) -> f64 {
+    after.saturating_sub(before) as f64 / n as f64
 }

@@ -35,4 +35,7 @@ pub enum ConfigError {
     /// A realm or other value that must be a valid header value.
     #[error("invalid {0}: it must be visible ASCII without quotes or backslashes")]
     InvalidValue(&'static str),
+    /// Two settings that contradict each other.
+    #[error("conflicting settings: {0}")]
+    Conflict(&'static str),
 }

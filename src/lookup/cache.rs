@@ -26,10 +26,15 @@ use crate::record::KeyRecord;
 ///   shorter [`negative_ttl`](CachedLookup::negative_ttl) (default 5 s): a key created or
 ///   switched back on a moment ago starts working within that time even in another
 ///   process, and a deleted key's refusal is cached exactly as long as an unknown key's.
-/// - At most [`capacity`](CachedLookup::capacity) entries (default 100 000). Eviction is
-///   S3-FIFO ([quick_cache]), which keeps hot keys when a flood of never-repeated keys
-///   passes through. Size it to the keys in use within a TTL: when a usable key is evicted
-///   while fresh, the cache logs a warning once, naming the setting.
+/// - **It grows to hold the working set.** It starts with room for
+///   [`capacity`](CachedLookupBuilder::capacity) entries (default 100 000) and doubles, up
+///   to [`max_capacity`](CachedLookupBuilder::max_capacity) (default 1 000 000), whenever
+///   keys in use are evicted before their TTL: a thirty-second of its entries' worth within
+///   one TTL. It never shrinks. Unknown keys are no reason to grow: a flood of made-up keys
+///   can at most evict keys in use, and eviction is S3-FIFO ([quick_cache]), which keeps
+///   hot keys when never-repeated keys pass through. At its most, a key in use evicted
+///   while fresh makes the cache log a warning once, naming the setting. Memory per entry
+///   is in BENCHMARKS.md.
 /// - Entries are found by the key's per-process fingerprint (see [`PresentedKey`]): a hit
 ///   computes no SHA-256; the hash is computed on a miss only, for the backend.
 /// - Many concurrent requests for one uncached key make one backend call; the others wait
@@ -53,9 +58,23 @@ type Entries = Cache<Fingerprint, Entry, UnitWeighter, ByFingerprint, Evictions>
 /// This miss's hold on the cache's placeholder for a key.
 type Guard<'a> = PlaceholderGuard<'a, Fingerprint, Entry, UnitWeighter, ByFingerprint, Evictions>;
 
+/// The cache doubles once keys in use evicted before their TTL, within one TTL, reach this
+/// fraction of its capacity.
+const GROW_AFTER: u64 = 32;
+
+/// Entries a cache may grow to by default.
+const DEFAULT_MAX_CAPACITY: usize = 1_000_000;
+
 struct Inner<L> {
     backend: L,
     cache: Entries,
+    /// Room the cache has now, and the most it may grow to.
+    capacity: AtomicU64,
+    max_capacity: u64,
+    /// Keys in use evicted before their TTL, counted by the cache's evictions.
+    pressure: Arc<Pressure>,
+    /// Held by the one request that grows the cache.
+    growing: Mutex<()>,
     /// Which fingerprint each cached hash is under, so that a change named by its hash
     /// finds its entry.
     index: Arc<Index>,
@@ -216,13 +235,46 @@ impl Hasher for Folded {
     }
 }
 
+/// Keys in use that the cache evicted before their TTL: what makes it grow.
+#[derive(Default)]
+struct Pressure {
+    /// Evicted within the TTL that started at `since` (ns since the epoch).
+    evicted: AtomicU64,
+    since: AtomicU64,
+    /// The cache is at its most: it says so once instead of growing.
+    full: AtomicBool,
+    warned: AtomicBool,
+}
+
+impl Pressure {
+    /// Counts keys in use evicted at `now`; the count starts afresh once a TTL has passed
+    /// since it started (or the clock stepped back).
+    fn evicted(&self, count: u64, now: u64, ttl: u64) {
+        let since = self.since.load(Ordering::Relaxed);
+        if now < since || now - since >= ttl {
+            self.since.store(now, Ordering::Relaxed);
+            self.evicted.store(0, Ordering::Relaxed);
+        }
+        self.evicted.fetch_add(count, Ordering::Relaxed);
+        if self.full.load(Ordering::Relaxed) && !self.warned.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                target: "keygate",
+                "the key cache is at its most and full: keys in use are evicted before their \
+                 TTL and looked up again; raise CachedLookupBuilder::max_capacity to the keys \
+                 in use within a TTL"
+            );
+        }
+    }
+}
+
 /// Keeps the index in step with the cache's own evictions, once the cache's lock is
-/// released, and says once when usable keys are evicted while fresh.
+/// released, and counts the usable keys evicted while fresh.
 #[derive(Clone)]
 struct Evictions {
     index: Arc<Index>,
     clock: Arc<dyn Clock>,
-    warned: Arc<AtomicBool>,
+    pressure: Arc<Pressure>,
+    ttl: u64,
 }
 
 impl Lifecycle<Fingerprint, Entry> for Evictions {
@@ -241,18 +293,18 @@ impl Lifecycle<Fingerprint, Entry> for Evictions {
             return;
         }
         let now = self.clock.now_nanos();
+        let mut in_use = 0u64;
         for (fingerprint, entry) in state {
             self.index.unfile(entry.slot, fingerprint, entry.filing);
-            if entry.fresh_at(now)
-                && entry.record.is_some()
-                && !self.warned.swap(true, Ordering::Relaxed)
-            {
-                tracing::warn!(
-                    target: "keygate",
-                    "the key cache is full: keys in use are evicted before their TTL and looked \
-                     up again; raise CachedLookupBuilder::capacity to the keys in use within a TTL"
-                );
+            // Only a found key kept for the long TTL counts: unknown keys, and records
+            // that cannot be used, say nothing about the working set.
+            let usable = |r: &KeyRecord| r.usable_at(UNIX_EPOCH + Duration::from_nanos(now));
+            if entry.fresh_at(now) && entry.record.as_deref().is_some_and(usable) {
+                in_use += 1;
             }
+        }
+        if in_use > 0 {
+            self.pressure.evicted(in_use, now, self.ttl);
         }
     }
 }
@@ -280,6 +332,8 @@ impl<L> fmt::Debug for CachedLookup<L> {
 #[derive(Debug, Clone)]
 struct Settings {
     capacity: usize,
+    /// `None`: the default, or the capacity if that is larger.
+    max_capacity: Option<usize>,
     ttl: Duration,
     negative_ttl: Duration,
 }
@@ -316,12 +370,22 @@ impl<L: KeyLookup> CachedLookup<L> {
     fn build(backend: L, settings: Settings, clock: Arc<dyn Clock>) -> Self {
         let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let index = Arc::new(Index::new());
+        let ttl = nanos(settings.ttl);
+        let pressure = Arc::new(Pressure::default());
         let evictions = Evictions {
             index: Arc::clone(&index),
             clock: Arc::clone(&clock),
-            warned: Arc::default(),
+            pressure: Arc::clone(&pressure),
+            ttl,
         };
         let capacity = u64::try_from(settings.capacity).unwrap_or(u64::MAX);
+        let max_capacity = settings
+            .max_capacity
+            .unwrap_or(DEFAULT_MAX_CAPACITY.max(settings.capacity));
+        let max_capacity = u64::try_from(max_capacity).unwrap_or(u64::MAX);
+        if capacity >= max_capacity {
+            pressure.full.store(true, Ordering::Relaxed);
+        }
         Self {
             inner: Arc::new(Inner {
                 backend,
@@ -332,8 +396,12 @@ impl<L: KeyLookup> CachedLookup<L> {
                     ByFingerprint,
                     evictions,
                 ),
+                capacity: AtomicU64::new(capacity),
+                max_capacity,
+                pressure,
+                growing: Mutex::new(()),
                 index,
-                ttl: nanos(settings.ttl),
+                ttl,
                 negative_ttl: nanos(settings.negative_ttl),
                 generations: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
                 everything: AtomicU64::new(0),
@@ -390,9 +458,15 @@ impl<L: KeyLookup> CachedLookup<L> {
         Duration::from_nanos(self.inner.negative_ttl)
     }
 
-    /// The most entries kept.
+    /// The entries the cache has room for now: it grows up to
+    /// [`max_capacity`](Self::max_capacity) while keys in use are evicted before their TTL.
     pub fn capacity(&self) -> u64 {
-        self.inner.cache.capacity()
+        self.inner.capacity.load(Ordering::Relaxed)
+    }
+
+    /// The most entries the cache may grow to.
+    pub fn max_capacity(&self) -> u64 {
+        self.inner.max_capacity
     }
 
     /// Entries cached now (fresh or not yet swept).
@@ -438,10 +512,20 @@ impl<L> fmt::Debug for CachedLookupBuilder<L> {
 }
 
 impl<L: KeyLookup> CachedLookupBuilder<L> {
-    /// The most entries kept (default 100 000). Size it to the working set: the keys in
-    /// use within a TTL.
+    /// The entries the cache has room for at first (default 100 000); it grows from there
+    /// to [`max_capacity`](Self::max_capacity) while keys in use are evicted before their
+    /// TTL.
     pub fn capacity(mut self, capacity: usize) -> Self {
         self.settings.capacity = capacity;
+        self
+    }
+
+    /// The most entries the cache may grow to: by default 1 000 000, or the
+    /// [`capacity`](Self::capacity) when that is more. The same as the capacity: a cache
+    /// of fixed size. Size it to the keys in use within a TTL (memory per entry is in
+    /// BENCHMARKS.md).
+    pub fn max_capacity(mut self, max_capacity: usize) -> Self {
+        self.settings.max_capacity = Some(max_capacity);
         self
     }
 
@@ -468,10 +552,20 @@ impl<L: KeyLookup> CachedLookupBuilder<L> {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Zero`] when the capacity or a TTL is zero.
+    /// [`ConfigError::Zero`] when the capacity or a TTL is zero,
+    /// [`ConfigError::Conflict`] when the max capacity is below the capacity.
     pub fn build(self) -> Result<CachedLookup<L>, ConfigError> {
         if self.settings.capacity == 0 {
             return Err(ConfigError::Zero("cache capacity"));
+        }
+        if self
+            .settings
+            .max_capacity
+            .is_some_and(|max| max < self.settings.capacity)
+        {
+            return Err(ConfigError::Conflict(
+                "the cache's max_capacity is below its capacity",
+            ));
         }
         if self.settings.ttl.is_zero() {
             return Err(ConfigError::Zero("cache ttl"));
@@ -487,7 +581,7 @@ impl<L: KeyLookup> CachedLookupBuilder<L> {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Zero`] when the capacity or a TTL is zero.
+    /// As [`build`](Self::build).
     pub fn build_over_store(self) -> Result<CachedLookup<L>, ConfigError>
     where
         L: ChangeFeed,
@@ -502,6 +596,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             capacity: 100_000,
+            max_capacity: None,
             ttl: Duration::from_secs(30),
             negative_ttl: Duration::from_secs(5),
         }
@@ -527,6 +622,39 @@ impl<L> Inner<L> {
         if let Some(fingerprint) = self.index.take(hash.prefix()) {
             self.cache.remove(&fingerprint);
         }
+    }
+
+    /// Doubles the cache (up to its max) once keys in use evicted before their TTL, within
+    /// one TTL, reach a thirty-second of its capacity. Called after each insert (a miss).
+    fn grow_if_pressed(&self) {
+        let pressure = &self.pressure;
+        if pressure.full.load(Ordering::Relaxed) {
+            return;
+        }
+        let current = self.capacity.load(Ordering::Relaxed);
+        if pressure.evicted.load(Ordering::Relaxed) < (current / GROW_AFTER).max(1) {
+            return;
+        }
+        // One request grows it; the others go on.
+        let Ok(_growing) = self.growing.try_lock() else {
+            return;
+        };
+        let current = self.capacity.load(Ordering::Relaxed);
+        if pressure.evicted.load(Ordering::Relaxed) < (current / GROW_AFTER).max(1) {
+            return;
+        }
+        let next = current.saturating_mul(2).min(self.max_capacity);
+        self.cache.set_capacity(next);
+        self.capacity.store(next, Ordering::Relaxed);
+        pressure.evicted.store(0, Ordering::Relaxed);
+        if next >= self.max_capacity {
+            pressure.full.store(true, Ordering::Relaxed);
+        }
+        tracing::info!(
+            target: "keygate",
+            entries = next,
+            "the key cache grew: keys in use were evicted before their TTL"
+        );
     }
 
     /// Drops every key (and any answer read from the backend before now).
@@ -628,6 +756,7 @@ impl<L: KeyLookup> Inner<L> {
             }
         }
         self.settle(fingerprint, slot, filing, generation);
+        self.grow_if_pressed();
         Ok(record)
     }
 
@@ -943,6 +1072,162 @@ mod tests {
             record.status,
             Status::Disabled,
             "the change reached the cache"
+        );
+    }
+
+    /// A cache over a backend that knows every key named `in-use-<n>` (each a usable
+    /// record), and counts its calls.
+    fn growing(
+        capacity: usize,
+        max: Option<usize>,
+    ) -> (
+        CachedLookup<impl KeyLookup<Error = BoxError>>,
+        Arc<AtomicUsize>,
+    ) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = Arc::clone(&calls);
+        let known: Arc<std::collections::HashSet<KeyHash>> = Arc::new(
+            (0..4_000)
+                .map(|n| KeyHash::of(&format!("in-use-{n}")))
+                .collect(),
+        );
+        let backend = move |hash: KeyHash| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let found = known.contains(&hash).then(record);
+            async move { Ok::<_, BoxError>(found) }
+        };
+        let mut builder = CachedLookup::builder(backend)
+            .capacity(capacity)
+            .ttl(Duration::from_secs(3600))
+            .negative_ttl(Duration::from_secs(3600))
+            .clock(FakeClock::new(UNIX_EPOCH + Duration::from_secs(1_000_000)));
+        if let Some(max) = max {
+            builder = builder.max_capacity(max);
+        }
+        (builder.build().unwrap(), calls)
+    }
+
+    /// Looks `names` up in turn, `passes` times; the backend calls of the last pass.
+    async fn visit(
+        cache: &CachedLookup<impl KeyLookup<Error = BoxError>>,
+        calls: &AtomicUsize,
+        names: &[String],
+        passes: usize,
+    ) -> usize {
+        let mut last = 0;
+        for _ in 0..passes {
+            let before = calls.load(Ordering::SeqCst);
+            for name in names {
+                cache.lookup(&PresentedKey::new(name)).await.unwrap();
+            }
+            last = calls.load(Ordering::SeqCst) - before;
+        }
+        last
+    }
+
+    /// Issue 8: a working set larger than the cache's first size is held once the cache has
+    /// grown (it doubles while keys in use are evicted before their TTL); a cache of fixed
+    /// size keeps missing them.
+    #[tokio::test]
+    async fn the_cache_grows_to_hold_the_keys_in_use() {
+        let names: Vec<String> = (0..500).map(|n| format!("in-use-{n}")).collect();
+        let (cache, calls) = growing(64, None);
+        assert_eq!(cache.capacity(), 64);
+        assert_eq!(cache.max_capacity(), 1_000_000);
+        visit(&cache, &calls, &names, 4).await;
+        // Its shards split the room evenly and the keys not quite: a few may still miss.
+        let misses = visit(&cache, &calls, &names, 1).await;
+        assert!(
+            misses <= names.len() / 50,
+            "{misses} of {} keys in use missed after the cache grew",
+            names.len()
+        );
+        assert!(
+            (512..=1024).contains(&cache.capacity()),
+            "{}",
+            cache.capacity()
+        );
+
+        let (fixed, calls) = growing(64, Some(64));
+        visit(&fixed, &calls, &names, 4).await;
+        assert!(visit(&fixed, &calls, &names, 1).await > 400);
+        assert_eq!(fixed.capacity(), 64);
+    }
+
+    /// Growth stops at the max capacity.
+    #[tokio::test]
+    async fn the_cache_grows_no_further_than_its_max() {
+        let names: Vec<String> = (0..2_000).map(|n| format!("in-use-{n}")).collect();
+        let (cache, calls) = growing(64, Some(300));
+        visit(&cache, &calls, &names, 3).await;
+        assert_eq!(cache.capacity(), 300, "64, 128, 256, then the max");
+        assert!(cache.len() <= 300 + 2, "{}", cache.len());
+    }
+
+    /// An attack on the growth: a flood of made-up keys (their answers are cached, and
+    /// evicted, as unknown) is no reason to grow, however long it lasts, and neither are
+    /// found keys that cannot be used.
+    #[tokio::test]
+    async fn unknown_keys_do_not_make_the_cache_grow() {
+        let made_up: Vec<String> = (0..20_000).map(|n| format!("made-up-{n}")).collect();
+        let (cache, calls) = growing(64, None);
+        visit(&cache, &calls, &made_up, 1).await;
+        assert_eq!(cache.capacity(), 64);
+
+        let disabled = |_: KeyHash| async {
+            let mut record =
+                KeyRecord::new(KeyId::new("key_1"), Owner::new("o", "o"), Environment::Live);
+            record.status = Status::Disabled;
+            Ok::<_, BoxError>(Some(Arc::new(record)))
+        };
+        let cache = CachedLookup::builder(disabled)
+            .capacity(64)
+            .ttl(Duration::from_secs(3600))
+            .negative_ttl(Duration::from_secs(3600))
+            .clock(FakeClock::new(UNIX_EPOCH + Duration::from_secs(1_000_000)))
+            .build()
+            .unwrap();
+        for name in &made_up {
+            cache.lookup(&PresentedKey::new(name)).await.unwrap();
+        }
+        assert_eq!(cache.capacity(), 64);
+    }
+
+    /// Keys in use evicted count towards growth within one TTL only: the same number spread
+    /// over a longer time is a cache that holds its working set.
+    #[test]
+    fn evictions_count_within_one_ttl() {
+        let pressure = Pressure::default();
+        pressure.evicted(3, 1_000, 100);
+        pressure.evicted(3, 1_099, 100);
+        assert_eq!(pressure.evicted.load(Ordering::Relaxed), 6);
+        pressure.evicted(3, 1_100, 100);
+        assert_eq!(pressure.evicted.load(Ordering::Relaxed), 3, "a TTL later");
+        pressure.evicted(2, 500, 100);
+        assert_eq!(
+            pressure.evicted.load(Ordering::Relaxed),
+            2,
+            "the clock stepped back"
+        );
+    }
+
+    #[test]
+    fn a_max_capacity_below_the_capacity_is_refused() {
+        let backend = |_: KeyHash| async { Ok::<_, BoxError>(None) };
+        let err = CachedLookup::builder(backend)
+            .capacity(100)
+            .max_capacity(99)
+            .build()
+            .err();
+        assert!(matches!(err, Some(ConfigError::Conflict(_))), "{err:?}");
+        let fixed = CachedLookup::builder(backend)
+            .capacity(2_000_000)
+            .build()
+            .unwrap();
+        assert_eq!(
+            fixed.max_capacity(),
+            2_000_000,
+            "a larger capacity is the max"
         );
     }
 
