@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
@@ -29,12 +29,12 @@ use crate::record::KeyRecord;
 /// - **It grows to hold the working set.** It starts with room for
 ///   [`capacity`](CachedLookupBuilder::capacity) entries (default 100 000) and doubles, up
 ///   to [`max_capacity`](CachedLookupBuilder::max_capacity) (default 1 000 000), whenever
-///   keys in use are evicted before their TTL: a thirty-second of its entries' worth within
-///   one TTL. It never shrinks. Unknown keys are no reason to grow: a flood of made-up keys
-///   can at most evict keys in use, and eviction is S3-FIFO ([quick_cache]), which keeps
-///   hot keys when never-repeated keys pass through. At its most, a key in use evicted
-///   while fresh makes the cache log a warning once, naming the setting. Memory per entry
-///   is in BENCHMARKS.md.
+///   keys in use are evicted before their TTL: a thirty-second of its entries' worth of
+///   distinct keys within one TTL (a key evicted again counts once). It never shrinks.
+///   Unknown keys are no reason to grow: a flood of made-up keys can at most evict keys in
+///   use, and eviction is S3-FIFO ([quick_cache]), which keeps hot keys when never-repeated
+///   keys pass through. At its most, a key in use evicted while fresh makes the cache log
+///   a warning once, naming the setting. Memory per entry is in BENCHMARKS.md.
 /// - Entries are found by the key's per-process fingerprint (see [`PresentedKey`]): a hit
 ///   computes no SHA-256; the hash is computed on a miss only, for the backend.
 /// - Many concurrent requests for one uncached key make one backend call; the others wait
@@ -238,32 +238,55 @@ impl Hasher for Folded {
 /// Keys in use that the cache evicted before their TTL: what makes it grow.
 #[derive(Default)]
 struct Pressure {
-    /// Evicted within the TTL that started at `since` (ns since the epoch).
+    /// How many keys in use were evicted within the count (what growth reads without a
+    /// lock): the keys in `counted`.
     evicted: AtomicU64,
-    since: AtomicU64,
+    counted: Mutex<Counted>,
     /// The cache is at its most: it says so once instead of growing.
     full: AtomicBool,
     warned: AtomicBool,
 }
 
+/// The keys in use evicted within one TTL since `since` (ns since the epoch), or since the
+/// cache last grew. Each counts once: a key evicted again and again (its holder's own key,
+/// pushed out by a flood of made-up keys between its requests) is one key in use, not a
+/// working set, so a few keys cannot make the cache grow far past them.
+#[derive(Default)]
+struct Counted {
+    since: u64,
+    keys: HashSet<Fingerprint, ByFingerprint>,
+}
+
 impl Pressure {
-    /// Counts keys in use evicted at `now`; the count starts afresh once a TTL has passed
-    /// since it started (or the clock stepped back).
-    fn evicted(&self, count: u64, now: u64, ttl: u64) {
-        let since = self.since.load(Ordering::Relaxed);
-        if now < since || now - since >= ttl {
-            self.since.store(now, Ordering::Relaxed);
-            self.evicted.store(0, Ordering::Relaxed);
+    /// Counts keys in use evicted at `now`, each once; the count starts afresh once a TTL
+    /// has passed since it started (or the clock stepped back).
+    fn evicted(&self, keys: &[Fingerprint], now: u64, ttl: u64) {
+        if self.full.load(Ordering::Relaxed) {
+            if !self.warned.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    target: "keygate",
+                    "the key cache is at its most and full: keys in use are evicted before \
+                     their TTL and looked up again; raise CachedLookupBuilder::max_capacity to \
+                     the keys in use within a TTL"
+                );
+            }
+            return;
         }
-        self.evicted.fetch_add(count, Ordering::Relaxed);
-        if self.full.load(Ordering::Relaxed) && !self.warned.swap(true, Ordering::Relaxed) {
-            tracing::warn!(
-                target: "keygate",
-                "the key cache is at its most and full: keys in use are evicted before their \
-                 TTL and looked up again; raise CachedLookupBuilder::max_capacity to the keys \
-                 in use within a TTL"
-            );
+        let mut counted = self.counted.lock().unwrap_or_else(PoisonError::into_inner);
+        if now < counted.since || now - counted.since >= ttl {
+            counted.since = now;
+            counted.keys.clear();
         }
+        counted.keys.extend(keys.iter().copied());
+        self.evicted
+            .store(counted.keys.len() as u64, Ordering::Relaxed);
+    }
+
+    /// Starts the count afresh (the cache grew).
+    fn restart(&self) {
+        let mut counted = self.counted.lock().unwrap_or_else(PoisonError::into_inner);
+        counted.keys.clear();
+        self.evicted.store(0, Ordering::Relaxed);
     }
 }
 
@@ -293,18 +316,18 @@ impl Lifecycle<Fingerprint, Entry> for Evictions {
             return;
         }
         let now = self.clock.now_nanos();
-        let mut in_use = 0u64;
+        let mut in_use = Vec::new();
         for (fingerprint, entry) in state {
             self.index.unfile(entry.slot, fingerprint, entry.filing);
             // Only a found key kept for the long TTL counts: unknown keys, and records
             // that cannot be used, say nothing about the working set.
             let usable = |r: &KeyRecord| r.usable_at(UNIX_EPOCH + Duration::from_nanos(now));
             if entry.fresh_at(now) && entry.record.as_deref().is_some_and(usable) {
-                in_use += 1;
+                in_use.push(fingerprint);
             }
         }
-        if in_use > 0 {
-            self.pressure.evicted(in_use, now, self.ttl);
+        if !in_use.is_empty() {
+            self.pressure.evicted(&in_use, now, self.ttl);
         }
     }
 }
@@ -646,7 +669,7 @@ impl<L> Inner<L> {
         let next = current.saturating_mul(2).min(self.max_capacity);
         self.cache.set_capacity(next);
         self.capacity.store(next, Ordering::Relaxed);
-        pressure.evicted.store(0, Ordering::Relaxed);
+        pressure.restart();
         if next >= self.max_capacity {
             pressure.full.store(true, Ordering::Relaxed);
         }
@@ -1197,18 +1220,33 @@ mod tests {
     /// over a longer time is a cache that holds its working set.
     #[test]
     fn evictions_count_within_one_ttl() {
+        let keys = |from: u128, n: u128| (from..from + n).map(Fingerprint).collect::<Vec<_>>();
         let pressure = Pressure::default();
-        pressure.evicted(3, 1_000, 100);
-        pressure.evicted(3, 1_099, 100);
+        pressure.evicted(&keys(0, 3), 1_000, 100);
+        pressure.evicted(&keys(3, 3), 1_099, 100);
         assert_eq!(pressure.evicted.load(Ordering::Relaxed), 6);
-        pressure.evicted(3, 1_100, 100);
+        pressure.evicted(&keys(0, 6), 1_099, 100);
+        assert_eq!(
+            pressure.evicted.load(Ordering::Relaxed),
+            6,
+            "a key evicted again counts once"
+        );
+        pressure.evicted(&keys(0, 3), 1_100, 100);
         assert_eq!(pressure.evicted.load(Ordering::Relaxed), 3, "a TTL later");
-        pressure.evicted(2, 500, 100);
+        pressure.evicted(&keys(0, 2), 500, 100);
         assert_eq!(
             pressure.evicted.load(Ordering::Relaxed),
             2,
             "the clock stepped back"
         );
+        pressure.restart();
+        assert_eq!(
+            pressure.evicted.load(Ordering::Relaxed),
+            0,
+            "the cache grew"
+        );
+        pressure.evicted(&keys(0, 1), 501, 100);
+        assert_eq!(pressure.evicted.load(Ordering::Relaxed), 1);
     }
 
     #[test]
@@ -1669,6 +1707,87 @@ mod tests {
             store.set_status(&id, Status::Disabled).await.unwrap();
             let record = cache.lookup(&secret.presented()).await.unwrap().unwrap();
             assert_eq!(record.status, Status::Disabled, "capacity {capacity}");
+        }
+    }
+
+    // The growth hunt (tests/hunt_cache_growth.rs has the black-box attacks).
+
+    /// Held in the growth hunt. Keys in use looked up in turn with a flood of unknown keys
+    /// between them, through a cache that grows from 4: the index never holds more lines
+    /// than the cache entries (plus the two a request may have in flight) while it grows,
+    /// and a change through the store drops a key wherever growth left it.
+    #[tokio::test]
+    async fn a_growing_cache_leaves_no_stray_index_lines() {
+        use crate::store::{KeyStore, MemoryStore};
+
+        let store = MemoryStore::new();
+        let keys: Vec<_> = (0..300).map(|_| issued(&store)).collect();
+        let cache = CachedLookup::builder(store.clone())
+            .capacity(4)
+            .max_capacity(4_096)
+            .ttl(Duration::from_secs(3600))
+            .negative_ttl(Duration::from_secs(3600))
+            .clock(FakeClock::new(UNIX_EPOCH + Duration::from_secs(1_000_000)))
+            .build_over_store()
+            .unwrap();
+        for pass in 0..3 {
+            for (i, (secret, _)) in keys.iter().enumerate() {
+                assert!(cache.lookup(&secret.presented()).await.unwrap().is_some());
+                for _ in 0..2 {
+                    let unknown = format!("unknown-{pass}-{i}");
+                    assert!(cache
+                        .lookup(&PresentedKey::new(&unknown))
+                        .await
+                        .unwrap()
+                        .is_none());
+                }
+                let (entries, filed) = (cache.len(), cache.inner.index.len());
+                assert!(
+                    filed <= entries + 2,
+                    "{filed} index lines for {entries} entries at {}",
+                    cache.capacity()
+                );
+            }
+        }
+        assert!(cache.capacity() >= 256, "{}", cache.capacity());
+        for (secret, id) in keys.iter().step_by(37) {
+            store.set_status(id, Status::Disabled).await.unwrap();
+            let record = cache.lookup(&secret.presented()).await.unwrap().unwrap();
+            assert_eq!(record.status, Status::Disabled);
+        }
+        cache.invalidate_all();
+        assert_eq!(cache.inner.index.len(), 0);
+    }
+
+    /// Held in the growth hunt. Doubling near the top of `u64` saturates at the max, marks
+    /// the cache at its most, and the cache still answers; a max one above the capacity is
+    /// reached in one step.
+    #[test]
+    fn growth_at_the_top_saturates_at_the_max() {
+        let backend = |_: KeyHash| async { Ok::<_, BoxError>(None) };
+        for (capacity, max) in [
+            (usize::MAX / 2 + 1, usize::MAX),
+            (usize::MAX - 1, usize::MAX),
+            (64, 65),
+        ] {
+            let cache = CachedLookup::builder(backend)
+                .capacity(capacity)
+                .max_capacity(max)
+                .build()
+                .unwrap();
+            for _ in 0..3 {
+                cache
+                    .inner
+                    .pressure
+                    .evicted
+                    .store(u64::MAX, Ordering::Relaxed);
+                cache.inner.grow_if_pressed();
+            }
+            assert_eq!(cache.capacity(), max as u64);
+            assert!(cache.inner.pressure.full.load(Ordering::Relaxed));
+            assert!(at_once(cache.lookup(&PresentedKey::new("k")))
+                .unwrap()
+                .is_none());
         }
     }
 }
