@@ -115,8 +115,15 @@ fn run(n: usize, mode: &str, keys: usize) {
     };
     let never = Quota::new(NonZeroU32::new(burst).expect("burst"), period).expect("quota");
     let mut auth = AuthLayer::new(lookup.clone()).layer(tower::service_fn(bare));
+    // The bucket store's cap four times the keys (at least its default million): a
+    // deployment with a million keys in use sizes it above them (see benches/ratelimit.rs).
+    let buckets = keygate::ratelimit::MemoryLimiter::builder()
+        .max_buckets((keys * 4).max(1_000_000))
+        .build()
+        .expect("limiter");
     let mut stack = Keygate::builder(lookup)
         .default_quota(never)
+        .limiter_store(buckets)
         .build()
         .expect("keygate")
         .layer(tower::service_fn(bare));

@@ -155,8 +155,17 @@ fn fixture(n: usize) -> Fixture {
     .expect("limit");
     let one_bucket = keygate::AuthLayer::new(lookup.clone())
         .layer(limit.layer(tower::service_fn(bare as fn(_) -> _)));
+    // The bucket store's cap four times the keys (at least its default million): a
+    // deployment with a million keys in use sizes it above them. At its default cap of a
+    // million, the store past half its cap sweeps a shard every 1024 new buckets, and with
+    // every bucket in use it would refuse new keys.
+    let buckets = keygate::ratelimit::MemoryLimiter::builder()
+        .max_buckets((n * 4).max(1_000_000))
+        .build()
+        .expect("limiter");
     let layer = Keygate::builder(lookup)
         .default_quota(quota(n))
+        .limiter_store(buckets)
         .build()
         .expect("keygate");
     let mut keygate = layer.layer(tower::service_fn(bare as fn(_) -> _));

@@ -27,7 +27,7 @@ pub(crate) const DEFAULT_MAX_BUCKETS: usize = 1_000_000;
 
 const SHARDS: usize = 64;
 /// A shard is swept for full buckets once its new buckets since the last sweep reach half
-/// its size, and at least this many.
+/// its size (past half the cap: as soon as they reach this many), and at least this many.
 const SWEEP_EVERY: usize = 1024;
 
 /// Token buckets in memory: one `AtomicU64` per (key, window), updated by a
@@ -39,7 +39,9 @@ const SWEEP_EVERY: usize = 1024;
 /// - **Eviction is built in.** A full bucket holds no information (it reads the same as no
 ///   bucket), so a shard drops its full ones once its new buckets since the last sweep
 ///   reach half its size (at least 1024): each new bucket pays for about three looks at
-///   a bucket, however many are tracked. No task to spawn, no sweep to call.
+///   a bucket, however many are tracked. Past half the cap, a shard is swept every 1024
+///   new buckets, so that full buckets do not bring the store to its cap. No task to
+///   spawn, no sweep to call.
 /// - **Hard cap** ([`max_buckets`](MemoryLimiterBuilder::max_buckets), default 1 000 000). At the
 ///   cap the whole store is swept for full buckets (at most once a second); if none was
 ///   full, the new key is refused with [`LimiterError::Full`] (the layers answer 503
@@ -572,8 +574,13 @@ impl<K: BucketKey> MemoryLimiter<K> {
         // Swept once the new buckets reach half the shard: a sweep every 1024 new buckets
         // would look at every bucket of a large shard again and again (at a million keys,
         // fifteen looks, each a likely cache miss, per new bucket).
+        // Past half the cap, every 1024 again: full buckets waiting for a sweep must not
+        // bring the store to its cap, where new keys are refused.
         let created = shard.created.fetch_add(1, Ordering::Relaxed) + 1;
-        if created % SWEEP_EVERY == 0 && created >= shard.map.len() / 2 {
+        if created % SWEEP_EVERY == 0
+            && (created >= shard.map.len() / 2
+                || self.inner.total.load(Ordering::Relaxed) >= self.inner.max / 2)
+        {
             // The count starts afresh; new buckets counted meanwhile by others stay counted.
             shard.created.fetch_sub(created, Ordering::Relaxed);
             self.sweep_shard(shard, now);
@@ -825,8 +832,10 @@ mod tests {
     #[test]
     fn sweeps_cost_a_few_looks_per_new_bucket_at_any_size() {
         let clock = frozen();
+        // A cap far above: past half of it, shards are swept every 1024 new buckets.
         let limiter: MemoryLimiter<u32> = MemoryLimiter::builder()
             .clock(clock.clone())
+            .max_buckets(4_000_000)
             .build()
             .unwrap();
         let hour = [Quota::per_hour(std::num::NonZeroU32::new(10).unwrap())];
