@@ -255,6 +255,32 @@ impl Bucket {
         Some(windows)
     }
 
+    /// Seals every cell if the bucket is full, so that no charge lands on it once it is
+    /// taken out of the map; `false`, with every cell as it was, when one is not full
+    /// (charged meanwhile, or sealed by a widening: the first cell is sealed first by
+    /// both).
+    fn seal_if_full(&self, now: u64) -> bool {
+        let cells = self.cells();
+        let mut was = [0u64; MAX_CELLS];
+        for (i, cell) in cells.iter().enumerate() {
+            let tat = cell.load(Ordering::Acquire);
+            let sealed = i < MAX_CELLS
+                && is_full(tat, now)
+                && cell
+                    .compare_exchange(tat, SEALED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok();
+            if !sealed {
+                // Unsealed again: no request could charge a sealed cell meanwhile.
+                for (cell, tat) in cells.iter().zip(was).take(i) {
+                    cell.store(tat, Ordering::Release);
+                }
+                return false;
+            }
+            was[i] = tat;
+        }
+        true
+    }
+
     fn is_full(&self, now: u64) -> bool {
         self.cells()
             .iter()
@@ -413,11 +439,25 @@ impl<K: BucketKey> MemoryLimiter<K> {
         self.inner
             .looked
             .fetch_add(shard.map.len(), Ordering::Relaxed);
-        shard.map.pin().retain(|_, b| {
-            let keep = !b.is_full(now);
-            removed += usize::from(!keep);
-            keep
-        });
+        // Each full bucket is sealed before it is removed, as a widening seals the bucket it
+        // replaces: a request that charges it first keeps it (it is no longer full), one
+        // that meets the seal looks again and finds no bucket. Removed by papaya's
+        // `retain` on a read alone, a bucket took with it a charge landing between the
+        // read and the removal (the entry's pointer, all papaya compares, is unchanged by
+        // a charge), and the key's next request was admitted as if by a full bucket.
+        let map = shard.map.pin();
+        for (key, bucket) in map.iter() {
+            if !bucket.is_full(now) {
+                continue;
+            }
+            // Sealed once, however often papaya asks (it asks again after a resize).
+            let mut sealed: Option<bool> = None;
+            let gone = map.remove_if(key, |_, current| {
+                std::ptr::eq(current, bucket)
+                    && *sealed.get_or_insert_with(|| bucket.seal_if_full(now))
+            });
+            removed += usize::from(matches!(gone, Ok(Some(_))));
+        }
         let _ = self
             .inner
             .total
@@ -859,6 +899,92 @@ mod tests {
             "{} tracked, of which {n} live",
             limiter.len()
         );
+    }
+
+    /// Hunt on c7fca49 (tests/hunt_sweep.rs): a shard's count of new buckets is reset by
+    /// subtracting the multiple of 1024 a thread saw. Two resets racing (a thread preempted
+    /// between its `fetch_add` and its `fetch_sub` while the shard reaches the next
+    /// multiple, whose thread resets first) subtract more than was counted and wrap it. It
+    /// stays congruent mod 1024, so the next multiple comes within 1024 new buckets, is
+    /// above any shard's half size, sweeps once and brings the count back: one early sweep
+    /// a shard, neither sweeps stopped for good nor a sweep on every new bucket.
+    #[test]
+    fn a_wrapped_creation_count_heals_in_one_sweep() {
+        let clock = frozen();
+        let limiter: MemoryLimiter<u32> = MemoryLimiter::builder()
+            .clock(clock.clone())
+            .max_buckets(4_000_000)
+            .build()
+            .unwrap();
+        let hour = [Quota::per_hour(std::num::NonZeroU32::new(10).unwrap())];
+        let n = 64 * 3000u32;
+        for key in 0..n {
+            assert!(limiter.decide(&key, &hour, 1).unwrap().allowed);
+        }
+        // Counted 7 past a multiple, then reset by 1024 * 3 more than was counted.
+        for shard in limiter.inner.shards.iter() {
+            shard
+                .created
+                .store(0usize.wrapping_sub(3 * SWEEP_EVERY) + 7, Ordering::Relaxed);
+        }
+        let looked = limiter.inner.looked.load(Ordering::Relaxed);
+        // 1500 full buckets a shard (given back on a frozen clock), about: the shard's
+        // early sweep, after 1017, drops those made before it, and is its only one.
+        let m = 64 * 1500u32;
+        for key in n..n + m {
+            assert!(limiter.decide(&key, &hour, 1).unwrap().allowed);
+            limiter.refund(&key, &hour, 1);
+        }
+        let looked = limiter.inner.looked.load(Ordering::Relaxed) - looked;
+        for shard in limiter.inner.shards.iter() {
+            let created = shard.created.load(Ordering::Relaxed);
+            assert!(created < SWEEP_EVERY, "a count of {created} left");
+        }
+        let tracked = limiter.len();
+        assert!(
+            tracked < (n + m) as usize - 64 * 900,
+            "{tracked} tracked: no early sweep"
+        );
+        // Every shard swept once (3000 live and 1017 new, about), not on every bucket.
+        assert!(looked >= n as usize, "{looked} looks");
+        assert!(
+            looked <= 2 * (n + m) as usize,
+            "{looked} looks for {m} new buckets"
+        );
+    }
+
+    /// A sweep removes a bucket only once every cell is sealed, and only a full one: a
+    /// charged cell or a widening's seal keeps it, every cell as it was.
+    #[test]
+    fn a_bucket_is_sealed_for_removal_only_when_full() {
+        let now = 1_000_000_000_000u64;
+        let w = |n: u32| Window {
+            capacity: n,
+            interval_ns: 1_000,
+        };
+        let full = Bucket::with(&[(w(1), now - 5), (w(2), 0), (w(3), now)]);
+        assert!(full.seal_if_full(now));
+        assert!(full
+            .cells()
+            .iter()
+            .all(|c| c.load(Ordering::Relaxed) == SEALED));
+        // Sealed already (by a sweep or a widening): not full, kept.
+        assert!(!full.seal_if_full(now));
+
+        // The last cell charged: the first two, sealed on the way, are put back.
+        let charged = Bucket::with(&[(w(1), now - 5), (w(2), 0), (w(3), now + 1)]);
+        assert!(!charged.seal_if_full(now));
+        let tats: Vec<u64> = charged
+            .cells()
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect();
+        assert_eq!(tats, [now - 5, 0, now + 1]);
+
+        // A widening sealed the first cell: kept, the others untouched.
+        let widening = Bucket::with(&[(w(1), SEALED), (w(2), 0)]);
+        assert!(!widening.seal_if_full(now));
+        assert_eq!(widening.cells()[1].load(Ordering::Relaxed), 0);
     }
 
     /// The keys of one shard must spread over papaya's slot tags (the top 7 bits of the
