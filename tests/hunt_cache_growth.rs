@@ -34,9 +34,11 @@
 //! Index lines after growth are checked in the crate's own tests (src/lookup/cache.rs),
 //! where the index is visible.
 
-use std::io;
+mod common;
+
+use common::capture::Capture;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
+use std::sync::{Arc, Barrier};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keygate::clock::FakeClock;
@@ -45,8 +47,6 @@ use keygate::key::{ApiKey, Environment, KeyFormat, KeyHash, KeyId, PresentedKey}
 use keygate::lookup::{CachedLookup, KeyLookup};
 use keygate::record::{KeyRecord, Owner, Status};
 use keygate::store::{KeyStore, MemoryStore, OwnerStore};
-use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::EnvFilter;
 
 // ---------------------------------------------------------------------------------------
 // Helpers
@@ -123,48 +123,6 @@ async fn status<L: KeyLookup>(cache: &CachedLookup<L>, key: &ApiKey) -> Option<S
 /// Whether the cache answers `key` at once (a hit).
 fn hit<L: KeyLookup>(cache: &CachedLookup<L>, key: &ApiKey) -> bool {
     cache.lookup(&key.presented()).now().is_ok()
-}
-
-/// An in-memory log sink.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-struct CaptureWriter(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for CaptureWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Capture {
-    type Writer = CaptureWriter;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        CaptureWriter(Arc::clone(&self.0))
-    }
-}
-
-impl Capture {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-
-    /// A TRACE-level subscriber writing here, as a dispatch each thread can install.
-    fn dispatch(&self) -> tracing::Dispatch {
-        tracing::Dispatch::new(
-            tracing_subscriber::fmt()
-                .with_env_filter(EnvFilter::new("trace"))
-                .with_ansi(false)
-                .with_writer(self.clone())
-                .finish(),
-        )
-    }
 }
 
 const GREW: &str = "the key cache grew";

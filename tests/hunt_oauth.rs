@@ -8,7 +8,9 @@
 //! findings are `#[ignore]`d with a `// FINDING:` note and assert what should happen.
 //! Timings are printed, never asserted.
 
-use std::io;
+mod common;
+
+use common::capture::Capture;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -30,7 +32,6 @@ use keygate::validate::PeerAddr;
 use keygate::Keygate;
 use serde_json::{json, Value};
 use tower::ServiceExt;
-use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::EnvFilter;
 
 const ADA_PASSWORD: &str = "correct horse battery staple";
@@ -1823,30 +1824,6 @@ async fn client_management_is_tenant_isolated() {
 // Logs
 // ---------------------------------------------------------------------------------------
 
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-struct CaptureWriter(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for CaptureWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Capture {
-    type Writer = CaptureWriter;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        CaptureWriter(Arc::clone(&self.0))
-    }
-}
-
 /// Every flow of this file at TRACE: no client secret, no access token, no self-revoked or
 /// leaked key, nor ten characters of any of them, nor their Basic encoding, is logged.
 #[tokio::test]
@@ -1915,7 +1892,7 @@ async fn nothing_secret_is_logged_at_trace() {
     s.call("DELETE", &format!("/v1/clients/{id}"), &ada, None)
         .await;
     drop(_guard);
-    let log = String::from_utf8_lossy(&capture.0.lock().unwrap()).into_owned();
+    let log = capture.text();
     assert!(log.contains("reported leaked"), "the log was captured");
     for secret in &secrets {
         let random = secret.split_once('_').map_or(secret.as_str(), |(_, r)| r);

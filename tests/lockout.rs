@@ -4,13 +4,13 @@
 
 mod common;
 
+use common::capture::Capture;
 use common::layered::{clock, nz, ok, unknown, Body};
 use std::convert::Infallible;
 use std::future::Future;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -27,7 +27,6 @@ use keygate::store::MemoryStore;
 use keygate::validate::{ClientIp, PeerAddr};
 use keygate::{AuthLayer, Keygate};
 use tower::{service_fn, Layer, Service, ServiceExt};
-use tracing_subscriber::fmt::MakeWriter;
 
 fn req(key: &str, peer: Option<&str>, headers: &[(&str, &str)]) -> Request<Body> {
     let mut builder = Request::get("/v1/health").header("x-api-key", key);
@@ -316,37 +315,6 @@ async fn oracle_case<L: KeyLookup>(
     assert_eq!(s.status, 200, "{case}");
     let s = seen(&svc, req(z.valid.expose_secret(), Some(peer), &[])).await;
     assert_eq!(s.status, 200, "{case}: known good now");
-}
-
-/// An in-memory log sink.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-struct CaptureWriter(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for CaptureWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Capture {
-    type Writer = CaptureWriter;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        CaptureWriter(Arc::clone(&self.0))
-    }
-}
-
-impl Capture {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
 }
 
 /// Without a peer address the layer cannot learn the client: it says so once, at warn

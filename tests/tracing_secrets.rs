@@ -7,11 +7,13 @@
 
 // Test code: a failed `unwrap` is a failed test, which is what we want.
 
+mod common;
+
+use common::capture::Capture;
 use std::convert::Infallible;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
@@ -28,59 +30,10 @@ use keygate::store::MemoryStore;
 use keygate::validate::{PeerAddr, SiteResolver};
 use keygate::{AuthLayer, Principal};
 use tower::{service_fn, Layer, ServiceExt};
-use tracing_subscriber::fmt::format::FmtSpan;
-use tracing_subscriber::fmt::MakeWriter;
-use tracing_subscriber::EnvFilter;
 
 // ---------------------------------------------------------------------------------------
 // Capturing the log
 // ---------------------------------------------------------------------------------------
-
-/// An in-memory log sink shared by the subscriber and the test.
-#[derive(Clone, Default)]
-struct Capture(Arc<Mutex<Vec<u8>>>);
-
-struct CaptureWriter(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for CaptureWriter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> MakeWriter<'a> for Capture {
-    type Writer = CaptureWriter;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        CaptureWriter(Arc::clone(&self.0))
-    }
-}
-
-impl Capture {
-    /// Everything written since the last call.
-    fn take(&self) -> String {
-        let bytes = std::mem::take(&mut *self.0.lock().unwrap());
-        String::from_utf8_lossy(&bytes).into_owned()
-    }
-
-    /// Installs a TRACE-level fmt subscriber writing here, for the current thread, until
-    /// the guard drops. The tests run on Tokio's current-thread runtime, so every poll of
-    /// the layer happens on this thread.
-    fn install(&self) -> tracing::subscriber::DefaultGuard {
-        let subscriber = tracing_subscriber::fmt()
-            .with_env_filter(EnvFilter::new("trace"))
-            .with_span_events(FmtSpan::FULL)
-            .with_ansi(false)
-            .with_writer(self.clone())
-            .finish();
-        tracing::subscriber::set_default(subscriber)
-    }
-}
 
 /// The ways a secret could leak into a log.
 fn leaks(secret: &str) -> Vec<String> {

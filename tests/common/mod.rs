@@ -1,6 +1,7 @@
 //! Helpers shared by the integration tests: a small HTTP client over a real socket.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod capture;
 pub mod keyctl;
 pub mod layered;
 pub mod servers;
