@@ -53,16 +53,14 @@
 
 mod common;
 
+use common::redis_hunt::{all, batch, fake_clock, limiter, memory, raw, Ask, Rng};
+
 use common::servers::{cluster_nodes, redis_url, stall, OwnRedis};
 
-use std::future::Future;
 use std::num::NonZeroU32;
-use std::pin::Pin;
-use std::task::Poll;
 use std::time::Duration;
 
-use keygate::clock::FakeClock;
-use keygate::ratelimit::{Decision, MemoryLimiter, Quota, RedisLimiter, RedisLimiterError};
+use keygate::ratelimit::{Quota, RedisLimiter, RedisLimiterError};
 use redis::AsyncCommands;
 
 const SEC: u64 = 1_000_000_000;
@@ -77,19 +75,6 @@ fn nz(n: u32) -> NonZeroU32 {
 /// A prefix no other run shares.
 fn fresh_prefix() -> String {
     common::servers::fresh_prefix("hc")
-}
-
-fn fake_clock() -> FakeClock {
-    FakeClock::new(std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
-}
-
-/// A plain connection to the Redis at `url`.
-async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url)
-        .expect("url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect")
 }
 
 /// A connection that reaches any key: to the one Redis, or through the Cluster.
@@ -123,91 +108,6 @@ impl Any {
             .arg(format!("{token:016x}"));
         self.query(&cmd).await
     }
-}
-
-async fn limiter(on_cluster: bool, prefix: &str, clock: &FakeClock) -> RedisLimiter<String> {
-    let builder = if on_cluster {
-        RedisLimiter::cluster_builder(cluster_nodes())
-    } else {
-        RedisLimiter::builder(redis_url())
-    };
-    builder
-        .prefix(prefix)
-        .timeout(Duration::from_secs(5))
-        .clock(clock.clone())
-        .connect()
-        .await
-        .expect("connect to KEYGATE_TEST_REDIS_URL / KEYGATE_TEST_REDIS_CLUSTER")
-}
-
-fn memory(clock: &FakeClock) -> MemoryLimiter<String> {
-    MemoryLimiter::builder()
-        .clock(clock.clone())
-        .build()
-        .expect("memory")
-}
-
-/// A tiny deterministic PRNG (xorshift64*).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// Polls every future once, in order, before yielding: on a current-thread runtime each
-/// takes its token and enqueues its decision, in this order, before the batching task
-/// runs, so up to 64 of them go out in one script call.
-async fn all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
-    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (future, slot) in futures.iter_mut().zip(out.iter_mut()) {
-            if slot.is_none() {
-                match future.as_mut().poll(cx) {
-                    Poll::Ready(v) => *slot = Some(v),
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    })
-    .await;
-    out.into_iter().map(Option::unwrap).collect()
-}
-
-/// One decision of a batch.
-#[derive(Debug, Clone)]
-struct Ask {
-    key: String,
-    quotas: Vec<Quota>,
-    cost: u32,
-}
-
-/// Decides `asks` in one batch (one script call on one Redis, one per bucket on a cluster).
-async fn batch(
-    limiter: &RedisLimiter<String>,
-    asks: &[Ask],
-) -> Vec<Result<Decision, RedisLimiterError>> {
-    assert!(asks.len() <= 64, "one call carries at most 64 decisions");
-    let futures: Vec<_> = asks
-        .iter()
-        .map(|a| limiter.decide(&a.key, &a.quotas, a.cost))
-        .collect();
-    all(futures).await
 }
 
 /// Every key whose name starts with `pattern` on the Redis at `url`.

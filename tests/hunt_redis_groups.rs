@@ -42,21 +42,18 @@
 
 mod common;
 
+use common::redis_hunt::{all, batch, cluster, fake_clock, memory, raw, single, Ask, Rng};
+
 use common::servers::{cluster_nodes, redis_url};
 
-use std::future::Future;
 use std::net::TcpListener;
 use std::num::NonZeroU32;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Duration;
 
 use common::servers::{stall, OwnRedis};
 use keygate::clock::FakeClock;
-use keygate::ratelimit::{
-    Decision, FailurePolicy, MemoryLimiter, Quota, RedisLimiter, RedisLimiterError,
-};
+use keygate::ratelimit::{Decision, FailurePolicy, Quota, RedisLimiter, RedisLimiterError};
 use redis::AsyncCommands;
 
 const SEC: u64 = 1_000_000_000;
@@ -68,108 +65,6 @@ fn nz(n: u32) -> NonZeroU32 {
 /// A prefix no other run shares.
 fn fresh_prefix() -> String {
     common::servers::fresh_prefix("hg")
-}
-
-fn fake_clock() -> FakeClock {
-    FakeClock::new(std::time::UNIX_EPOCH + Duration::from_secs(1_700_000_000))
-}
-
-async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(url)
-        .expect("url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect")
-}
-
-async fn single(prefix: &str, clock: &FakeClock) -> RedisLimiter<String> {
-    RedisLimiter::builder(redis_url())
-        .prefix(prefix)
-        .timeout(Duration::from_secs(5))
-        .clock(clock.clone())
-        .connect()
-        .await
-        .expect("connect to KEYGATE_TEST_REDIS_URL")
-}
-
-async fn cluster(prefix: &str, clock: &FakeClock) -> RedisLimiter<String> {
-    RedisLimiter::cluster_builder(cluster_nodes())
-        .prefix(prefix)
-        .timeout(Duration::from_secs(5))
-        .clock(clock.clone())
-        .connect()
-        .await
-        .expect("connect to KEYGATE_TEST_REDIS_CLUSTER")
-}
-
-fn memory(clock: &FakeClock) -> MemoryLimiter<String> {
-    MemoryLimiter::builder()
-        .clock(clock.clone())
-        .build()
-        .expect("memory")
-}
-
-/// A tiny deterministic PRNG (xorshift64*).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// Polls every future once, in order, before yielding: on a current-thread runtime each
-/// enqueues its decision before the batching task runs, so up to 64 of them go out in one
-/// script call, in this order (then stably sorted by bucket).
-async fn all<F: Future>(futures: Vec<F>) -> Vec<F::Output> {
-    let mut futures: Vec<Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
-    let mut out: Vec<Option<F::Output>> = futures.iter().map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut pending = false;
-        for (future, slot) in futures.iter_mut().zip(out.iter_mut()) {
-            if slot.is_none() {
-                match future.as_mut().poll(cx) {
-                    Poll::Ready(v) => *slot = Some(v),
-                    Poll::Pending => pending = true,
-                }
-            }
-        }
-        if pending {
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    })
-    .await;
-    out.into_iter().map(Option::unwrap).collect()
-}
-
-/// One decision of a batch.
-#[derive(Debug, Clone)]
-struct Ask {
-    key: String,
-    quotas: Vec<Quota>,
-    cost: u32,
-}
-
-/// Decides `asks` in one batch on Redis (one script call on a current-thread runtime).
-async fn batch(
-    limiter: &RedisLimiter<String>,
-    asks: &[Ask],
-) -> Vec<Result<Decision, RedisLimiterError>> {
-    assert!(asks.len() <= 64, "one call carries at most 64 decisions");
-    let futures: Vec<_> = asks
-        .iter()
-        .map(|a| limiter.decide(&a.key, &a.quotas, a.cost))
-        .collect();
-    all(futures).await
 }
 
 fn specs() -> Vec<Vec<Quota>> {

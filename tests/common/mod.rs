@@ -4,6 +4,7 @@
 pub mod capture;
 pub mod keyctl;
 pub mod layered;
+pub mod redis_hunt;
 pub mod servers;
 
 use std::net::SocketAddr;
