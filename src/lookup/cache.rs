@@ -68,10 +68,8 @@ const DEFAULT_MAX_CAPACITY: usize = 1_000_000;
 struct Inner<L> {
     backend: L,
     cache: Entries,
-    /// Room the cache has now, and the most it may grow to.
-    capacity: AtomicU64,
-    max_capacity: u64,
-    /// Keys in use evicted before their TTL, counted by the cache's evictions.
+    /// The cache's room, and the keys in use evicted before their TTL (counted by its
+    /// evictions): what makes it grow.
     pressure: Arc<Pressure>,
     /// Held by the one request that grows the cache.
     growing: Mutex<()>,
@@ -235,15 +233,17 @@ impl Hasher for Folded {
     }
 }
 
-/// Keys in use that the cache evicted before their TTL: what makes it grow.
-#[derive(Default)]
+/// The cache's room and the keys in use it evicted before their TTL: what makes it grow.
 struct Pressure {
+    /// Room the cache has now (kept here: quick_cache's own figure takes every shard's
+    /// lock), changed only by the one request that grows it; and the most it may have.
+    capacity: AtomicU64,
+    max_capacity: u64,
     /// How many keys in use were evicted within the count (what growth reads without a
     /// lock): the keys in `counted`.
     evicted: AtomicU64,
     counted: Mutex<Counted>,
-    /// The cache is at its most: it says so once instead of growing.
-    full: AtomicBool,
+    /// The cache at its most said so once.
     warned: AtomicBool,
 }
 
@@ -258,10 +258,31 @@ struct Counted {
 }
 
 impl Pressure {
+    fn new(capacity: u64, max_capacity: u64) -> Self {
+        Self {
+            capacity: AtomicU64::new(capacity),
+            max_capacity,
+            evicted: AtomicU64::new(0),
+            counted: Mutex::default(),
+            warned: AtomicBool::new(false),
+        }
+    }
+
+    /// The cache has all the room it may have: it says so once instead of growing.
+    fn full(&self) -> bool {
+        self.capacity.load(Ordering::Relaxed) >= self.max_capacity
+    }
+
+    /// Whether the keys in use evicted within the count call for a cache of `capacity`
+    /// to double: a thirty-second of it.
+    fn pressed(&self, capacity: u64) -> bool {
+        self.evicted.load(Ordering::Relaxed) >= (capacity / GROW_AFTER).max(1)
+    }
+
     /// Counts keys in use evicted at `now`, each once; the count starts afresh once a TTL
     /// has passed since it started (or the clock stepped back).
     fn evicted(&self, keys: &[Fingerprint], now: u64, ttl: u64) {
-        if self.full.load(Ordering::Relaxed) {
+        if self.full() {
             if !self.warned.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     target: "keygate",
@@ -288,6 +309,12 @@ impl Pressure {
         counted.keys.clear();
         self.evicted.store(0, Ordering::Relaxed);
     }
+}
+
+/// Whether a lookup's answer is a key that can be used at `now` (ns since the epoch): the
+/// answers kept for the long TTL, and the only ones whose eviction makes the cache grow.
+fn usable(record: Option<&KeyRecord>, now: u64) -> bool {
+    record.is_some_and(|r| r.usable_at(UNIX_EPOCH + Duration::from_nanos(now)))
 }
 
 /// Keeps the index in step with the cache's own evictions, once the cache's lock is
@@ -321,8 +348,7 @@ impl Lifecycle<Fingerprint, Entry> for Evictions {
             self.index.unfile(entry.slot, fingerprint, entry.filing);
             // Only a found key kept for the long TTL counts: unknown keys, and records
             // that cannot be used, say nothing about the working set.
-            let usable = |r: &KeyRecord| r.usable_at(UNIX_EPOCH + Duration::from_nanos(now));
-            if entry.fresh_at(now) && entry.record.as_deref().is_some_and(usable) {
+            if entry.fresh_at(now) && usable(entry.record.as_deref(), now) {
                 in_use.push(fingerprint);
             }
         }
@@ -344,7 +370,10 @@ impl<L> fmt::Debug for CachedLookup<L> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CachedLookup")
             .field("entries", &self.inner.cache.len())
-            .field("capacity", &self.inner.cache.capacity())
+            .field(
+                "capacity",
+                &self.inner.pressure.capacity.load(Ordering::Relaxed),
+            )
             .field("ttl_ns", &self.inner.ttl)
             .field("negative_ttl_ns", &self.inner.negative_ttl)
             .finish_non_exhaustive()
@@ -394,21 +423,18 @@ impl<L: KeyLookup> CachedLookup<L> {
         let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
         let index = Arc::new(Index::new());
         let ttl = nanos(settings.ttl);
-        let pressure = Arc::new(Pressure::default());
+        let capacity = u64::try_from(settings.capacity).unwrap_or(u64::MAX);
+        let max_capacity = settings
+            .max_capacity
+            .unwrap_or(DEFAULT_MAX_CAPACITY.max(settings.capacity));
+        let max_capacity = u64::try_from(max_capacity).unwrap_or(u64::MAX);
+        let pressure = Arc::new(Pressure::new(capacity, max_capacity));
         let evictions = Evictions {
             index: Arc::clone(&index),
             clock: Arc::clone(&clock),
             pressure: Arc::clone(&pressure),
             ttl,
         };
-        let capacity = u64::try_from(settings.capacity).unwrap_or(u64::MAX);
-        let max_capacity = settings
-            .max_capacity
-            .unwrap_or(DEFAULT_MAX_CAPACITY.max(settings.capacity));
-        let max_capacity = u64::try_from(max_capacity).unwrap_or(u64::MAX);
-        if capacity >= max_capacity {
-            pressure.full.store(true, Ordering::Relaxed);
-        }
         Self {
             inner: Arc::new(Inner {
                 backend,
@@ -419,8 +445,6 @@ impl<L: KeyLookup> CachedLookup<L> {
                     ByFingerprint,
                     evictions,
                 ),
-                capacity: AtomicU64::new(capacity),
-                max_capacity,
                 pressure,
                 growing: Mutex::new(()),
                 index,
@@ -484,12 +508,12 @@ impl<L: KeyLookup> CachedLookup<L> {
     /// The entries the cache has room for now: it grows up to
     /// [`max_capacity`](Self::max_capacity) while keys in use are evicted before their TTL.
     pub fn capacity(&self) -> u64 {
-        self.inner.capacity.load(Ordering::Relaxed)
+        self.inner.pressure.capacity.load(Ordering::Relaxed)
     }
 
     /// The most entries the cache may grow to.
     pub fn max_capacity(&self) -> u64 {
-        self.inner.max_capacity
+        self.inner.pressure.max_capacity
     }
 
     /// Entries cached now (fresh or not yet swept).
@@ -651,28 +675,23 @@ impl<L> Inner<L> {
     /// one TTL, reach a thirty-second of its capacity. Called after each insert (a miss).
     fn grow_if_pressed(&self) {
         let pressure = &self.pressure;
-        if pressure.full.load(Ordering::Relaxed) {
+        let pressed =
+            || !pressure.full() && pressure.pressed(pressure.capacity.load(Ordering::Relaxed));
+        if !pressed() {
             return;
         }
-        let current = self.capacity.load(Ordering::Relaxed);
-        if pressure.evicted.load(Ordering::Relaxed) < (current / GROW_AFTER).max(1) {
-            return;
-        }
-        // One request grows it; the others go on.
+        // One request grows it (asked again under the lock); the others go on.
         let Ok(_growing) = self.growing.try_lock() else {
             return;
         };
-        let current = self.capacity.load(Ordering::Relaxed);
-        if pressure.evicted.load(Ordering::Relaxed) < (current / GROW_AFTER).max(1) {
+        if !pressed() {
             return;
         }
-        let next = current.saturating_mul(2).min(self.max_capacity);
+        let current = pressure.capacity.load(Ordering::Relaxed);
+        let next = current.saturating_mul(2).min(pressure.max_capacity);
         self.cache.set_capacity(next);
-        self.capacity.store(next, Ordering::Relaxed);
+        pressure.capacity.store(next, Ordering::Relaxed);
         pressure.restart();
-        if next >= self.max_capacity {
-            pressure.full.store(true, Ordering::Relaxed);
-        }
         tracing::info!(
             target: "keygate",
             entries = next,
@@ -713,10 +732,11 @@ impl<L> Inner<L> {
         // revoked, disabled, expired, its owner inactive) is kept no longer than an unknown
         // key: the two must not be told apart by how long their refusals are cached, and a
         // key switched back on works again as soon as an unknown one would.
-        let usable = record
-            .as_deref()
-            .is_some_and(|r| r.usable_at(UNIX_EPOCH + Duration::from_nanos(now)));
-        let ttl = if usable { self.ttl } else { self.negative_ttl };
+        let ttl = if usable(record.as_deref(), now) {
+            self.ttl
+        } else {
+            self.negative_ttl
+        };
         Entry {
             record,
             slot,
@@ -1221,7 +1241,7 @@ mod tests {
     #[test]
     fn evictions_count_within_one_ttl() {
         let keys = |from: u128, n: u128| (from..from + n).map(Fingerprint).collect::<Vec<_>>();
-        let pressure = Pressure::default();
+        let pressure = Pressure::new(1_000, 1_000_000);
         pressure.evicted(&keys(0, 3), 1_000, 100);
         pressure.evicted(&keys(3, 3), 1_099, 100);
         assert_eq!(pressure.evicted.load(Ordering::Relaxed), 6);
@@ -1784,7 +1804,7 @@ mod tests {
                 cache.inner.grow_if_pressed();
             }
             assert_eq!(cache.capacity(), max as u64);
-            assert!(cache.inner.pressure.full.load(Ordering::Relaxed));
+            assert!(cache.inner.pressure.full());
             assert!(at_once(cache.lookup(&PresentedKey::new("k")))
                 .unwrap()
                 .is_none());
