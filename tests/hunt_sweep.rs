@@ -30,11 +30,11 @@
 //!   `tracked_buckets_stay_within_twice_the_live_ones_below_half_the_cap`.
 //! - **Counter arithmetic: held.** `created` is reset by subtracting the multiple of 1024
 //!   a thread saw; two resets racing (a thread preempted between its `fetch_add` and its
-//!   `fetch_sub` while the shard reaches the next multiple) can wrap it, but it stays
-//!   congruent mod 1024, so the next multiple is reached within 1024 new buckets, is
-//!   above any shard's half size, sweeps once and brings the count back: at most one early
-//!   sweep, never none and never one a bucket (see `a_wrapped_creation_count_heals_in_one_sweep`
-//!   in src/ratelimit/memory.rs, which needs the private count).
+//!   reset while the shard reaches the next multiple) could wrap it (the reset saturates
+//!   since), and even a wrapped count reaches the next multiple within 1024 new buckets,
+//!   sweeps once and comes back: at most one early sweep, never none and never one a
+//!   bucket (see `a_wrapped_creation_count_heals_in_one_sweep` in
+//!   src/ratelimit/memory.rs, which needs the private count).
 
 use std::num::NonZeroU32;
 use std::sync::atomic::{AtomicBool, Ordering};

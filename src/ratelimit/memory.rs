@@ -621,8 +621,7 @@ impl<K: BucketKey> MemoryLimiter<K> {
             && (created >= shard.map.len() / 2
                 || self.inner.total.load(Ordering::Relaxed) >= self.inner.max / 2)
         {
-            // The count starts afresh; new buckets counted meanwhile by others stay counted.
-            shard.created.fetch_sub(created, Ordering::Relaxed);
+            count_afresh(&shard.created, created);
             self.sweep_shard(shard, now);
         }
         if self.inner.total.load(Ordering::Relaxed) >= self.inner.max {
@@ -645,6 +644,16 @@ impl<K: BucketKey> MemoryLimiter<K> {
         }
         Ok(())
     }
+}
+
+/// Starts a shard's count of new buckets afresh after a sweep that saw `seen` of them: new
+/// buckets counted meanwhile by others stay counted, and two resets racing (a thread
+/// preempted between its count and its reset while the shard reaches the next multiple,
+/// whose thread resets first) cannot wrap it.
+fn count_afresh(created: &AtomicUsize, seen: usize) {
+    let _ = created.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| {
+        Some(c.saturating_sub(seen))
+    });
 }
 
 /// Gives `cost` tokens back to `cell`; `false` when it is sealed (its state went to a
@@ -864,6 +873,20 @@ impl<K: BucketKey> LimiterStore<K> for MemoryLimiter<K> {
 mod tests {
     use super::*;
 
+    /// A limiter on `clock` with a cap far above what a test fills (past half of it, shards
+    /// are swept every 1024 new buckets), and a quota of 10 an hour.
+    fn far_below_its_cap(clock: &crate::clock::FakeClock) -> (MemoryLimiter<u32>, [Quota; 1]) {
+        let limiter = MemoryLimiter::builder()
+            .clock(clock.clone())
+            .max_buckets(4_000_000)
+            .build()
+            .unwrap();
+        (
+            limiter,
+            [Quota::per_hour(std::num::NonZeroU32::new(10).unwrap())],
+        )
+    }
+
     /// Issue 8, found in a profile of the million-key bench: a shard was swept every 1024
     /// new buckets whatever its size, so at 600 000 tracked keys each new bucket paid for
     /// about five looks at other buckets (fifteen at a million), each a likely cache miss.
@@ -872,13 +895,7 @@ mod tests {
     #[test]
     fn sweeps_cost_a_few_looks_per_new_bucket_at_any_size() {
         let clock = frozen();
-        // A cap far above: past half of it, shards are swept every 1024 new buckets.
-        let limiter: MemoryLimiter<u32> = MemoryLimiter::builder()
-            .clock(clock.clone())
-            .max_buckets(4_000_000)
-            .build()
-            .unwrap();
-        let hour = [Quota::per_hour(std::num::NonZeroU32::new(10).unwrap())];
+        let (limiter, hour) = far_below_its_cap(&clock);
         let n = 600_000u32;
         for key in 0..n {
             assert!(limiter.decide(&key, &hour, 1).unwrap().allowed);
@@ -901,22 +918,29 @@ mod tests {
         );
     }
 
+    /// The review of the hunt on c7fca49: the thread that saw 1024 resets after the one
+    /// that saw 2048 (which left 0): the count stays 0 instead of wrapping to near
+    /// `usize::MAX`.
+    #[test]
+    fn a_late_reset_of_the_count_does_not_wrap_it() {
+        let created = AtomicUsize::new(2 * SWEEP_EVERY);
+        count_afresh(&created, 2 * SWEEP_EVERY);
+        created.fetch_add(5, Ordering::Relaxed);
+        count_afresh(&created, SWEEP_EVERY);
+        assert_eq!(created.load(Ordering::Relaxed), 0);
+    }
+
     /// Hunt on c7fca49 (tests/hunt_sweep.rs): a shard's count of new buckets is reset by
     /// subtracting the multiple of 1024 a thread saw. Two resets racing (a thread preempted
-    /// between its `fetch_add` and its `fetch_sub` while the shard reaches the next
-    /// multiple, whose thread resets first) subtract more than was counted and wrap it. It
-    /// stays congruent mod 1024, so the next multiple comes within 1024 new buckets, is
-    /// above any shard's half size, sweeps once and brings the count back: one early sweep
-    /// a shard, neither sweeps stopped for good nor a sweep on every new bucket.
+    /// between its `fetch_add` and its reset while the shard reaches the next multiple,
+    /// whose thread resets first) subtracted more than was counted and wrapped it; the
+    /// reset saturates now. A count left near the top anyway (here set by hand) heals: it
+    /// reaches a multiple of 1024 within 1024 new buckets, sweeps once and comes back: one
+    /// early sweep a shard, neither sweeps stopped for good nor a sweep on every bucket.
     #[test]
     fn a_wrapped_creation_count_heals_in_one_sweep() {
         let clock = frozen();
-        let limiter: MemoryLimiter<u32> = MemoryLimiter::builder()
-            .clock(clock.clone())
-            .max_buckets(4_000_000)
-            .build()
-            .unwrap();
-        let hour = [Quota::per_hour(std::num::NonZeroU32::new(10).unwrap())];
+        let (limiter, hour) = far_below_its_cap(&clock);
         let n = 64 * 3000u32;
         for key in 0..n {
             assert!(limiter.decide(&key, &hour, 1).unwrap().allowed);
