@@ -18,6 +18,7 @@
 
 mod common;
 
+use common::redis_hunt::Rng;
 use common::servers::{cluster_nodes, redis_url};
 
 use std::collections::HashMap;
@@ -46,22 +47,6 @@ async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
         .get_multiplexed_async_connection()
         .await
         .expect("connect")
-}
-
-/// A tiny deterministic PRNG (xorshift64*).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// A Redis server this test owns (its pid too, to stop and continue it).

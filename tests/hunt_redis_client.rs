@@ -53,7 +53,7 @@
 
 mod common;
 
-use common::redis_hunt::{all, batch, fake_clock, limiter, memory, raw, Ask, Rng};
+use common::redis_hunt::{all, batch, fake_clock, keys_under, limiter, memory, raw, Ask, Rng};
 
 use common::servers::{cluster_nodes, redis_url, stall, OwnRedis};
 
@@ -108,31 +108,6 @@ impl Any {
             .arg(format!("{token:016x}"));
         self.query(&cmd).await
     }
-}
-
-/// Every key whose name starts with `pattern` on the Redis at `url`.
-async fn keys_under(url: &str, pattern: &str) -> Vec<String> {
-    let mut conn = raw(url).await;
-    let mut keys: Vec<String> = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, got): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{pattern}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .expect("scan");
-        keys.extend(got);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    keys.sort();
-    keys
 }
 
 fn urls(on_cluster: bool) -> Vec<String> {

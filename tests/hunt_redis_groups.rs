@@ -42,7 +42,9 @@
 
 mod common;
 
-use common::redis_hunt::{all, batch, cluster, fake_clock, memory, raw, single, Ask, Rng};
+use common::redis_hunt::{
+    all, batch, cluster, fake_clock, keys_under, memory, raw, single, Ask, Rng,
+};
 
 use common::servers::{cluster_nodes, redis_url};
 
@@ -328,31 +330,6 @@ async fn held_each_decision_in_a_sorted_batch_gets_its_own_answer() {
             }
         }
     }
-}
-
-/// Every key under `prefix` on the Redis at `url`.
-async fn keys_under(url: &str, prefix: &str) -> Vec<String> {
-    let mut conn = raw(url).await;
-    let mut keys: Vec<String> = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, got): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .expect("scan");
-        keys.extend(got);
-        if next == 0 {
-            break;
-        }
-        cursor = next;
-    }
-    keys.sort();
-    keys
 }
 
 /// The limiter's next token's sequence position, read from the marker hash of a probe

@@ -13,6 +13,7 @@
 
 mod common;
 
+use common::redis_hunt::Rng;
 use common::servers::{cluster_nodes, redis_url};
 
 use std::net::TcpListener;
@@ -76,22 +77,6 @@ async fn cluster_with<K: keygate::ratelimit::RedisBucketKey>(
         b = b.clock(c);
     }
     b.connect().await.expect("connect cluster")
-}
-
-/// A tiny deterministic PRNG (xorshift64*).
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        let mut x = self.0;
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        self.0 = x;
-        x.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 // ------------------------------------------------------------------------------------------

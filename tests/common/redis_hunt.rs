@@ -26,6 +26,31 @@ pub async fn raw(url: &str) -> redis::aio::MultiplexedConnection {
         .expect("connect")
 }
 
+/// Every key whose name starts with `prefix` on the Redis at `url`, sorted.
+pub async fn keys_under(url: &str, prefix: &str) -> Vec<String> {
+    let mut conn = raw(url).await;
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, got): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .expect("scan");
+        keys.extend(got);
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    keys.sort();
+    keys
+}
+
 /// A limiter on the one Redis (`KEYGATE_TEST_REDIS_URL`).
 pub async fn single(prefix: &str, clock: &FakeClock) -> RedisLimiter<String> {
     limiter(false, prefix, clock).await
